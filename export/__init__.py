@@ -1,0 +1,1 @@
+"""Export trained models to ONNX and TensorRT, with parity checks against the source."""

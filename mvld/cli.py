@@ -1,0 +1,78 @@
+"""``mvld``: the umbrella command (version, keys, demo)."""
+
+import argparse
+import importlib.util
+import logging
+import platform
+import sys
+
+from mvld import __version__
+
+_OPTIONAL_PACKAGES = ("torch", "onnxruntime", "onnx", "pybullet", "tensorrt", "cuda")
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    print(f"mvld {__version__} (Python {platform.python_version()}, {platform.machine()})")
+    if args.verbose:
+        for name in _OPTIONAL_PACKAGES:
+            found = importlib.util.find_spec(name) is not None
+            print(f"  {name:12s} {'available' if found else 'not installed'}")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from mvld.common.errors import ConfigError
+    from mvld.common.keys import generate_keypair
+
+    try:
+        public, secret = generate_keypair(args.dir, args.name)
+    except ConfigError as exc:
+        sys.stderr.write(f"mvld keys: {exc}\n")
+        return 2
+    print(f"public key (share it): {public}")
+    print(f"secret key (keep it, mode 0600): {secret}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    sys.stderr.write("mvld demo: not available in this release (planned in issue #9).\n")
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mvld`` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="mvld",
+        description="MVLD umbrella command. The stage commands are mvld-edge, "
+        "mvld-receiver, mvld-train, mvld-eval, mvld-export and mvld-data.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    version = sub.add_parser("version", help="print the version (and optional backends with -v)")
+    version.add_argument("-v", "--verbose", action="store_true", help="list optional packages")
+    version.set_defaults(func=_cmd_version)
+
+    keys = sub.add_parser(
+        "keys",
+        help="generate a CurveZMQ key pair for a node or a receiver",
+        description="Write NAME.key (public, share it) and NAME.key_secret (secret, mode "
+        "0600) into DIR. Copy each edge node's NAME.key into the receiver's allow-list "
+        "folder and the receiver's public key onto every node.",
+    )
+    keys.add_argument("name", help="key name, e.g. node1 or receiver")
+    keys.add_argument("--dir", default="keys", help="output folder (default: ./keys)")
+    keys.set_defaults(func=_cmd_keys)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run an edge and a receiver on loopback with simulated cameras (issue #9)",
+    )
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mvld``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)

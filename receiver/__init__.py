@@ -1,0 +1,1 @@
+"""The receiver: authenticate, decode, assemble by node, impute missing views, run tasks."""

@@ -1,0 +1,1 @@
+"""Training of the autoencoder, the score model and the downstream classifier."""

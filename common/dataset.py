@@ -287,8 +287,9 @@ class FrameSetFolder:
             )
         if not folders and not videos:
             images = [e.name for e in entries if e.suffix.lower() in IMAGE_SUFFIXES]
-            hint = f" (images at the top level, e.g. {images[0]}: move them into cam0/)"
-            hint = hint if images else ""
+            hint = ""
+            if images:
+                hint = f" (images at the top level, e.g. {images[0]}: move them into cam0/)"
             raise DatasetError(f"{self.root}: empty dataset, no camera folders or videos{hint}")
         return folders, videos
 

@@ -192,9 +192,7 @@ class ViewRecord:
             if status is ViewStatus.OK:
                 raise _protocol_error("capture_time", "an ok view needs a capture time")
         else:
-            object.__setattr__(
-                self, "capture_time", _check_time(self.capture_time, "capture_time")
-            )
+            object.__setattr__(self, "capture_time", _check_time(self.capture_time, "capture_time"))
         if (self.latent is not None) != (status is ViewStatus.OK):
             raise _protocol_error("latent", "a view has a latent if and only if its status is ok")
         if self.latent is not None:
@@ -215,8 +213,9 @@ class FrameSetMessage:
     def __post_init__(self) -> None:
         if type(self.version) is not int or self.version != PROTOCOL_VERSION:
             raise _protocol_error(
-                "version", f"unsupported protocol version {self.version!r} "
-                f"(this implementation speaks {PROTOCOL_VERSION})"
+                "version",
+                f"unsupported protocol version {self.version!r} "
+                f"(this implementation speaks {PROTOCOL_VERSION})",
             )
         _check_text(self.node_id, "node_id")
         _check_text(self.encoder_fingerprint, "encoder_fingerprint")

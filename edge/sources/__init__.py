@@ -1,0 +1,76 @@
+"""Frame sources by URI: ``open_source(uri, **options) -> FrameSource``.
+
+Schemes register a factory ``(uri, **options) -> FrameSource``; a URI without a scheme is a
+file path. Registered here: ``file`` (video or image folder) and ``sim`` (the simulated rig).
+Camera devices (``0``, ``v4l2://``, ``csi://``, ``rtsp://``) register from the edge package.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from mvld.common.errors import ConfigError
+from mvld.edge.sources.base import EndOfStream, Frame, FrameSource, SourceError
+
+SourceFactory = Callable[..., FrameSource]
+
+_FACTORIES: dict[str, SourceFactory] = {}
+
+__all__ = [
+    "EndOfStream",
+    "Frame",
+    "FrameSource",
+    "SourceError",
+    "open_source",
+    "register_source",
+    "registered_schemes",
+    "scheme_of",
+]
+
+
+def register_source(scheme: str, factory: SourceFactory) -> None:
+    """Register the factory for ``scheme://`` URIs; a second registration is an error."""
+    if scheme in _FACTORIES:
+        raise ConfigError(f"source scheme {scheme!r} is already registered")
+    _FACTORIES[scheme] = factory
+
+
+def registered_schemes() -> list[str]:
+    """The schemes open_source accepts, sorted."""
+    return sorted(_FACTORIES)
+
+
+def scheme_of(uri: str) -> str:
+    """``sim://0`` -> ``sim``; a bare device index -> ``device``; a plain path -> ``file``."""
+    if "://" in uri:
+        return uri.split("://", 1)[0].lower()
+    return "device" if uri.isdigit() else "file"
+
+
+def open_source(uri: str, **options: object) -> FrameSource:
+    """Open the source a URI names; unknown schemes and options list the valid ones."""
+    scheme = scheme_of(uri)
+    factory = _FACTORIES.get(scheme)
+    if factory is None:
+        raise ConfigError(
+            f"{uri}: unknown source scheme {scheme!r}; valid: {', '.join(registered_schemes())}"
+        )
+    parameters = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    unknown = sorted(set(options) - set(parameters))
+    if unknown and not takes_any:
+        valid = sorted(name for name in parameters if name != "uri")
+        raise ConfigError(f"{uri}: unknown option(s) {unknown} for {scheme}://; valid: {valid}")
+    return factory(uri, **options)
+
+
+def _register_builtin() -> None:
+    from mvld.edge.sources.files import FileSource
+    from mvld.edge.sources.sim import open_sim
+
+    register_source("file", FileSource)
+    register_source("sim", open_sim)
+
+
+_register_builtin()

@@ -1,14 +1,73 @@
-"""``mvld-train``: train the autoencoder, the score model or the downstream classifier."""
+"""``mvld-train``: train the autoencoder (``ae``) and then the score model (``score``).
 
-from mvld.planned import run_planned_command
+Options come from defaults, then an optional TOML file (``--config``), then flags. Under
+``torchrun --nproc_per_node N`` the same command trains with DistributedDataParallel.
+"""
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from mvld.common.errors import MVLDError
+from mvld.train.config import (
+    AETrainConfig,
+    CommonTrainConfig,
+    ScoreTrainConfig,
+    add_config_flags,
+    load_config,
+)
+from mvld.train.distributed import setup_distributed, teardown_distributed
+
+STAGES: dict[str, tuple[type[CommonTrainConfig], str]] = {
+    "ae": (AETrainConfig, "train the shared autoencoder on every view of a dataset folder"),
+    "score": (ScoreTrainConfig, "train the score network on the latents of a trained autoencoder"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``mvld-train`` and its stages."""
+    parser = argparse.ArgumentParser(
+        prog="mvld-train",
+        description="Train on a dataset folder: `mvld-train ae --data DIR`, then "
+        "`mvld-train score --data DIR --ae runs/ae/last`. Options: defaults < --config "
+        "TOML file (top level or [ae]/[score] table) < flags.",
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, (cls, help_text) in STAGES.items():
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        stage.add_argument("--config", help="TOML file with options")
+        add_config_flags(stage, cls)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-train``."""
-    return run_planned_command(
-        "mvld-train",
-        "Train on a dataset folder: `mvld-train ae --data DIR`, then "
-        "`mvld-train score --data DIR --ae CKPT`, and `mvld-train classifier --data DIR`.",
-        issue=4,
-        argv=argv,
-    )
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = vars(build_parser().parse_args(argv))
+    stage, config_file = args.pop("stage"), args.pop("config")
+    cls = STAGES[stage][0]
+    try:
+        config = load_config(cls, stage, config_file, args)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        ctx = setup_distributed(config.device)
+        try:
+            if stage == "ae":
+                from mvld.train.autoencoder_training import train_autoencoder
+
+                path = train_autoencoder(config, ctx)
+            else:
+                from mvld.train.score_training import train_score
+
+                path = train_score(config, ctx)
+        finally:
+            teardown_distributed()
+    except MVLDError as exc:
+        sys.stderr.write(f"mvld-train {stage}: {exc}\n")
+        return 2
+    if ctx.is_main:
+        print(f"checkpoint: {path}")
+    return 0

@@ -1,0 +1,194 @@
+"""Both training stages on a tiny rig: the loss falls, resume is exact, bad input fails clearly."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from model_fixtures import tiny_ae_config, tiny_score_config, write_tiny_rig
+
+from mvld.common.checkpoint import load_autoencoder, load_mvld_model
+from mvld.common.errors import ConfigError, DatasetError
+from mvld.common.score_net import ScoreNet, ScoreNetConfig
+from mvld.common.sde import VPSDE
+from mvld.train.autoencoder_training import train_autoencoder
+from mvld.train.cli import main as train_main
+from mvld.train.distributed import DistributedContext
+from mvld.train.score_training import draw_observed_masks, multi_time_loss, train_score
+
+CPU = DistributedContext(device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_rig(tmp_path_factory.mktemp("rig") / "data")
+
+
+@pytest.fixture(scope="module")
+def trained_ae(rig: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ae")
+    return train_autoencoder(tiny_ae_config(rig, out, steps=60, val_every=20), CPU)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _trained_net() -> ScoreNet:
+    torch.manual_seed(0)
+    net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=4, widths=(16,)))
+    torch.nn.init.normal_(net.output.weight)
+    return net
+
+
+# --- the masked multi-time loss
+
+
+def test_masks_are_drawn_per_sample_as_proper_subsets() -> None:
+    observed = draw_observed_masks(4000, 3, 0.5, torch.Generator().manual_seed(0))
+    counts = observed.sum(1)
+    assert set(counts.tolist()) == {0, 1, 2}  # joint, or 1..V-1 observed, never all
+    assert 0.45 < (counts > 0).float().mean() < 0.55
+    assert len({tuple(row) for row in observed.tolist()}) == 7  # all masks occur in one batch
+
+
+def test_masked_loss_ignores_the_observed_dimensions() -> None:
+    net, sde = _trained_net(), VPSDE()
+    generator = torch.Generator().manual_seed(1)
+    z0 = torch.randn(8, 3, 4, generator=generator)
+    noise = torch.randn(8, 3, 4, generator=generator)
+    t = torch.full((8,), 0.5)
+    observed = torch.tensor([[True, False, False], [False, True, True]] * 4)
+    base = multi_time_loss(net, sde, z0, observed, t, noise)
+    # Change everything about the observed views' noise: the loss must not move.
+    other_noise = torch.where(observed[..., None], 100 * torch.randn_like(noise), noise)
+    torch.testing.assert_close(multi_time_loss(net, sde, z0, observed, t, other_noise), base,
+                               rtol=0, atol=0)
+    # Change a missing view's noise: the loss must move.
+    moved = noise.clone()
+    moved[:, :, 0] += torch.where(observed, 0.0, 3.0)
+    assert not torch.allclose(multi_time_loss(net, sde, z0, observed, t, moved), base)
+
+
+def test_masked_loss_is_the_mean_over_missing_dimensions() -> None:
+    net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=4, widths=(16,)))  # outputs zero
+    noise = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    observed = torch.tensor([[True, False, True], [False, False, False]])
+    loss = multi_time_loss(net, VPSDE(), torch.zeros(2, 3, 4), observed, torch.full((2,), 0.3),
+                           noise)
+    torch.testing.assert_close(loss, torch.stack([noise[0, 1].pow(2).mean(),
+                                                  noise[1].pow(2).mean()]))
+
+
+def test_observed_views_enter_the_network_clean_with_time_zero() -> None:
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+            seen["x"], seen["tau"] = x, tau
+            return torch.zeros_like(x)
+
+    z0, noise = torch.ones(1, 3, 2), torch.full((1, 3, 2), 5.0)
+    observed = torch.tensor([[True, False, False]])
+    multi_time_loss(Recorder(), VPSDE(), z0, observed, torch.tensor([0.7]), noise)
+    assert torch.equal(seen["tau"], torch.tensor([[0.0, 0.7, 0.7]]))
+    assert torch.equal(seen["x"][0, 0], z0[0, 0]) and not torch.equal(seen["x"][0, 1], z0[0, 1])
+
+
+# --- the stages end to end
+
+
+def test_autoencoder_training_improves_reconstruction(trained_ae: Path) -> None:
+    psnrs = [record["val_psnr"] for record in _metrics(trained_ae.parent)]
+    assert len(psnrs) == 3 and psnrs[-1] > psnrs[0] + 2.0, psnrs
+    autoencoder, preprocess, _ = load_autoencoder(trained_ae)
+    assert preprocess.height == 32 and autoencoder.config.latent_dim == 16
+
+
+def test_score_training_lowers_the_conditional_loss(rig: Path, trained_ae: Path,
+                                                    tmp_path: Path) -> None:
+    path = train_score(tiny_score_config(rig, trained_ae, tmp_path, steps=60, val_every=20), CPU)
+    losses = [record["val_cond"] for record in _metrics(tmp_path)]
+    assert losses[-1] < losses[0] - 0.05, losses
+    model = load_mvld_model(path)
+    assert model.num_views == 3 and model.latent_stats.mean.shape == (3, 16)
+    assert (tmp_path / "latents.safetensors").is_file()
+
+
+def test_latent_statistics_standardise_the_training_latents(rig: Path, trained_ae: Path,
+                                                             tmp_path: Path) -> None:
+    from mvld.train.score_training import _prepare_latents
+
+    config = tiny_score_config(rig, trained_ae, tmp_path)
+    _, z_train, _ = _prepare_latents(config, CPU)
+    # Statistics come from all present training views; the complete ones are close to N(0, 1).
+    assert z_train.mean((0,)).abs().max() < 0.3
+    assert (z_train.std((0,)) - 1).abs().max() < 0.3
+
+
+@pytest.mark.parametrize("stage", ["ae", "score"])
+def test_resume_continues_the_same_run(stage: str, rig: Path, trained_ae: Path,
+                                       tmp_path: Path) -> None:
+    def config(out: Path, **kw):
+        if stage == "ae":
+            return tiny_ae_config(rig, out, checkpoint_every=10, **kw)
+        return tiny_score_config(rig, trained_ae, out, checkpoint_every=10, **kw)
+
+    train = train_autoencoder if stage == "ae" else train_score
+    straight = train(config(tmp_path / "straight", steps=20), CPU)
+    train(config(tmp_path / "split", steps=10), CPU)
+    resumed = train(config(tmp_path / "split", steps=20, resume=True), CPU)
+    a = json.loads(straight.read_text())
+    b = json.loads(resumed.read_text())
+    assert a["step"] == b["step"] == 20
+    assert (straight.with_suffix(".safetensors").read_bytes()
+            == resumed.with_suffix(".safetensors").read_bytes())
+
+
+def test_cli_trains_both_stages_from_a_toml_file(rig: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "train.toml"
+    config.write_text(
+        f'data = "{rig}"\nprogress = false\n'
+        f'[ae]\nout = "{tmp_path / "ae"}"\nimage_size = 32\nlatent_dim = 8\nchannels = [8, 16]\n'
+        'batch_size = 16\nsteps = 4\n'
+        f'[score]\nout = "{tmp_path / "score"}"\nwidths = [16]\ntime_dim = 8\n'
+        'batch_size = 8\nsteps = 4\n'
+    )
+    assert train_main(["ae", "--config", str(config), "--seed", "3"]) == 0
+    assert train_main(["score", "--config", str(config), "--ae", str(tmp_path / "ae")]) == 0
+    assert "checkpoint:" in capsys.readouterr().out
+    model = load_mvld_model(tmp_path / "score")
+    assert model.autoencoder.config.latent_dim == 8
+    saved = json.loads((tmp_path / "ae" / "last.json").read_text())["training"]
+    assert saved["seed"] == 3 and saved["steps"] == 4
+
+
+def test_cli_reports_bad_input_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    (tmp_path / "empty").mkdir()
+    assert train_main(["ae", "--data", str(tmp_path / "empty"), "--out",
+                       str(tmp_path / "o")]) == 2
+    assert "mvld-train ae:" in capsys.readouterr().err
+    assert train_main(["score", "--data", str(tmp_path / "empty"), "--ae",
+                       str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("lerning_rate = 1\n")
+    assert train_main(["ae", "--config", str(bad_toml), "--data", "x"]) == 2
+    assert "lerning_rate" in capsys.readouterr().err
+    assert train_main(["ae", "--data", "x", "--device", "tpu"]) == 2
+
+
+def test_too_large_a_batch_and_resuming_nothing_are_errors(rig: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="batch"):
+        train_autoencoder(tiny_ae_config(rig, tmp_path / "a", batch_size=100_000), CPU)
+    with pytest.raises(ConfigError, match="does not exist"):
+        train_autoencoder(tiny_ae_config(rig, tmp_path / "b", resume=True), CPU)
+
+
+def test_corrupt_images_are_reported_by_name(tmp_path: Path) -> None:
+    data = write_tiny_rig(tmp_path / "data", count=8)
+    (data / "cam1" / "000002.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="000002"):
+        train_autoencoder(tiny_ae_config(data, tmp_path / "o", batch_size=4), CPU)

@@ -1,0 +1,77 @@
+"""The step loop both stages share: progress bar, throughput, validation and checkpoint cadence.
+
+A stage supplies three closures: ``train_step(step) -> loss`` (one optimiser step),
+``validate(step) -> metrics`` and ``save(step, metrics)``. Everything a stage draws at step
+``s`` is seeded by ``(seed, s)``, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mvld.train.distributed import DistributedContext
+
+log = logging.getLogger(__name__)
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator owned by one step (independent of how the run was split or resumed)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + salt)
+
+
+class EpochSampler:
+    """Batches of indices into ``count`` items: a fresh seeded permutation every epoch."""
+
+    def __init__(self, count: int, batch_size: int, seed: int) -> None:
+        self.count, self.batch_size, self.seed = count, batch_size, seed
+        self.steps_per_epoch = count // batch_size
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The global batch of indices used at ``step`` (drop-last epochs)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.count, generator=generator)
+        start = position * self.batch_size
+        return self._order[start:start + self.batch_size]
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def run_loop(
+    *, ctx: DistributedContext, start_step: int, steps: int, samples_per_step: int,
+    val_every: int, checkpoint_every: int, out: Path, progress: bool, desc: str,
+    train_step: Callable[[int], float], validate: Callable[[int], dict[str, float]],
+    save: Callable[[int, dict[str, float]], None],
+) -> dict[str, float]:
+    """Run steps ``start_step+1 .. steps``; returns the last validation metrics."""
+    metrics: dict[str, float] = {}
+    bar = tqdm(total=steps, initial=start_step, desc=desc, disable=not (progress and ctx.is_main),
+               dynamic_ncols=True)
+    log_file = out / "metrics.jsonl"
+    began = time.perf_counter()
+    for done, step in enumerate(range(start_step + 1, steps + 1), start=1):
+        loss = train_step(step)
+        rate = done * samples_per_step / (time.perf_counter() - began)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
+        if _due(step, val_every, steps):
+            metrics = validate(step) if ctx.is_main else {}
+            record = {"step": step, "loss": loss, "samples_per_s": rate, **metrics}
+            if ctx.is_main:
+                with log_file.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
+        if ctx.is_main and _due(step, checkpoint_every, steps):
+            save(step, metrics)
+    bar.close()
+    ctx.barrier()
+    return metrics

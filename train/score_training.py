@@ -1,0 +1,189 @@
+"""Stage 2: multi-time masked training of the score network on standardised latents.
+
+Per sample (MLD draws once per batch): with probability ``cond_prob`` a random non-empty
+proper subset of views is observed, kept clean with tau = 0, and the missing views share
+one t; otherwise all views are noised with one t (joint). Epsilon matching covers only the
+missing dimensions, rescaled by D / D_missing, i.e. the mean over the missing dimensions.
+"""
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mvld.common.checkpoint import (
+    MVLDModel,
+    checkpoint_paths,
+    load_autoencoder,
+    load_mvld_model,
+    save_mvld_model,
+)
+from mvld.common.errors import ConfigError, DatasetError
+from mvld.common.score_net import ScoreNet, ScoreNetConfig
+from mvld.common.sde import VPSDE
+from mvld.train.config import ScoreTrainConfig, config_to_dict
+from mvld.train.distributed import DistributedContext
+from mvld.train.ema import ExponentialMovingAverage
+from mvld.train.frames import load_frame_arrays, split_train_val
+from mvld.train.latents import (
+    encode_frame_arrays,
+    latent_stats,
+    load_latent_cache,
+    save_latent_cache,
+)
+from mvld.train.loop import EpochSampler, run_loop, step_generator
+from mvld.train.state import TrainingState, load_training_state, save_training_state
+
+log = logging.getLogger(__name__)
+
+
+def draw_observed_masks(batch: int, views: int, cond_prob: float, generator: torch.Generator
+                        ) -> torch.Tensor:
+    """bool ``[B, V]``: per sample, all False (joint) or a random non-empty proper subset."""
+    conditional = torch.rand(batch, generator=generator) < cond_prob  # [B]
+    count = torch.randint(1, views, (batch,), generator=generator)  # observed views, 1..V-1
+    ranks = torch.rand(batch, views, generator=generator).argsort(1).argsort(1)  # random ranks
+    return (ranks < count[:, None]) & conditional[:, None]
+
+
+def multi_time_loss(score_net: nn.Module, sde: VPSDE, z0: torch.Tensor, observed: torch.Tensor,
+                    t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss ``[B]``: mean squared epsilon error over the missing dimensions only.
+
+    ``z0 [B, V, D]`` clean latents, ``observed [B, V]`` bool, ``t [B]`` time of the missing
+    views, ``noise [B, V, D]``. Observed views stay clean with tau = 0.
+    """
+    tau = torch.where(observed, torch.zeros_like(t)[:, None], t[:, None])  # [B, V]
+    mean, std = sde.marginal(z0, tau)
+    keep = observed[..., None]  # [B, V, 1]
+    zt = torch.where(keep, z0, mean + std * noise)
+    eps = score_net(zt, tau)
+    missing = (~keep).to(z0.dtype).expand_as(z0)  # [B, V, D]
+    squared = (eps - noise) ** 2 * missing
+    return squared.flatten(1).sum(1) / missing.flatten(1).sum(1)
+
+
+def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext
+                     ) -> tuple[MVLDModel, torch.Tensor, torch.Tensor]:
+    """Encode (or load cached) latents; ``(model shell, train z [N, V, D], val z)``."""
+    autoencoder, preprocess, fingerprint = load_autoencoder(config.ae)
+    autoencoder.to(ctx.device)
+    arrays = load_frame_arrays(config.data, preprocess.height, preprocess.width, config.skip_bad)
+    cache = Path(config.out) / "latents.safetensors"
+    cached = load_latent_cache(cache, fingerprint, config.data, len(arrays.stems))
+    if cached is None:
+        latents, present = encode_frame_arrays(autoencoder, preprocess, arrays), torch.from_numpy(
+            arrays.present)
+        if ctx.is_main:
+            save_latent_cache(cache, latents, present, fingerprint, config.data)
+    else:
+        latents, present = cached
+    train_idx, val_idx = split_train_val(len(arrays.stems), config.val_fraction)
+    stats = latent_stats(latents[train_idx], present[train_idx])
+    complete = present.all(1)
+    train_idx = [i for i in train_idx if complete[i]]
+    val_idx = [i for i in val_idx if complete[i]] or train_idx[-256:]
+    if not train_idx:
+        raise DatasetError(f"{config.data}: no complete frame set (every view present) to train on")
+    log.info("score: %d complete training frame sets, %d validation", len(train_idx), len(val_idx))
+    arch = ScoreNetConfig(num_views=arrays.num_views, latent_dim=autoencoder.config.latent_dim,
+                          widths=config.widths, time_dim=config.time_dim)
+    sde = VPSDE(beta_min=config.beta_min, beta_max=config.beta_max)
+    torch.manual_seed(config.seed)
+    shell = MVLDModel(preprocess=preprocess, autoencoder=autoencoder.cpu(),
+                      score_net=ScoreNet(arch), sde=sde, latent_stats=stats,
+                      fingerprint=fingerprint)
+    z = stats.standardise(latents)
+    return shell, z[train_idx], z[val_idx]
+
+
+@torch.no_grad()
+def validation_losses(score_net: nn.Module, sde: VPSDE, z: torch.Tensor, t_min: float,
+                      seed: int) -> dict[str, float]:
+    """Joint and conditional (one random observed subset per sample) losses, fixed noise."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(score_net.parameters()).device
+    z = z.to(device)
+    batch, views = z.shape[:2]
+    results = {}
+    for name, prob in (("val_joint", 0.0), ("val_cond", 1.0)):
+        observed = draw_observed_masks(batch, views, prob, generator).to(device)
+        t = (t_min + (1 - t_min) * torch.rand(batch, generator=generator)).to(device)
+        noise = torch.randn(z.shape, generator=generator).to(device)
+        results[name] = multi_time_loss(score_net, sde, z, observed, t, noise).mean().item()
+    return results
+
+
+def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
+    """Train stage 2 into ``config.out``; returns the path of the last (complete) checkpoint."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, z_train, z_val = _prepare_latents(config, ctx)
+    sampler = EpochSampler(len(z_train), config.batch_size, config.seed)
+    if sampler.steps_per_epoch == 0:
+        raise DatasetError(f"{len(z_train)} complete frame sets are fewer than one batch of "
+                           f"{config.batch_size}; lower --batch-size")
+    score_net = model.score_net.to(ctx.device)
+    optimizer = torch.optim.Adam(score_net.parameters(), lr=config.lr)
+    ema = ExponentialMovingAverage(score_net, config.ema_decay)
+    start_step, best = _maybe_resume(config, model, score_net, optimizer, ema)
+    trained = ctx.wrap(score_net)
+    views, sde = z_train.shape[1], model.sde
+
+    def train_step(step: int) -> float:
+        # Draw the whole global batch on every rank, then keep this rank's slice.
+        generator = step_generator(config.seed, step)
+        z0 = z_train[sampler.batch(step - 1)]
+        observed = draw_observed_masks(len(z0), views, config.cond_prob, generator)
+        t = config.t_min + (1 - config.t_min) * torch.rand(len(z0), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        z0, observed, t, noise = (ctx.shard(x).to(ctx.device) for x in (z0, observed, t, noise))
+        loss = multi_time_loss(trained, sde, z0, observed, t, noise).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(score_net, step)
+        return ctx.mean(loss.item())
+
+    def validate(step: int) -> dict[str, float]:
+        return validation_losses(ema.shadow, sde, z_val, config.t_min, config.seed)
+
+    def save(step: int, metrics: dict[str, float]) -> None:
+        nonlocal best
+        model.score_net = ema.shadow
+        extra = {"training": config_to_dict(config), "step": step, "metrics": metrics}
+        save_mvld_model(out / "last", model, extra)
+        score = metrics.get("val_cond", float("inf"))
+        improved, best = score < best, min(best, score)
+        save_training_state(out / "last", TrainingState(
+            step=step, modules={"score_net": score_net.state_dict()},
+            optimizer=optimizer.state_dict(), info={"best": best}))
+        if improved:
+            for source in checkpoint_paths(out / "last"):
+                shutil.copyfile(source, out / source.name.replace("last", "best", 1))
+
+    run_loop(ctx=ctx, start_step=start_step, steps=config.steps,
+             samples_per_step=config.batch_size, val_every=config.val_every,
+             checkpoint_every=config.checkpoint_every, out=out, progress=config.progress,
+             desc="score", train_step=train_step, validate=validate, save=save)
+    return checkpoint_paths(out / "last")[0]
+
+
+def _maybe_resume(config: ScoreTrainConfig, model: MVLDModel, score_net: ScoreNet,
+                  optimizer: torch.optim.Optimizer, ema: ExponentialMovingAverage
+                  ) -> tuple[int, float]:
+    """Load ``OUT/last`` (EMA weights) and its training state; ``(step, best val loss)``."""
+    if not config.resume:
+        return 0, float("inf")
+    previous = load_mvld_model(Path(config.out) / "last")
+    if previous.score_net.config != score_net.config or previous.fingerprint != model.fingerprint:
+        raise ConfigError(f"cannot resume {config.out}: different score network or encoder")
+    ema.shadow.load_state_dict(previous.score_net.state_dict())
+    state = load_training_state(Path(config.out) / "last")
+    score_net.load_state_dict(state.modules["score_net"])
+    optimizer.load_state_dict(state.optimizer)
+    log.info("resumed %s at step %d", config.out, state.step)
+    return state.step, float(state.info.get("best", float("inf")))
+

@@ -1,0 +1,219 @@
+"""Transport over real tcp://127.0.0.1 sockets: delivery, many nodes, never blocking, CurveZMQ."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mvld.common.errors import ConfigError
+from mvld.common.keys import generate_keypair
+from mvld.common.transport import (
+    CurveClientKeys,
+    CurveServerKeys,
+    LatentPublisher,
+    LatentSubscriber,
+)
+from mvld.common.wire import FrameSetMessage, ViewRecord, decode_frameset, encode_frameset
+
+ANY_PORT = "tcp://127.0.0.1:*"
+CurveTrio = tuple[CurveServerKeys, CurveClientKeys, CurveClientKeys]
+
+
+def frame_set(node: str, seq: int) -> bytes:
+    latent = np.full((4, 8), seq, dtype=np.float16)
+    views = (
+        ViewRecord("cam0", "ok", "none", 1.0, latent),
+        ViewRecord("cam1", "failed", "timeout", None),
+    )
+    return encode_frameset(FrameSetMessage(node, seq, 2.0, "fp", views))
+
+
+def wait_until_subscribed(
+    subscriber: LatentSubscriber, publishers: list[LatentPublisher], timeout: float = 5.0
+) -> None:
+    """Service the receiver socket (it must run to process joins) until every node sees it."""
+    deadline = time.monotonic() + timeout
+    while not all(p.has_subscriber for p in publishers):
+        assert subscriber.recv(5) is None, "no message was sent yet"
+        assert time.monotonic() < deadline, "publishers never saw the subscription"
+
+
+def drain(subscriber: LatentSubscriber, quiet_ms: int = 300) -> list[bytes]:
+    """Receive until nothing arrives for ``quiet_ms``."""
+    received = []
+    while (data := subscriber.recv(quiet_ms)) is not None:
+        received.append(data)
+    return received
+
+
+@pytest.fixture
+def curve_keys(tmp_path: Path) -> CurveTrio:
+    """Receiver keys with node1 allow-listed, plus node1 (allowed) and intruder (unlisted)."""
+    allow_dir = tmp_path / "allowed"
+    _, server_secret = generate_keypair(tmp_path / "receiver", "receiver")
+    server_public = tmp_path / "receiver" / "receiver.key"
+    _, node_secret = generate_keypair(allow_dir, "node1")
+    _, intruder_secret = generate_keypair(tmp_path / "elsewhere", "intruder")
+    return (
+        CurveServerKeys.from_files(server_secret, allow_dir),
+        CurveClientKeys.from_files(node_secret, server_public),
+        CurveClientKeys.from_files(intruder_secret, server_public),
+    )
+
+
+def test_delivery_in_order() -> None:
+    with (
+        LatentSubscriber(ANY_PORT, latest_only=False, recv_hwm=1000) as sub,
+        LatentPublisher(sub.endpoints, send_hwm=1000) as pub,
+    ):
+        wait_until_subscribed(sub, [pub])
+        sent = [frame_set("node1", seq) for seq in range(200)]
+        assert all(pub.send(data) for data in sent)
+        assert drain(sub) == sent
+        assert (pub.sent, pub.dropped, sub.received) == (200, 0, 200)
+
+
+def test_many_publishers_one_subscriber() -> None:
+    with LatentSubscriber(ANY_PORT, latest_only=False, recv_hwm=1000) as sub:
+        publishers = [LatentPublisher(sub.endpoints, send_hwm=1000) for _ in range(6)]
+        try:
+            wait_until_subscribed(sub, publishers)
+            for seq in range(30):
+                for index, pub in enumerate(publishers):
+                    assert pub.send(frame_set(f"node{index}", seq))
+            messages = [decode_frameset(data) for data in drain(sub)]
+        finally:
+            for pub in publishers:
+                pub.close()
+    by_node: dict[str, list[int]] = {}
+    for msg in messages:
+        by_node.setdefault(msg.node_id, []).append(msg.seq)
+    assert by_node == {f"node{i}": list(range(30)) for i in range(6)}
+
+
+def test_publisher_never_blocks_without_receiver() -> None:
+    with LatentSubscriber(ANY_PORT) as probe:
+        unused = probe.endpoints[0]  # a port that nobody listens on once the probe is closed
+    with LatentPublisher(unused) as pub:
+        start = time.perf_counter()
+        results = [pub.send(frame_set("node1", seq)) for seq in range(2000)]
+        elapsed = time.perf_counter() - start
+    assert not any(results)
+    assert (pub.sent, pub.dropped) == (0, 2000)
+    assert elapsed < 1.0
+
+
+def test_full_queue_is_counted_not_blocked() -> None:
+    payload = bytes(256 * 1024)
+    with (
+        LatentSubscriber(ANY_PORT, latest_only=False, recv_hwm=2, max_message_bytes=1 << 20) as sub,
+        LatentPublisher(sub.endpoints, send_hwm=2) as pub,
+    ):
+        wait_until_subscribed(sub, [pub])
+        start = time.perf_counter()
+        results = [pub.send(payload) for _ in range(400)]  # 100 MiB against a receiver not reading
+        elapsed = time.perf_counter() - start
+        assert pub.dropped > 0 and pub.sent + pub.dropped == 400
+        assert results.count(True) == pub.sent
+        assert elapsed < 5.0
+        assert 0 < len(drain(sub)) <= pub.sent
+
+
+def test_subscriber_latest_only_keeps_newest_per_node() -> None:
+    with LatentSubscriber(ANY_PORT, latest_only=True) as sub:
+        publishers = [LatentPublisher(sub.endpoints, send_hwm=1000) for _ in range(3)]
+        try:
+            wait_until_subscribed(sub, publishers)
+            for seq in range(100):
+                for index, pub in enumerate(publishers):
+                    assert pub.send(frame_set(f"node{index}", seq))
+            time.sleep(0.5)  # the receiver is "busy": everything arrives before it reads
+            newest = {m.node_id: m.seq for m in map(decode_frameset, drain(sub))}
+            assert sub.received == 3
+        finally:
+            for pub in publishers:
+                pub.close()
+    assert newest == {"node0": 99, "node1": 99, "node2": 99}
+
+
+def test_allowed_curve_key_delivers_and_is_reported(
+    curve_keys: CurveTrio,
+) -> None:
+    server, node, _ = curve_keys
+    with (
+        LatentSubscriber(ANY_PORT, curve=server, latest_only=False) as sub,
+        LatentPublisher(sub.endpoints, curve=node) as pub,
+    ):
+        wait_until_subscribed(sub, [pub])
+        assert pub.send(frame_set("node1", 7))
+        received = sub.recv_message(2000)
+    assert received is not None
+    assert decode_frameset(received.data).seq == 7
+    assert received.client_key == node.public.decode("ascii")
+
+
+@pytest.mark.parametrize("who", ["unlisted", "no-curve", "wrong-server-key"])
+def test_unauthorised_publisher_delivers_nothing(curve_keys: CurveTrio, who: str) -> None:
+    server, node, intruder = curve_keys
+    bogus_server = CurveClientKeys(intruder.public, intruder.secret, intruder.public)
+    bad_curve = {"unlisted": intruder, "no-curve": None, "wrong-server-key": bogus_server}[who]
+    with (
+        LatentSubscriber(ANY_PORT, curve=server, latest_only=False) as sub,
+        LatentPublisher(sub.endpoints, curve=bad_curve, reconnect_ivl_ms=20) as bad,
+        LatentPublisher(sub.endpoints, curve=node) as good,
+    ):
+        wait_until_subscribed(sub, [good])
+        deadline = time.monotonic() + 1.0
+        bad_results = []
+        while time.monotonic() < deadline:
+            bad_results.append(bad.send(frame_set("intruder", len(bad_results))))
+            assert sub.recv(10) is None
+        assert good.send(frame_set("node1", 1))
+        nodes = [decode_frameset(data).node_id for data in drain(sub)]
+    assert not any(bad_results) and bad.dropped == len(bad_results) > 10
+    assert nodes == ["node1"]
+
+
+def test_oversized_message_is_cut_off_by_maxmsgsize() -> None:
+    with (
+        LatentSubscriber(ANY_PORT, latest_only=False, max_message_bytes=4096) as sub,
+        LatentPublisher(sub.endpoints, reconnect_ivl_ms=20) as pub,
+    ):
+        wait_until_subscribed(sub, [pub])
+        assert pub.send(bytes(8192))  # queued; the receiver drops the connection on arrival
+        small = frame_set("node1", 1)
+        deadline = time.monotonic() + 5.0
+        while (data := sub.recv(20)) is None:
+            pub.send(small)  # delivered again once the node has reconnected
+            assert time.monotonic() < deadline, "publisher never reconnected"
+    assert data == small
+
+
+def test_publisher_resumes_after_receiver_restart() -> None:
+    with LatentSubscriber(ANY_PORT, latest_only=False) as first:
+        endpoint = first.endpoints[0]
+        pub = LatentPublisher(endpoint, reconnect_ivl_ms=20, reconnect_ivl_max_ms=100)
+        wait_until_subscribed(first, [pub])
+        assert pub.send(frame_set("node1", 1)) and first.recv(2000) is not None
+    try:
+        deadline = time.monotonic() + 5.0
+        while pub.has_subscriber:  # the receiver is gone: the node notices and stops queueing
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not pub.send(frame_set("node1", 2))
+        with LatentSubscriber(endpoint, latest_only=False) as second:
+            wait_until_subscribed(second, [pub])
+            assert pub.send(frame_set("node1", 3))
+            received = second.recv(2000)
+    finally:
+        pub.close()
+    assert received is not None and decode_frameset(received).seq == 3
+
+
+@pytest.mark.parametrize("endpoints", [[], "localhost:5555", ["tcp://127.0.0.1:not-a-port"]])
+def test_bad_endpoints_raise_config_error(endpoints: object) -> None:
+    with pytest.raises(ConfigError):
+        LatentSubscriber(endpoints)  # type: ignore[arg-type]

@@ -17,18 +17,45 @@ process renders it. Torch-free (the edge uses this rig as a live source, ``sim:/
 
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from functools import cache
+from pathlib import Path
 
 import numpy as np
-import pybullet
-import pybullet_data
-from pybullet_utils.bullet_client import BulletClient
 
+from mvld.common.dataset import FrameSetWriter, write_labels
 from mvld.common.errors import ConfigError
+
+
+@contextmanager
+def _c_output_silenced() -> Iterator[None]:
+    """Hide what pybullet prints from C ("pybullet build time", "argv[0]=") past sys.stdout."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for descriptor in (*saved, devnull):
+            os.close(descriptor)
+
+
+with _c_output_silenced():
+    import pybullet
+import pybullet_data  # noqa: E402
+from pybullet_utils.bullet_client import BulletClient  # noqa: E402
 
 SHAPE_CLASSES = ("duck", "teddy", "bunny", "box", "sphere", "cylinder")
 # Mesh files and the rotation that stands each mesh upright (Z up) in pybullet_data.
@@ -38,7 +65,7 @@ _MESHES = {
     "bunny": ("bunny.obj", (math.pi / 2, 0.0, 0.0)),
 }
 _GROUND_TEXTURES = ("checker_grid.jpg", "checker_blue.png", "tex256.png")
-_PHYSICS_HZ = 240
+_PHYSICS_HZ = 120
 _DISTRACTOR_FILES = 1000  # random_urdfs/000 ... random_urdfs/999
 
 
@@ -108,7 +135,7 @@ class RigConfig:
     object_size: tuple[float, float] = (0.10, 0.16)  # largest extent of the central object, m
     distractor_ring: tuple[float, float] = (0.16, 0.24)  # radius range around the centre, m
     turntable_speed: tuple[float, float] = (0.3, 1.0)  # rad/s, random sign
-    shadows: bool = True
+    shadows: bool = False  # TinyRenderer shadows cost ~50% more time per view
     target: tuple[float, float, float] = (0.0, 0.0, 0.05)
 
     def __post_init__(self) -> None:
@@ -159,7 +186,8 @@ class SimRig:
 
     def __init__(self, config: RigConfig | None = None) -> None:
         self.config = config or RigConfig()
-        self._client = BulletClient(connection_mode=pybullet.DIRECT)
+        with _c_output_silenced():
+            self._client = BulletClient(connection_mode=pybullet.DIRECT)
         self._data = pybullet_data.getDataPath()
         height, width = self.config.image_size
         self._projections = [
@@ -384,3 +412,102 @@ def render_episode(
         if frame:
             rig.advance()
         yield rig.render(visibility=visibility)
+
+
+# ---------------------------------------------------------------- rendering a dataset
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """A dataset to render: ``frames`` frame sets, episodes of ``rig.frames_per_episode``."""
+
+    out: Path
+    frames: int
+    rig: RigConfig = field(default_factory=RigConfig)
+    seed: int = 0
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ConfigError(f"frames must be >= 1, got {self.frames}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+
+    @property
+    def camera_names(self) -> list[str]:
+        """Folder names of the cameras: cam0, cam1, ..."""
+        return [f"cam{v}" for v in range(self.rig.num_cameras)]
+
+    @property
+    def stem_width(self) -> int:
+        """Digits in a stem: 6, or more for datasets of a million frame sets or more."""
+        return max(6, len(str(self.frames - 1)))
+
+    def episodes(self) -> list[tuple[int, int]]:
+        """(episode, number of frames) covering frame sets 0..frames-1 in order."""
+        per = self.rig.frames_per_episode
+        count = math.ceil(self.frames / per)
+        return [(e, min(per, self.frames - e * per)) for e in range(count)]
+
+
+_worker_rig: SimRig | None = None
+
+
+def _init_worker(config: RigConfig) -> None:
+    global _worker_rig
+    _worker_rig = SimRig(config)
+
+
+def _render_episode_to_disk(job: RenderJob, episode: int, frames: int) -> dict[str, int]:
+    """Render one episode into job.out; returns its labels (runs in a worker process)."""
+    assert _worker_rig is not None, "worker not initialised"
+    writer = FrameSetWriter(job.out, job.camera_names, exist_ok=True, write_labels=False)
+    first = episode * job.rig.frames_per_episode
+    for offset, frame_set in enumerate(render_episode(_worker_rig, job.seed, episode, frames)):
+        writer.write(f"{first + offset:0{job.stem_width}d}", frame_set.views, frame_set.label)
+    return writer.labels
+
+
+def render_dataset(job: RenderJob, progress: Callable[[int], None] | None = None) -> Path:
+    """Render a labelled dataset in the folder format; identical for a seed at any worker count."""
+    FrameSetWriter(job.out, job.camera_names).close()  # creates the folders, refuses a full one
+    labels: dict[str, int] = {}
+    tasks = job.episodes()
+    if job.workers == 1:
+        _init_worker(job.rig)
+        results = (_render_episode_to_disk(job, e, n) for e, n in tasks)
+        for (_, frames), episode_labels in zip(tasks, results, strict=True):
+            labels.update(episode_labels)
+            if progress:
+                progress(frames)
+    else:
+        context = multiprocessing.get_context("spawn")  # no inherited pybullet state
+        with context.Pool(job.workers, initializer=_init_worker, initargs=(job.rig,)) as pool:
+            calls = [pool.apply_async(_render_episode_to_disk, (job, e, n)) for e, n in tasks]
+            for (_, frames), call in zip(tasks, calls, strict=True):
+                labels.update(call.get())
+                if progress:
+                    progress(frames)
+    write_labels(job.out, labels)
+    (job.out / "render.json").write_text(json.dumps(describe_job(job), indent=2))
+    return job.out
+
+
+def describe_job(job: RenderJob) -> dict:
+    """The resolved render config plus camera calibration and label names, for render.json."""
+    height, width = job.rig.image_size
+    return {
+        "generator": "mvld-data render",
+        "frames": job.frames,
+        "seed": job.seed,
+        "rig": asdict(job.rig),
+        "label": "class of the object nearest the table centre",
+        "classes": list(SHAPE_CLASSES),
+        "cameras": {
+            name: {
+                "K": cam.intrinsics(height, width).tolist(),
+                "world_to_camera": cam.world_to_camera(job.rig.target).tolist(),
+            }
+            for name, cam in zip(job.camera_names, job.rig.cameras, strict=True)
+        },
+    }

@@ -1,14 +1,211 @@
-"""``mvld-data``: render, record and check multi-camera datasets."""
+"""``mvld-data``: render a simulated multi-camera dataset, record one from sources, check one.
 
-from mvld.planned import run_planned_command
+A thin layer: parse flags into a job dataclass, call the library (``mvld.edge.simrig``,
+``mvld.edge.sources.record``, ``mvld.common.dataset``), print results. Bad input gives a
+one-line error and exit status 1 (2 for bad flags), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mvld.common.errors import MVLDError
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+class _LineProgress:
+    """A progress line on stderr for when tqdm is not installed."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.last >= 0.5 or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total} ({rate:.0f}/s)")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """tqdm if installed (it is not a core dependency), else a plain progress line."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _LineProgress(total, desc)
+    return tqdm(total=total, desc=desc, unit="frame set", file=sys.stderr)
+
+
+def _run_with_progress(total: int, desc: str, enabled: bool, work: Callable) -> object:
+    bar = _progress_bar(total, desc, enabled)
+    try:
+        return work(bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``64`` -> (64, 64); ``48x64`` -> (48, 64) as (H, W)."""
+    try:
+        parts = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from mvld.edge.simrig import RenderJob, RigConfig, ring_of_cameras
+
+    rig = RigConfig(
+        cameras=ring_of_cameras(
+            args.cameras, elevation_deg=args.elevation, distance=args.distance, fov_deg=args.fov
+        ),
+        image_size=args.size,
+        fps=args.fps,
+        frames_per_episode=args.episode_frames,
+        shadows=args.shadows,
+    )
+    job = RenderJob(out=Path(args.out), frames=args.frames, rig=rig, seed=args.seed,
+                    workers=args.workers)
+    from mvld.edge.simrig import render_dataset
+
+    start = time.monotonic()
+    _run_with_progress(job.frames, "render", not args.quiet,
+                       lambda progress: render_dataset(job, progress))
+    seconds = time.monotonic() - start
+    views = job.frames * rig.num_cameras
+    print(f"rendered {job.frames} frame sets x {rig.num_cameras} cameras into {job.out} "
+          f"in {seconds:.1f} s ({views / seconds:.0f} views/s, {job.workers} workers)")
+    return EXIT_OK
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from mvld.edge.sources.record import RecordJob, record_dataset
+
+    uris = tuple(uri.strip() for uri in args.cams.split(",") if uri.strip())
+    job = RecordJob(uris=uris, out=Path(args.out), frames=args.frames, fps=args.fps,
+                    timeout_s=args.timeout, size=args.size)
+    result = _run_with_progress(job.frames, "record", not args.quiet,
+                                lambda progress: record_dataset(job, progress))
+    print(f"recorded {result.frame_sets} frame sets from {len(uris)} cameras into {job.out}")
+    for v, (uri, missing) in enumerate(zip(uris, result.missing_per_camera, strict=True)):
+        ended = " (stream ended)" if result.ended[v] else ""
+        print(f"  cam{v} <- {uri}: {missing} missing views{ended}")
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from mvld.common.dataset import FrameSetFolder
+
+    with FrameSetFolder(args.dir, skip_bad=args.all_problems) as folder:
+        summary = folder.check()
+    height, width = summary.image_size
+    print(f"dataset    {summary.root} ({summary.form})")
+    print(f"cameras    {len(summary.cameras)}: {', '.join(summary.cameras)}")
+    print(f"frame sets {summary.frame_sets}, images {height}x{width} (HxW)")
+    print("missing views per camera:")
+    for camera, missing in summary.missing_per_camera.items():
+        print(f"  {camera:10s} {missing:8d}  ({100 * missing / summary.frame_sets:.1f}%)")
+    if summary.label_histogram is None:
+        print("labels     none (no labels.csv)")
+    else:
+        print(f"labels     {len(summary.label_histogram)} classes, {summary.unlabelled} unlabelled")
+        for label, count in summary.label_histogram.items():
+            print(f"  {label:10d} {count:8d}")
+    if summary.skipped:
+        print(f"INVALID: {len(summary.skipped)} problems:")
+        for name, reason in summary.skipped:
+            print(f"  {name}: {reason}")
+        return EXIT_INVALID
+    print("OK")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mvld-data`` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="mvld-data",
+        description="Render a simulated multi-camera dataset, record one from cameras, or check "
+        "a dataset folder (format: docs/DATASETS.md).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    render = sub.add_parser("render", help="render a labelled dataset with the simulated rig")
+    render.add_argument("--cameras", type=int, default=3, help="number of cameras V (default 3)")
+    render.add_argument("--frames", type=int, required=True, help="number of frame sets")
+    render.add_argument("--out", required=True, help="output folder (must be empty or new)")
+    render.add_argument("--size", type=_size, default=(64, 64), help="N or HxW (default 64)")
+    render.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    render.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="parallel processes (default: all cores); output is the same "
+                        "for any value")
+    render.add_argument("--episode-frames", type=int, default=20,
+                        help="consecutive frame sets of one scene before a new one (default 20)")
+    render.add_argument("--fps", type=float, default=10.0, help="scene time step (default 10)")
+    render.add_argument("--elevation", type=float, default=30.0, help="camera elevation, deg")
+    render.add_argument("--distance", type=float, default=0.5, help="camera distance, m")
+    render.add_argument("--fov", type=float, default=40.0, help="vertical field of view, deg")
+    render.add_argument("--shadows", action="store_true",
+                        help="cast shadows (about 1.5x slower per view)")
+    render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    render.set_defaults(func=_cmd_render)
+
+    record = sub.add_parser("record", help="record synchronised frame sets from sources",
+                            description="URIs: a video file or image folder (path or file://), "
+                            "sim://N (simulated rig camera N; options as a query, e.g. "
+                            "sim://0?fps=15&size=128).")
+    record.add_argument("--cams", required=True, help="comma-separated source URIs, one per camera")
+    record.add_argument("--out", required=True, help="output folder (must be empty or new)")
+    record.add_argument("--frames", type=int, required=True, help="number of frame sets")
+    record.add_argument("--fps", type=float, default=None,
+                        help="frame sets per second (default: as fast as the sources deliver)")
+    record.add_argument("--timeout", type=float, default=1.0,
+                        help="seconds to wait for a camera before its view counts as missing")
+    record.add_argument("--size", type=_size, default=None, help="resize views to N or HxW")
+    record.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    record.set_defaults(func=_cmd_record)
+
+    check = sub.add_parser("check", help="validate a dataset and print its statistics")
+    check.add_argument("dir", help="dataset folder")
+    check.add_argument("--all-problems", action="store_true",
+                       help="list every bad file instead of stopping at the first")
+    check.set_defaults(func=_cmd_check)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-data``."""
-    return run_planned_command(
-        "mvld-data",
-        "Render a simulated multi-camera dataset, record one from real cameras, or "
-        "check a dataset folder.",
-        issue=3,
-        argv=argv,
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return args.func(args)
+    except MVLDError as exc:
+        sys.stderr.write(f"mvld-data {args.command}: {exc}\n")
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        sys.stderr.write(f"mvld-data {args.command}: interrupted\n")
+        return 130

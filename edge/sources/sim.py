@@ -9,7 +9,7 @@ and tests). A new random scene (a new label) starts every ``episode_frames`` tic
 
 Options (keyword arguments, or a query string such as ``sim://1?size=128&fps=15``):
 ``cameras`` (3), ``size`` (64), ``fps`` (10), ``seed`` (0), ``realtime`` (True),
-``shadows`` (True), ``episode_frames`` (100).
+``shadows`` (False), ``episode_frames`` (100).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class SimOptions:
     fps: float = 10.0
     seed: int = 0
     realtime: bool = True
-    shadows: bool = True
+    shadows: bool = False
     episode_frames: int = 100
 
     def rig_config(self) -> RigConfig:

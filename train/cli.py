@@ -71,3 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.is_main:
         print(f"checkpoint: {path}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

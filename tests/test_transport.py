@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
 from mvld.common.errors import ConfigError
 from mvld.common.keys import generate_keypair
@@ -122,9 +123,20 @@ def test_full_queue_is_counted_not_blocked() -> None:
         assert 0 < len(drain(sub)) <= pub.sent
 
 
-def test_subscriber_latest_only_keeps_newest_per_node() -> None:
-    with LatentSubscriber(ANY_PORT, latest_only=True) as sub:
-        publishers = [LatentPublisher(sub.endpoints, send_hwm=1000) for _ in range(3)]
+@pytest.mark.parametrize("use_curve", [False, True], ids=["null", "curve"])
+def test_subscriber_latest_only_keeps_newest_per_node(use_curve: bool) -> None:
+    server_public, server_secret = zmq.curve_keypair()
+    clients = [zmq.curve_keypair() for _ in range(3)]
+    server = CurveServerKeys(server_public, server_secret, frozenset(c[0] for c in clients))
+    with LatentSubscriber(ANY_PORT, latest_only=True, curve=server if use_curve else None) as sub:
+        publishers = [
+            LatentPublisher(
+                sub.endpoints,
+                send_hwm=1000,
+                curve=CurveClientKeys(*client, server_public) if use_curve else None,
+            )
+            for client in clients
+        ]
         try:
             wait_until_subscribed(sub, publishers)
             for seq in range(100):

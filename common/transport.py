@@ -238,6 +238,8 @@ class LatentSubscriber:
         reconnect_ivl_ms: int = 100,
         reconnect_ivl_max_ms: int = 5000,
     ) -> None:
+        requested = _check_endpoints(endpoints)
+        self.endpoints: list[str] = []
         self.received = 0
         self._curve = curve is not None
         self._context = zmq.Context()
@@ -258,13 +260,12 @@ class LatentSubscriber:
                 reconnect_ivl_max_ms=reconnect_ivl_max_ms,
             )
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-            self.endpoints = []
-            for endpoint in _check_endpoints(endpoints):
+            for endpoint in requested:
                 self._socket.bind(endpoint)
                 self.endpoints.append(self._socket.getsockopt_string(zmq.LAST_ENDPOINT))
         except zmq.ZMQError as exc:
             self.close()
-            raise ConfigError(f"cannot bind subscriber to {endpoints!r}: {exc}") from exc
+            raise ConfigError(f"cannot bind subscriber to {requested}: {exc}") from exc
 
     def _start_authenticator(self, curve: CurveServerKeys) -> None:
         """Ironhouse: Curve server socket, ZAP handler admitting only allow-listed clients."""

@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from mvld.common.errors import ProtocolError
+from mvld.common.errors import ConfigError, ProtocolError
 
 __all__ = [
     "LATENT_DTYPES",
@@ -129,7 +129,7 @@ class WireLimits:
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if type(value) is not int or value < 1:
-                raise ValueError(f"WireLimits.{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"WireLimits.{name} must be a positive int, got {value!r}")
 
 
 def _protocol_error(field: str, problem: str) -> ProtocolError:
@@ -226,6 +226,10 @@ class FrameSetMessage:
         if type(self.seq) is not int or not 0 <= self.seq <= _MAX_SEQ:
             raise _protocol_error("seq", f"must be an int in [0, 2**64), got {self.seq!r}")
         object.__setattr__(self, "send_time", _check_time(self.send_time, "send_time"))
+        if not isinstance(self.views, (tuple, list)):
+            raise _protocol_error(
+                "views", f"expected a tuple of ViewRecord, got {type(self.views)}"
+            )
         views = tuple(self.views)
         object.__setattr__(self, "views", views)
         _check_views(views)

@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from mvld.common.errors import ProtocolError
+from mvld.common.errors import ConfigError, ProtocolError
 from mvld.common.wire import (
     LATENT_DTYPES,
     PROTOCOL_VERSION,
@@ -205,6 +205,7 @@ def test_golden_files_decode_to_their_messages(name: str) -> None:
         (lambda: FrameSetMessage("n", True, 1.0, "f", _views()), "seq"),
         (lambda: FrameSetMessage("n", 0, math.nan, "f", _views()), "send_time"),
         (lambda: FrameSetMessage("n", 0, 1.0, "f", ()), "at least one"),
+        (lambda: FrameSetMessage("n", 0, 1.0, "f", None), "views"),  # type: ignore[arg-type]
         (lambda: FrameSetMessage("n", 0, 1.0, "f", _views() * 2), "unique"),
         (lambda: FrameSetMessage("n", 0, 1.0, "f", _views(), version=2), "version"),
         (lambda: FrameSetMessage("n", 0, 1.0, "", _views()), "encoder_fingerprint"),
@@ -230,6 +231,11 @@ def test_invalid_messages_cannot_be_built(make: Callable[[], object], field: str
 
 def _views() -> tuple[ViewRecord, ...]:
     return (ViewRecord("c", "ok", "none", 1.0, latent((2,))),)
+
+
+def test_limits_must_be_positive_ints() -> None:
+    with pytest.raises(ConfigError, match="max_views"):
+        WireLimits(max_views=0)
 
 
 def test_encode_refuses_what_the_receiver_limits_would_drop() -> None:

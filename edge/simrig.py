@@ -3,7 +3,7 @@
 Rendering uses pybullet's TinyRenderer (CPU, no GL). One *episode* is one random scene: a
 central object of one of :data:`SHAPE_CLASSES` (random colour, yaw, scale, small offset from
 the table centre) plus 1-3 distractor meshes from ``pybullet_data/random_urdfs`` on a ring near
-the table rim, on a randomly tinted textured ground. Physics settles the objects, then every
+the table rim, on a randomly tinted textured table. Physics settles the objects, then every
 frame the central object turns on a turntable, the distractors get random nudges and the light
 drifts, so consecutive frames differ.
 
@@ -66,6 +66,7 @@ _MESHES = {
 }
 _GROUND_TEXTURES = ("checker_grid.jpg", "checker_blue.png", "tex256.png")
 _PHYSICS_HZ = 120
+_TABLE_HALF_SIZE = 0.45  # m
 _DISTRACTOR_FILES = 1000  # random_urdfs/000 ... random_urdfs/999
 
 
@@ -218,7 +219,7 @@ class SimRig:
         client.resetSimulation()
         client.setGravity(0, 0, -9.81)
         client.setTimeStep(1.0 / _PHYSICS_HZ)
-        self._add_ground(rng)
+        self._add_table(rng)
         self.label = int(rng.integers(len(SHAPE_CLASSES)))
         self._central = self._add_central(SHAPE_CLASSES[self.label], rng)
         low, high = self.config.distractors
@@ -231,13 +232,17 @@ class SimRig:
             client.stepSimulation()
         self.time_s = 0.0
 
-    def _add_ground(self, rng: np.random.Generator) -> None:
+    def _add_table(self, rng: np.random.Generator) -> None:
+        """A textured, randomly tinted square table top (renders faster than an endless floor)."""
         client = self._client
-        plane = client.loadURDF(os.path.join(self._data, "plane.urdf"))
+        half = [_TABLE_HALF_SIZE, _TABLE_HALF_SIZE, 0.01]
+        visual = client.createVisualShape(pybullet.GEOM_BOX, halfExtents=half)
+        collision = client.createCollisionShape(pybullet.GEOM_BOX, halfExtents=half)
+        table = client.createMultiBody(0, collision, visual, basePosition=[0, 0, -0.01])
         texture_file = _GROUND_TEXTURES[int(rng.integers(len(_GROUND_TEXTURES)))]
         texture = client.loadTexture(os.path.join(self._data, texture_file))
         tint = [*rng.uniform(0.45, 1.0, 3).tolist(), 1.0]
-        client.changeVisualShape(plane, -1, textureUniqueId=texture, rgbaColor=tint)
+        client.changeVisualShape(table, -1, textureUniqueId=texture, rgbaColor=tint)
 
     def _add_central(self, shape: str, rng: np.random.Generator) -> int:
         size = rng.uniform(*self.config.object_size)

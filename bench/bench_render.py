@@ -1,0 +1,90 @@
+"""Rendering speed of the simulated rig (issue 3, item 5: at least 500 views/s on 2 cores).
+
+Three measurements, each reported in views/s (one view = one camera image):
+
+- ``render only``: ``SimRig.render`` in one process, scene already built (TinyRenderer alone);
+- ``dataset, 1 process``: ``render_dataset`` end to end (scene building, physics, rendering,
+  PNG encoding, labels), one process;
+- ``dataset, N processes``: the same with N worker processes (process start-up included).
+
+    python bench/bench_render.py                          # 600 frame sets x 3 cameras, 64x64
+    python bench/bench_render.py --frames 3000 --workers 1 2 --size 128 --shadows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from mvld.edge.simrig import RenderJob, RigConfig, SimRig, render_dataset, ring_of_cameras
+
+
+def time_render_only(rig: RigConfig, frame_sets: int) -> float:
+    """Views/s of rendering alone on a built scene (a new scene every 20 frame sets)."""
+    with SimRig(rig) as sim:
+        elapsed = 0.0
+        for index in range(frame_sets):
+            if index % 20 == 0:
+                sim.reset(0, index // 20)
+            start = time.perf_counter()
+            sim.render()
+            elapsed += time.perf_counter() - start
+    return frame_sets * rig.num_cameras / elapsed
+
+
+def time_dataset(rig: RigConfig, frame_sets: int, workers: int, scratch: Path) -> float:
+    """Views/s of ``render_dataset`` into a scratch folder with ``workers`` processes."""
+    out = scratch / f"w{workers}"
+    start = time.perf_counter()
+    render_dataset(RenderJob(out=out, frames=frame_sets, rig=rig, seed=0, workers=workers))
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(out)
+    return frame_sets * rig.num_cameras / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=600, help="frame sets per measurement")
+    parser.add_argument("--cameras", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64, help="square image size")
+    parser.add_argument("--shadows", action="store_true")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", default="bench/results/render.json", help="JSON results path")
+    args = parser.parse_args()
+
+    rig = RigConfig(cameras=ring_of_cameras(args.cameras), image_size=(args.size, args.size),
+                    shadows=args.shadows)
+    results = {"render only, 1 process": time_render_only(rig, args.frames)}
+    with tempfile.TemporaryDirectory() as scratch:
+        for workers in args.workers:
+            name = f"dataset, {workers} process{'es' if workers > 1 else ''}"
+            results[name] = time_dataset(rig, args.frames, workers, Path(scratch))
+
+    report = {
+        "frame_sets": args.frames,
+        "cameras": args.cameras,
+        "image_size": [args.size, args.size],
+        "shadows": args.shadows,
+        "views_per_s": {name: round(value, 1) for name, value in results.items()},
+        "ms_per_view_per_process": round(1000 / results["render only, 1 process"], 3),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_avg_1min": os.getloadavg()[0]},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'measurement':28s} {'views/s':>9s}   ({args.frames} frame sets x {args.cameras} "
+          f"cameras, {args.size}x{args.size}, shadows {'on' if args.shadows else 'off'})")
+    for name, value in results.items():
+        print(f"{name:28s} {value:9.0f}")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

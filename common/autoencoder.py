@@ -87,10 +87,11 @@ class Decoder(nn.Module):
         self.start_shape = (widths[0], config.bottleneck_size, config.bottleneck_size)
         self.from_latent = nn.Linear(config.latent_dim, widths[0] * config.bottleneck_size**2)
         layers: list[nn.Module] = []
-        for width, following in zip(widths, [*widths[1:], widths[-1]], strict=True):
+        # Mirror of the encoder; the last transposed convolution writes the image directly
+        # (a full-resolution conv after it would double the cost of a step on CPU).
+        for width, following in zip(widths, [*widths[1:], config.in_channels], strict=True):
             layers += [nn.GroupNorm(_groups(width), width), nn.SiLU(),
                        nn.ConvTranspose2d(width, following, 4, stride=2, padding=1)]
-        layers += [nn.SiLU(), nn.Conv2d(widths[-1], config.in_channels, 3, padding=1)]
         self.features = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:

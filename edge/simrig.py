@@ -250,8 +250,7 @@ class SimRig:
         yaw = rng.uniform(-math.pi, math.pi)
         xy = rng.uniform(-0.03, 0.03, 2)
         if shape in _MESHES:
-            filename, upright = _MESHES[shape]
-            body = self._add_mesh(os.path.join(self._data, filename), size, colour, upright)
+            body = self._add_mesh(os.path.join(self._data, _MESHES[shape][0]), size, colour)
         else:
             body = self._add_primitive(shape, size, colour)
         orientation = self._client.getQuaternionFromEuler(
@@ -283,21 +282,21 @@ class SimRig:
             )
         return client.createMultiBody(0.2, collision, visual)
 
-    def _add_mesh(
-        self, path: str, size: float, colour: list[float], upright: tuple[float, float, float]
-    ) -> int:
-        """A mesh body scaled so its largest extent is ``size``, its origin at the mesh centre."""
+    def _add_mesh(self, path: str, size: float, colour: list[float]) -> int:
+        """A mesh scaled so its largest extent is ``size``, its origin at the mesh centre.
+
+        It collides as its bounding box: a convex hull of a 1,000-vertex mesh made physics
+        cost more than rendering, and a box rests on the table just as well.
+        """
         centre, extent = _mesh_bounds(path)
         scale = size / float(extent.max())
-        offset = (-centre * scale).tolist()
         client = self._client
         visual = client.createVisualShape(
             pybullet.GEOM_MESH, fileName=path, meshScale=[scale] * 3, rgbaColor=colour,
-            visualFramePosition=offset,
+            visualFramePosition=(-centre * scale).tolist(),
         )
         collision = client.createCollisionShape(
-            pybullet.GEOM_MESH, fileName=path, meshScale=[scale] * 3,
-            collisionFramePosition=offset,
+            pybullet.GEOM_BOX, halfExtents=(extent * scale / 2).tolist()
         )
         return client.createMultiBody(0.2, collision, visual)
 
@@ -306,7 +305,7 @@ class SimRig:
         path = os.path.join(self._data, "random_urdfs", f"{index:03d}", f"{index:03d}.obj")
         size = rng.uniform(0.05, 0.09)
         colour = [*rng.uniform(0.05, 1.0, 3).tolist(), 1.0]
-        body = self._add_mesh(path, size, colour, (0.0, 0.0, 0.0))
+        body = self._add_mesh(path, size, colour)
         radius = rng.uniform(*self.config.distractor_ring)
         azimuth = self._free_azimuth(rng)
         orientation = self._client.getQuaternionFromEuler(rng.uniform(-math.pi, math.pi, 3))

@@ -171,7 +171,7 @@ def test_cli_reports_bad_input_clearly(tmp_path: Path, capsys: pytest.CaptureFix
                        str(tmp_path / "o")]) == 2
     assert "mvld-train ae:" in capsys.readouterr().err
     assert train_main(["score", "--data", str(tmp_path / "empty"), "--ae",
-                       str(tmp_path / "none")]) == 2
+                       str(tmp_path / "none"), "--out", str(tmp_path / "s")]) == 2
     assert "does not exist" in capsys.readouterr().err
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("lerning_rate = 1\n")

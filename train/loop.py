@@ -17,6 +17,7 @@ from tqdm import tqdm
 from mvld.train.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
+LOG_EVERY = 50  # steps between log lines when the progress bar is off
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -63,6 +64,8 @@ def run_loop(
         rate = done * samples_per_step / (time.perf_counter() - began)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
+        if ctx.is_main and not progress and step % LOG_EVERY == 0:
+            log.info("%s step %d/%d loss %.4f, %.1f samples/s", desc, step, steps, loss, rate)
         if _due(step, val_every, steps):
             metrics = validate(step) if ctx.is_main else {}
             record = {"step": step, "loss": loss, "samples_per_s": rate, **metrics}

@@ -192,3 +192,18 @@ def test_corrupt_images_are_reported_by_name(tmp_path: Path) -> None:
     (data / "cam1" / "000002.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match="000002"):
         train_autoencoder(tiny_ae_config(data, tmp_path / "o", batch_size=4), CPU)
+
+
+def test_classifier_learns_the_labels_and_reloads(rig: Path, tmp_path: Path) -> None:
+    from mvld.train.classifier import accuracy, load_classifier, train_classifier
+    from mvld.train.config import ClassifierTrainConfig
+
+    config = ClassifierTrainConfig(data=str(rig), out=str(tmp_path), image_size=32,
+                                   channels=(8, 16), batch_size=16, steps=40, val_every=20,
+                                   lr=3e-3, progress=False)
+    path = train_classifier(config, CPU)
+    assert _metrics(tmp_path)[-1]["val_accuracy"] >= 0.5  # 4 balanced classes: chance 0.25
+    classifier, preprocess = load_classifier(path)
+    assert preprocess.height == 32 and classifier.config.num_classes == 4
+    images = torch.zeros(2, 3, 32, 32)
+    assert 0.0 <= accuracy(classifier, images, torch.tensor([0, 1])) <= 1.0

@@ -1,4 +1,6 @@
-"""``mvld-train``: train the autoencoder (``ae``) and then the score model (``score``).
+"""``mvld-train``: train the autoencoder (``ae``), then the score model (``score``).
+
+``classifier`` trains the downstream label classifier used to judge imputed views.
 
 Options come from defaults, then an optional TOML file (``--config``), then flags. Under
 ``torchrun --nproc_per_node N`` the same command trains with DistributedDataParallel.
@@ -7,22 +9,26 @@ Options come from defaults, then an optional TOML file (``--config``), then flag
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
 from mvld.common.errors import MVLDError
 from mvld.train.config import (
     AETrainConfig,
+    ClassifierTrainConfig,
     CommonTrainConfig,
     ScoreTrainConfig,
     add_config_flags,
     load_config,
 )
-from mvld.train.distributed import setup_distributed, teardown_distributed
+from mvld.train.distributed import DistributedContext, setup_distributed, teardown_distributed
 
 STAGES: dict[str, tuple[type[CommonTrainConfig], str]] = {
     "ae": (AETrainConfig, "train the shared autoencoder on every view of a dataset folder"),
     "score": (ScoreTrainConfig, "train the score network on the latents of a trained autoencoder"),
+    "classifier": (ClassifierTrainConfig,
+                   "train the downstream label classifier on single real views"),
 }
 
 
@@ -42,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train(stage: str, config: CommonTrainConfig, ctx: DistributedContext) -> Path:
+    if stage == "ae":
+        from mvld.train.autoencoder_training import train_autoencoder
+
+        return train_autoencoder(config, ctx)
+    if stage == "score":
+        from mvld.train.score_training import train_score
+
+        return train_score(config, ctx)
+    from mvld.train.classifier import train_classifier
+
+    return train_classifier(config, ctx)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-train``."""
     logging.basicConfig(level=logging.INFO,
@@ -55,14 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(config.threads)
         ctx = setup_distributed(config.device)
         try:
-            if stage == "ae":
-                from mvld.train.autoencoder_training import train_autoencoder
-
-                path = train_autoencoder(config, ctx)
-            else:
-                from mvld.train.score_training import train_score
-
-                path = train_score(config, ctx)
+            path = _train(stage, config, ctx)
         finally:
             teardown_distributed()
     except MVLDError as exc:

@@ -67,6 +67,16 @@ class ScoreTrainConfig(CommonTrainConfig):
     checkpoint_every: int = 1000
 
 
+@dataclass
+class ClassifierTrainConfig(CommonTrainConfig):
+    """The downstream label classifier on single views."""
+
+    out: str = "runs/classifier"
+    image_size: int = 64
+    channels: tuple[int, ...] = field(default=(32, 64, 128))
+    steps: int = 1500
+
+
 def _validate(config: CommonTrainConfig) -> None:
     if not config.data:
         raise ConfigError("--data DIR is required (a dataset folder)")

@@ -1,0 +1,46 @@
+"""Real camera frames for parity checks: a dataset folder, or the simulated rig rendering them.
+
+Exports are checked on what the model will see in the field (camera frames through the shared
+preprocessing), not on random tensors. Torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mvld.common.dataset import FrameSetFolder
+from mvld.common.errors import ConfigError
+
+
+def frames_from_dataset(path: Path, count: int, views: int) -> list[np.ndarray]:
+    """``count`` complete frame sets of ``views`` cameras from a dataset folder (flattened)."""
+    frames: list[np.ndarray] = []
+    with FrameSetFolder(path) as dataset:
+        if len(dataset.cameras) != views:
+            raise ConfigError(f"{path} has {len(dataset.cameras)} cameras; the model has {views}")
+        for index in range(len(dataset)):
+            frame_set = dataset[index]
+            if all(v is not None for v in frame_set.views):
+                frames.extend(frame_set.views)
+            if len(frames) >= count * views:
+                break
+    if not frames:
+        raise ConfigError(f"{path} holds no complete frame set for the parity check")
+    return frames
+
+
+def frames_from_rig(size: tuple[int, int], count: int, views: int, seed: int) -> list[np.ndarray]:
+    """``count`` frame sets rendered by the simulated rig (each from its own episode)."""
+    from mvld.edge.simrig import RigConfig, SimRig, ring_of_cameras  # pybullet: only if used
+
+    frames: list[np.ndarray] = []
+    config = RigConfig(cameras=ring_of_cameras(views), image_size=size)
+    with SimRig(config) as rig:
+        for episode in range(count):
+            rig.reset(seed, episode)
+            frames.extend(rig.render().views)
+    return frames
+
+

@@ -119,6 +119,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     with FrameSetFolder(args.dir, skip_bad=args.all_problems) as folder:
         summary = folder.check()
+        if args.grid:
+            _write_grid(folder, Path(args.grid), args.grid_rows)
+            print(f"sample grid written to {args.grid}")
     height, width = summary.image_size
     print(f"dataset    {summary.root} ({summary.form})")
     print(f"cameras    {len(summary.cameras)}: {', '.join(summary.cameras)}")
@@ -139,6 +142,54 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     print("OK")
     return EXIT_OK
+
+
+def _label_names(root: Path) -> list[str] | None:
+    """Class names from a rendered dataset's render.json, if there is one."""
+    import json
+
+    try:
+        return list(json.loads((root / "render.json").read_text())["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_grid(folder, path: Path, rows: int) -> None:
+    """A PNG of ``rows`` frame sets spread over the dataset: one row each, one column per camera.
+
+    Views are upscaled to at least 128 px; a missing view is a dark tile with a cross; the row
+    caption is the stem and the label (with its class name for rendered datasets).
+    """
+    import cv2
+    import numpy as np
+
+    height, width = folder.image_size
+    zoom = max(1, 128 // max(height, width))
+    tile_h, tile_w, caption = height * zoom, width * zoom, 22
+    names = _label_names(folder.root)
+    picks = np.linspace(0, len(folder) - 1, num=min(rows, len(folder))).round().astype(int)
+    grid = np.full((len(picks) * (tile_h + caption), len(folder.cameras) * tile_w, 3), 255,
+                   np.uint8)
+    for row, index in enumerate(picks):
+        frame_set = folder[int(index)]
+        top = row * (tile_h + caption)
+        text = f"{frame_set.stem}  label {frame_set.label}"
+        if names and frame_set.label is not None and frame_set.label < len(names):
+            text += f" ({names[frame_set.label]})"
+        cv2.putText(grid, text, (4, top + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+        for column, view in enumerate(frame_set.views):
+            if view is None:
+                tile = np.full((tile_h, tile_w, 3), 40, np.uint8)
+                cv2.line(tile, (0, 0), (tile_w - 1, tile_h - 1), (200, 60, 60), 2)
+                cv2.line(tile, (tile_w - 1, 0), (0, tile_h - 1), (200, 60, 60), 2)
+            else:
+                tile = cv2.resize(view, (tile_w, tile_h), interpolation=cv2.INTER_NEAREST)
+            left = column * tile_w
+            grid[top + caption:top + caption + tile_h, left:left + tile_w] = tile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"cannot write {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dir", help="dataset folder")
     check.add_argument("--all-problems", action="store_true",
                        help="list every bad file instead of stopping at the first")
+    check.add_argument("--grid", metavar="PNG", help="also write a PNG grid of sample frame sets")
+    check.add_argument("--grid-rows", type=int, default=8, help="frame sets in the grid (8)")
     check.set_defaults(func=_cmd_check)
     return parser
 

@@ -70,6 +70,14 @@ def test_check_prints_cameras_missing_views_and_histogram(
     assert sum(histogram.values()) == 10
 
 
+def test_check_writes_a_sample_grid(rendered: Path, tmp_path: Path) -> None:
+    grid_path = tmp_path / "grid.png"
+    assert main(["check", str(rendered), "--grid", str(grid_path), "--grid-rows", "3"]) == 0
+    grid = cv2.imread(str(grid_path))
+    assert grid.shape == (3 * (128 + 22), 3 * 128, 3)  # 3 rows, 3 cameras, 64 px upscaled x2
+    assert grid[22:150, :128].std() > 10  # a rendered view, not an empty tile
+
+
 def test_progress_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["render", "--frames", "2", "--out", str(tmp_path / "p"), "--workers", "1"]) == 0
     captured = capsys.readouterr()

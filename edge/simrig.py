@@ -473,7 +473,11 @@ def _render_episode_to_disk(job: RenderJob, episode: int, frames: int) -> dict[s
 
 
 def render_dataset(job: RenderJob, progress: Callable[[int], None] | None = None) -> Path:
-    """Render a labelled dataset in the folder format; identical for a seed at any worker count."""
+    """Render a labelled dataset in the folder format; identical for a seed at any worker count.
+
+    Workers are spawned processes: a script that calls this with ``workers > 1`` needs the
+    usual ``if __name__ == "__main__":`` guard (the ``mvld-data`` command has it).
+    """
     FrameSetWriter(job.out, job.camera_names).close()  # creates the folders, refuses a full one
     labels: dict[str, int] = {}
     tasks = job.episodes()

@@ -84,6 +84,15 @@ def test_progress_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "2/2" in captured.err and "rendered 2 frame sets" in captured.out
 
 
+def test_progress_falls_back_to_a_plain_line_without_tqdm(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes ``from tqdm import tqdm`` fail
+    assert main(["render", "--frames", "3", "--out", str(tmp_path / "p"), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "render: 3/3 (" in err and "frame set/s" not in err  # not tqdm's format
+
+
 def _write_bad(root: Path, case: str) -> str:
     """Break a copy of a valid dataset in one way; returns the text the error must contain."""
     if case == "corrupt":

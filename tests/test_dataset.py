@@ -287,3 +287,15 @@ def test_torch_dataset_tensors_mask_and_labels(dataset) -> None:
     assert small[0][0].shape == (3, 3, 12, 16)
     (root / "labels.csv").unlink()
     assert int(MultiViewDataset(root)[0][2]) == -1
+
+
+def test_torch_dataset_with_the_shared_model_preprocessing(dataset) -> None:
+    pytest.importorskip("torch")
+    from mvld.common.preprocess import PreprocessConfig
+    from mvld.train.dataset import MultiViewDataset, shared_preprocess
+
+    root, _ = dataset
+    config = PreprocessConfig(height=12, width=16, low=-1.0, high=1.0)
+    views, present, _ = MultiViewDataset(root, preprocess=shared_preprocess(config))[0]
+    assert views.shape == (3, 3, 12, 16) and present.all()
+    assert float(views.min()) >= -1.0 and float(views.max()) <= 1.0 and float(views.min()) < 0

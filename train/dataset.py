@@ -6,8 +6,9 @@ Each item is ``(views, present, label)``:
 * ``present`` bool [V], True where the view exists;
 * ``label``   int64 scalar, the frame set's label or -1 when it has none.
 
-Preprocessing is one parameterised function (HxWx3 uint8 RGB -> 3xHxW float32, numpy) so the
-shared edge/training preprocessing can be passed in instead of the default :func:`scale_to_unit`.
+Preprocessing is one parameterised function (HxWx3 uint8 RGB -> 3xHxW float32, numpy): the
+default :func:`scale_to_unit`, or :func:`shared_preprocess` for the model's own
+``mvld.common.preprocess`` definition (what the edge feeds the exported encoder).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mvld.common.dataset import FrameSetFolder
+from mvld.common.preprocess import PreprocessConfig, preprocess_images
 
 Preprocess = Callable[[np.ndarray], np.ndarray]
 NO_LABEL = -1
@@ -31,6 +33,15 @@ def scale_to_unit(image: np.ndarray, size: tuple[int, int] | None = None) -> np.
     if size is not None and image.shape[:2] != tuple(size):
         image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+
+def shared_preprocess(config: PreprocessConfig) -> Preprocess:
+    """The model's preprocessing (resize, channel order, scaling) as a per-view function."""
+
+    def preprocess(image: np.ndarray) -> np.ndarray:
+        return preprocess_images([image], config)[0]
+
+    return preprocess
 
 
 class MultiViewDataset(Dataset):

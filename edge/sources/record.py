@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class RecordJob:
     fps: float | None = None  # pace frame sets at this rate; None = as fast as sources give
     timeout_s: float = 1.0
     size: tuple[int, int] | None = None  # (H, W) to resize every view to
+    idle_limit_s: float = 30.0  # give up when no camera delivered anything for this long
 
     def __post_init__(self) -> None:
         if not self.uris:
@@ -80,13 +82,18 @@ def _record_loop(
     result = RecordResult(job.out, 0, [0] * len(sources), [False] * len(sources))
     pacer = Pacer(job.fps) if job.fps else None
     attempt = 0
+    last_delivery = time.monotonic()
     while result.frame_sets < job.frames and not all(result.ended):
         if pacer is not None:
             pacer.wait(attempt, timeout_s=float("inf"))
         attempt += 1
         views = [_read_view(job, source, v, result) for v, source in enumerate(sources)]
         if all(view is None for view in views):
+            if time.monotonic() - last_delivery > job.idle_limit_s:
+                raise SourceError(f"no camera delivered a frame for {job.idle_limit_s:g} s; "
+                                  f"recorded {result.frame_sets} frame sets")
             continue
+        last_delivery = time.monotonic()
         _check_sizes(views, writer.image_size, job.uris)
         for v, view in enumerate(views):
             result.missing_per_camera[v] += view is None

@@ -249,13 +249,13 @@ class SimRig:
         colour = [*rng.uniform(0.05, 1.0, 3).tolist(), 1.0]
         yaw = rng.uniform(-math.pi, math.pi)
         xy = rng.uniform(-0.03, 0.03, 2)
+        roll, pitch = 0.0, 0.0
         if shape in _MESHES:
-            body = self._add_mesh(os.path.join(self._data, _MESHES[shape][0]), size, colour)
+            filename, (roll, pitch, _) = _MESHES[shape]
+            body = self._add_mesh(os.path.join(self._data, filename), size, colour)
         else:
             body = self._add_primitive(shape, size, colour)
-        orientation = self._client.getQuaternionFromEuler(
-            [*(_MESHES[shape][1][:2] if shape in _MESHES else (0.0, 0.0)), yaw]
-        )
+        orientation = self._client.getQuaternionFromEuler([roll, pitch, yaw])
         self._client.resetBasePositionAndOrientation(
             body, [xy[0], xy[1], size / 2 + 0.01], orientation
         )

@@ -76,11 +76,12 @@ class HealthConfig:
     noise_min_sigma: float = 25.0  # full-resolution noise estimate above this ...
     noise_min_ratio: float = 4.0  # ... and this many times the reference: noise
     texture_floor: float = 2.0  # cells whose reference |Laplacian| is below carry no texture
-    degraded_ratio: float = 0.5  # a cell keeping less of its texture is degraded
+    degraded_ratio: float = 0.7  # a cell keeping less texture (short-term average): degraded
+    short_term_rate: float = 0.2  # EMA weight of the short-term cell texture average
     covered_ratio: float = 0.25  # a cell keeping less than this and changed is covered
     changed_level: float = 18.0  # colour change (grey levels, after gain) that marks a cell
     occluded_min_fraction: float = 0.15  # covered fraction of textured cells: occluded
-    dirty_min_fraction: float = 0.12  # degraded-and-changed fraction: dirty
+    dirty_min_fraction: float = 0.3  # degraded fraction of textured cells: dirty
     defocus_max_ratio: float = 0.6  # texture kept over all textured cells below this ...
     defocus_min_similarity: float = 0.4  # ... with the coarse picture kept: defocused
     gained_ratio: float = 2.5  # a cell with this many times its reference texture gained some
@@ -221,6 +222,7 @@ class HealthMonitor:
         self._last_grey: np.ndarray | None = None
         self._last_digest: int | None = None
         self._scores: dict[str, float] = {}
+        self._short_texture: np.ndarray | None = None  # cell texture, short-term average
 
     # -- public contract -------------------------------------------------------------------
 
@@ -236,6 +238,7 @@ class HealthMonitor:
             raise ValueError(f"expected an HxWx3 uint8 frame, got {frame.shape} {frame.dtype}")
         self._last_frame_time = timestamp
         features = extract_features(frame)
+        self._follow_short_term(features.cell_texture)
         verdict = self._verdict(frame, features)
         self._apply_hysteresis(verdict, timestamp)
         if verdict is None and self._state == OK:
@@ -314,7 +317,10 @@ class HealthMonitor:
         kept = features.cell_texture / (gain * reference.cell_texture + 1e-6)
         changed = np.abs(features.cell_colour - gain * ref_colour).max(2) > config.changed_level
         covered = textured & changed & (kept < config.covered_ratio)
-        degraded = textured & changed & (kept < config.degraded_ratio)
+        # Dirt stays put while objects move: a cell is degraded when both this frame and the
+        # short-term average have lost texture.
+        short_kept = self._short_texture / (gain * reference.cell_texture + 1e-6)
+        degraded = textured & (np.maximum(kept, short_kept) < config.degraded_ratio)
         gained = features.cell_texture > np.maximum(
             config.gained_ratio * gain * reference.cell_texture, 2 * config.texture_floor)
         covered_fraction = float(covered.sum() / textured.sum())
@@ -342,6 +348,14 @@ class HealthMonitor:
         if degraded_fraction >= config.dirty_min_fraction:
             return "dirty"
         return None
+
+    def _follow_short_term(self, cell_texture: np.ndarray) -> None:
+        """Update the short-term average of the cell texture (every frame)."""
+        if self._short_texture is None:
+            self._short_texture = cell_texture.copy()
+        else:
+            self._short_texture += self.config.short_term_rate * (
+                cell_texture - self._short_texture)
 
     # -- reference ---------------------------------------------------------------------------
 

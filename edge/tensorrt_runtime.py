@@ -337,6 +337,9 @@ class TensorRTRunner:
         trt = import_tensorrt()
         self.cuda = cuda_api()
         self.gpu = gpu
+        self.stream: Any = None
+        self.inputs: list[_Binding] = []
+        self.outputs: list[_Binding] = []
         self._lock = threading.Lock()
         self.cuda.activate(gpu)
         try:
@@ -401,11 +404,13 @@ class TensorRTRunner:
                 for b, s in zip(self.outputs, shapes, strict=True)]
 
     def close(self) -> None:
-        """Free the buffers and the stream (the engine goes with the object)."""
+        """Free the buffers and the stream (the engine goes with the object); idempotent."""
+        if self.stream is None:
+            return
         bindings = self.inputs + self.outputs
         self.cuda.activate(self.gpu)
         try:
             self.cuda.free([b.host for b in bindings], [b.device for b in bindings], self.stream)
         finally:
             self.cuda.release()
-        self.inputs, self.outputs = [], []
+        self.inputs, self.outputs, self.stream = [], [], None

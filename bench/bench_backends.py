@@ -3,6 +3,8 @@
 Exports the model (a checkpoint given with ``--model``, else the default architecture randomly
 initialised: speed does not depend on the weights) with ``mvld-export``'s exporter, then times
 each graph at batch 1, 3 and 64 on the CPU with the same thread count for both runtimes.
+Also times what the edge does per frame set: the shared preprocessing of three 640x480 camera
+frames plus one batched encoder call, through the ONNX Runtime and torch encoder backends.
 Writes JSON (hardware and versions named) and prints a table with the torch/ORT ratio.
 
     nice -n 10 python bench/bench_backends.py --threads 1 --out bench/results/backends.json
@@ -33,7 +35,7 @@ from mvld.common.checkpoint import (
     load_mvld_model,
     save_mvld_model,
 )
-from mvld.common.preprocess import PreprocessConfig
+from mvld.common.preprocess import PreprocessConfig, preprocess_images
 from mvld.common.score_net import ScoreNet, ScoreNetConfig
 from mvld.common.sde import VPSDE
 from mvld.export.onnx_export import ExportOptions, export_model
@@ -117,6 +119,30 @@ def bench(model: MVLDModel, onnx_dir: Path, threads: int, min_seconds: float) ->
     return rows
 
 
+def bench_edge_encode(onnx_dir: Path, checkpoint: Path, threads: int, min_seconds: float
+                      ) -> list[dict]:
+    """What the edge does per frame set: preprocess 3 camera frames (640x480) + one call."""
+    from mvld.edge.encoder import OnnxRuntimeEncoder, TorchEncoder
+
+    frames = [np.random.default_rng(i).integers(0, 256, (480, 640, 3), np.uint8)
+              for i in range(3)]
+    encoders = {"onnxruntime": OnnxRuntimeEncoder(onnx_dir, threads=threads),
+                "torch": TorchEncoder(checkpoint, threads=threads)}
+    timings = {name: time_call(lambda e=encoder: e.encode(frames), min_seconds, 5)
+               for name, encoder in encoders.items()}
+    config = encoders["onnxruntime"].preprocess
+    preprocess_ms = time_call(lambda: preprocess_images(frames, config), min_seconds, 5)
+    print(f"edge encode 3x640x480 frames: ORT {timings['onnxruntime']:.3f} ms  "
+          f"torch {timings['torch']:.3f} ms  (preprocessing alone {preprocess_ms:.3f} ms)",
+          flush=True)
+    return [{"part": "edge_encode_3x640x480", "batch": 3,
+             "onnxruntime_ms": round(timings["onnxruntime"], 4),
+             "torch_ms": round(timings["torch"], 4),
+             "onnxruntime_ms_per_item": round(timings["onnxruntime"] / 3, 4),
+             "torch_over_onnxruntime": round(timings["torch"] / timings["onnxruntime"], 3),
+             "preprocessing_alone_ms": round(preprocess_ms, 4)}]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="an mvld checkpoint (default: random init)")
@@ -131,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_mvld_model(checkpoint)
         export_model(checkpoint, Path(tmp) / "onnx", ExportOptions(exporter=args.exporter))
         rows = bench(model, Path(tmp) / "onnx", args.threads, args.seconds)
+        rows += bench_edge_encode(Path(tmp) / "onnx", Path(checkpoint), args.threads,
+                                  args.seconds)
     result = {
         "benchmark": "ONNX Runtime vs torch eager, CPU, median ms per call",
         "hardware": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),

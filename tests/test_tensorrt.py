@@ -5,6 +5,8 @@ only), so the tests marked ``tensorrt`` skip there with the reason; they run on 
 with TensorRT 10 or 11 and cuda-python or pycuda.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +199,28 @@ def test_tensorrt_encoder_matches_onnxruntime_on_frames(tensorrt_ready: None,
         assert relative_error(encoder.encode(frames[:1]), reference[:1]) < 1e-3
     assert encoder.fingerprint == OnnxRuntimeEncoder(exported).fingerprint
     encoder.close()
+
+
+_TRT_WITHOUT_TORCH = """
+import importlib.abc, sys
+class BlockTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked")
+sys.meta_path.insert(0, BlockTorch())
+from mvld.export.cli import main
+code = main(["trt", "--onnx", sys.argv[1], "--precision", "fp16"])
+assert "torch" not in sys.modules
+sys.exit(code)
+"""
+
+
+def test_engine_building_needs_no_torch(exported: Path) -> None:
+    """A Jetson builds its engines without torch: ``mvld-export trt`` must not import it."""
+    result = subprocess.run([sys.executable, "-c", _TRT_WITHOUT_TORCH,
+                             str(exported / "encoder.onnx")], capture_output=True, text=True,
+                            timeout=120)
+    reason = tensorrt_unavailable_reason()
+    assert result.returncode == (EXIT_UNAVAILABLE if reason else 0), result.stderr
+    if reason:
+        assert "cannot build here" in result.stderr

@@ -199,8 +199,8 @@ def test_classifier_learns_the_labels_and_reloads(rig: Path, tmp_path: Path) -> 
     from mvld.train.config import ClassifierTrainConfig
 
     config = ClassifierTrainConfig(data=str(rig), out=str(tmp_path), image_size=32,
-                                   channels=(8, 16), batch_size=16, steps=40, val_every=20,
-                                   lr=3e-3, progress=False)
+                                   channels=(8, 16), batch_size=16, steps=80, val_every=40,
+                                   lr=1e-2, progress=False)
     path = train_classifier(config, CPU)
     assert _metrics(tmp_path)[-1]["val_accuracy"] >= 0.5  # 4 balanced classes: chance 0.25
     classifier, preprocess = load_classifier(path)

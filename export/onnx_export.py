@@ -67,6 +67,10 @@ class ParityError(MVLDError):
     """ONNX Runtime and torch disagree beyond the tolerance (or the graph does not run)."""
 
 
+class ExportError(MVLDError):
+    """torch could not turn a module into an ONNX graph (e.g. an opset lacks an operator)."""
+
+
 @dataclass(frozen=True)
 class ExportedGraph:
     """What ``export_model`` wrote for one part."""
@@ -109,12 +113,23 @@ def _quiet_exporter() -> Iterator[None]:
         torch_onnx_log.setLevel(previous)
 
 
+@contextmanager
+def _export_errors(part: str, opset: int, exporter: str) -> Iterator[None]:
+    """torch's exporter errors -> ``ExportError`` naming the part, opset and exporter."""
+    try:
+        yield
+    except torch.onnx.errors.OnnxExporterError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{part}: the {exporter} exporter failed at opset {opset}: {first} "
+                          "(try another --opset or --exporter)") from exc
+
+
 def _to_onnx_bytes(module: nn.Module, example: tuple[torch.Tensor, ...], spec: GraphSpec,
                    opset: int, exporter: str) -> bytes:
     """Trace ``module`` into an in-memory ONNX model with a dynamic batch axis."""
     names = (*spec.inputs, *spec.outputs)
     buffer = io.BytesIO()
-    with _quiet_exporter():
+    with _quiet_exporter(), _export_errors(spec.part, opset, exporter):
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
             program = torch.onnx.export(
@@ -271,7 +286,12 @@ def export_part(loaded: _LoadedModel, part: str, inputs: ParityInputs, out_dir: 
     example = tuple(torch.from_numpy(a[:2]) for a in arrays)
     proto = onnx.load_model_from_string(
         _to_onnx_bytes(module, example, spec, options.opset, options.exporter))
+    if any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
+        raise ExportError(f"{part}: the exported graph keeps weights outside the file")
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset != options.opset:
+        log.warning("%s: opset %d requested, the %s exporter wrote opset %d", part,
+                    options.opset, options.exporter, opset)
     proto.doc_string = f"MVLD {part}: inputs {spec.inputs} -> outputs {spec.outputs}"
     set_metadata(proto, {
         **loaded.description, "mvld.format_version": str(EXPORT_FORMAT_VERSION),

@@ -1,0 +1,307 @@
+"""Known-answer test of the imputation samplers: Gaussian data, where the exact score is analytic.
+
+Data x0 ~ N(mu, Sigma) in R^{V*D}. Observed dims o are clean (tau = 0) at the value c, the missing
+dims m share the time t. Given x0_o = c, x0_m ~ N(mu_c, S_c) with
+
+    mu_c = mu_m + S_mo S_oo^-1 (c - mu_o),    S_c = S_mm - S_mo S_oo^-1 S_om,
+
+and the VP SDE gives x_t,m = a_t x0_m + s_t n, so x_t,m | c ~ N(a_t mu_c, a_t^2 S_c + s_t^2 I):
+
+    eps(x, t) = -s_t grad log p = s_t (a_t^2 S_c + s_t^2 I)^-1 (x_m - a_t mu_c).
+
+The exact eps model reads c from its input wherever tau = 0, as a trained network does, so a
+sampler that does not clamp the observed views conditions on the wrong values. Each sampler
+driven by it must reproduce mu_c and S_c; deliberately broken variants (wrong drift or score
+sign, missing clamp, wrong time grid, wrong beta) must fail the same check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import mvld.receiver.sampler as sampler_module
+from mvld.common.errors import ConfigError, MVLDError
+from mvld.common.sde import VPSDE
+from mvld.receiver.sampler import SamplerOutput, get_sampler
+
+VIEWS, DIM = 3, 2
+SDE = VPSDE()
+
+
+def gaussian_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mu [V, D]`` and a correlated ``Sigma [V*D, V*D]`` (unit-ish variances, strong coupling)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = VIEWS * DIM
+    mixing = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    shared = torch.randn(n, 2, generator=gen, dtype=torch.float64)  # couples the views
+    eye = torch.eye(n, dtype=torch.float64)
+    cov = 0.15 * mixing @ mixing.T / n + shared @ shared.T + 0.05 * eye
+    scale = cov.diagonal().rsqrt()
+    cov = scale[:, None] * cov * scale[None, :]  # unit variances, correlations kept
+    mu = torch.linspace(-1.0, 1.5, n, dtype=torch.float64).reshape(VIEWS, DIM)
+    return mu, cov
+
+
+@dataclass
+class GaussianMoments:
+    """A Gaussian over the missing dims: mean ``[M]`` and covariance ``[M, M]``."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+
+class GaussianEps:
+    """Exact multi-time eps of N(mu, Sigma) under a VP SDE: ``(x [B, V, D], tau [B, V]) -> eps``."""
+
+    def __init__(self, mu: torch.Tensor, cov: torch.Tensor, sde: VPSDE) -> None:
+        self.mu, self.cov, self.sde = mu.reshape(-1), cov, sde
+        self.dim = mu.shape[1]
+        self._cache: dict[tuple[bool, ...], tuple[torch.Tensor, ...]] = {}
+
+    def dims_of(self, views: torch.Tensor) -> torch.Tensor:
+        """Flat dim indices of the views selected by the bool mask ``views [V]``."""
+        return (views[:, None].expand(-1, self.dim)).reshape(-1).nonzero().squeeze(1)
+
+    def conditional(self, observed: torch.Tensor, clean: torch.Tensor) -> GaussianMoments:
+        """Moments of the missing dims given the observed dims' clean values ``[B, O]``."""
+        o, m = self.dims_of(observed), self.dims_of(~observed)
+        if len(o) == 0:
+            return GaussianMoments(self.mu.expand(clean.shape[0], -1), self.cov)
+        gain = torch.linalg.solve(self.cov[o][:, o], self.cov[o][:, m]).T  # S_mo S_oo^-1
+        mean = self.mu[m] + (clean - self.mu[o]) @ gain.T
+        return GaussianMoments(mean, self.cov[m][:, m] - gain @ self.cov[o][:, m])
+
+    def _pattern(self, pattern: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Cached ``(o, m, gain, mean offset, eigenvalues, eigenvectors)`` of one observed set."""
+        key = tuple(pattern.tolist())
+        if key not in self._cache:
+            o, m = self.dims_of(pattern), self.dims_of(~pattern)
+            gain = torch.linalg.solve(self.cov[o][:, o], self.cov[o][:, m]).T  # S_mo S_oo^-1
+            moments = self.conditional(pattern, self.mu[o][None])  # gain applies to c - mu_o
+            values, vectors = torch.linalg.eigh(moments.cov)
+            self._cache[key] = (o, m, gain, self.mu[m], values, vectors)
+        return self._cache[key]
+
+    def __call__(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        flat = x.double().reshape(x.shape[0], -1)
+        eps = torch.zeros_like(flat)
+        clean = tau == 0
+        patterns = clean[:1] if bool((clean == clean[:1]).all()) else torch.unique(clean, dim=0)
+        for pattern in patterns:
+            if bool(pattern.all()):
+                continue  # every view clean: nothing to denoise, eps = 0
+            rows = (clean == pattern).all(1).nonzero().squeeze(1)
+            t = tau[rows][:, ~pattern].double()
+            assert bool((t == t[:, :1]).all()), "missing views must share one time"
+            o, m, gain, mean_m, values, vectors = self._pattern(pattern)
+            mean = mean_m + (flat[rows][:, o] - self.mu[o]) @ gain.T  # [R, M], mu_c per row
+            t = t[:1, 0] if bool((t == t[0, 0]).all()) else t[:, 0]  # one time: coeffs once
+            alpha, sigma = (c[:, None] for c in self.sde.marginal_coeffs(t))
+            rotated = (flat[rows][:, m] - alpha * mean) @ vectors
+            eps[rows[:, None], m] = (sigma * rotated / (alpha**2 * values + sigma**2)) @ vectors.T
+        return eps.reshape(x.shape).to(x.dtype)
+
+
+def moment_errors(samples: torch.Tensor, target: GaussianMoments) -> tuple[float, float]:
+    """Whitened errors: |S^-1/2 (mean - mu)| and |S^-1/2 C S^-1/2 - I|_F (NaN if non-finite)."""
+    if not bool(samples.isfinite().all()):
+        return float("nan"), float("nan")
+    values, vectors = torch.linalg.eigh(target.cov)
+    whiten = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+    white = (samples - target.mean) @ whiten
+    mean_error = white.mean(0).norm().item()
+    cov_error = (torch.cov(white.T) - torch.eye(len(values), dtype=white.dtype)).norm().item()
+    return mean_error, cov_error
+
+
+SAMPLES = 4000
+MEAN_TOL, COV_TOL = 0.15, 0.35  # whitened; sampling noise alone is ~0.03 and ~0.08 here
+CLEAN = torch.tensor([0.8, -0.5, 1.2, 0.3, -0.7, 0.9], dtype=torch.float64).reshape(VIEWS, DIM)
+PATTERNS = {"view0": (True, False, False), "views01": (True, True, False),
+            "joint": (False, False, False)}
+STEPS = {"euler_maruyama": 200, "heun": 20, "dpmpp_2m": 20, "adaptive": 200}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread avoids contention on shared CPUs (and keeps timings stable)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> GaussianEps:
+    return GaussianEps(*gaussian_problem(), SDE)
+
+
+def run(eps_model: Callable, name: str, pattern: tuple[bool, ...], sde: VPSDE = SDE,
+        seed: int = 0, samples: int = SAMPLES) -> tuple[SamplerOutput, torch.Tensor, torch.Tensor]:
+    """Sample the missing views given ``CLEAN``; also return x_obs and the mask."""
+    observed = torch.tensor(pattern).expand(samples, -1)
+    x_obs = CLEAN.expand(samples, -1, -1).clone()
+    generator = torch.Generator().manual_seed(seed)
+    out = get_sampler(name)(eps_model, x_obs, observed, sde=sde, steps=STEPS[name],
+                            generator=generator)
+    return out, x_obs, observed
+
+
+def check(model: GaussianEps, name: str, pattern: tuple[bool, ...],
+          eps_model: Callable | None = None, sde: VPSDE = SDE) -> tuple[float, float]:
+    """Whitened moment errors of ``name``'s samples against the exact conditional."""
+    out, _, _ = run(eps_model or model, name, pattern, sde)
+    mask = torch.tensor(pattern)
+    target = model.conditional(mask, CLEAN.reshape(1, -1)[:, model.dims_of(mask)])
+    target = GaussianMoments(target.mean[0], target.cov)
+    return moment_errors(out.x.reshape(len(out.x), -1)[:, model.dims_of(~mask)], target)
+
+
+def passes(errors: tuple[float, float]) -> bool:
+    """The known-answer criterion (False for NaN errors)."""
+    return errors[0] < MEAN_TOL and errors[1] < COV_TOL
+
+
+CASES = [("euler_maruyama", "view0")] + [
+    (name, pattern) for name in ("heun", "dpmpp_2m", "adaptive") for pattern in PATTERNS
+]
+
+
+@pytest.mark.parametrize(("name", "pattern"), CASES)
+def test_sampler_reproduces_exact_conditional(model, name, pattern):
+    errors = check(model, name, PATTERNS[pattern])
+    assert passes(errors), f"{name} on {pattern}: whitened mean/cov errors {errors}"
+
+
+class FlippedDriftVPSDE(VPSDE):
+    """Fault: the forward drift with the wrong sign."""
+
+    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -super().drift(x, t)
+
+
+def grid_zero_to_one(sde, steps, t_eps, spacing="uniform", device="cpu"):
+    """Fault: the time grid runs forwards, from 0 to 1."""
+    return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
+
+
+def grid_reversed(sde, steps, t_eps, spacing="uniform", device="cpu"):
+    """Fault: the grid from t_eps up to 1 (then 0), i.e. the right points in the wrong order."""
+    times = torch.linspace(t_eps, 1.0, steps, dtype=torch.float64, device=device)
+    return torch.cat([times, times.new_zeros(1)])
+
+
+def no_clamp(x, x_obs, observed):
+    """Fault: observed views never set to their clean values."""
+    return x
+
+
+FAULTS = {
+    "score_sign": dict(negate=True),
+    "forward_drift_sign": dict(sde=FlippedDriftVPSDE()),
+    "wrong_beta_max": dict(sde=VPSDE(beta_max=10.0)),
+    "missing_clamp": dict(patch=("clamp_observed", no_clamp)),
+    "grid_0_to_1": dict(patch=("time_grid", grid_zero_to_one)),
+    "grid_reversed": dict(patch=("time_grid", grid_reversed)),
+}
+APPLIES = {  # faults that can occur in each sampler's code path
+    "euler_maruyama": list(FAULTS),
+    "heun": ["score_sign", "wrong_beta_max", "missing_clamp", "grid_0_to_1", "grid_reversed"],
+    "dpmpp_2m": ["score_sign", "wrong_beta_max", "missing_clamp", "grid_0_to_1",
+                 "grid_reversed"],
+    "adaptive": ["score_sign", "wrong_beta_max", "missing_clamp"],
+}
+
+
+@pytest.mark.parametrize(("name", "fault"),
+                         [(name, fault) for name, faults in APPLIES.items() for fault in faults])
+def test_broken_sampler_fails_the_same_check(model, monkeypatch, name, fault):
+    spec = FAULTS[fault]
+    if "patch" in spec:
+        monkeypatch.setattr(sampler_module, *spec["patch"])
+    eps_model = (lambda x, tau: -model(x, tau)) if spec.get("negate") else model
+    try:
+        errors = check(model, name, PATTERNS["view0"], eps_model, spec.get("sde", SDE))
+    except MVLDError:  # the adaptive sampler may give up: also a detected failure
+        return
+    assert not passes(errors), f"{name} with fault {fault} passed: errors {errors}"
+
+
+class CountingEps:
+    """The exact model, counting its calls (to check the NFE each sampler reports)."""
+
+    def __init__(self, model: GaussianEps) -> None:
+        self.model, self.calls = model, 0
+
+    def __call__(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x, tau)
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_sampler_is_deterministic_for_a_seed_and_keeps_observed_views(model, name):
+    pattern = PATTERNS["view0"]
+    first, x_obs, observed = run(model, name, pattern, seed=3, samples=64)
+    again, _, _ = run(model, name, pattern, seed=3, samples=64)
+    other, _, _ = run(model, name, pattern, seed=4, samples=64)
+    assert torch.equal(first.x, again.x) and first.nfe == again.nfe
+    assert not torch.equal(first.x, other.x)
+    assert torch.equal(first.x[observed], x_obs[observed])  # bit for bit
+    assert bool(first.x.isfinite().all())
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_reported_nfe_counts_every_model_call(model, name):
+    counting = CountingEps(model)
+    out, _, _ = run(counting, name, PATTERNS["views01"], samples=16)
+    assert out.nfe == counting.calls
+    expected = sampler_module.nfe_of(name, STEPS[name])
+    assert expected is None or out.nfe == expected
+
+
+def test_heun_default_is_19_evaluations_and_callback_sees_every_step(model):
+    seen = []
+    observed = torch.tensor(PATTERNS["view0"]).expand(8, -1)
+    out = sampler_module.sample_heun(model, CLEAN.expand(8, -1, -1), observed, sde=SDE,
+                                     generator=torch.Generator().manual_seed(0),
+                                     callback=seen.append)
+    assert out.nfe == 19 and [info["i"] for info in seen] == list(range(10))
+    assert seen[-1]["nfe"] == 19 and float(seen[-1]["t"]) == 0.0
+
+
+def test_time_grid_is_float64_from_one_to_t_eps_then_zero():
+    for spacing in sampler_module.SPACINGS:
+        grid = sampler_module.time_grid(SDE, 12, 1e-3, spacing)
+        assert grid.dtype == torch.float64 and len(grid) == 13
+        assert float(grid[0]) == 1.0 and abs(float(grid[-2]) - 1e-3) < 1e-12 and grid[-1] == 0
+        assert bool((grid.diff() < 0).all())
+    with pytest.raises(ConfigError, match="valid: uniform, logsnr, karras"):
+        sampler_module.time_grid(SDE, 12, 1e-3, "cosine")
+
+
+def test_registry_rejects_duplicates_and_lists_valid_names():
+    assert set(STEPS) <= set(sampler_module.sampler_names())
+    with pytest.raises(ConfigError, match="already registered"):
+        sampler_module.register_sampler("heun")(sampler_module.sample_heun)
+    with pytest.raises(ConfigError, match="valid: adaptive, dpmpp_2m, euler_maruyama, heun"):
+        get_sampler("ddim")
+
+
+def test_bad_inputs_are_rejected(model):
+    x_obs = CLEAN.expand(4, -1, -1)
+    with pytest.raises(ValueError, match="bool mask"):
+        get_sampler("heun")(model, x_obs, torch.ones(4, 3), sde=SDE, steps=10, generator=None)
+    with pytest.raises(ConfigError, match="steps >= 2"):
+        get_sampler("heun")(model, x_obs, torch.ones(4, 3, dtype=torch.bool), sde=SDE, steps=1,
+                            generator=None)
+
+
+def test_adaptive_gives_up_loudly_when_its_step_budget_is_spent(model):
+    with pytest.raises(MVLDError, match="not done after 5 attempted steps"):
+        observed = torch.tensor(PATTERNS["view0"]).expand(8, -1)
+        sampler_module.sample_adaptive(model, CLEAN.expand(8, -1, -1), observed, sde=SDE,
+                                       steps=5, generator=torch.Generator().manual_seed(0))

@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except MVLDError as exc:
         sys.stderr.write(f"mvld-data {args.command}: {exc}\n")
         return EXIT_INVALID
+    except OSError as exc:  # a folder that cannot be created or written, a full disk
+        sys.stderr.write(f"mvld-data {args.command}: {exc}\n")
+        return EXIT_INVALID
     except KeyboardInterrupt:
         sys.stderr.write(f"mvld-data {args.command}: interrupted\n")
         return 130

@@ -206,6 +206,7 @@ def test_record_size_mismatch_is_a_clear_error(tmp_path: Path, capsys) -> None:
          "unknown source scheme 'rtsp'; valid: file, sim"),
         (["record", "--cams", "{tmp}/nothing.mp4", "--out", "{tmp}/r", "--frames", "2"], 1,
          "no such file or folder"),
+        (["render", "--frames", "2", "--out", "{tmp}/full/readme.txt/x"], 1, "Not a directory"),
         (["check", "{tmp}/absent"], 1, "not a folder"),
         (["check", "{tmp}/full"], 1, "empty dataset"),
         (["frobnicate"], 2, "invalid choice"),

@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mvld.common.dataset import FrameSetFolder, FrameSetWriter, read_image_size
 from mvld.common.errors import DatasetError
@@ -299,3 +301,34 @@ def test_torch_dataset_with_the_shared_model_preprocessing(dataset) -> None:
     views, present, _ = MultiViewDataset(root, preprocess=shared_preprocess(config))[0]
     assert views.shape == (3, 3, 12, 16) and present.all()
     assert float(views.min()) >= -1.0 and float(views.max()) <= 1.0 and float(views.min()) < 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    presence=st.lists(st.lists(st.booleans(), min_size=2, max_size=2), min_size=1, max_size=6)
+    .filter(lambda rows: all(any(row) for row in rows)),
+    labels=st.lists(st.one_of(st.none(), st.integers(0, 9)), min_size=6, max_size=6),
+    size=st.tuples(st.integers(8, 20), st.integers(8, 20)),
+)
+def test_any_presence_pattern_and_labels_round_trip(
+    tmp_path_factory: pytest.TempPathFactory, presence, labels, size
+) -> None:
+    """Whatever views are missing and whichever frame sets are labelled, the reader agrees."""
+    root = tmp_path_factory.mktemp("prop") / "ds"
+    rng = np.random.default_rng(len(presence))
+    with FrameSetWriter(root, ["a", "b"]) as writer:
+        for i, row in enumerate(presence):
+            views = [rng.integers(0, 256, (*size, 3), dtype=np.uint8) if p else None for p in row]
+            writer.write(f"s{i}", views, labels[i])
+    written_cameras = [any(row[v] for row in presence) for v in range(2)]
+    if not all(written_cameras):  # a camera with no view at all is an empty folder
+        with pytest.raises(DatasetError, match="empty camera folder"):
+            FrameSetFolder(root)
+        return
+    folder = FrameSetFolder(root)
+    assert folder.stems == [f"s{i}" for i in range(len(presence))]
+    assert folder.presence().tolist() == presence
+    assert folder.image_size == size
+    given_labels = {f"s{i}": label for i, label in enumerate(labels[: len(presence)])
+                    if label is not None}
+    assert folder.labels == (given_labels or None)

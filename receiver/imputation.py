@@ -1,0 +1,149 @@
+"""The imputation API: a batch of frame sets with missing views in, complete latents out.
+
+Raw encoder latents ``[B, V, D]`` and a presence mask ``[B, V]`` go in; the missing views'
+latents are sampled from the conditional diffusion model (MLD conditioning, see
+``mvld.receiver.sampler``) in standardised space and destandardised with the model's
+``LatentStats``. Observed views are returned bit for bit. With ``samples=K`` every frame set
+gets K samples and a per-view uncertainty (mean over dims of the std across the samples, in
+standardised units: 0 = certain, about 1 = as uncertain as the data itself). A frame set with
+every view missing is generated jointly and flagged ``unconditioned``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from mvld.common.checkpoint import LatentStats, MVLDModel
+from mvld.common.errors import ConfigError
+from mvld.common.sde import VPSDE
+from mvld.receiver.sampler import EpsModel, get_sampler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m", 20  # 20 NFE; see docs/SAMPLERS.md
+
+
+class Provenance(str, Enum):
+    """Where a view's latent in an ``Imputation`` comes from."""
+
+    OBSERVED = "observed"  # sent by the edge, returned unchanged
+    IMPUTED = "imputed"  # sampled given at least one observed view
+    UNCONDITIONED = "unconditioned"  # sampled with no view observed (joint generation)
+
+
+@dataclass
+class Imputation:
+    """Result of one ``Imputer`` call; ``uncertainty`` is None when ``samples == 1``."""
+
+    latents: torch.Tensor  # [B, V, D] raw latents: observed as given, the first sample elsewhere
+    samples: torch.Tensor  # [B, K, V, D] every sample (observed views repeated)
+    provenance: list[list[Provenance]]  # [B][V]
+    uncertainty: torch.Tensor | None  # [B, V] float32, 0 for observed views
+    nfe: int  # eps-model evaluations of the (single, batched) sampler run
+    seconds: float
+
+    @property
+    def unconditioned(self) -> torch.Tensor:
+        """``[B]`` bool: frame sets generated with no view observed."""
+        return torch.tensor([Provenance.UNCONDITIONED in row for row in self.provenance])
+
+
+class ScoreNetEps:
+    """Adapts a ScoreNet to the sampler's eps contract: inference mode, the net's dtype."""
+
+    def __init__(self, score_net: nn.Module) -> None:
+        self.score_net = score_net.eval()
+        self.dtype = next(score_net.parameters()).dtype
+
+    def __call__(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.score_net(x.to(self.dtype), tau.to(self.dtype)).to(x.dtype)
+
+
+class Imputer:
+    """Imputes missing views with one registered sampler; device-agnostic (cpu or cuda)."""
+
+    def __init__(self, eps_model: EpsModel, latent_stats: LatentStats, sde: VPSDE, *,
+                 sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
+                 device: torch.device | str = "cpu", **sampler_options: Any) -> None:
+        self.sample = get_sampler(sampler)
+        accepted = set(inspect.signature(self.sample).parameters)
+        unknown = set(sampler_options) - accepted
+        if unknown:
+            valid = sorted(accepted - {"eps_model", "x_obs", "observed", "sde", "steps",
+                                       "generator", "callback"})
+            raise ConfigError(f"sampler {sampler!r} has no option {sorted(unknown)}; "
+                              f"valid: {', '.join(valid)}")
+        self.eps_model, self.sde, self.steps = eps_model, sde, steps
+        self.name, self.options, self.device = sampler, sampler_options, torch.device(device)
+        self.stats = LatentStats(latent_stats.mean.to(self.device),
+                                 latent_stats.std.to(self.device))
+
+    @classmethod
+    def from_model(cls, model: MVLDModel, **kwargs: Any) -> Imputer:
+        """An imputer on the device of the model's score network."""
+        device = next(model.score_net.parameters()).device
+        return cls(ScoreNetEps(model.score_net), model.latent_stats, model.sde, device=device,
+                   **kwargs)
+
+    def _check(self, latents: torch.Tensor, present: torch.Tensor, samples: int) -> None:
+        shape = tuple(self.stats.mean.shape)
+        if latents.ndim != 3 or tuple(latents.shape[1:]) != shape:
+            raise ValueError(f"latents must be [B, {shape[0]}, {shape[1]}]; "
+                             f"got {list(latents.shape)}")
+        if present.dtype != torch.bool or present.shape != latents.shape[:2]:
+            raise ValueError(f"present must be a bool [B, V] mask; got {list(present.shape)} "
+                             f"{present.dtype}")
+        if samples < 1:
+            raise ConfigError(f"samples must be >= 1; got {samples}")
+
+    def __call__(self, latents: torch.Tensor, present: torch.Tensor, *, samples: int = 1,
+                 seed: int = 0) -> Imputation:
+        """Impute the views with ``present == False``; deterministic for a ``seed``."""
+        self._check(latents, present, samples)
+        start = time.perf_counter()
+        batch, views, _ = latents.shape
+        out = latents[:, None].repeat(1, samples, 1, 1)  # [B, K, V, D]
+        uncertainty = torch.zeros(batch, views) if samples > 1 else None
+        rows = (~present).any(1).nonzero().squeeze(1)  # frame sets with a missing view
+        nfe = 0
+        if len(rows):
+            drawn, nfe = self._sample(latents[rows], present[rows], samples, seed)  # standardised
+            if uncertainty is not None:
+                spread = drawn.std(dim=1).mean(-1).float().cpu()  # [R, V]
+                uncertainty[rows.cpu()] = torch.where(present[rows].cpu(), 0.0, spread)
+            raw = self.stats.destandardise(drawn).to(latents.device, latents.dtype)
+            keep = present[rows][:, None, :, None]
+            out[rows] = torch.where(keep, latents[rows][:, None], raw)
+        seconds = time.perf_counter() - start
+        provenance = [[_provenance(bool(p), bool(row.any())) for p in row] for row in present]
+        log.debug("imputed %d of %d frame sets, %d NFE, %.3f s", len(rows), batch, nfe, seconds)
+        return Imputation(out[:, 0], out, provenance, uncertainty, nfe, seconds)
+
+    def _sample(self, latents: torch.Tensor, present: torch.Tensor, samples: int, seed: int
+                ) -> tuple[torch.Tensor, int]:
+        """``[R, K, V, D]`` standardised samples of the rows given, and the NFE spent."""
+        present = present.to(self.device)
+        z = self.stats.standardise(latents.to(self.device, torch.float32))
+        z = torch.where(present[..., None], z, torch.zeros_like(z))  # missing: any value, even NaN
+        z, present_k = z.repeat_interleave(samples, 0), present.repeat_interleave(samples, 0)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        result = self.sample(self.eps_model, z, present_k, sde=self.sde, steps=self.steps,
+                             generator=generator, **self.options)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return result.x.reshape(len(latents), samples, *latents.shape[1:]), result.nfe
+
+
+def _provenance(is_present: bool, any_present: bool) -> Provenance:
+    if is_present:
+        return Provenance.OBSERVED
+    return Provenance.IMPUTED if any_present else Provenance.UNCONDITIONED

@@ -212,7 +212,11 @@ def save_mvld_model(path: str | Path, model: MVLDModel, extra: dict[str, Any] | 
 def load_mvld_model(path: str | Path | None = None, device: str | torch.device = "cpu"
                     ) -> MVLDModel:
     """Rebuild the complete model from its files; ``None`` loads the packaged default."""
-    path = DEFAULT_MODEL if path is None else path
+    if path is None:
+        if not checkpoint_paths(DEFAULT_MODEL)[0].is_file():
+            raise ConfigError("no default model is packaged in this installation; "
+                              "name a trained model (mvld-train score writes one)")
+        path = DEFAULT_MODEL
     where = str(checkpoint_paths(path)[0])
     config, tensors = read_checkpoint(path, kind="mvld")
     autoencoder, preprocess, fingerprint = _build_autoencoder(config, tensors, where)

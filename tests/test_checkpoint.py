@@ -133,3 +133,13 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
             assert torch.equal(fresh.state_dict()["state"][index][key], value)
     with pytest.raises(ConfigError, match="cannot resume"):
         load_training_state(tmp_path / "absent")
+
+
+def test_default_model_loads_or_says_none_is_packaged() -> None:
+    from mvld.common.checkpoint import DEFAULT_MODEL
+
+    if checkpoint_paths(DEFAULT_MODEL)[0].is_file():
+        assert load_mvld_model(None).num_views == 3
+    else:
+        with pytest.raises(ConfigError, match="no default model"):
+            load_mvld_model(None)

@@ -74,8 +74,8 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext
     cache = Path(config.out) / "latents.safetensors"
     cached = load_latent_cache(cache, fingerprint, config.data, len(arrays.stems))
     if cached is None:
-        latents, present = encode_frame_arrays(autoencoder, preprocess, arrays), torch.from_numpy(
-            arrays.present)
+        latents = encode_frame_arrays(autoencoder, preprocess, arrays)
+        present = torch.from_numpy(arrays.present)
         if ctx.is_main:
             save_latent_cache(cache, latents, present, fingerprint, config.data)
     else:

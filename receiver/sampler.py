@@ -319,7 +319,7 @@ def sample_adaptive(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Te
         x, x_prev = torch.where(keep, x_heun, x), torch.where(keep, x_euler, x_prev)
         u = torch.where(accept, u + h, u)
         h = h * (safety * error.clamp(min=1e-12).pow(-exponent)).clamp(*STEP_FACTOR_RANGE)
-        _report(callback, i, t, x, eps_fn.nfe)
+        _report(callback, i, torch.where(accept, t_next, t), x, eps_fn.nfe)
     if bool((u_end - u > 1e-9).any()):
         raise MVLDError(f"adaptive sampler: not done after {steps} attempted steps "
                         f"(eps_abs={eps_abs}, eps_rel={eps_rel}); loosen the tolerances "
@@ -334,17 +334,3 @@ def nfe_of(name: str, steps: int) -> int | None:
     fixed = {"euler_maruyama": steps, "heun": 2 * steps - 1, "dpmpp_2m": steps}
     return fixed.get(name)
 
-
-__all__ = [
-    "Callback",
-    "ConditionedEps",
-    "EpsModel",
-    "Sampler",
-    "SamplerOutput",
-    "clamp_observed",
-    "get_sampler",
-    "nfe_of",
-    "register_sampler",
-    "sampler_names",
-    "time_grid",
-]

@@ -1,5 +1,6 @@
 """Both training stages on a tiny rig: the loss falls, resume is exact, bad input fails clearly."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -207,3 +208,22 @@ def test_classifier_learns_the_labels_and_reloads(rig: Path, tmp_path: Path) -> 
     assert preprocess.height == 32 and classifier.config.num_classes == 4
     images = torch.zeros(2, 3, 32, 32)
     assert 0.0 <= accuracy(classifier, images, torch.tensor([0, 1])) <= 1.0
+
+
+def test_cosine_schedule_runs_from_lr_to_a_tenth() -> None:
+    from mvld.train.loop import set_learning_rate
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    rates = []
+    for step in range(1, 11):
+        set_learning_rate(optimizer, 1e-3, "cosine", step, 10)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    set_learning_rate(optimizer, 1e-3, "constant", 7, 10)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_unknown_schedule_is_a_config_error(rig: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["ae", "--data", str(rig), "--lr-schedule", "warp"]) == 2
+    assert "lr_schedule" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from mvld.common.preprocess import PreprocessConfig, preprocess_images
 from mvld.train.config import AETrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
 from mvld.train.frames import FrameArrays, load_frame_arrays, split_train_val
-from mvld.train.loop import EpochSampler, run_loop
+from mvld.train.loop import EpochSampler, run_loop, set_learning_rate
 from mvld.train.state import TrainingState, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
     val_images = images_for(arrays, val_pairs, preprocess)
 
     def train_step(step: int) -> float:
+        set_learning_rate(optimizer, config.lr, config.lr_schedule, step, config.steps)
         pairs = ctx.shard(sampler.batch(step - 1)).numpy()
         images = images_for(arrays, train_pairs[pairs], preprocess).to(ctx.device)
         loss = nn.functional.l1_loss(trained(images), images)

@@ -21,7 +21,7 @@ from mvld.train.autoencoder_training import images_for, view_pairs
 from mvld.train.config import ClassifierTrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
 from mvld.train.frames import NO_LABEL, load_frame_arrays, split_train_val
-from mvld.train.loop import EpochSampler, run_loop
+from mvld.train.loop import EpochSampler, run_loop, set_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ def train_classifier(config: ClassifierTrainConfig, ctx: DistributedContext) -> 
     val_labels = labels[val_pairs[:, 0]] if len(val_pairs) else labels[:0]
 
     def train_step(step: int) -> float:
+        set_learning_rate(optimizer, config.lr, config.lr_schedule, step, config.steps)
         pairs = train_pairs[ctx.shard(sampler.batch(step - 1)).numpy()]
         images = images_for(arrays, pairs, preprocess).to(ctx.device)
         classifier.train()

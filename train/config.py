@@ -15,6 +15,8 @@ import tomllib
 
 from mvld.common.errors import ConfigError
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass
 class CommonTrainConfig:
@@ -27,6 +29,7 @@ class CommonTrainConfig:
     batch_size: int = 128
     steps: int = 2000
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": decays to lr / 10 at the last step
     val_fraction: float = 0.1
     val_every: int = 250  # steps between validations (0: only at the end)
     checkpoint_every: int = 250  # steps between checkpoints (0: only at the end)
@@ -80,6 +83,8 @@ class ClassifierTrainConfig(CommonTrainConfig):
 def _validate(config: CommonTrainConfig) -> None:
     if not config.data:
         raise ConfigError("--data DIR is required (a dataset folder)")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}")
     positive = {"batch_size": config.batch_size, "steps": config.steps, "lr": config.lr}
     if isinstance(config, ScoreTrainConfig):
         if not config.ae:

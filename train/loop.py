@@ -7,6 +7,7 @@ A stage supplies three closures: ``train_step(step) -> loss`` (one optimiser ste
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,16 @@ class EpochSampler:
             self._epoch, self._order = epoch, torch.randperm(self.count, generator=generator)
         start = position * self.batch_size
         return self._order[start:start + self.batch_size]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, base: float, schedule: str,
+                      step: int, steps: int) -> None:
+    """Set the rate of ``step`` (1-based): constant, or cosine from ``base`` to ``base / 10``."""
+    rate = base
+    if schedule == "cosine":
+        rate = base * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - 1) / max(steps - 1, 1))))
+    for group in optimizer.param_groups:
+        group["lr"] = rate
 
 
 def _due(step: int, every: int, last: int) -> bool:

@@ -33,7 +33,7 @@ from mvld.train.latents import (
     load_latent_cache,
     save_latent_cache,
 )
-from mvld.train.loop import EpochSampler, run_loop, step_generator
+from mvld.train.loop import EpochSampler, run_loop, set_learning_rate, step_generator
 from mvld.train.state import TrainingState, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
     views, sde = z_train.shape[1], model.sde
 
     def train_step(step: int) -> float:
+        set_learning_rate(optimizer, config.lr, config.lr_schedule, step, config.steps)
         # Draw the whole global batch on every rank, then keep this rank's slice.
         generator = step_generator(config.seed, step)
         z0 = z_train[sampler.batch(step - 1)]

@@ -141,10 +141,11 @@ def model() -> GaussianEps:
 
 
 def run(eps_model: Callable, name: str, pattern: tuple[bool, ...], sde: VPSDE = SDE,
-        seed: int = 0, samples: int = SAMPLES) -> tuple[SamplerOutput, torch.Tensor, torch.Tensor]:
+        seed: int = 0, samples: int = SAMPLES, dtype: torch.dtype = torch.float64
+        ) -> tuple[SamplerOutput, torch.Tensor, torch.Tensor]:
     """Sample the missing views given ``CLEAN``; also return x_obs and the mask."""
     observed = torch.tensor(pattern).expand(samples, -1)
-    x_obs = CLEAN.expand(samples, -1, -1).clone()
+    x_obs = CLEAN.to(dtype).expand(samples, -1, -1).clone()
     generator = torch.Generator().manual_seed(seed)
     out = get_sampler(name)(eps_model, x_obs, observed, sde=sde, steps=STEPS[name],
                             generator=generator)
@@ -152,13 +153,15 @@ def run(eps_model: Callable, name: str, pattern: tuple[bool, ...], sde: VPSDE = 
 
 
 def check(model: GaussianEps, name: str, pattern: tuple[bool, ...],
-          eps_model: Callable | None = None, sde: VPSDE = SDE) -> tuple[float, float]:
+          eps_model: Callable | None = None, sde: VPSDE = SDE, dtype: torch.dtype = torch.float64
+          ) -> tuple[float, float]:
     """Whitened moment errors of ``name``'s samples against the exact conditional."""
-    out, _, _ = run(eps_model or model, name, pattern, sde)
+    out, _, _ = run(eps_model or model, name, pattern, sde, dtype=dtype)
     mask = torch.tensor(pattern)
     target = model.conditional(mask, CLEAN.reshape(1, -1)[:, model.dims_of(mask)])
     target = GaussianMoments(target.mean[0], target.cov)
-    return moment_errors(out.x.reshape(len(out.x), -1)[:, model.dims_of(~mask)], target)
+    missing = out.x.double().reshape(len(out.x), -1)[:, model.dims_of(~mask)]
+    return moment_errors(missing, target)
 
 
 def passes(errors: tuple[float, float]) -> bool:
@@ -175,6 +178,12 @@ CASES = [("euler_maruyama", "view0")] + [
 def test_sampler_reproduces_exact_conditional(model, name, pattern):
     errors = check(model, name, PATTERNS[pattern])
     assert passes(errors), f"{name} on {pattern}: whitened mean/cov errors {errors}"
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_sampler_holds_in_float32(model, name):
+    errors = check(model, name, PATTERNS["view0"], dtype=torch.float32)
+    assert passes(errors), f"{name} in float32: whitened mean/cov errors {errors}"
 
 
 class FlippedDriftVPSDE(VPSDE):

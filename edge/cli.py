@@ -1,15 +1,140 @@
-"""``mvld-edge``: run an edge node (capture, health, encode, stream)."""
+"""``mvld-edge``: run an edge node (capture, health, encode, stream).
 
-from mvld.planned import run_planned_command
+Thin: parse the arguments into an :class:`~mvld.edge.node.EdgeConfig`, set up logging and
+signals, run :class:`~mvld.edge.node.EdgeNode`. Flags are documented in ``docs/EDGE.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from mvld.common.errors import MVLDError
+from mvld.edge.capture import CaptureConfig
+from mvld.edge.encoder import registered_backends
+from mvld.edge.node import EdgeConfig, EdgeNode, default_model_path
+from mvld.edge.policy import RULES, TransmitPolicyConfig
+
+EXAMPLE = "mvld-edge --cams 0,1,2 --connect tcp://RECEIVER:5555"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line (time, level, logger, message) for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": round(record.created, 3), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``mvld-edge``."""
+    parser = argparse.ArgumentParser(
+        prog="mvld-edge",
+        description="Capture several cameras, detect failed or obstructed ones, encode the "
+                    f"usable views and stream their latents to a receiver, e.g. `{EXAMPLE}`.")
+    add = parser.add_argument
+    add("--cams", required=True, help="comma-separated source URIs: 0, v4l2:///dev/video0, "
+        "csi://0, rtsp://..., file://PATH or a path, sim://N")
+    add("--connect", required=True, action="append",
+        help="receiver endpoint, e.g. tcp://HOST:5555 (repeat for several receivers)")
+    add("--node-id", default=socket.gethostname(), help="this node's id on the wire")
+    add("--fps", type=float, default=30.0, help="frame sets per second (default 30)")
+    add("--max-age", type=float, default=0.25,
+        help="seconds after which a camera's newest frame is stale (default 0.25)")
+    add("--model", type=Path, help="mvld-export folder, encoder .onnx, TensorRT .engine or "
+        "checkpoint (default: the shipped default model)")
+    add("--backend", default="auto", choices=["auto", *registered_backends()])
+    add("--threads", type=int, default=1, help="encoder threads (default 1)")
+    add("--max-views", type=int, help="send at most k usable views per frame set")
+    add("--budget-bytes", type=int, help="latent bytes per frame set at most")
+    add("--withhold-rule", default="round_robin", choices=RULES,
+        help="which usable views to withhold under a budget (default round_robin)")
+    add("--keys", type=Path, help="this node's NODE.key_secret (CurveZMQ)")
+    add("--server-key", type=Path, help="the receiver's public RECEIVER.key (CurveZMQ)")
+    add("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    add("--status-every", type=float, default=10.0, help="seconds between status lines")
+    add("--frames", type=int, help="stop after N frame sets")
+    add("--loop", action="store_true", help="file sources: start again at the end")
+    add("--realtime", action="store_true", help="file sources: pace at the video's rate")
+    add("--watchdog", type=float, default=3.0,
+        help="seconds after which a stuck camera read is abandoned (default 3)")
+    add("--backoff-max", type=float, default=10.0,
+        help="longest wait between reopen attempts of a failed camera (default 10 s)")
+    add("--log-json", action="store_true", help="log one JSON object per line")
+    add("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> EdgeConfig:
+    """Validate the arguments into the node's config."""
+    cameras = tuple(uri.strip() for uri in args.cams.split(",") if uri.strip())
+    file_options = {"loop": args.loop, "realtime": args.realtime}
+    return EdgeConfig(
+        cameras=cameras,
+        connect=tuple(args.connect),
+        model=args.model or default_model_path(),
+        node_id=args.node_id,
+        backend=args.backend,
+        threads=args.threads,
+        fps=args.fps,
+        max_age_s=args.max_age,
+        policy=TransmitPolicyConfig(max_views=args.max_views, budget_bytes=args.budget_bytes,
+                                    rule=args.withhold_rule),
+        capture=CaptureConfig(watchdog_s=args.watchdog, backoff_max_s=args.backoff_max),
+        key_secret=args.keys,
+        server_key=args.server_key,
+        metrics_port=args.metrics_port,
+        status_every_s=args.status_every,
+        max_framesets=args.frames,
+        source_options={"file": file_options},
+    )
+
+
+def setup_logging(json_lines: bool, verbose: bool) -> None:
+    """Log to stderr, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if json_lines else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler],
+                        force=True)
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM end the node cleanly (cameras released, sockets closed)."""
+    def request_stop(signum: int, _frame: object) -> None:
+        logging.getLogger("mvld.edge").info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-edge``."""
-    return run_planned_command(
-        "mvld-edge",
-        "Capture several cameras, detect failed or obstructed ones, encode the usable "
-        "views and stream their latents to a receiver, e.g. "
-        "`mvld-edge --cams 0,1,2 --connect tcp://RECEIVER:5555`.",
-        issue=6,
-        argv=argv,
-    )
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_json, args.verbose)
+    stop = threading.Event()
+    try:
+        node = EdgeNode(config_from_args(args))
+    except MVLDError as exc:
+        print(f"mvld-edge: error: {exc}", file=sys.stderr)
+        return 2
+    install_stop_signals(stop)
+    try:
+        summary = node.run(stop)
+    except MVLDError as exc:
+        print(f"mvld-edge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"mvld-edge: {summary.framesets} frame sets in {summary.seconds:.1f} s, "
+          f"{summary.sent} sent, {summary.dropped} dropped, {summary.bytes_sent} bytes",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,364 @@
+"""The edge node pipeline: capture -> frame sets -> health -> policy -> encode -> wire -> send.
+
+One loop at ``fps`` (DESIGN.md sections 1 and 4):
+
+1. the assembler samples every camera's newest frame (:mod:`mvld.edge.framesets`);
+2. each camera's :class:`~mvld.edge.health.HealthMonitor` judges its new frame, or hears
+   the capture layer's failure (``disconnected``, ``stale``, ...);
+3. the transmit policy splits the usable views into sent and withheld; it needs only the
+   latent's size, known before encoding, so withheld views are never encoded (the budget
+   mode exists to save the edge's work as well as bandwidth);
+4. the views to send are encoded in ONE batched call;
+5. the frame set becomes a wire message carrying the encoder fingerprint and every
+   camera's status, and goes to the publisher, which never blocks (no receiver, a slow one:
+   the message is dropped and counted).
+
+Stages hand typed dataclasses to each other. ``run`` stops on ``stop`` (set by SIGINT or
+SIGTERM in the CLI) or after ``max_framesets``, and closes everything it opened.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mvld.common.errors import ConfigError
+from mvld.common.metrics import MetricsRegistry, MetricsServer
+from mvld.common.transport import CurveClientKeys, LatentPublisher
+from mvld.common.wire import (
+    FrameSetMessage,
+    ReasonCode,
+    ViewRecord,
+    ViewStatus,
+    encode_frameset,
+)
+from mvld.edge.capture import CameraSnapshot, Capture, CaptureConfig
+from mvld.edge.encoder import EncoderBackend, EncoderError, open_encoder
+from mvld.edge.framesets import CapturedView, FrameSet, FrameSetAssembler, Ticker
+from mvld.edge.health import FAILED, OBSTRUCTED, OK, CameraHealth, HealthConfig, HealthMonitor
+from mvld.edge.policy import TransmitPolicy, TransmitPolicyConfig
+
+log = logging.getLogger(__name__)
+
+def default_model_path() -> Path:
+    """The shipped default model's export folder; ConfigError when it is not installed."""
+    import mvld.common
+
+    folder = Path(mvld.common.__file__).resolve().parent / "assets" / "default_model"
+    if not (folder / "encoder.onnx").is_file():
+        raise ConfigError(
+            f"no default model installed ({folder / 'encoder.onnx'} is missing): pass "
+            "--model PATH (an mvld-export folder, an encoder .onnx or a TensorRT .engine)")
+    return folder
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything the node needs, resolved and validated (the CLI builds it)."""
+
+    cameras: tuple[str, ...]  # source URIs, in camera order (camera ids cam0, cam1, ...)
+    connect: tuple[str, ...]  # receiver endpoints, e.g. tcp://host:5555
+    model: Path
+    node_id: str = "edge"
+    backend: str = "auto"
+    threads: int = 1  # encoder threads
+    fps: float = 30.0
+    max_age_s: float = 0.25  # a frame older than this makes its camera stale
+    policy: TransmitPolicyConfig = field(default_factory=TransmitPolicyConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    key_secret: Path | None = None  # this node's NODE.key_secret (CurveZMQ)
+    server_key: Path | None = None  # the receiver's public RECEIVER.key
+    send_hwm: int = 2
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    status_every_s: float = 10.0
+    max_framesets: int | None = None  # stop after this many frame sets
+    source_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.cameras:
+            raise ConfigError("at least one camera is needed (--cams)")
+        if not self.connect:
+            raise ConfigError("a receiver endpoint is needed (--connect tcp://HOST:PORT)")
+        if (self.key_secret is None) != (self.server_key is None):
+            raise ConfigError("CurveZMQ needs both --keys NODE.key_secret and --server-key")
+        if self.fps <= 0 or self.max_age_s <= 0 or self.status_every_s <= 0:
+            raise ConfigError("--fps, --max-age and --status-every must be positive")
+        if self.max_framesets is not None and self.max_framesets < 1:
+            raise ConfigError(f"--frames must be at least 1, got {self.max_framesets}")
+
+    @property
+    def camera_ids(self) -> tuple[str, ...]:
+        """Wire camera ids: ``cam0``, ``cam1``, ... (URIs may be long or hold passwords)."""
+        return tuple(f"cam{i}" for i in range(len(self.cameras)))
+
+
+@dataclass(frozen=True)
+class JudgedView:
+    """A captured view with its health verdict."""
+
+    view: CapturedView
+    health: CameraHealth
+
+
+@dataclass(frozen=True)
+class EncodedFrameSet:
+    """A judged frame set after the policy and the encoder."""
+
+    frame_set: FrameSet
+    views: tuple[JudgedView, ...]
+    sent: tuple[int, ...]  # indices of encoded views
+    withheld: tuple[int, ...]  # indices of usable views the policy kept back
+    latents: np.ndarray  # [len(sent), D] float32
+    encode_s: float  # wall time of the one batched encoder call
+
+
+@dataclass
+class RunSummary:
+    """What ``run`` did, for the CLI's last line and for tests."""
+
+    framesets: int = 0
+    sent: int = 0
+    dropped: int = 0
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+
+class EdgeMetrics:
+    """The node's Prometheus metrics (names documented in docs/EDGE.md)."""
+
+    def __init__(self, registry: MetricsRegistry, camera_ids: tuple[str, ...]) -> None:
+        self.camera_ids = camera_ids
+        r = registry
+        self.framesets = r.counter("mvld_edge_framesets_total", "Frame sets assembled")
+        self.sent = r.counter("mvld_edge_framesets_sent_total", "Frame sets queued for sending")
+        self.dropped = r.counter("mvld_edge_framesets_dropped_total",
+                                 "Frame sets not sent: no receiver subscribed or queue full")
+        self.bytes_sent = r.counter("mvld_edge_bytes_sent_total", "Wire bytes queued for sending")
+        self.encode_errors = r.counter("mvld_edge_encode_errors_total", "Failed encoder calls")
+        self.ticks_skipped = r.counter("mvld_edge_ticks_skipped_total",
+                                       "Frame-set ticks skipped because the loop fell behind")
+        self.captured = r.counter("mvld_edge_frames_captured_total", "Frames read from the camera",
+                                  ["camera"])
+        self.frames_dropped = r.counter("mvld_edge_frames_dropped_total",
+                                        "Frames replaced by a newer one before any frame set "
+                                        "took them", ["camera"])
+        self.reopens = r.counter("mvld_edge_source_reopens_total",
+                                 "Attempts to reopen a failed camera source", ["camera"])
+        self.abandoned = r.counter("mvld_edge_watchdog_abandoned_total",
+                                   "Stuck opens or reads the watchdog gave up on", ["camera"])
+        self.state = r.gauge("mvld_edge_camera_state",
+                             "1 for the camera's current health state, else 0",
+                             ["camera", "state"])
+        self.views = r.counter("mvld_edge_views_total",
+                               "Views reported, by wire status and reason",
+                               ["camera", "status", "reason"])
+        self.receiver = r.gauge("mvld_edge_receiver_connected",
+                                "1 while a receiver is subscribed")
+        self.encode_seconds = r.histogram("mvld_edge_encode_seconds",
+                                          "Wall time of one batched encoder call")
+        self.latency = r.histogram("mvld_edge_capture_to_send_seconds",
+                                   "From a sent view's capture time to its message being queued")
+        self._seen: dict[str, tuple[int, int, int, int]] = {}
+        self.last_skipped = 0
+
+    def record(self, encoded: EncodedFrameSet, message: FrameSetMessage, size: int,
+               sent: bool, now: float) -> None:
+        """Count one frame set."""
+        self.framesets.inc()
+        (self.sent if sent else self.dropped).inc()
+        if sent:
+            self.bytes_sent.inc(size)
+        if encoded.sent:
+            self.encode_seconds.observe(encoded.encode_s)
+        for judged in encoded.views:
+            camera = judged.view.camera_id
+            for state in (OK, FAILED, OBSTRUCTED):
+                self.state.set(float(judged.health.state == state), camera=camera, state=state)
+        for record in message.views:
+            self.views.inc(camera=record.camera_id, status=record.status.value,
+                           reason=record.reason.value)
+            if sent and record.latent is not None and record.capture_time is not None:
+                self.latency.observe(max(0.0, now - record.capture_time))
+
+    def observe_capture(self, snapshots: list[CameraSnapshot], skipped: int,
+                        receiver: bool) -> None:
+        """Bring the capture counters up to the readers' totals."""
+        for snap in snapshots:
+            seen = self._seen.get(snap.camera_id, (0, 0, 0, 0))
+            now = (snap.frames, snap.dropped, snap.reopens, snap.abandoned)
+            for counter, new, old in zip((self.captured, self.frames_dropped, self.reopens,
+                                          self.abandoned), now, seen, strict=True):
+                if new > old:
+                    counter.inc(new - old, camera=snap.camera_id)
+            self._seen[snap.camera_id] = now
+        if skipped > self.last_skipped:
+            self.ticks_skipped.inc(skipped - self.last_skipped)
+            self.last_skipped = skipped
+        self.receiver.set(float(receiver))
+
+
+class EdgeNode:
+    """Owns the capture threads, monitors, encoder, policy, publisher and metrics of a node."""
+
+    def __init__(self, config: EdgeConfig, *, encoder: EncoderBackend | None = None) -> None:
+        self.config = config
+        self.encoder = encoder or open_encoder(config.model, config.backend,
+                                               threads=config.threads)
+        self._owns_encoder = encoder is None
+        self.registry = MetricsRegistry()
+        self.metrics = EdgeMetrics(self.registry, config.camera_ids)
+        self.monitors = [HealthMonitor(config.health, cid) for cid in config.camera_ids]
+        self.policy = TransmitPolicy(config.policy)
+        self.bytes_per_view = self.encoder.latent_dim * 4  # float32 latents
+        self.capture = Capture.from_uris(config.cameras, config.capture, config.camera_ids,
+                                         config.source_options)
+        self.assembler = FrameSetAssembler(self.capture, config.max_age_s)
+        curve = None
+        if config.key_secret is not None and config.server_key is not None:
+            curve = CurveClientKeys.from_files(config.key_secret, config.server_key)
+        self.publisher = LatentPublisher(list(config.connect), curve=curve,
+                                         send_hwm=config.send_hwm)
+        self.server: MetricsServer | None = None
+        self.summary = RunSummary()
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def judge(self, frame_set: FrameSet) -> tuple[JudgedView, ...]:
+        """Health verdict per camera: new frames are judged, source problems reported."""
+        judged = []
+        for view, monitor in zip(frame_set.views, self.monitors, strict=True):
+            if view.problem is None and view.new:
+                health = monitor.update(view.frame.image, view.frame.timestamp)  # type: ignore[union-attr]
+            elif view.problem is None:
+                health = monitor.health()  # the same frame as last time: verdict unchanged
+            elif view.ever_delivered:
+                health = monitor.report_source_error(view.problem, frame_set.time)
+            else:  # still starting up: nothing to judge, the monitor stays untouched
+                health = CameraHealth(FAILED, view.problem, frame_set.time, 1.0)
+            judged.append(JudgedView(view, health))
+        return tuple(judged)
+
+    def encode(self, frame_set: FrameSet, views: tuple[JudgedView, ...]) -> EncodedFrameSet:
+        """Policy split of the usable views, then one batched encoder call for the sent ones."""
+        usable = [i for i, judged in enumerate(views) if judged.health.usable]
+        sent, withheld = self.policy.select(usable, self.bytes_per_view)
+        images = [views[i].view.frame.image for i in sent]  # type: ignore[union-attr]
+        started = time.perf_counter()
+        latents = self.encoder.encode(images)
+        encode_s = time.perf_counter() - started
+        return EncodedFrameSet(frame_set, views, tuple(sent), tuple(withheld), latents, encode_s)
+
+    def message(self, encoded: EncodedFrameSet) -> FrameSetMessage:
+        """The wire message of an encoded frame set."""
+        latent_of = dict(zip(encoded.sent, encoded.latents, strict=True))
+        withheld = set(encoded.withheld)
+        records = []
+        for index, judged in enumerate(encoded.views):
+            view, health = judged.view, judged.health
+            if index in latent_of:
+                records.append(ViewRecord(view.camera_id, ViewStatus.OK, ReasonCode.NONE,
+                                          view.capture_time, latent_of[index]))
+            elif index in withheld:
+                records.append(ViewRecord(view.camera_id, ViewStatus.WITHHELD,
+                                          ReasonCode.POLICY, view.capture_time))
+            else:
+                records.append(ViewRecord(view.camera_id, ViewStatus(health.state),
+                                          ReasonCode(health.reason or "unknown"),
+                                          view.capture_time))
+        return FrameSetMessage(self.config.node_id, encoded.frame_set.seq, time.time(),
+                               self.encoder.fingerprint, tuple(records))
+
+    def step(self) -> FrameSetMessage | None:
+        """One frame set through every stage; the message (None if encoding failed)."""
+        frame_set = self.assembler.assemble()
+        views = self.judge(frame_set)
+        try:
+            encoded = self.encode(frame_set, views)
+        except EncoderError as exc:
+            log.error("frame set %d: encoder failed: %s", frame_set.seq, exc)
+            self.metrics.encode_errors.inc()
+            return None
+        message = self.message(encoded)
+        data = encode_frameset(message)
+        sent = self.publisher.send(data)
+        self.summary.framesets += 1
+        if sent:
+            self.summary.sent += 1
+            self.summary.bytes_sent += len(data)
+        else:
+            self.summary.dropped += 1
+        self.metrics.record(encoded, message, len(data), sent, time.time())
+        return message
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> RunSummary:
+        """Stream until ``stop`` is set or ``max_framesets`` were made; then close all."""
+        stop = stop or threading.Event()
+        config = self.config
+        if config.metrics_port is not None:
+            self.server = MetricsServer(self.registry, config.metrics_port, config.metrics_host)
+        self.capture.start()
+        ticker = Ticker(config.fps)
+        started = time.monotonic()
+        next_status = started + config.status_every_s
+        last_status = (started, 0)
+        log.info("edge node %s: %d camera(s) at %.1f fps -> %s (encoder %s, fingerprint %s...)",
+                 config.node_id, len(config.cameras), config.fps, ", ".join(config.connect),
+                 self.encoder.name, self.encoder.fingerprint[:12])
+        try:
+            while ticker.wait(stop):
+                self.step()
+                self.metrics.observe_capture(self.capture.snapshots(), ticker.skipped,
+                                             self.publisher.has_subscriber)
+                now = time.monotonic()
+                if now >= next_status:
+                    log.info("%s", self.status_line(now, last_status))
+                    last_status = (now, self.summary.framesets)
+                    next_status = now + config.status_every_s
+                if (config.max_framesets is not None
+                        and self.summary.framesets >= config.max_framesets):
+                    break
+        finally:
+            self.summary.seconds = time.monotonic() - started
+            self.close()
+        return self.summary
+
+    def status_line(self, now: float, last: tuple[float, int]) -> str:
+        """One line: frame-set rate, every camera's state and health, sends and drops."""
+        rate = (self.summary.framesets - last[1]) / max(now - last[0], 1e-9)
+        cameras = []
+        for snapshot, monitor in zip(self.capture.snapshots(), self.monitors, strict=True):
+            health = monitor.health()
+            text = f"{snapshot.camera_id}={health.state}"
+            if health.reason:
+                text += f"({health.reason})"
+            if snapshot.state != "streaming":
+                retry = snapshot.retry_in_s
+                text += f"[{snapshot.state}" + (f" {retry:.1f}s]" if retry else "]")
+            cameras.append(text)
+        receiver = "up" if self.publisher.has_subscriber else "none"
+        return (f"edge {self.config.node_id}: {rate:.1f} sets/s | {' '.join(cameras)} | "
+                f"sent {self.summary.sent} dropped {self.summary.dropped} "
+                f"skipped {self.metrics.last_skipped} | receiver {receiver}")
+
+    def close(self) -> None:
+        """Stop capture, close the publisher, the metrics server and the encoder."""
+        self.capture.stop()
+        self.publisher.close()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self._owns_encoder:
+            self.encoder.close()
+        log.info("edge node %s stopped: %d frame sets, %d sent, %d dropped",
+                 self.config.node_id, self.summary.framesets, self.summary.sent,
+                 self.summary.dropped)

@@ -30,6 +30,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from mvld.common.errors import ConfigError, MVLDError
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
+from mvld.common.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -112,28 +113,25 @@ class EncoderBackend(ABC):
 
 # ---------------------------------------------------------------- registry
 
-_BACKENDS: dict[str, type[EncoderBackend]] = {}
+_BACKENDS: Registry[type[EncoderBackend]] = Registry("encoder backend")
 
 
 def register_backend(name: str, backend: type[EncoderBackend]) -> None:
     """Register a backend class under ``name``; a second registration is an error."""
-    if name in _BACKENDS:
-        raise ConfigError(f"encoder backend {name!r} is already registered")
-    _BACKENDS[name] = backend
+    _BACKENDS.add(name, backend)
 
 
 def registered_backends() -> list[str]:
     """Names ``open_encoder`` accepts besides ``auto``, sorted."""
-    return sorted(_BACKENDS)
+    return _BACKENDS.names()
 
 
 def backend_class(name: str) -> type[EncoderBackend]:
-    """The class registered as ``name``; an unknown name lists the valid ones."""
-    try:
-        return _BACKENDS[name]
-    except KeyError:
+    """The class registered as ``name``; an unknown name lists the valid ones (and ``auto``)."""
+    if name not in _BACKENDS:
         valid = ", ".join(["auto", *registered_backends()])
-        raise ConfigError(f"unknown encoder backend {name!r}; valid: {valid}") from None
+        raise ConfigError(f"unknown encoder backend {name!r}; valid: {valid}")
+    return _BACKENDS.get(name)
 
 
 # ---------------------------------------------------------------- ONNX Runtime

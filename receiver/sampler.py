@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from mvld.common.errors import ConfigError, MVLDError
+from mvld.common.registry import Registry
 from mvld.common.sde import VPSDE, append_dims
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,31 +50,22 @@ class Sampler(Protocol):
                  callback: Callback | None = None, **options: Any) -> SamplerOutput: ...
 
 
-_SAMPLERS: dict[str, Sampler] = {}
+_SAMPLERS: Registry[Sampler] = Registry("sampler")
 
 
 def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
     """Decorator adding a sampler to the registry; a second use of a name is an error."""
-
-    def add(sampler: Sampler) -> Sampler:
-        if name in _SAMPLERS:
-            raise ConfigError(f"sampler {name!r} is already registered")
-        _SAMPLERS[name] = sampler
-        return sampler
-
-    return add
+    return _SAMPLERS.register(name)
 
 
 def sampler_names() -> list[str]:
     """Names ``get_sampler`` accepts, sorted."""
-    return sorted(_SAMPLERS)
+    return _SAMPLERS.names()
 
 
 def get_sampler(name: str) -> Sampler:
     """The sampler registered as ``name``; an unknown name lists the valid ones."""
-    if name not in _SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; valid: {', '.join(sampler_names())}")
-    return _SAMPLERS[name]
+    return _SAMPLERS.get(name)
 
 
 SPACINGS = ("uniform", "logsnr", "karras")

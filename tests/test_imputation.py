@@ -2,17 +2,19 @@
 
 import pytest
 import torch
-from test_sampler_gaussian import CLEAN, SDE, GaussianEps, GaussianMoments, gaussian_problem
-from test_sampler_gaussian import moment_errors as whitened_errors
 
 from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
 from mvld.common.checkpoint import LatentStats, MVLDModel
 from mvld.common.errors import ConfigError
 from mvld.common.preprocess import PreprocessConfig
 from mvld.common.score_net import ScoreNet, ScoreNetConfig
+from mvld.common.sde import VPSDE
+from mvld.receiver.gaussian_reference import CLEAN, GaussianEps, GaussianMoments, gaussian_problem
+from mvld.receiver.gaussian_reference import moment_errors as whitened_errors
 from mvld.receiver.imputation import Imputation, Imputer, Provenance
 
 VIEWS, DIM = 3, 8
+SDE = VPSDE()
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ there (not from the checkout), so a missing file or folder fails here.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,10 +18,17 @@ from conftest import REPO_ROOT, STAGE_FOLDERS, source_modules
 
 @pytest.fixture(scope="module")
 def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Build from a copy of the sources: an in-tree build/ folder can hold stale modules.
+    source = tmp_path_factory.mktemp("source") / "mvld"
+    shutil.copytree(
+        REPO_ROOT, source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                      "__pycache__", ".pytest_cache", ".hypothesis"),
+    )
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(out), str(REPO_ROOT)],
+         "-q", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
     )

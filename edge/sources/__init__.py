@@ -11,11 +11,12 @@ import inspect
 from collections.abc import Callable
 
 from mvld.common.errors import ConfigError
+from mvld.common.registry import Registry
 from mvld.edge.sources.base import EndOfStream, Frame, FrameSource, SourceError
 
 SourceFactory = Callable[..., FrameSource]
 
-_FACTORIES: dict[str, SourceFactory] = {}
+_FACTORIES: Registry[SourceFactory] = Registry("source scheme")
 
 __all__ = [
     "EndOfStream",
@@ -31,14 +32,12 @@ __all__ = [
 
 def register_source(scheme: str, factory: SourceFactory) -> None:
     """Register the factory for ``scheme://`` URIs; a second registration is an error."""
-    if scheme in _FACTORIES:
-        raise ConfigError(f"source scheme {scheme!r} is already registered")
-    _FACTORIES[scheme] = factory
+    _FACTORIES.add(scheme, factory)
 
 
 def registered_schemes() -> list[str]:
     """The schemes open_source accepts, sorted."""
-    return sorted(_FACTORIES)
+    return _FACTORIES.names()
 
 
 def scheme_of(uri: str) -> str:
@@ -51,11 +50,10 @@ def scheme_of(uri: str) -> str:
 def open_source(uri: str, **options: object) -> FrameSource:
     """Open the source a URI names; unknown schemes and options list the valid ones."""
     scheme = scheme_of(uri)
-    factory = _FACTORIES.get(scheme)
-    if factory is None:
-        raise ConfigError(
-            f"{uri}: unknown source scheme {scheme!r}; valid: {', '.join(registered_schemes())}"
-        )
+    try:
+        factory = _FACTORIES.get(scheme)
+    except ConfigError as exc:
+        raise ConfigError(f"{uri}: {exc}") from None
     parameters = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     unknown = sorted(set(options) - set(parameters))

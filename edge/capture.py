@@ -37,11 +37,9 @@ from mvld.edge.sources import (
     registered_schemes,
     scheme_of,
 )
-from mvld.edge.sources.camera import redact, register_camera_sources
+from mvld.edge.sources.camera import CAMERA_SCHEMES, redact, register_camera_sources
 
 log = logging.getLogger(__name__)
-
-register_camera_sources()
 
 # Reader states (for status lines and metrics).
 OPENING = "opening"
@@ -342,6 +340,8 @@ class Capture:
         Unknown schemes are refused here, at start-up, rather than retried forever.
         """
         ids = list(camera_ids) if camera_ids else [f"cam{i}" for i in range(len(uris))]
+        if any(scheme_of(uri) in CAMERA_SCHEMES for uri in uris):
+            register_camera_sources()
         known = registered_schemes()
         readers = []
         for cid, uri in zip(ids, uris, strict=True):

@@ -196,11 +196,12 @@ def open_camera(uri: str, **options: object) -> OpenCVCamera:
 
 
 def register_camera_sources() -> None:
-    """Register the camera schemes with ``open_source`` (once; later calls do nothing)."""
+    """Register the camera schemes with ``open_source`` (once; later calls do nothing).
+
+    Called by the capture layer when a node is given a camera URI (importing this module has
+    no side effect on the registry).
+    """
     present = set(registered_schemes())
     for scheme in CAMERA_SCHEMES:
         if scheme not in present:
             register_source(scheme, open_camera)
-
-
-register_camera_sources()

@@ -29,7 +29,6 @@ def _packages() -> list[str]:
 setup(
     packages=_packages(),
     package_dir=STAGE_FOLDERS,
-    package_data={package: ["*.json", "*.safetensors", "*.onnx", "assets/*"]
-                  for package in STAGE_FOLDERS},
+    package_data={package: ["*.json", "assets/*", "assets/**/*"] for package in STAGE_FOLDERS},
     include_package_data=True,
 )

@@ -1,15 +1,83 @@
-"""``mvld-receiver``: receive latents from edge nodes, impute missing views, run tasks."""
+"""``mvld-receiver``: receive latents from edge nodes, impute missing views, run tasks.
 
-from mvld.planned import run_planned_command
+Thin: parse flags into a :class:`ReceiverConfig`, run the :class:`ReceiverService` until
+SIGINT/SIGTERM. Every option is documented in ``docs/RECEIVER.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from mvld.common.errors import MVLDError
+from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS
+from mvld.receiver.service import ReceiverConfig, ReceiverService
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mvld-receiver`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="mvld-receiver",
+        description="Receive latents from many edge nodes, impute the missing views with the "
+                    "diffusion model, decode every view and hand complete frame sets to "
+                    "downstream tasks, e.g. `mvld-receiver --gpu 0 --bind tcp://*:5555`.")
+    add = parser.add_argument
+    add("--gpu", type=int, default=0, help="CUDA device index; -1 = CPU (no CUDA: CPU, logged)")
+    add("--bind", action="append", help="ZeroMQ endpoint to bind, repeatable "
+                                        "(default tcp://*:5555)")
+    add("--model", help="model checkpoint (P, P.json or a run folder); default: packaged model")
+    add("--keys", metavar="RECEIVER.key_secret", help="CurveZMQ secret key of this receiver")
+    add("--allow", metavar="DIR", help="folder of allowed edge public keys (*.key)")
+    add("--task", action="append", default=[], metavar="NAME[:key=value,...]",
+        help="downstream task, repeatable: save, classify, jsonl, publish, an installed "
+             "mvld.tasks entry point or a dotted path module:Name")
+    add("--sampler", default=DEFAULT_SAMPLER, help=f"imputation sampler (default "
+                                                   f"{DEFAULT_SAMPLER})")
+    add("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
+    add("--samples", type=int, default=1, help="samples per frame set; >1 gives uncertainty")
+    add("--max-batch", type=int, default=64, help="frame sets per imputation call")
+    add("--max-wait-ms", type=float, default=10.0, help="longest wait to fill a batch")
+    add("--backlog", type=int, default=4, help="frame sets kept per node, newest first")
+    add("--max-age-ms", type=float, default=1000.0, help="older frame sets are dropped")
+    add("--max-nodes", type=int, default=256, help="edge nodes tracked at once")
+    add("--cameras", help="comma-separated camera id per model view (default cam0,cam1,...)")
+    add("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    add("--status-every", type=float, default=10.0, metavar="S", help="status line period")
+    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
+    """Flags -> validated config."""
+    return ReceiverConfig(
+        bind=tuple(args.bind or ["tcp://*:5555"]), model=args.model, gpu=args.gpu,
+        keys=args.keys, allow=args.allow, tasks=tuple(args.task), sampler=args.sampler,
+        steps=args.steps, samples=args.samples, max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, backlog_per_node=args.backlog, max_age_ms=args.max_age_ms,
+        max_nodes=args.max_nodes,
+        cameras=tuple(c.strip() for c in args.cameras.split(",")) if args.cameras else (),
+        metrics_port=args.metrics_port, status_every_s=args.status_every)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-receiver``."""
-    return run_planned_command(
-        "mvld-receiver",
-        "Receive latents from many edge nodes, impute the missing views with the "
-        "diffusion model, decode every view and hand complete frame sets to downstream "
-        "tasks, e.g. `mvld-receiver --gpu 0 --bind tcp://*:5555`.",
-        issue=8,
-        argv=argv,
-    )
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        service = ReceiverService(config_from_args(args))
+        service.run(stop)
+    except MVLDError as exc:
+        print(f"mvld-receiver: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -129,9 +129,9 @@ def _import_dotted(path: str) -> Callable[..., Any]:
 
 def load_factory(name: str) -> Callable[..., Any]:
     """The factory of a built-in, entry-point or dotted-path task; unknown names list the rest."""
+    installed = _entry_point_tasks()  # first, so a clash with a built-in name always shows
     if name in BUILTIN_TASKS:
         return _import_dotted(BUILTIN_TASKS[name])
-    installed = _entry_point_tasks()
     if name in installed:
         try:
             factory = installed[name].load()

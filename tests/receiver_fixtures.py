@@ -15,7 +15,7 @@ from mvld.common.checkpoint import LatentStats, MVLDModel, encoder_fingerprint, 
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
 from mvld.common.score_net import ScoreNet, ScoreNetConfig
 from mvld.common.sde import VPSDE
-from mvld.common.transport import LatentPublisher
+from mvld.common.transport import LatentPublisher, LatentSubscriber
 from mvld.common.wire import FrameSetMessage, ReasonCode, ViewRecord, ViewStatus, encode_frameset
 
 VIEWS, LATENT, SIZE = 3, 16, 32
@@ -70,11 +70,22 @@ def wire(model: MVLDModel, node: str, seq: int, **kwargs: object) -> bytes:
 
 
 @contextmanager
-def connected_publisher(endpoint: str, timeout_s: float = 5.0) -> Iterator[LatentPublisher]:
-    """A publisher to ``endpoint`` that has seen the receiver's subscription."""
+def connected_publisher(endpoint: str, timeout_s: float = 5.0,
+                        subscriber: LatentSubscriber | None = None) -> Iterator[LatentPublisher]:
+    """A publisher to ``endpoint`` that has seen the receiver's subscription.
+
+    A SUB socket attaches new connections only while its owner calls into it: pass the
+    ``subscriber`` when no receiver thread is polling it (nothing is sent yet, so nothing is lost).
+    """
     publisher = LatentPublisher(endpoint, send_hwm=1000)
+
+    def subscribed() -> bool:
+        if subscriber is not None:
+            assert subscriber.recv_message(0) is None
+        return publisher.has_subscriber
+
     try:
-        wait_until(lambda: publisher.has_subscriber, timeout_s, "receiver subscription")
+        wait_until(subscribed, timeout_s, "receiver subscription")
         yield publisher
     finally:
         publisher.close()

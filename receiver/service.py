@@ -222,8 +222,8 @@ class ReceiverService:
                    "latency n/a")
         return (f"status: {rate:.1f} frame sets/s, {completed:.0f} completed, "
                 f"{imputed:.0f} views imputed, {metrics.received.value():.0f} received, "
-                f"drops: {drops}, backlog {len(self.backlog)}, {latency}, "
-                f"hook errors {errors:.0f}")
+                f"drops: {drops}, sequence gaps {metrics.seq_gaps.value():.0f}, "
+                f"backlog {len(self.backlog)}, {latency}, hook errors {errors:.0f}")
 
     def run(self, stop: threading.Event) -> None:
         """Start, print the status line every ``status_every_s`` until ``stop``, then close."""

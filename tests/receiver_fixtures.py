@@ -47,14 +47,26 @@ def encode_views(model: MVLDModel, images: np.ndarray) -> np.ndarray:
         return model.autoencoder.encoder(inputs).numpy().astype(np.float32)
 
 
+_POOL_SIZE = 8
+_latent_pool: dict[int, tuple[MVLDModel, np.ndarray]] = {}
+
+
+def _pooled_latents(model: MVLDModel, seq: int) -> np.ndarray:
+    """``[V, D]`` latents of random images encoded once per model (a pool of 8, cycled by seq)."""
+    if id(model) not in _latent_pool or _latent_pool[id(model)][0] is not model:
+        images = np.random.default_rng(0).integers(0, 256, (_POOL_SIZE * VIEWS, SIZE, SIZE, 3),
+                                                   dtype=np.uint8)
+        pool = encode_views(model, images).reshape(_POOL_SIZE, VIEWS, -1)
+        _latent_pool[id(model)] = (model, pool)
+    return _latent_pool[id(model)][1][seq % _POOL_SIZE]
+
+
 def frame_set(model: MVLDModel, node: str, seq: int, *, failed: tuple[str, ...] = ("cam1",),
-              fingerprint: str | None = None, capture_time: float | None = None,
-              rng: np.random.Generator | None = None) -> FrameSetMessage:
+              fingerprint: str | None = None, capture_time: float | None = None
+              ) -> FrameSetMessage:
     """A real frame set: random images encoded by the model; ``failed`` cameras send nothing."""
-    rng = rng or np.random.default_rng(seq)
     now = time.time() if capture_time is None else capture_time
-    images = rng.integers(0, 256, (VIEWS, SIZE, SIZE, 3), dtype=np.uint8)
-    latents = encode_views(model, images)
+    latents = _pooled_latents(model, seq)
     views = []
     for index, camera in enumerate(CAMERAS):
         if camera in failed:

@@ -1,0 +1,213 @@
+"""The receiver end to end over real loopback sockets with a real (tiny, random) model: complete
+frame sets with imputed views reach the hooks, batching, overload, failing hooks, CurveZMQ, and
+the ``mvld-receiver`` command with its metrics endpoint and status line."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zmq
+from receiver_fixtures import (
+    CAMERAS,
+    connected_publisher,
+    make_tiny_model,
+    save_tiny_model,
+    wait_until,
+    wire,
+)
+
+from mvld.common.keys import generate_keypair
+from mvld.common.transport import CurveClientKeys, LatentPublisher
+from mvld.receiver.decoder import LatentDecoder
+from mvld.receiver.results import FrameSetResult, Provenance
+from mvld.receiver.service import ReceiverConfig, ReceiverService
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model()
+
+
+def _service(model, collected: list[FrameSetResult], **overrides) -> ReceiverService:
+    hooks = overrides.pop("extra_hooks", [])
+    config = ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1, **overrides)
+    return ReceiverService(config, model=model,
+                           extra_hooks=[*hooks, ("collect", collected.append)])
+
+
+def test_complete_frame_sets_with_imputed_view_reach_the_hook(model) -> None:
+    collected: list[FrameSetResult] = []
+    with _service(model, collected, samples=2) as service, \
+            connected_publisher(service.endpoints[0]) as publisher:
+        sent = {}
+        for seq in range(4):
+            data = wire(model, "edge-1", seq, failed=("cam1",))
+            sent[seq] = data
+            assert publisher.send(data)
+            time.sleep(0.03)
+        time.sleep(0.03)  # one connection is conflated to its newest message: do not burst
+        publisher.send(wire(model, "edge-2", 0, failed=CAMERAS))
+        wait_until(lambda: len(collected) >= 5, 10, "5 results")
+    by_node = {(r.node_id, r.seq): r for r in collected}
+    result = by_node[("edge-1", 0)]
+    assert [v.provenance for v in result.views] == [
+        Provenance.OBSERVED, Provenance.IMPUTED, Provenance.OBSERVED]
+    assert [v.status for v in result.views] == ["ok", "failed", "ok"]
+    decode = LatentDecoder.from_model(model)
+    latents = np.stack([v.latent for v in result.views])
+    assert np.array_equal(np.stack([v.image for v in result.views]),
+                          decode(torch.from_numpy(latents))), "every view is decoded"
+    imputed = result.view("cam1")
+    assert np.isfinite(imputed.latent).all() and np.abs(imputed.latent).sum() > 0
+    assert imputed.uncertainty > 0 and result.view("cam0").uncertainty == 0
+    assert 0 < result.latency < 10
+    assert result.receive_time <= result.done_time
+    joint = by_node[("edge-2", 0)]
+    assert {v.provenance for v in joint.views} == {Provenance.UNCONDITIONED}
+    assert service.metrics.views.value(provenance="imputed") >= 4
+    assert service.metrics.views.value(provenance="unconditioned") == 3
+
+
+def test_frame_sets_of_several_nodes_share_one_imputation_call(model) -> None:
+    collected: list[FrameSetResult] = []
+    with _service(model, collected, max_wait_ms=300, max_batch=64) as service, \
+            ExitStack() as nodes:
+        publishers = [nodes.enter_context(connected_publisher(service.endpoints[0]))
+                      for _ in range(4)]  # one connection per edge node, as deployed
+        for node, publisher in enumerate(publishers):
+            publisher.send(wire(model, f"edge-{node}", 0))
+        wait_until(lambda: len(collected) >= 4, 10, "4 results")
+    assert len({r.done_time for r in collected}) == 1, "one batch for the four frame sets"
+    assert service.metrics.batch_size.count() == 1
+
+
+def test_overload_keeps_the_backlog_bounded_and_counts_drops(model) -> None:
+    collected: list[FrameSetResult] = []
+
+    def slow_task(result: FrameSetResult) -> None:
+        time.sleep(0.02)  # a downstream task far slower than the senders
+
+    service = _service(model, collected, backlog_per_node=2, max_batch=4, max_wait_ms=1,
+                       extra_hooks=[("slow", slow_task)])
+    sizes: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=lambda: [sizes.append(len(service.backlog))
+                                               or time.sleep(0.001) for _ in iter(stop.is_set,
+                                                                                  True)])
+    messages = [wire(model, f"edge-{n}", seq) for seq in range(60) for n in range(3)]
+    with service, connected_publisher(service.endpoints[0]) as publisher:
+        watcher.start()
+        for data in messages:
+            publisher.send(data)
+            time.sleep(0.002)  # 500 frame sets/s: CONFLATE in the socket rarely needs to act
+        metrics = service.metrics
+        arrived = len(messages) - 3  # a node's first message may be conflated, unseen
+        wait_until(lambda: metrics.received.value() + metrics.seq_gaps.value() >= arrived
+                   and len(service.backlog) == 0, 20, "every message and the backlog to drain")
+        stop.set()
+        watcher.join()
+    drops = metrics.drops()
+    assert max(sizes) <= 3 * 2, "never more than per-node backlog x nodes waiting"
+    assert drops.get("superseded", 0) + drops.get("stale", 0) > 0
+    completed_or_dropped = metrics.completed.value() + sum(drops.values()) + len(service.backlog)
+    assert metrics.accepted.value() == completed_or_dropped, \
+        "every accepted frame set was completed or dropped with a reason"
+    assert len(collected) < len(messages)
+
+
+def test_a_raising_hook_is_counted_and_the_receiver_goes_on(model) -> None:
+    collected: list[FrameSetResult] = []
+
+    def broken(result: FrameSetResult) -> None:
+        raise ValueError("downstream bug")
+
+    with _service(model, collected, extra_hooks=[("broken", broken)]) as service, \
+            connected_publisher(service.endpoints[0]) as publisher:
+        for seq in range(3):
+            publisher.send(wire(model, "edge-1", seq))
+            wait_until(lambda s=seq: len(collected) > s, 10, f"result {seq}")
+    assert [r.seq for r in collected] == [0, 1, 2]
+    assert service.metrics.hook_errors.value(task="broken") == 3
+
+
+def test_curve_receiver_admits_allow_listed_nodes_only(model, tmp_path: Path) -> None:
+    _, receiver_secret = generate_keypair(tmp_path / "receiver", "receiver")
+    allowed_public, allowed_secret = generate_keypair(tmp_path / "allow", "node1")
+    _, stranger_secret = generate_keypair(tmp_path / "others", "stranger")
+    collected: list[FrameSetResult] = []
+    service = _service(model, collected, keys=str(receiver_secret),
+                       allow=str(tmp_path / "allow"))
+    server_public = tmp_path / "receiver" / "receiver.key"
+    with service:
+        endpoint = service.endpoints[0]
+        with LatentPublisher(endpoint, curve=CurveClientKeys.from_files(
+                stranger_secret, server_public)) as stranger:
+            time.sleep(0.3)
+            assert not stranger.has_subscriber
+            stranger.send(wire(model, "stranger", 0))
+        publisher = LatentPublisher(endpoint, curve=CurveClientKeys.from_files(
+            allowed_secret, server_public))
+        with publisher:
+            wait_until(lambda: publisher.has_subscriber, 5, "Curve handshake")
+            publisher.send(wire(model, "node1", 0))
+            wait_until(lambda: collected, 10, "a result")
+    assert [r.node_id for r in collected] == ["node1"]
+    assert collected[0].client_key == allowed_public.read_text().split('"')[1]
+
+
+def test_receiver_command_serves_metrics_logs_status_and_stops_cleanly(model,
+                                                                        tmp_path: Path) -> None:
+    checkpoint = save_tiny_model(tmp_path)
+    with zmq.Context() as context, context.socket(zmq.REP) as probe:
+        port = probe.bind_to_random_port("tcp://127.0.0.1")
+        metrics_port = probe.bind_to_random_port("tcp://127.0.0.1")
+        probe.unbind(f"tcp://127.0.0.1:{port}")
+        probe.unbind(f"tcp://127.0.0.1:{metrics_port}")
+    log_path = tmp_path / "results.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mvld.receiver.cli", "--gpu", "0", "--model", str(checkpoint),
+         "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(metrics_port),
+         "--status-every", "0.3", "--task", f"jsonl:path={log_path}"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        with connected_publisher(f"tcp://127.0.0.1:{port}", timeout_s=30) as publisher:
+            publisher.send(b"not msgpack")
+            time.sleep(0.2)  # one connection is conflated to its newest message: do not burst
+            publisher.send(wire(model, "edge-1", 0))
+            wait_until(lambda: log_path.exists() and log_path.read_text(), 15, "a result")
+            time.sleep(0.5)
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                        timeout=5) as response:
+                text = response.read().decode()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+    assert "mvld_receiver_framesets_completed_total 1" in text
+    assert 'mvld_receiver_dropped_total{reason="malformed"} 1' in text
+    assert 'mvld_receiver_views_total{provenance="imputed"} 1' in text
+    assert "mvld_receiver_latency_seconds_count 1" in text
+    assert "mvld_receiver_batch_size_bucket" in text
+    assert "status: " in stderr and "drops: malformed=1" in stderr
+    assert ("CPU FALLBACK" in stderr) != torch.cuda.is_available(), "the device is stated"
+
+
+def test_receiver_command_refuses_bad_tasks_with_a_clear_error(tmp_path: Path) -> None:
+    checkpoint = save_tiny_model(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "mvld.receiver.cli", "--gpu", "-1", "--model", str(checkpoint),
+         "--bind", "tcp://127.0.0.1:0", "--task", "classify"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "classify needs checkpoint=PATH" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -65,12 +65,16 @@ class CaptureConfig:
     backoff_initial_s: float = 0.5  # first reopen delay after a failure
     backoff_max_s: float = 10.0  # the delay doubles per consecutive failure up to this
     reopen_ended: bool = False  # reopen a finite stream (file) at its end instead of stopping
+    max_stuck_threads: int = 4  # abandoned calls still stuck in the driver before reopening waits
 
     def __post_init__(self) -> None:
         for name in ("read_timeout_s", "watchdog_s", "stall_s", "backoff_initial_s",
                      "backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"capture {name} must be positive, got {getattr(self, name)}")
+        if self.max_stuck_threads < 1:
+            raise ConfigError(f"capture max_stuck_threads must be at least 1, got "
+                              f"{self.max_stuck_threads}")
         if self.watchdog_s <= self.read_timeout_s:
             raise ConfigError(f"capture watchdog_s ({self.watchdog_s}) must exceed "
                               f"read_timeout_s ({self.read_timeout_s})")
@@ -242,6 +246,11 @@ class CameraReader:
         with self._lock:
             delay = 0.0 if self._retry_at is None else self._retry_at - time.monotonic()
         if delay > 0 and self._stop.wait(delay):
+            return None
+        with self._lock:
+            stuck = sum(t.is_alive() for t in self._threads) - 1  # all but this thread
+        if stuck >= self.config.max_stuck_threads:  # a driver that hangs every time
+            self._fail(generation, TIMEOUT, f"{stuck} abandoned calls still stuck in the driver")
             return None
         with self._lock:
             if generation != self._generation:

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from mvld.common.errors import MVLDError
+from mvld.common.errors import ConfigError, MVLDError
 from mvld.edge.capture import CaptureConfig
 from mvld.edge.encoder import registered_backends
 from mvld.edge.node import EdgeConfig, EdgeNode, default_model_path
@@ -54,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint (default: the shipped default model)")
     add("--backend", default="auto", choices=["auto", *registered_backends()])
     add("--threads", type=int, default=1, help="encoder threads (default 1)")
+    add("--gpu", type=int, default=0, help="GPU index for TensorRT / CUDA (default 0)")
     add("--max-views", type=int, help="send at most k usable views per frame set")
     add("--budget-bytes", type=int, help="latent bytes per frame set at most")
     add("--withhold-rule", default="round_robin", choices=RULES,
         help="which usable views to withhold under a budget (default round_robin)")
+    add("--priority", default="",
+        help="camera numbers kept first by --withhold-rule priority, e.g. 0,2")
     add("--keys", type=Path, help="this node's NODE.key_secret (CurveZMQ)")
     add("--server-key", type=Path, help="the receiver's public RECEIVER.key (CurveZMQ)")
     add("--metrics-port", type=int, help="serve Prometheus metrics on this port")
@@ -85,10 +88,11 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         node_id=args.node_id,
         backend=args.backend,
         threads=args.threads,
+        gpu=args.gpu,
         fps=args.fps,
         max_age_s=args.max_age,
         policy=TransmitPolicyConfig(max_views=args.max_views, budget_bytes=args.budget_bytes,
-                                    rule=args.withhold_rule),
+                                    rule=args.withhold_rule, priority=_numbers(args.priority)),
         capture=CaptureConfig(watchdog_s=args.watchdog, backoff_max_s=args.backoff_max),
         key_secret=args.keys,
         server_key=args.server_key,
@@ -97,6 +101,13 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         max_framesets=args.frames,
         source_options={"file": file_options},
     )
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--priority expects camera numbers like 0,2, got {text!r}") from exc
 
 
 def setup_logging(json_lines: bool, verbose: bool) -> None:

@@ -43,6 +43,7 @@ from mvld.edge.encoder import EncoderBackend, EncoderError, open_encoder
 from mvld.edge.framesets import CapturedView, FrameSet, FrameSetAssembler, Ticker
 from mvld.edge.health import FAILED, OBSTRUCTED, OK, CameraHealth, HealthConfig, HealthMonitor
 from mvld.edge.policy import TransmitPolicy, TransmitPolicyConfig
+from mvld.edge.sources import Frame
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class EdgeConfig:
     node_id: str = "edge"
     backend: str = "auto"
     threads: int = 1  # encoder threads
+    gpu: int = 0  # GPU index for TensorRT
     fps: float = 30.0
     max_age_s: float = 0.25  # a frame older than this makes its camera stale
     policy: TransmitPolicyConfig = field(default_factory=TransmitPolicyConfig)
@@ -118,6 +120,7 @@ class EncodedFrameSet:
     withheld: tuple[int, ...]  # indices of usable views the policy kept back
     latents: np.ndarray  # [len(sent), D] float32
     encode_s: float  # wall time of the one batched encoder call
+    encoded: int  # views that went into that call (the others reused their latent)
 
 
 @dataclass
@@ -176,7 +179,7 @@ class EdgeMetrics:
         (self.sent if sent else self.dropped).inc()
         if sent:
             self.bytes_sent.inc(size)
-        if encoded.sent:
+        if encoded.encoded:
             self.encode_seconds.observe(encoded.encode_s)
         for judged in encoded.views:
             camera = judged.view.camera_id
@@ -211,13 +214,15 @@ class EdgeNode:
     def __init__(self, config: EdgeConfig, *, encoder: EncoderBackend | None = None) -> None:
         self.config = config
         self.encoder = encoder or open_encoder(config.model, config.backend,
-                                               threads=config.threads)
+                                               threads=config.threads, gpu=config.gpu)
         self._owns_encoder = encoder is None
         self.registry = MetricsRegistry()
         self.metrics = EdgeMetrics(self.registry, config.camera_ids)
         self.monitors = [HealthMonitor(config.health, cid) for cid in config.camera_ids]
         self.policy = TransmitPolicy(config.policy)
         self.bytes_per_view = self.encoder.latent_dim * 4  # float32 latents
+        # camera id -> (the last frame encoded, its latent)
+        self._latent_cache: dict[str, tuple[Frame | None, np.ndarray]] = {}
         self.capture = Capture.from_uris(config.cameras, config.capture, config.camera_ids,
                                          config.source_options)
         self.assembler = FrameSetAssembler(self.capture, config.max_age_s)
@@ -247,14 +252,27 @@ class EdgeNode:
         return tuple(judged)
 
     def encode(self, frame_set: FrameSet, views: tuple[JudgedView, ...]) -> EncodedFrameSet:
-        """Policy split of the usable views, then one batched encoder call for the sent ones."""
+        """Policy split of the usable views, then one batched encoder call for the sent ones.
+
+        A camera slower than the node's rate shows the same frame in several frame sets: its
+        latent is reused, so only frames not encoded before go into the call.
+        """
         usable = [i for i, judged in enumerate(views) if judged.health.usable]
         sent, withheld = self.policy.select(usable, self.bytes_per_view)
-        images = [views[i].view.frame.image for i in sent]  # type: ignore[union-attr]
+        cache = self._latent_cache
+        fresh = [i for i in sent if cache.get(views[i].view.camera_id, (None,))[0]
+                 is not views[i].view.frame]
+        images = [views[i].view.frame.image for i in fresh]  # type: ignore[union-attr]
         started = time.perf_counter()
-        latents = self.encoder.encode(images)
+        new_latents = self.encoder.encode(images)
         encode_s = time.perf_counter() - started
-        return EncodedFrameSet(frame_set, views, tuple(sent), tuple(withheld), latents, encode_s)
+        for index, latent in zip(fresh, new_latents, strict=True):
+            cache[views[index].view.camera_id] = (views[index].view.frame, latent)
+        latents = np.zeros((len(sent), self.encoder.latent_dim), np.float32)
+        for row, index in enumerate(sent):
+            latents[row] = cache[views[index].view.camera_id][1]
+        return EncodedFrameSet(frame_set, views, tuple(sent), tuple(withheld), latents, encode_s,
+                               len(fresh))
 
     def message(self, encoded: EncodedFrameSet) -> FrameSetMessage:
         """The wire message of an encoded frame set."""

@@ -172,6 +172,25 @@ def test_stuck_open_is_abandoned_too() -> None:
         capture.stop()
 
 
+def test_a_driver_that_always_hangs_leaves_a_bounded_number_of_threads() -> None:
+    release = threading.Event()
+    opener = Opener(lambda attempt: ScriptedCamera(hang_at=1 if attempt <= 2 else None,
+                                                   release=release))
+    config = CaptureConfig(**{**FAST.__dict__, "max_stuck_threads": 2})
+    reader = CameraReader("cam0", opener, config)
+    capture = Capture([reader]).start()
+    try:
+        wait_for(lambda: reader.snapshot().abandoned == 2, 3.0)
+        time.sleep(1.0)  # several back-off periods: no third thread is sent into the driver
+        assert len(opener.times) == 2 and reader.snapshot().reason == TIMEOUT
+        release.set()  # the driver lets go: the stuck threads exit, the camera comes back
+        wait_for(lambda: reader.snapshot().frames > 0, 3.0)
+        assert len(opener.times) == 3
+    finally:
+        release.set()
+        capture.stop()
+
+
 def test_failed_opens_back_off_exponentially_without_burning_cpu_then_replug_resumes() -> None:
     plugged = threading.Event()
 

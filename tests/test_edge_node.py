@@ -295,6 +295,22 @@ def test_withheld_views_are_marked_per_policy(model: Path, policy: TransmitPolic
     assert min(sent_by_camera.values()) >= 2, sent_by_camera
 
 
+def test_a_slow_camera_s_repeated_frame_is_not_encoded_again(model: Path) -> None:
+    cfg = config(model, "tcp://127.0.0.1:1", ("sim://0?fps=10",), max_age_s=0.3)
+    with LatentSubscriber(ANY_PORT, latest_only=False) as sub, \
+            Running(replace(cfg, connect=(sub.endpoints[0],), max_framesets=45)) as node:
+        messages = receive(sub, 45)
+    ok = [m.views[0] for m in messages if m.views[0].status is ViewStatus.OK]
+    by_capture: dict[float, list[np.ndarray]] = {}
+    for record in ok:
+        by_capture.setdefault(record.capture_time, []).append(record.latent)
+    assert len(ok) >= 30 and len(by_capture) <= len(ok) / 2  # a 10 FPS camera at 30 sets/s
+    for latents in by_capture.values():  # the same frame, the same latent
+        assert all(np.array_equal(latents[0], latent) for latent in latents)
+    encoder_calls = node.metrics.encode_seconds.count()
+    assert encoder_calls <= len(by_capture) + 1
+
+
 def test_curve_keys_encrypt_and_authenticate_the_stream(model: Path, tmp_path: Path) -> None:
     _, node_secret = generate_keypair(tmp_path, "node")
     receiver_public, receiver_secret = generate_keypair(tmp_path, "receiver")

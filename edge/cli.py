@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--status-every", type=float, default=10.0, help="seconds between status lines")
     add("--frames", type=int, help="stop after N frame sets")
     add("--loop", action="store_true", help="file sources: start again at the end")
-    add("--realtime", action="store_true", help="file sources: pace at the video's rate")
+    add("--realtime", action=argparse.BooleanOptionalAction, default=True,
+        help="file sources: pace at the video's own rate like a live camera (default; "
+             "--no-realtime reads as fast as frames decode)")
     add("--watchdog", type=float, default=3.0,
         help="seconds after which a stuck camera read is abandoned (default 3)")
     add("--backoff-max", type=float, default=10.0,

@@ -334,7 +334,7 @@ class EdgeNode:
                  self.encoder.name, self.encoder.fingerprint[:12])
         try:
             while ticker.wait(stop):
-                self.step()
+                message = self.step()
                 self.metrics.observe_capture(self.capture.snapshots(), ticker.skipped,
                                              self.publisher.has_subscriber)
                 now = time.monotonic()
@@ -344,6 +344,10 @@ class EdgeNode:
                     next_status = now + config.status_every_s
                 if (config.max_framesets is not None
                         and self.summary.framesets >= config.max_framesets):
+                    break
+                if message is not None and all(
+                        v.reason is ReasonCode.END_OF_STREAM for v in message.views):
+                    log.info("every source has ended (files without --loop): stopping")
                     break
         finally:
             self.summary.seconds = time.monotonic() - started

@@ -261,6 +261,22 @@ def test_receiver_that_dies_and_comes_back_gets_the_stream_again(model: Path) ->
     assert dropped_while_away > 0  # ... and counted what it could not send
 
 
+def test_node_stops_by_itself_when_every_file_has_ended(model: Path, video: Path) -> None:
+    with LatentSubscriber(ANY_PORT, latest_only=False) as sub:
+        cfg = config(model, sub.endpoints[0], (str(video), f"file://{video}"),
+                     source_options={"file": {"realtime": True}})
+        node = EdgeNode(cfg)
+        thread = threading.Thread(target=node.run, daemon=True)
+        thread.start()
+        messages = receive(sub, 200, until=lambda m: all(v.reason.value == "end_of_stream"
+                                                         for v in m.views))
+        thread.join(5.0)
+    assert not thread.is_alive(), "the node kept running after every source ended"
+    assert all(v.status is ViewStatus.FAILED for v in messages[-1].views)
+    ok = sum(v.status is ViewStatus.OK for m in messages for v in m.views)
+    assert ok >= 2 * 50  # the 60-frame videos were streamed at their own pace first
+
+
 def test_edge_never_blocks_without_a_receiver(model: Path) -> None:
     cfg = config(model, "tcp://127.0.0.1:1", ("sim://0?fps=30",), max_framesets=30)
     node = EdgeNode(cfg)

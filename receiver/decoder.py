@@ -7,6 +7,7 @@ comparable. Output is uint8 RGB through the model's own ``postprocess_images``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mvld.common.autoencoder import Decoder
@@ -32,7 +33,7 @@ class LatentDecoder:
         """The decoder of ``model``, on the model's device."""
         return cls(model.autoencoder.decoder, model.preprocess)
 
-    def __call__(self, latents: torch.Tensor):
+    def __call__(self, latents: torch.Tensor) -> np.ndarray:
         """Decode ``[..., D]`` latents; returns a numpy uint8 array ``[..., H, W, 3]`` (RGB)."""
         lead = latents.shape[:-1]
         flat = latents.reshape(-1, latents.shape[-1]).to(self.device, self.dtype)

@@ -265,6 +265,10 @@ class CameraReader:
         except (SourceError, ConfigError, OSError) as exc:
             self._fail(generation, DISCONNECTED, exc)
             return None
+        except Exception as exc:  # a driver may raise anything: never die silently
+            log.exception("camera %s: unexpected error while opening", self.description)
+            self._fail(generation, DISCONNECTED, exc)
+            return None
         if not self._current(generation):
             _close_quietly(source, self.description)  # type: ignore[arg-type]
             return None
@@ -279,12 +283,14 @@ class CameraReader:
             frame = self._guarded(generation, "read",
                                   lambda: source.read(self.config.read_timeout_s))
         except EndOfStream as exc:
-            self._fail(generation, END_OF_STREAM, exc)
-            if not self.config.reopen_ended:
-                with self._lock:
-                    if generation == self._generation:
-                        self._generation += 1  # this camera is done
-                        self._state, self._retry_at = ENDED, None
+            if self.config.reopen_ended:
+                self._fail(generation, END_OF_STREAM, exc)
+                return False
+            with self._lock:
+                if generation == self._generation:
+                    self._generation += 1  # this camera is done
+                    self._state, self._reason, self._retry_at = ENDED, END_OF_STREAM, None
+            log.info("camera %s: %s", self.description, exc)
             return False
         except MVLDError as exc:  # SourceError and its kin: a read error
             self._fail(generation, READ_ERROR, exc)

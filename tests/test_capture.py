@@ -236,6 +236,22 @@ def test_read_error_and_silent_stall_reopen_the_source() -> None:
         capture.stop()
 
 
+def test_an_unexpected_exception_from_a_driver_does_not_kill_the_reader() -> None:
+    def make(attempt: int) -> ScriptedCamera:
+        if attempt == 1:
+            raise RuntimeError("driver bug")  # not a SourceError: a foreign driver's exception
+        return ScriptedCamera()
+
+    opener = Opener(make)
+    reader = CameraReader("cam0", opener, FAST)
+    reader.start()
+    try:
+        wait_for(lambda: reader.snapshot().frames > 0, 3.0)
+        assert len(opener.times) == 2
+    finally:
+        reader.stop()
+
+
 class SilentCamera(ScriptedCamera):
     """Opens fine, then never delivers (GStreamer after an unplug: no error, no frames)."""
 

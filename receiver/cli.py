@@ -14,6 +14,7 @@ import threading
 
 from mvld.common.errors import MVLDError
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS
+from mvld.receiver.observability import JsonLogFormatter
 from mvld.receiver.service import ReceiverConfig, ReceiverService
 
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     add("--status-every", type=float, default=10.0, metavar="S", help="status line period")
     add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("--log-json", action="store_true", help="log one JSON object per line (with fields)")
     return parser
 
 
@@ -65,8 +67,10 @@ def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-receiver``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if args.log_json else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

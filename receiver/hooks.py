@@ -186,7 +186,7 @@ class HookRunner:
             except Exception as exc:  # a task's bug must not stop the receiver
                 self.metrics.hook_errors.inc(task=name)
                 self.warnings.warning(name, "task %s raised %s: %s", name,
-                                      type(exc).__name__, exc)
+                                      type(exc).__name__, exc, extra={"task": name})
             self.metrics.hook_seconds.observe(time.perf_counter() - start, task=name)
 
     def close(self) -> None:
@@ -201,8 +201,10 @@ class HookRunner:
                 log.exception("task %s failed to close", name)
 
 
-def build_hooks(texts: Sequence[str], metrics: ReceiverMetrics) -> HookRunner:
-    """Parse and build every ``--task``; on an error, hooks already built are closed."""
+def build_hooks(texts: Sequence[str], metrics: ReceiverMetrics,
+                extra: Sequence[tuple[str, Hook]] = ()) -> HookRunner:
+    """Parse and build every ``--task`` (then ``extra``, in-process hooks); on an error, hooks
+    already built are closed."""
     specs = [parse_task(text) for text in texts]
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -215,4 +217,4 @@ def build_hooks(texts: Sequence[str], metrics: ReceiverMetrics) -> HookRunner:
     except BaseException:
         HookRunner(built, metrics).close()
         raise
-    return HookRunner(built, metrics)
+    return HookRunner([*built, *extra], metrics)

@@ -238,7 +238,7 @@ class Ingest:
         except RejectionError as rejected:
             self.metrics.drop(rejected.reason)
             self.warnings.warning(rejected.reason, "dropped a message (%s): %s",
-                                  rejected.reason, rejected)
+                                  rejected.reason, rejected, extra={"reason": rejected.reason})
             return False
         except Exception:  # a receiver bug must not stop ingest; the traceback is logged
             self.metrics.drop("internal_error")

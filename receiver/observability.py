@@ -7,13 +7,15 @@ a plain copy of the drop counts for the periodic status line.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from typing import Any
 
 from mvld.common.metrics import MetricsRegistry
 
-__all__ = ["DROP_REASONS", "RateLimitedLogger", "ReceiverMetrics"]
+__all__ = ["DROP_REASONS", "JsonLogFormatter", "RateLimitedLogger", "ReceiverMetrics"]
 
 DROP_REASONS = (
     "malformed",  # the wire decoder rejected the message (ProtocolError)
@@ -91,7 +93,8 @@ class RateLimitedLogger:
         self._suppressed: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def warning(self, key: str, message: str, *args: object) -> None:
+    def warning(self, key: str, message: str, *args: object,
+                extra: dict[str, Any] | None = None) -> None:
         """Log ``message % args`` unless ``key`` was logged less than ``interval_s`` ago."""
         now = time.monotonic()
         with self._lock:
@@ -103,4 +106,23 @@ class RateLimitedLogger:
         if suppressed:
             message += " (%d similar suppressed)"
             args = (*args, suppressed)
-        self.logger.warning(message, *args)
+        self.logger.warning(message, *args, extra={**(extra or {}), "suppressed": suppressed})
+
+
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's ``extra`` fields.
+
+    The same base fields as the edge's ``--log-json``; fields passed with ``extra=`` (a drop's
+    ``reason``, the status line's numbers) become keys, so log collectors need no parsing.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname,
+                                 "logger": record.name, "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)

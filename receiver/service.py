@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from mvld.receiver.ingest import Ingest, NodeBacklog, PendingFrameSet, camera_la
 from mvld.receiver.observability import ReceiverMetrics
 from mvld.receiver.results import FrameSetResult
 
-__all__ = ["ReceiverConfig", "ReceiverService", "select_device"]
+__all__ = ["ReceiverConfig", "ReceiverService", "format_status", "select_device"]
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ class ReceiverService:
                                     self.model.autoencoder.config.latent_dim)
         self.imputer = Imputer.from_model(self.model, sampler=config.sampler, steps=config.steps)
         self.decoder = LatentDecoder.from_model(self.model)
-        self.hooks = build_hooks(config.tasks, self.metrics)
-        self.hooks = HookRunner([*self.hooks.hooks, *extra_hooks], self.metrics)
+        self.hooks = build_hooks(config.tasks, self.metrics, extra_hooks)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._metrics_server: MetricsServer | None = None
@@ -207,23 +207,27 @@ class ReceiverService:
                  self.layout.latent_dim, ",".join(self.layout.camera_ids), self.config.sampler,
                  self.config.steps, ", ".join(self.hooks.names) or "none")
 
-    def status_line(self, elapsed_s: float, completed_before: float) -> str:
-        """One line: rate, completed, imputed views, drops by reason, backlog, latency."""
+    def status(self, elapsed_s: float, completed_before: float) -> dict[str, Any]:
+        """Numbers of the status line: rate since the last one, totals, drops, latency."""
         metrics = self.metrics
         completed = metrics.completed.value()
-        rate = (completed - completed_before) / max(elapsed_s, 1e-9)
-        drops = ", ".join(f"{k}={v}" for k, v in sorted(metrics.drops().items())) or "none"
-        imputed = sum(metrics.views.value(provenance=p.value) for p in Provenance
-                      if p is not Provenance.OBSERVED)
-        errors = sum(metrics.hook_errors.value(task=name) for name in self.hooks.names)
         recent = np.array(self._recent_latency)
-        latency = (f"latency p50 {np.percentile(recent, 50) * 1e3:.1f} ms "
-                   f"p99 {np.percentile(recent, 99) * 1e3:.1f} ms" if len(recent) else
-                   "latency n/a")
-        return (f"status: {rate:.1f} frame sets/s, {completed:.0f} completed, "
-                f"{imputed:.0f} views imputed, {metrics.received.value():.0f} received, "
-                f"drops: {drops}, sequence gaps {metrics.seq_gaps.value():.0f}, "
-                f"backlog {len(self.backlog)}, {latency}, hook errors {errors:.0f}")
+        return {
+            "framesets_per_s": round((completed - completed_before) / max(elapsed_s, 1e-9), 2),
+            "completed": int(completed),
+            "imputed_views": int(sum(metrics.views.value(provenance=p.value) for p in Provenance
+                                     if p is not Provenance.OBSERVED)),
+            "received": int(metrics.received.value()),
+            "drops": metrics.drops(),
+            "seq_gaps": int(metrics.seq_gaps.value()),
+            "backlog": len(self.backlog),
+            "latency_p50_ms": round(float(np.percentile(recent, 50)) * 1e3, 1)
+            if len(recent) else None,
+            "latency_p99_ms": round(float(np.percentile(recent, 99)) * 1e3, 1)
+            if len(recent) else None,
+            "hook_errors": int(sum(metrics.hook_errors.value(task=name)
+                                   for name in self.hooks.names)),
+        }
 
     def run(self, stop: threading.Event) -> None:
         """Start, print the status line every ``status_every_s`` until ``stop``, then close."""
@@ -232,7 +236,8 @@ class ReceiverService:
         try:
             while not stop.wait(self.config.status_every_s):
                 now = time.monotonic()
-                log.info("%s", self.status_line(now - last_time, last_completed))
+                status = self.status(now - last_time, last_completed)
+                log.info("%s", format_status(status), extra={"status": status})
                 last_time, last_completed = now, self.metrics.completed.value()
         finally:
             self.close()
@@ -256,3 +261,14 @@ class ReceiverService:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status line for humans."""
+    drops = ", ".join(f"{k}={v}" for k, v in sorted(status["drops"].items())) or "none"
+    p50, p99 = status["latency_p50_ms"], status["latency_p99_ms"]
+    latency = "latency n/a" if p50 is None else f"latency p50 {p50:.1f} ms p99 {p99:.1f} ms"
+    return (f"status: {status['framesets_per_s']:.1f} frame sets/s, {status['completed']} "
+            f"completed, {status['imputed_views']} views imputed, {status['received']} received, "
+            f"drops: {drops}, sequence gaps {status['seq_gaps']}, backlog {status['backlog']}, "
+            f"{latency}, hook errors {status['hook_errors']}")

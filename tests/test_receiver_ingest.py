@@ -8,6 +8,8 @@ import time
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from receiver_fixtures import LATENT, VIEWS, connected_publisher, frame_set, make_tiny_model, wire
 
 from mvld.common.transport import LatentSubscriber
@@ -157,3 +159,36 @@ def test_sequence_gaps_are_counted(model) -> None:
     for seq in (0, 1, 5, 6):
         backlog.put(assemble(frame_set(model, "a", seq), layout, time.time(), None))
     assert metrics.seq_gaps.value() == 3
+
+
+_MSGPACK_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=20) | st.binary(max_size=64),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=4),
+    max_leaves=10)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=512) | _MSGPACK_VALUES.map(
+    lambda value: msgpack.packb(value, use_bin_type=True)))
+def test_any_bytes_are_dropped_with_a_reason_never_raised(ingest: Ingest, data: bytes) -> None:
+    before = sum(ingest.metrics.drops().values())
+    assert ingest.handle(data, None, time.time()) is False
+    assert sum(ingest.metrics.drops().values()) == before + 1
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["v", "node", "seq", "t", "enc", "views"]), value=_MSGPACK_VALUES)
+def test_a_mutated_field_is_dropped_or_accepted_never_raised(ingest: Ingest, model, key: str,
+                                                              value: object) -> None:
+    packed = msgpack.unpackb(wire(model, "node-a", 0), raw=False)
+    data = msgpack.packb({**packed, key: value}, use_bin_type=True)
+    accepted_before = ingest.metrics.accepted.value()
+    drops_before = sum(ingest.metrics.drops().values())
+    ingest.handle(data, None, time.time())
+    accepted = ingest.metrics.accepted.value() - accepted_before
+    assert accepted + sum(ingest.metrics.drops().values()) - drops_before == 1
+    assert ingest.metrics.drops().get("internal_error", 0) == 0

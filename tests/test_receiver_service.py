@@ -166,7 +166,7 @@ def test_curve_receiver_admits_allow_listed_nodes_only(model, tmp_path: Path) ->
     assert collected[0].client_key == allowed_public.read_text().split('"')[1]
 
 
-def test_receiver_command_serves_metrics_logs_status_and_stops_cleanly(model,
+def test_receiver_command_serves_metrics_json_logs_status_and_stops_cleanly(model,
                                                                         tmp_path: Path) -> None:
     checkpoint = save_tiny_model(tmp_path)
     with zmq.Context() as context, context.socket(zmq.REP) as probe:
@@ -178,7 +178,7 @@ def test_receiver_command_serves_metrics_logs_status_and_stops_cleanly(model,
     process = subprocess.Popen(
         [sys.executable, "-m", "mvld.receiver.cli", "--gpu", "0", "--model", str(checkpoint),
          "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(metrics_port),
-         "--status-every", "0.3", "--task", f"jsonl:path={log_path}"],
+         "--status-every", "0.3", "--task", f"jsonl:path={log_path}", "--log-json"],
         stderr=subprocess.PIPE, text=True)
     try:
         with connected_publisher(f"tcp://127.0.0.1:{port}", timeout_s=30) as publisher:
@@ -199,8 +199,14 @@ def test_receiver_command_serves_metrics_logs_status_and_stops_cleanly(model,
     assert 'mvld_receiver_views_total{provenance="imputed"} 1' in text
     assert "mvld_receiver_latency_seconds_count 1" in text
     assert "mvld_receiver_batch_size_bucket" in text
-    assert "status: " in stderr and "drops: malformed=1" in stderr
-    assert ("CPU FALLBACK" in stderr) != torch.cuda.is_available(), "the device is stated"
+    records = [json.loads(line) for line in stderr.splitlines()]  # --log-json: every line
+    assert any(r.get("reason") == "malformed" and r["level"] == "WARNING" for r in records)
+    statuses = [r for r in records if "status" in r]
+    assert statuses and statuses[-1]["status"]["drops"] == {"malformed": 1}
+    assert statuses[-1]["status"]["completed"] == 1
+    assert "drops: malformed=1" in statuses[-1]["message"]
+    fallback = any("CPU FALLBACK" in r["message"] for r in records)
+    assert fallback != torch.cuda.is_available(), "the device is stated"
 
 
 def test_receiver_command_refuses_bad_tasks_with_a_clear_error(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import zmq
 from receiver_fixtures import (
     CAMERAS,
     connected_publisher,
+    frame_set,
     make_tiny_model,
     save_tiny_model,
     wait_until,
@@ -30,6 +31,7 @@ from receiver_fixtures import (
 from mvld.common.keys import generate_keypair
 from mvld.common.transport import CurveClientKeys, LatentPublisher
 from mvld.receiver.decoder import LatentDecoder
+from mvld.receiver.ingest import assemble
 from mvld.receiver.results import FrameSetResult, Provenance
 from mvld.receiver.service import ReceiverConfig, ReceiverService
 
@@ -267,3 +269,28 @@ def _bound_endpoint(receiver: subprocess.Popen) -> str:
         if not line and receiver.poll() is not None:
             break
     raise AssertionError("the receiver did not log its endpoint")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_gpu_receiver_matches_the_cpu_on_observed_views() -> None:
+    """--gpu 0 runs imputation and decoding on CUDA; observed views decode as on the CPU."""
+    messages = [frame_set(make_tiny_model(), "edge-1", seq) for seq in range(4)]
+    results = {}
+    for gpu in (-1, 0):
+        service = ReceiverService(ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=gpu),
+                                  model=make_tiny_model())  # a fresh copy: the service moves it
+        try:
+            assert service.device.type == ("cuda" if gpu == 0 else "cpu")
+            items = [assemble(message, service.layout, time.time(), None)
+                     for message in messages]
+            results[gpu] = service.process(items)
+        finally:
+            service.close()
+    for cpu, gpu in zip(results[-1], results[0], strict=True):
+        assert [v.provenance for v in gpu.views] == [v.provenance for v in cpu.views]
+        for camera in ("cam0", "cam2"):
+            difference = np.abs(cpu.view(camera).image.astype(int)
+                                - gpu.view(camera).image.astype(int))
+            assert difference.max() <= 2
+        assert np.isfinite(gpu.view("cam1").latent).all()

@@ -134,7 +134,11 @@ class ReceiverService:
         self.batcher = MicroBatcher(self.backlog, max_batch=config.max_batch,
                                     max_wait_s=config.max_wait_ms / 1000.0)
         if config.metrics_port is not None:
-            self._metrics_server = MetricsServer(self.metrics.registry, config.metrics_port)
+            try:
+                self._metrics_server = MetricsServer(self.metrics.registry, config.metrics_port)
+            except ConfigError:
+                self.subscriber.close()
+                raise
 
     @property
     def endpoints(self) -> list[str]:

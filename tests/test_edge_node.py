@@ -8,6 +8,7 @@ one whose driver hangs.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -395,10 +396,15 @@ def test_cli_streams_serves_metrics_and_stops_cleanly_on_sigterm(model: Path) ->
 
 def test_cli_stops_after_frames_and_explains_a_missing_model(model: Path,
                                                              tmp_path: Path) -> None:
-    result = subprocess.run(edge_command(model, "tcp://127.0.0.1:1", "--frames", "10"),
+    result = subprocess.run(edge_command(model, "tcp://127.0.0.1:1", "--frames", "10",
+                                         "--log-json"),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "10 frame sets" in result.stderr and "10 dropped" in result.stderr
+    *log_lines, summary = result.stderr.strip().splitlines()
+    assert "10 frame sets" in summary and "10 dropped" in summary
+    records = [json.loads(line) for line in log_lines if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any("stopped: 10 frame sets" in r["message"] for r in records)
     missing = subprocess.run(edge_command(tmp_path / "none", "tcp://127.0.0.1:1"),
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -238,7 +238,8 @@ def test_pip_installed_example_hook_is_discovered_and_runs(tmp_path: Path) -> No
         [str(target), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, "-m", "mvld.receiver.cli", "--gpu", "-1", "--model", str(checkpoint),
-         "--bind", f"tcp://127.0.0.1:{port}", "--task", f"imputed-views:out={out}"],
+         "--bind", f"tcp://127.0.0.1:{port}", "--task", f"imputed-views:out={out}",
+         "--max-age-ms", "60000"],  # a cold first imputation on a busy machine may take > 1 s
         env=env, stderr=subprocess.PIPE, text=True)
     try:
         model = make_tiny_model()

@@ -267,13 +267,16 @@ class HealthMonitor:
     # -- verdict of one frame ---------------------------------------------------------------
 
     def _verdict(self, frame: np.ndarray, features: Features) -> str | None:
-        """The fault this single frame shows, or None; failures before obstructions."""
+        """The fault this single frame shows, or None; failures before obstructions.
+
+        Order: noise, black, uniform, frozen (a frozen black frame is reported black), then
+        the obstruction checks against the reference.
+        """
         config = self.config
         self._scores = {"mean": features.mean, "std": features.std,
                         "noise_sigma": features.noise_sigma}
         reference_noise = self.reference.noise_sigma if self.reference else 0.0
-        if self._is_repeat(frame):
-            return "frozen"
+        repeat = self._is_repeat(frame)
         if (features.noise_sigma > config.noise_min_sigma
                 and features.noise_sigma > config.noise_min_ratio * reference_noise):
             return "noise"
@@ -282,6 +285,10 @@ class HealthMonitor:
             return "black"
         if features.std < config.uniform_max_std:
             return "uniform"
+        # Only a picture with detail can be seen to freeze: a codec turns a smooth cover or
+        # a flat frame into repeats as well.
+        if repeat and float(features.cell_texture.mean()) >= config.texture_floor:
+            return "frozen"
         if self.reference is None:
             return None
         return self._obstruction(features, self.reference)

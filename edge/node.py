@@ -38,7 +38,7 @@ from mvld.common.wire import (
     ViewStatus,
     encode_frameset,
 )
-from mvld.edge.capture import CameraSnapshot, Capture, CaptureConfig
+from mvld.edge.capture import STREAMING, CameraSnapshot, Capture, CaptureConfig
 from mvld.edge.encoder import EncoderBackend, EncoderError, open_encoder
 from mvld.edge.framesets import CapturedView, FrameSet, FrameSetAssembler, Ticker
 from mvld.edge.health import FAILED, OBSTRUCTED, OK, CameraHealth, HealthConfig, HealthMonitor
@@ -163,6 +163,9 @@ class EdgeMetrics:
         self.views = r.counter("mvld_edge_views_total",
                                "Views reported, by wire status and reason",
                                ["camera", "status", "reason"])
+        self.streaming = r.gauge("mvld_edge_source_streaming",
+                                 "1 while the camera's source is open and delivering",
+                                 ["camera"])
         self.receiver = r.gauge("mvld_edge_receiver_connected",
                                 "1 while a receiver is subscribed")
         self.encode_seconds = r.histogram("mvld_edge_encode_seconds",
@@ -202,6 +205,8 @@ class EdgeMetrics:
                 if new > old:
                     counter.inc(new - old, camera=snap.camera_id)
             self._seen[snap.camera_id] = now
+            self.streaming.set(float(snap.state == STREAMING and snap.reason is None),
+                               camera=snap.camera_id)
         if skipped > self.last_skipped:
             self.ticks_skipped.inc(skipped - self.last_skipped)
             self.last_skipped = skipped

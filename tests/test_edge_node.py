@@ -390,6 +390,8 @@ def test_cli_streams_serves_metrics_and_stops_cleanly_on_sigterm(model: Path) ->
     assert len(messages) == 20 and messages[0].node_id == "cli-node"
     assert 'mvld_edge_frames_captured_total{camera="cam0"}' in metrics
     assert "mvld_edge_encode_seconds_bucket" in metrics
+    assert 'mvld_edge_source_streaming{camera="cam1"} 1' in metrics
+    assert 'mvld_edge_camera_state{camera="cam0",state="ok"} 1' in metrics
     assert "sets/s" in stderr and "cam0=ok" in stderr  # the periodic status line
     assert "SIGTERM: stopping" in stderr and "stopped" in stderr
 

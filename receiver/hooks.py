@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
-from mvld.common.errors import ConfigError
+from mvld.common.errors import ConfigError, MVLDError
 from mvld.receiver.observability import RateLimitedLogger, ReceiverMetrics
 from mvld.receiver.results import FrameSetResult
 
@@ -152,8 +152,13 @@ def build_hook(spec: TaskSpec) -> Hook:
     factory = load_factory(spec.name)
     try:
         hook = factory(**spec.options)
+    except MVLDError:
+        raise
     except TypeError as exc:
         raise ConfigError(f"task {spec.name!r}: bad options {spec.options}: {exc}") from exc
+    except Exception as exc:  # a third-party task's start-up failure: a clean error, not a crash
+        raise ConfigError(f"task {spec.name!r} failed to start: {type(exc).__name__}: {exc}"
+                          ) from exc
     if not callable(hook):
         raise ConfigError(f"task {spec.name!r} made a {type(hook).__name__}, not a callable")
     return hook

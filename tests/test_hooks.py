@@ -94,6 +94,7 @@ def test_classify_without_checkpoint_is_a_clear_startup_error() -> None:
         build_hooks(["classify:checkpoint=/nonexistent/model"], ReceiverMetrics())
 
 
+
 def _write_distribution(root: Path, name: str, entry_points: str) -> None:
     """An installed-distribution folder (dist-info) with the given entry_points.txt."""
     info = root / f"{name}-1.0.dist-info"
@@ -124,9 +125,15 @@ def test_dotted_path_hook_and_raising_hook_is_counted_not_fatal(
         class Broken:
             def __call__(self, result):
                 raise RuntimeError("downstream bug")
+
+        class NoLicence:
+            def __init__(self):
+                raise RuntimeError("licence server unreachable")
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     metrics = ReceiverMetrics()
+    with pytest.raises(ConfigError, match="failed to start: RuntimeError: licence"):
+        build_hooks(["my_hooks:NoLicence"], metrics)
     runner = build_hooks(["my_hooks:Broken", "my_hooks:Seen:prefix=s"], metrics)
     for result in results:
         runner(result)

@@ -37,7 +37,7 @@ from mvld.edge.sources import (
     registered_schemes,
     scheme_of,
 )
-from mvld.edge.sources.camera import CAMERA_SCHEMES, redact, register_camera_sources
+from mvld.edge.sources.camera import redact
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +355,6 @@ class Capture:
         Unknown schemes are refused here, at start-up, rather than retried forever.
         """
         ids = list(camera_ids) if camera_ids else [f"cam{i}" for i in range(len(uris))]
-        if any(scheme_of(uri) in CAMERA_SCHEMES for uri in uris):
-            register_camera_sources()
         known = registered_schemes()
         readers = []
         for cid, uri in zip(ids, uris, strict=True):

@@ -7,8 +7,6 @@ watchdog; the healthy neighbours are real file and sim:// sources.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +30,7 @@ from mvld.edge.capture import (
     CaptureConfig,
 )
 from mvld.edge.health import SOURCE_REASONS
-from mvld.edge.sources import EndOfStream, Frame, SourceError
+from mvld.edge.sources import EndOfStream, Frame, SourceError, open_source, registered_schemes
 from mvld.edge.sources.camera import (
     CameraSpec,
     OpenCVCamera,
@@ -360,14 +358,8 @@ def test_opencv_camera_reads_rgb_frames_and_fails_at_the_end(tmp_path: Path) -> 
     assert abs(float(frames[2].image.mean()) - 14) < 4  # grey level 7 * 2, MJPG-compressed
 
 
-def test_camera_schemes_register_on_demand() -> None:
-    """Capture registers the camera schemes when a camera URI is given (in a fresh process)."""
-    code = (
-        "from mvld.edge.sources import registered_schemes\n"
-        "from mvld.edge.capture import Capture\n"
-        "assert 'rtsp' not in registered_schemes()\n"
-        "Capture.from_uris(['v4l2:///dev/video63'])\n"
-        "assert {'device', 'v4l2', 'csi', 'rtsp'} <= set(registered_schemes())\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+def test_camera_schemes_are_registered_with_open_source() -> None:
+    """``open_source`` knows every camera scheme, and a missing device is a clear source error."""
+    assert {"device", "v4l2", "csi", "rtsp"} <= set(registered_schemes())
+    with pytest.raises(SourceError):
+        open_source("v4l2:///dev/video63")

@@ -2,7 +2,7 @@
 
 Schemes register a factory ``(uri, **options) -> FrameSource``; a URI without a scheme is a
 file path. Registered here: ``file`` (video or image folder) and ``sim`` (the simulated rig).
-Camera devices (``0``, ``v4l2://``, ``csi://``, ``rtsp://``) register from the edge package.
+Camera devices (``0``, ``v4l2://``, ``csi://``, ``rtsp://``) come from ``camera.py``.
 """
 
 from __future__ import annotations
@@ -64,11 +64,14 @@ def open_source(uri: str, **options: object) -> FrameSource:
 
 
 def _register_builtin() -> None:
+    from mvld.edge.sources.camera import CAMERA_SCHEMES, open_camera
     from mvld.edge.sources.files import FileSource
     from mvld.edge.sources.sim import open_sim
 
     register_source("file", FileSource)
     register_source("sim", open_sim)
+    for scheme in CAMERA_SCHEMES:
+        register_source(scheme, open_camera)
 
 
 _register_builtin()

@@ -30,7 +30,6 @@ from urllib.parse import parse_qsl, urlsplit
 import cv2
 
 from mvld.common.errors import ConfigError
-from mvld.edge.sources import register_source, registered_schemes
 from mvld.edge.sources.base import Frame, SourceError
 
 log = logging.getLogger(__name__)
@@ -193,15 +192,3 @@ class OpenCVCamera:
 def open_camera(uri: str, **options: object) -> OpenCVCamera:
     """The registered factory for every camera scheme."""
     return OpenCVCamera(camera_spec(uri, **options))
-
-
-def register_camera_sources() -> None:
-    """Register the camera schemes with ``open_source`` (once; later calls do nothing).
-
-    Called by the capture layer when a node is given a camera URI (importing this module has
-    no side effect on the registry).
-    """
-    present = set(registered_schemes())
-    for scheme in CAMERA_SCHEMES:
-        if scheme not in present:
-            register_source(scheme, open_camera)

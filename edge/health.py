@@ -12,7 +12,7 @@ DeepStream, jetson-utils and commercial tamper detection (DESIGN.md section 4):
   the camera is healthy).
 
 Every frame gets a verdict from cheap features of a 160x120 grey copy (two INTER_AREA
-halvings, ~0.1 ms at 640x480) and a few full-resolution rows (sensor noise). Verdicts go
+halvings, ~0.1 ms at 640x480) and a few full-resolution rows (sensor noise, repeats). Verdicts go
 through hysteresis, like the "minimum duration" of Axis tampering alarms: a fault is
 declared only after it persists for several frames, and cleared only after several
 healthy frames. Capture-layer events (disconnect, read error, end of stream, stale,
@@ -120,7 +120,6 @@ class CameraHealth:
 class Features:
     """What one frame looks like to the monitor."""
 
-    grey: np.ndarray  # 120 x 160 uint8
     mean: float
     std: float
     bright_fraction: float
@@ -175,7 +174,7 @@ def extract_features(frame: np.ndarray) -> Features:
     laplacian = np.abs(cv2.Laplacian(grey, cv2.CV_32F))
     cell_texture = cv2.resize(laplacian, GRID, interpolation=cv2.INTER_AREA)
     cell_colour = cv2.resize(small, GRID, interpolation=cv2.INTER_AREA).astype(np.float32)
-    return Features(grey, mean, std, bright_fraction, noise_sigma(frame), cell_texture,
+    return Features(mean, std, bright_fraction, noise_sigma(frame), cell_texture,
                     cell_colour, grid_patches(grey))
 
 

@@ -7,7 +7,6 @@ signals, run :class:`~mvld.edge.node.EdgeNode`. Flags are documented in ``docs/E
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import socket
@@ -16,23 +15,13 @@ import threading
 from pathlib import Path
 
 from mvld.common.errors import ConfigError, MVLDError
+from mvld.common.logs import setup_logging
 from mvld.edge.capture import CaptureConfig
 from mvld.edge.encoder import registered_backends
 from mvld.edge.node import EdgeConfig, EdgeNode, default_model_path
 from mvld.edge.policy import RULES, TransmitPolicyConfig
 
 EXAMPLE = "mvld-edge --cams 0,1,2 --connect tcp://RECEIVER:5555"
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per log line (time, level, logger, message) for log collectors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": round(record.created, 3), "level": record.levelname,
-                 "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,15 +101,6 @@ def _numbers(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--priority expects camera numbers like 0,2, got {text!r}") from exc
 
 
-def setup_logging(json_lines: bool, verbose: bool) -> None:
-    """Log to stderr, as text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if json_lines else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler],
-                        force=True)
-
-
 def install_stop_signals(stop: threading.Event) -> None:
     """SIGINT and SIGTERM end the node cleanly (cameras released, sockets closed)."""
     def request_stop(signum: int, _frame: object) -> None:
@@ -134,7 +114,7 @@ def install_stop_signals(stop: threading.Event) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-edge``."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_json, args.verbose)
+    setup_logging(args.log_json, logging.DEBUG if args.verbose else logging.INFO)
     stop = threading.Event()
     try:
         node = EdgeNode(config_from_args(args))

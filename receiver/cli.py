@@ -7,14 +7,13 @@ SIGINT/SIGTERM. Every option is documented in ``docs/RECEIVER.md``.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
 
 from mvld.common.errors import MVLDError
+from mvld.common.logs import setup_logging
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS
-from mvld.receiver.observability import JsonLogFormatter
 from mvld.receiver.service import ReceiverConfig, ReceiverService
 
 
@@ -67,10 +66,7 @@ def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-receiver``."""
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if args.log_json else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
+    setup_logging(args.log_json, args.log_level)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -7,7 +7,6 @@ a plain copy of the drop counts for the periodic status line.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 from mvld.common.metrics import MetricsRegistry
 
-__all__ = ["DROP_REASONS", "JsonLogFormatter", "RateLimitedLogger", "ReceiverMetrics"]
+__all__ = ["DROP_REASONS", "RateLimitedLogger", "ReceiverMetrics"]
 
 DROP_REASONS = (
     "malformed",  # the wire decoder rejected the message (ProtocolError)
@@ -108,21 +107,3 @@ class RateLimitedLogger:
             args = (*args, suppressed)
         self.logger.warning(message, *args, extra={**(extra or {}), "suppressed": suppressed})
 
-
-_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the record's ``extra`` fields.
-
-    The same base fields as the edge's ``--log-json``; fields passed with ``extra=`` (a drop's
-    ``reason``, the status line's numbers) become keys, so log collectors need no parsing.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname,
-                                 "logger": record.name, "message": record.getMessage()}
-        entry.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)

@@ -35,8 +35,20 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    sys.stderr.write("mvld demo: not available in this release (planned in issue #9).\n")
-    return 2
+    from pathlib import Path
+
+    from mvld.common.errors import MVLDError
+    from mvld.demo import DemoConfig, run_demo
+
+    try:
+        config = DemoConfig(out=Path(args.out), seconds=args.seconds, fps=args.fps,
+                            model=Path(args.model) if args.model else None)
+        index = run_demo(config, progress=print)
+    except MVLDError as exc:
+        sys.stderr.write(f"mvld demo: error: {exc}\n")
+        return 2
+    print(f"report: {index}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="run an edge and a receiver on loopback with simulated cameras (issue #9)",
+        help="run an edge and a receiver on loopback with simulated cameras and faults",
+        description="Start mvld-receiver and mvld-edge as separate processes on 127.0.0.1 "
+        "with three simulated cameras; camera 1 stops for a while and camera 2 is covered "
+        "part-way. Writes OUT/index.html with figures (views over time, health timeline, "
+        "latency, bandwidth). No camera or GPU needed.",
     )
+    demo.add_argument("--out", default="mvld-demo", help="report folder (default ./mvld-demo)")
+    demo.add_argument("--seconds", type=float, default=40.0,
+                      help="seconds of streaming (default 40)")
+    demo.add_argument("--fps", type=float, default=10.0, help="frame sets per second (default 10)")
+    demo.add_argument("--model", help="model folder with last.json, last.safetensors and "
+                      "encoder.onnx (default: the shipped default model)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -1,0 +1,452 @@
+"""``mvld demo``: a receiver and an edge node as separate processes on loopback, with faults.
+
+The edge streams three cameras of the simulated rig (``sim://0..2``) through the real
+``mvld-edge`` code; camera 1 stops (its source fails and cannot be reopened for a while, then
+returns) and camera 2 gets covered part-way (``Occlusion`` from :mod:`mvld.edge.faults`). The
+edge CLI has no fault flags, so the edge process is ``python -m mvld.demo`` with extra argument
+parsing: it registers the ``demofault://`` source scheme (a ``sim://`` camera with a fault
+schedule in its query string) and then runs ``mvld.edge.cli.main`` unchanged.
+
+The receiver is the real ``mvld-receiver`` with ``--task publish``; the demo subscribes to the
+result stream, polls both processes' metrics endpoints, replays the (deterministic) simulated
+scene to get the true views, and hands everything to :mod:`mvld.report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import msgpack
+import numpy as np
+
+from mvld.common.errors import ConfigError, MVLDError
+from mvld.edge.sources.base import Frame, SourceError
+
+log = logging.getLogger(__name__)
+
+DEMO_SCHEME = "demofault"
+NODE_ID = "demo-node"
+SIM_OPTIONS = {"episode_frames": 1_000_000, "seed": 0}  # one continuous scene, no scene cuts
+COVER_FRACTION = 0.6
+COVER_SEED = 7
+RECEIVER_START_TIMEOUT_S = 150.0
+RESULT_HWM = 10_000
+# torch's intra-op threads spin-wait; on a small machine shared by the edge, the demo and other
+# jobs, more than one thread made the receiver 2-3x slower (measured: 4.4 vs 10 frame sets/s)
+RECEIVER_THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+
+Progress = Callable[[str], None]
+
+
+# -- the edge side: a simulated camera with a fault schedule ------------------------------------
+
+
+def _window(text: str | None) -> tuple[float, float] | None:
+    """``"A-B"`` (POSIX seconds) -> ``(A, B)``; None for no window."""
+    if not text:
+        return None
+    try:
+        start, end = (float(part) for part in text.split("-", 1))
+    except ValueError as exc:
+        raise ConfigError(f"fault window {text!r}: expected START-END in POSIX seconds") from exc
+    return start, end
+
+
+class DemoFaultSource:
+    """``sim://N`` whose source stops during ``stop`` and whose lens is covered during ``cover``.
+
+    Windows are absolute POSIX times, compared with each frame's capture time, so a reopened
+    source keeps the same schedule. ``clock`` names a JSON file that receives the scene's start
+    time (``timestamp - index / fps``) so that the demo can map capture times to scene ticks.
+    """
+
+    def __init__(self, uri: str, stop: str | None = None, cover: str | None = None,
+                 clock: str | None = None, **sim_options: object) -> None:
+        from mvld.edge.faults import Occlusion
+        from mvld.edge.sources.sim import open_sim
+
+        self.stop = _window(stop)
+        if self._stopped(time.time()):
+            raise SourceError(f"{uri}: camera stopped (demo fault)")
+        self.sim = open_sim("sim://" + uri.split("://", 1)[1].split("?", 1)[0], **sim_options)
+        self.cover = _window(cover)
+        self.occlusion = Occlusion(np.random.default_rng(COVER_SEED), COVER_FRACTION)
+        self.clock = Path(clock) if clock else None
+        self.uri = uri
+
+    def _stopped(self, when: float) -> bool:
+        return self.stop is not None and self.stop[0] <= when < self.stop[1]
+
+    def read(self, timeout_s: float = 1.0) -> Frame | None:
+        """The next simulated frame, covered or refused while its fault window is open."""
+        frame = self.sim.read(timeout_s)
+        if frame is None:
+            return None
+        if self._stopped(frame.timestamp):
+            raise SourceError(f"{self.uri}: camera stopped (demo fault)")
+        if self.clock is not None and not self.clock.exists():
+            start = frame.timestamp - frame.index / self.sim.options.fps
+            temporary = self.clock.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"start_wall": start, "fps": self.sim.options.fps}))
+            temporary.replace(self.clock)
+        if self.cover is not None and self.cover[0] <= frame.timestamp < self.cover[1]:
+            return dataclasses.replace(frame, image=self.occlusion.apply(frame.image))
+        return frame
+
+    def close(self) -> None:
+        """Release the shared simulated scene."""
+        self.sim.close()
+
+
+def open_demo_fault(uri: str, **options: object) -> DemoFaultSource:
+    """Factory for ``demofault://N?stop=A-B&cover=A-B&clock=PATH&<sim options>``."""
+    merged: dict[str, object] = dict(parse_qsl(urlsplit(uri).query))
+    merged.update(options)
+    return DemoFaultSource(uri, **merged)  # type: ignore[arg-type]
+
+
+def edge_main(argv: list[str]) -> int:
+    """``mvld-edge`` with the ``demofault://`` scheme registered (the demo's edge process)."""
+    from mvld.edge.cli import main as edge_cli_main
+    from mvld.edge.sources import register_source
+
+    register_source(DEMO_SCHEME, open_demo_fault)
+    return edge_cli_main(argv)
+
+
+# -- the demo run ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``mvld demo`` was asked for."""
+
+    out: Path = Path("mvld-demo")
+    seconds: float = 40.0
+    fps: float = 10.0
+    model: Path | None = None  # folder with last.json/.safetensors and encoder.onnx; None: shipped
+
+    def __post_init__(self) -> None:
+        if self.seconds < 5:
+            raise ConfigError(f"--seconds must be at least 5, got {self.seconds}")
+        if not 1 <= self.fps <= 30:
+            raise ConfigError(f"--fps must be within 1..30, got {self.fps}")
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """When the demo's faults happen, in seconds after the stream starts."""
+
+    stop_camera: int = 1
+    stop: tuple[float, float] = (0.0, 0.0)
+    cover_camera: int = 2
+    cover: tuple[float, float] = (0.0, 0.0)
+
+    @classmethod
+    def for_duration(cls, seconds: float) -> FaultPlan:
+        """Camera 1 stops from 25% to 55% of the run; camera 2 is covered from 45% to 85%."""
+        return cls(stop=(0.25 * seconds, 0.55 * seconds), cover=(0.45 * seconds, 0.85 * seconds))
+
+
+@dataclass
+class DemoRecord:
+    """Everything the demo collected; :mod:`mvld.report` turns it into figures."""
+
+    config: DemoConfig
+    plan: FaultPlan
+    start_wall: float  # POSIX time the stream's fault clock started
+    results: list[dict] = field(default_factory=list)  # the receiver's published results
+    edge_bytes: list[tuple[float, float]] = field(default_factory=list)  # (time, bytes sent)
+    edge_metrics: dict[str, float] = field(default_factory=dict)
+    receiver_metrics: dict[str, float] = field(default_factory=dict)
+    scene_clock: dict[str, float] = field(default_factory=dict)  # start_wall and fps of the scene
+    truth: dict[int, list[np.ndarray]] = field(default_factory=dict)  # tick -> true views
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format -> ``{"name{labels}": value}`` (comments skipped)."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                continue
+    return values
+
+
+def read_metrics(port: int, timeout_s: float = 2.0) -> dict[str, float] | None:
+    """The metrics a process serves on ``port``; None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
+            return parse_metrics(r.read().decode())
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+class ResultCollector:
+    """Subscribes to the receiver's result stream (``--task publish``) on its own thread."""
+
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, RESULT_HWM)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.connect(endpoint)
+        self.results: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-results", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._socket.poll(100):
+                self.results.append(msgpack.unpackb(self._socket.recv(), raw=False))
+
+    def close(self) -> None:
+        """Stop the thread and close the socket."""
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+        self._context.term()
+
+
+def _python_command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return text[-chars:]
+
+
+def _wait_for_metrics(process: subprocess.Popen, port: int, log_path: Path, what: str,
+                      timeout_s: float) -> None:
+    """Block until ``process`` serves metrics; MVLDError with its log if it exits or hangs."""
+    deadline = time.monotonic() + timeout_s
+    while read_metrics(port, 0.5) is None:
+        if process.poll() is not None:
+            raise MVLDError(f"{what} exited with status {process.returncode}:\n{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise MVLDError(f"{what} did not start within {timeout_s:.0f} s:\n{_tail(log_path)}")
+        time.sleep(0.2)
+
+
+def _stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it does not stop in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def check_model(model: Path | None) -> None:
+    """ConfigError naming what is missing when the model (default or given) is incomplete."""
+    from mvld.common.checkpoint import DEFAULT_MODEL, checkpoint_paths
+
+    folder = model if model is not None else DEFAULT_MODEL
+    missing = [path for path in (checkpoint_paths(folder)[0], folder / "encoder.onnx")
+               if not path.is_file()]
+    if missing:
+        where = "the shipped default model" if model is None else f"model folder {folder}"
+        raise ConfigError(
+            f"{where} is incomplete: missing {', '.join(str(p) for p in missing)}. "
+            "Pass --model DIR (a folder holding last.json, last.safetensors and encoder.onnx, "
+            "e.g. an mvld-train score run exported with mvld-export onnx into the same folder).")
+
+
+class DemoProcesses:
+    """The receiver and edge processes of one demo run, their ports and logs."""
+
+    def __init__(self, config: DemoConfig, plan: FaultPlan, start_wall: float) -> None:
+        self.config, self.plan, self.start_wall = config, plan, start_wall
+        self.logs = config.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.data_port, self.result_port = free_port(), free_port()
+        self.receiver_metrics_port, self.edge_metrics_port = free_port(), free_port()
+        self.clock_path = self.logs / "scene_clock.json"
+        self.receiver: subprocess.Popen | None = None
+        self.edge: subprocess.Popen | None = None
+
+    def _spawn(self, command: list[str], name: str, **env_extra: str) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "wb") as output:
+            env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
+            return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+
+    def start_receiver(self) -> None:
+        """The real mvld-receiver on the CPU, publishing its results with images."""
+        model = ["--model", str(self.config.model)] if self.config.model else []
+        self.receiver = self._spawn(_python_command(
+            "mvld.receiver.cli", "--gpu", "-1", "--bind", f"tcp://127.0.0.1:{self.data_port}",
+            "--task", f"publish:bind=tcp://127.0.0.1:{self.result_port},hwm={RESULT_HWM}",
+            "--metrics-port", str(self.receiver_metrics_port), "--status-every", "5",
+            "--max-age-ms", "3000", *model), "receiver", OMP_NUM_THREADS=RECEIVER_THREADS)
+        _wait_for_metrics(self.receiver, self.receiver_metrics_port, self.logs / "receiver.log",
+                          "mvld-receiver", RECEIVER_START_TIMEOUT_S)
+
+    def camera_uris(self) -> list[str]:
+        """``demofault://`` URIs: camera 1 stops, camera 2 gets covered, camera 0 stays healthy."""
+        fps = self.config.fps
+        uris = []
+        for camera in range(3):
+            query = {**SIM_OPTIONS, "fps": fps}
+            if camera == self.plan.stop_camera:
+                query["stop"] = "-".join(f"{self.start_wall + s:.3f}" for s in self.plan.stop)
+            if camera == self.plan.cover_camera:
+                query["cover"] = "-".join(f"{self.start_wall + s:.3f}" for s in self.plan.cover)
+            if camera == 0:
+                query["clock"] = str(self.clock_path)
+            uris.append(f"{DEMO_SCHEME}://{camera}?{urlencode(query)}")
+        return uris
+
+    def start_edge(self) -> None:
+        """The real mvld-edge code (via ``python -m mvld.demo``) streaming to the receiver."""
+        model = ["--model", str(self.config.model)] if self.config.model else []
+        self.edge = self._spawn(_python_command(
+            "mvld.demo", "--cams", ",".join(self.camera_uris()),
+            "--connect", f"tcp://127.0.0.1:{self.data_port}", "--node-id", NODE_ID,
+            "--fps", str(self.config.fps), "--max-age", str(max(0.25, 2.5 / self.config.fps)),
+            "--metrics-port", str(self.edge_metrics_port), "--backoff-max", "1",
+            "--status-every", "5", *model), "edge")
+        _wait_for_metrics(self.edge, self.edge_metrics_port, self.logs / "edge.log",
+                          "mvld-edge", 60.0)
+
+    def stop(self) -> None:
+        """Stop the edge first (so the receiver sees the stream's end), then the receiver."""
+        for process in (self.edge, self.receiver):
+            if process is not None:
+                _stop_process(process)
+
+
+def _progress_line(elapsed: float, seconds: float, results: list[dict]) -> str:
+    """One progress line: time, frame sets delivered, each camera's latest status/provenance."""
+    line = f"[{elapsed:5.1f}/{seconds:.0f} s] {len(results)} frame sets"
+    if results:
+        last = results[-1]
+        views = " ".join(f"{v['cam']}={v['status']}"
+                         f"{'(' + v['reason'] + ')' if v['status'] != 'ok' else ''}"
+                         f"->{v['provenance']}" for v in last["views"])
+        line += f" | {views} | latency {1000 * last['latency_s']:.0f} ms"
+    return line
+
+
+def _stream(processes: DemoProcesses, record: DemoRecord, collector: ResultCollector,
+            progress: Progress) -> None:
+    """Let the stream run for the configured time, polling metrics and reporting progress."""
+    seconds = record.config.seconds
+    next_line = 0.0
+    while (elapsed := time.time() - record.start_wall) < seconds:
+        assert processes.edge is not None and processes.receiver is not None
+        for process, name in ((processes.edge, "edge"), (processes.receiver, "receiver")):
+            if process.poll() is not None:
+                raise MVLDError(f"mvld-{name} exited early with status {process.returncode}:\n"
+                                + _tail(processes.logs / f"{name}.log"))
+        metrics = read_metrics(processes.edge_metrics_port)
+        if metrics is not None:
+            record.edge_bytes.append((time.time(), metrics.get("mvld_edge_bytes_sent_total", 0)))
+        if elapsed >= next_line:
+            progress(_progress_line(elapsed, seconds, collector.results))
+            next_line += 2.0
+        time.sleep(0.5)
+
+
+def replay_truth(record: DemoRecord, ticks: list[int]) -> None:
+    """Render the true views of ``ticks`` by replaying the deterministic simulated scene."""
+    from mvld.edge.simrig import SimRig
+    from mvld.edge.sources.sim import SimOptions
+
+    options = SimOptions(fps=record.config.fps, **SIM_OPTIONS)  # type: ignore[arg-type]
+    wanted = set(ticks)
+    with SimRig(options.rig_config()) as rig:
+        rig.reset(options.seed, 0)
+        for tick in range(max(wanted, default=-1) + 1):
+            if tick > 0:
+                rig.advance()
+            if tick in wanted:
+                record.truth[tick] = [view.copy() for view in rig.render().views]
+
+
+def scene_tick(record: DemoRecord, result: dict) -> int | None:
+    """The simulated scene's tick a result shows (from its views' capture times)."""
+    times = [v["capture_time"] for v in result["views"] if v["capture_time"] is not None]
+    if not times or not record.scene_clock:
+        return None
+    return round((max(times) - record.scene_clock["start_wall"]) * record.scene_clock["fps"])
+
+
+def run_demo(config: DemoConfig, progress: Progress = log.info) -> Path:
+    """Run the whole demo; return the path of the report's ``index.html``."""
+    from mvld.report import write_report
+
+    check_model(config.model)
+    config.out.mkdir(parents=True, exist_ok=True)
+    plan = FaultPlan.for_duration(config.seconds)
+    progress("starting mvld-receiver (loads the model; CPU) ...")
+    processes = DemoProcesses(config, plan, start_wall=0.0)
+    collector: ResultCollector | None = None
+    try:
+        processes.start_receiver()
+        collector = ResultCollector(f"tcp://127.0.0.1:{processes.result_port}")
+        processes.start_wall = time.time() + 3.0  # the fault clock starts once the edge is up
+        record = DemoRecord(config, plan, processes.start_wall)
+        progress(f"starting mvld-edge: 3 simulated cameras at {config.fps:g} FPS; cam1 stops "
+                 f"at {plan.stop[0]:.0f}-{plan.stop[1]:.0f} s, cam2 is covered at "
+                 f"{plan.cover[0]:.0f}-{plan.cover[1]:.0f} s")
+        processes.start_edge()
+        time.sleep(max(0.0, processes.start_wall - time.time()))
+        _stream(processes, record, collector, progress)
+        record.edge_metrics = read_metrics(processes.edge_metrics_port) or {}
+        _finish(processes, record, collector)
+    finally:
+        if collector is not None:
+            collector.close()
+        processes.stop()
+    progress(f"{len(record.results)} frame sets received; writing the report ...")
+    if processes.clock_path.exists():
+        record.scene_clock = json.loads(processes.clock_path.read_text())
+    ticks = [t for t in (scene_tick(record, r) for r in record.results) if t is not None]
+    replay_truth(record, sorted(set(ticks)))
+    return write_report(record, config.out)
+
+
+def _finish(processes: DemoProcesses, record: DemoRecord, collector: ResultCollector) -> None:
+    """Stop the edge, let the receiver drain, keep its final metrics and the results."""
+    assert processes.edge is not None
+    _stop_process(processes.edge)
+    time.sleep(1.0)
+    record.receiver_metrics = read_metrics(processes.receiver_metrics_port) or {}
+    record.results = [r for r in collector.results if r["node"] == NODE_ID]
+    record.results.sort(key=lambda r: r["seq"])
+
+
+if __name__ == "__main__":
+    sys.exit(edge_main(sys.argv[1:]))

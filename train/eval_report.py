@@ -20,7 +20,7 @@ from mvld.train.evaluation import EvalResult, GridExample
 
 log = logging.getLogger(__name__)
 
-GRID_SCALE, GAP, HEADER = 2, 6, 18
+GRID_SCALE, GAP, INNER_GAP, HEADER = 1, 6, 2, 18
 ALL = "all patterns (pooled)"
 
 
@@ -117,8 +117,16 @@ def _tile(image: np.ndarray) -> np.ndarray:
     return np.repeat(np.repeat(image, GRID_SCALE, 0), GRID_SCALE, 1)
 
 
-def _gap(height: int) -> np.ndarray:
-    return np.full((height, GAP, 3), 255, np.uint8)
+def _gap(height: int, width: int = GAP) -> np.ndarray:
+    return np.full((height, width, 3), 255, np.uint8)
+
+
+def _join(tiles: list[np.ndarray]) -> np.ndarray:
+    """Tiles side by side with a thin white line between them."""
+    parts = [tiles[0]]
+    for tile in tiles[1:]:
+        parts += [_gap(tile.shape[0], INNER_GAP), tile]
+    return np.concatenate(parts, 1)
 
 
 def grid_image(example: GridExample) -> np.ndarray:
@@ -127,7 +135,7 @@ def grid_image(example: GridExample) -> np.ndarray:
     for r in range(len(example.stems)):
         groups = [list(example.observed[r]), list(example.truth[r])]
         groups += [list(sample) for sample in example.samples[r]]
-        tiles = [np.concatenate([_tile(v) for v in group], 1) for group in groups]
+        tiles = [_join([_tile(v) for v in group]) for group in groups]
         height = tiles[0].shape[0]
         row = [tiles[0]]
         for tile in tiles[1:]:
@@ -136,7 +144,7 @@ def grid_image(example: GridExample) -> np.ndarray:
     width = rows[0].shape[1]
     header = np.full((HEADER, width, 3), 255, np.uint8)
     cv2.putText(header, f"observed | true ({example.pattern}) | samples", (2, HEADER - 5),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+                cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
     spacer = np.full((GAP, width, 3), 255, np.uint8)
     parts = [header]
     for row in rows:

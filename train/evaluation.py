@@ -19,6 +19,7 @@ the complete frame sets of the training scenes. ``tradeoff`` adds bytes per fram
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import platform
@@ -109,10 +110,8 @@ class EvalConfig:
 
 def missing_patterns(views: int) -> list[tuple[bool, ...]]:
     """Presence masks with at least one view observed and one missing, fewest missing first."""
-    masks = [tuple(bool(bit) for bit in np.unravel_index(i, (2,) * views))
-             for i in range(2**views)]
-    masks = [m for m in masks if any(m) and not all(m)]
-    return sorted(masks, key=lambda m: (sum(not p for p in m), [p for p in m]), reverse=False)
+    masks = [m for m in itertools.product((False, True), repeat=views) if any(m) and not all(m)]
+    return sorted(masks, key=lambda m: (sum(not p for p in m), m))
 
 
 def pattern_name(mask: tuple[bool, ...], cameras: list[str]) -> str:

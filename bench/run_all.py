@@ -34,6 +34,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
 DEFAULT_MODEL = ROOT / "common" / "assets" / "default_model"
+# where docs/MODEL.md's recipe leaves the default model's training set and its latent cache
+TRAINING_DATA = ROOT / "runs" / "sim3x64"
+TRAINING_LATENTS = ROOT / "runs" / "score64" / "latents.safetensors"
 MAX_ROWS = 40
 
 
@@ -67,7 +70,7 @@ BENCHES = (
     Bench("receiver", "bench_receiver.py", "Receiver: latency and saturation",
           quick=("--seconds", "3")),
     Bench("default_model", "bench_default_model.py", "The default model on held-out scenes",
-          quick=("--no-imputation",), needs_data=True),
+          needs_data=True),
 )
 
 
@@ -109,7 +112,11 @@ def command_for(bench: Bench, quick: bool, out: Path, data: Path | None) -> list
     """The command line that runs ``bench`` (relative paths, as printed in RESULTS.md)."""
     args = list(bench.quick if quick else bench.full)
     if bench.needs_data and data is not None:
-        args = ["--data", str(data), *args]
+        resolved = data.resolve()
+        shown = resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved
+        args = ["--data", str(shown), *args]
+        if resolved == TRAINING_DATA and TRAINING_LATENTS.is_file():
+            args += ["--latents", str(TRAINING_LATENTS.relative_to(ROOT))]
     return ["nice", "-n", "10", "python", f"bench/{bench.script}", *args, bench.out_flag,
             str(out.relative_to(ROOT))]
 
@@ -119,7 +126,8 @@ def skip_reason(bench: Bench, data: Path | None) -> str | None:
     if not bench.needs_data:
         return None
     if data is None:
-        return "needs a labelled dataset: pass --data DIR (e.g. one rendered by mvld-data)"
+        return (f"needs the model's labelled dataset: pass --data DIR (docs/MODEL.md renders "
+                f"it to {TRAINING_DATA.relative_to(ROOT)})")
     if not (DEFAULT_MODEL / "last.json").is_file():
         return f"the default model is not installed ({DEFAULT_MODEL})"
     return None
@@ -284,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (under 10 minutes)")
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
-    parser.add_argument("--data", type=Path, help="labelled dataset for bench_default_model")
+    parser.add_argument("--data", type=Path,
+                        default=TRAINING_DATA if TRAINING_DATA.is_dir() else None,
+                        help="labelled dataset for bench_default_model (default: "
+                             f"{TRAINING_DATA.relative_to(ROOT)} when it exists)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per benchmark (default 240 quick, 3600 full)")
     parser.add_argument("--no-markdown", action="store_true", help="do not touch RESULTS.md")
@@ -312,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_all: {bench.name}: {record['status']} {record.get('seconds', '')}",
               flush=True)
     report["total_seconds"] = round(time.monotonic() - start, 1)
+    if args.only and summary.exists():  # a partial run updates the last full one
+        previous = json.loads(summary.read_text())
+        if previous.get("quick") == args.quick:
+            report["benchmarks"] = previous["benchmarks"] | report["benchmarks"]
+            report["command"] += f" (updating {previous['command']} of {previous['started']})"
     summary.write_text(json.dumps(report, indent=1))
     if not args.no_markdown:
         write_results_md(report)

@@ -9,10 +9,10 @@ average when it started, and gathers everything into ``bench/results/all.json`` 
 the benchmarks' own JSON files of quick runs go to ``bench/results/quick/``, so they never
 overwrite the full runs the other documents cite).
 
-docs/RESULTS.md is shared: this script owns only the blocks between ``<!-- BEGIN run_all:... -->``
-/ ``<!-- BEGIN bench:NAME -->`` and their ``END`` markers and replaces them in place (new ones are
-appended); everything else in the file (e.g. the "Imputation (issue 5)" section written by
-``mvld-eval``) is kept byte for byte.
+docs/RESULTS.md is shared: this script owns only the blocks from a line ending in
+``<!-- BEGIN run_all:header -->`` / ``<!-- BEGIN bench:NAME -->`` to the matching ``END`` marker
+and replaces them in place (new ones are appended); everything else in the file (e.g. the
+"Imputation (issue 5)" section written by ``mvld-eval --results``) is kept byte for byte.
 """
 
 from __future__ import annotations
@@ -267,10 +267,16 @@ def header_section(report: dict[str, Any]) -> str:
 
 
 def replace_block(text: str, key: str, body: str) -> str:
-    """Replace the ``<!-- BEGIN key -->`` ... ``<!-- END key -->`` block, or append it."""
+    """Replace the block marked ``<!-- BEGIN key -->`` ... ``<!-- END key -->``, or append it.
+
+    The BEGIN marker ends the block's first line (its heading), so that a tool that replaces
+    another "## " section up to the next "## " heading (mvld-eval --results) keeps it.
+    """
     begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    first, _, rest = body.strip("\n").partition("\n")
+    block = f"{first} {begin}\n{rest}\n{end}"
+    pattern = re.compile(r"^[^\n]*" + re.escape(begin) + r".*?" + re.escape(end),
+                         re.DOTALL | re.MULTILINE)
     if pattern.search(text):
         return pattern.sub(lambda _: block, text, count=1)
     if key == "run_all:header":

@@ -6,7 +6,7 @@ Subpackages are discovered with ``find_packages`` so a new folder can never be
 silently left out of the wheel (a hand-written list would drop it).
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 STAGE_FOLDERS = {
     "mvld": "mvld",
@@ -18,7 +18,7 @@ STAGE_FOLDERS = {
 }
 
 
-def _packages() -> list[str]:
+def _code_packages() -> list[str]:
     found = []
     for package, folder in STAGE_FOLDERS.items():
         found.append(package)
@@ -26,9 +26,17 @@ def _packages() -> list[str]:
     return found
 
 
+def _data_packages() -> list[str]:
+    """Folders named ``assets`` (shipped models) and everything below them."""
+    found = []
+    for package, folder in STAGE_FOLDERS.items():
+        subs = find_namespace_packages(folder, include=["assets", "assets.*"])
+        found += [f"{package}.{sub}" for sub in subs]
+    return found
+
+
 setup(
-    packages=_packages(),
+    packages=_code_packages() + _data_packages(),
     package_dir=STAGE_FOLDERS,
-    package_data={package: ["*.json", "assets/*", "assets/**/*"] for package in STAGE_FOLDERS},
-    include_package_data=True,
+    package_data={package: ["*"] for package in _data_packages()},
 )

@@ -88,3 +88,17 @@ def test_wheel_declares_every_console_script(built_wheel: Path) -> None:
     for script in ("mvld", "mvld-edge", "mvld-receiver", "mvld-export", "mvld-train",
                    "mvld-eval", "mvld-data"):
         assert f"\n{script} = " in "\n" + entry_points, script
+
+
+def test_wheel_holds_every_shipped_asset(built_wheel: Path) -> None:
+    """The default model files under each ``assets/`` folder travel in the wheel."""
+    names = set(zipfile.ZipFile(built_wheel).namelist())
+    assets = [
+        "/".join([*package.split("."), *path.relative_to(REPO_ROOT / folder).parts])
+        for package, folder in STAGE_FOLDERS.items()
+        for path in (REPO_ROOT / folder).glob("assets/**/*")
+        if path.is_file() and "__pycache__" not in path.parts
+    ]
+    assert "mvld/common/assets/default_model/encoder.onnx" in assets
+    missing = [a for a in assets if a not in names]
+    assert not missing, f"assets missing from the wheel: {missing}"

@@ -142,7 +142,7 @@ class LatentPublisher:
         heartbeat_ivl_ms: int = 1000,
         heartbeat_timeout_ms: int = 3000,
         reconnect_ivl_ms: int = 100,
-        reconnect_ivl_max_ms: int = 5000,
+        reconnect_ivl_max_ms: int = 1000,
     ) -> None:
         self.endpoints = _check_endpoints(endpoints)
         self.sent = 0

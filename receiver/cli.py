@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-age-ms", type=float, default=1000.0, help="older frame sets are dropped")
     add("--max-nodes", type=int, default=256, help="edge nodes tracked at once")
     add("--cameras", help="comma-separated camera id per model view (default cam0,cam1,...)")
+    add("--threads", type=int, help="torch CPU threads (default: all cores; on a busy CPU "
+                                    "1 is often faster)")
     add("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     add("--status-every", type=float, default=10.0, metavar="S", help="status line period")
     add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -60,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
         max_wait_ms=args.max_wait_ms, backlog_per_node=args.backlog, max_age_ms=args.max_age_ms,
         max_nodes=args.max_nodes,
         cameras=tuple(c.strip() for c in args.cameras.split(",")) if args.cameras else (),
-        metrics_port=args.metrics_port, status_every_s=args.status_every)
+        metrics_port=args.metrics_port, status_every_s=args.status_every, threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,7 @@ class ReceiverConfig:
     cameras: tuple[str, ...] = ()  # camera id of each model view; default cam0..cam{V-1}
     metrics_port: int | None = None
     status_every_s: float = 10.0
+    threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
 
     def __post_init__(self) -> None:
         if (self.keys is None) != (self.allow is None):
@@ -66,6 +67,8 @@ class ReceiverConfig:
                     "--max-batch": self.max_batch, "--backlog": self.backlog_per_node,
                     "--max-age-ms": self.max_age_ms, "--max-nodes": self.max_nodes,
                     "--status-every": self.status_every_s}
+        if self.threads is not None:
+            positive["--threads"] = self.threads
         for flag, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{flag} must be > 0, got {value}")
@@ -95,6 +98,8 @@ class ReceiverService:
     def __init__(self, config: ReceiverConfig, *, model: MVLDModel | None = None,
                  extra_hooks: Sequence[tuple[str, Hook]] = ()) -> None:
         self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.metrics = ReceiverMetrics()
         self.device = select_device(config.gpu)
         if model is None:

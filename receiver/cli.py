@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--backlog", type=int, default=4, help="frame sets kept per node, newest first")
     add("--max-age-ms", type=float, default=1000.0, help="older frame sets are dropped")
     add("--max-nodes", type=int, default=256, help="edge nodes tracked at once")
+    add("--max-rate", type=float, default=120.0,
+        help="frame sets per second accepted from one node (its CurveZMQ key, else its node "
+             "id); faster ones are dropped and counted; 0 = no limit (default 120)")
     add("--cameras", help="comma-separated camera id per model view (default cam0,cam1,...)")
     add("--threads", type=int, help="torch CPU threads (default: all cores; on a busy CPU "
                                     "1 is often faster)")
@@ -62,7 +65,8 @@ def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
         max_wait_ms=args.max_wait_ms, backlog_per_node=args.backlog, max_age_ms=args.max_age_ms,
         max_nodes=args.max_nodes,
         cameras=tuple(c.strip() for c in args.cameras.split(",")) if args.cameras else (),
-        metrics_port=args.metrics_port, status_every_s=args.status_every, threads=args.threads)
+        metrics_port=args.metrics_port, status_every_s=args.status_every, threads=args.threads,
+        max_rate=args.max_rate)
 
 
 def main(argv: list[str] | None = None) -> int:

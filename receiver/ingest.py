@@ -24,6 +24,7 @@ from mvld.common.errors import ConfigError, ProtocolError
 from mvld.common.transport import LatentSubscriber
 from mvld.common.wire import FrameSetMessage, ViewRecord, WireLimits, decode_frameset
 from mvld.receiver.observability import RateLimitedLogger, ReceiverMetrics
+from mvld.receiver.rate_limit import RateLimiter
 
 __all__ = ["CameraLayout", "Ingest", "NodeBacklog", "PendingFrameSet", "RejectionError"]
 
@@ -203,9 +204,11 @@ class Ingest:
 
     def __init__(self, subscriber: LatentSubscriber, layout: CameraLayout, fingerprint: str,
                  backlog: NodeBacklog, metrics: ReceiverMetrics, *,
-                 limits: WireLimits | None = None, warn_interval_s: float = 5.0) -> None:
+                 limits: WireLimits | None = None, warn_interval_s: float = 5.0,
+                 rate_limiter: RateLimiter | None = None) -> None:
         self.subscriber, self.layout, self.fingerprint = subscriber, layout, fingerprint
         self.backlog, self.metrics = backlog, metrics
+        self.rate_limiter = rate_limiter
         self.limits = limits or WireLimits()
         self.warnings = RateLimitedLogger(log, warn_interval_s)
         self._node_keys: dict[str, str] = {}  # node id -> the Curve key that first used it
@@ -221,6 +224,9 @@ class Ingest:
             raise RejectionError("fingerprint", f"node {message.node_id!r}: encoder fingerprint "
                                           f"{message.encoder_fingerprint[:16]}... is not the "
                                           f"model's {self.fingerprint[:16]}...")
+        if client_key is None and not self._within_rate(f"node:{message.node_id}"):
+            raise RejectionError("rate", f"node {message.node_id!r} sends faster than the "
+                                         "per-node rate limit")
         if client_key is not None:
             bound = self._node_keys.get(message.node_id)
             if bound is None and len(self._node_keys) < _MAX_BOUND_KEYS:
@@ -234,6 +240,9 @@ class Ingest:
         """Check and queue one message; count and log a drop. Never raises for any input."""
         self.metrics.received.inc()
         try:
+            if client_key is not None and not self._within_rate(f"key:{client_key}"):
+                raise RejectionError("rate", f"CurveZMQ key {client_key[:8]}... sends faster "
+                                             "than the per-node rate limit")
             item = self.check(data, client_key, receive_time)
         except RejectionError as rejected:
             self.metrics.drop(rejected.reason)
@@ -246,6 +255,10 @@ class Ingest:
             return False
         self.metrics.accepted.inc()
         return self.backlog.put(item)
+
+    def _within_rate(self, sender: str) -> bool:
+        """Authenticated links are limited per key before decoding, others per node id."""
+        return self.rate_limiter is None or self.rate_limiter.allow(sender)
 
     def poll(self, timeout_ms: int) -> bool:
         """Receive and handle at most one message; False if none arrived in ``timeout_ms``."""

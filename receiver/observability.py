@@ -23,6 +23,7 @@ DROP_REASONS = (
     "latent_shape",  # latent size differs from the model's latent dimension
     "node_key",  # a node id already bound to another CurveZMQ key
     "too_many_nodes",  # more active nodes than the receiver tracks
+    "rate",  # the sender exceeded the per-node rate limit (--max-rate)
     "superseded",  # pushed out of a full per-node backlog by a newer frame set
     "stale",  # older than the maximum age when its turn came
     "internal_error",  # a bug on the receiver side; logged with its traceback

@@ -30,6 +30,7 @@ from mvld.receiver.hooks import Hook, HookRunner, build_hooks
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS, Imputer, Provenance
 from mvld.receiver.ingest import Ingest, NodeBacklog, PendingFrameSet, camera_layout
 from mvld.receiver.observability import ReceiverMetrics
+from mvld.receiver.rate_limit import RateLimiter
 from mvld.receiver.results import FrameSetResult
 
 __all__ = ["ReceiverConfig", "ReceiverService", "format_status", "select_device"]
@@ -59,6 +60,7 @@ class ReceiverConfig:
     metrics_port: int | None = None
     status_every_s: float = 10.0
     threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
+    max_rate: float = 120.0  # frame sets per second per node (token bucket); 0 = no limit
 
     def __post_init__(self) -> None:
         if (self.keys is None) != (self.allow is None):
@@ -69,6 +71,8 @@ class ReceiverConfig:
                     "--status-every": self.status_every_s}
         if self.threads is not None:
             positive["--threads"] = self.threads
+        if self.max_rate < 0:
+            raise ConfigError(f"--max-rate must be >= 0 (0 = no limit), got {self.max_rate}")
         for flag, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{flag} must be > 0, got {value}")
@@ -134,8 +138,9 @@ class ReceiverService:
         self.backlog = NodeBacklog(self.metrics, per_node=config.backlog_per_node,
                                    max_nodes=config.max_nodes,
                                    max_age_s=config.max_age_ms / 1000.0)
+        limiter = RateLimiter(config.max_rate) if config.max_rate > 0 else None
         self.ingest = Ingest(self.subscriber, self.layout, self.model.fingerprint, self.backlog,
-                             self.metrics)
+                             self.metrics, rate_limiter=limiter)
         self.batcher = MicroBatcher(self.backlog, max_batch=config.max_batch,
                                     max_wait_s=config.max_wait_ms / 1000.0)
         if config.metrics_port is not None:

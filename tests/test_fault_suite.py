@@ -311,7 +311,10 @@ def test_tenfold_overload_is_bounded_and_counted(tmp_path: Path) -> None:
     # kept: the newest frame sets, with bounded latency and memory
     assert len(lines) == metrics[COMPLETED] and len(lines) >= 20
     assert np.percentile(latency, 99) < 1.5, f"p99 latency {np.percentile(latency, 99):.2f} s"
-    assert max(rss) - min(rss) < 40, f"receiver memory grew {max(rss) - min(rss):.0f} MiB"
+    # the first sample precedes the first batches (torch's allocator warms up within a second,
+    # e.g. 335 -> 379 MiB); from then on memory must stay flat whatever the load
+    steady = rss[1:]
+    assert max(steady) - min(steady) < 20, f"receiver memory grew {steady} MiB under load"
 
 
 # -- CurveZMQ: a node with a wrong or missing key ---------------------------------------------

@@ -12,20 +12,14 @@ import onnx
 import pytest
 import torch
 from model_fixtures import write_tiny_rig
+from receiver_fixtures import LATENT, SIZE, VIEWS, make_tiny_model
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
 from mvld.common.checkpoint import (
-    LatentStats,
-    MVLDModel,
-    encoder_fingerprint,
     load_mvld_model,
     save_autoencoder,
     save_mvld_model,
 )
 from mvld.common.errors import ConfigError
-from mvld.common.preprocess import PreprocessConfig
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
 from mvld.export.cli import EXIT_INVALID, EXIT_OK, EXIT_PARITY
 from mvld.export.cli import main as export_main
 from mvld.export.onnx_export import (
@@ -42,21 +36,6 @@ from mvld.export.onnx_files import (
     ort_session,
     read_onnx,
 )
-
-SIZE, LATENT, VIEWS = 32, 16, 3
-
-
-def make_tiny_model(seed: int = 0) -> MVLDModel:
-    """A randomly initialised model small enough to export in a second."""
-    torch.manual_seed(seed)
-    autoencoder = Autoencoder(AutoencoderConfig(image_size=SIZE, latent_dim=LATENT,
-                                                channels=(8, 16))).eval()
-    score_net = ScoreNet(ScoreNetConfig(num_views=VIEWS, latent_dim=LATENT, widths=(32, 16),
-                                        time_dim=16)).eval()
-    torch.nn.init.normal_(score_net.output.weight, std=0.1)  # zero-initialised otherwise
-    stats = LatentStats(torch.randn(VIEWS, LATENT) * 0.1, torch.rand(VIEWS, LATENT) + 0.5)
-    return MVLDModel(PreprocessConfig(height=SIZE, width=SIZE), autoencoder, score_net, VPSDE(),
-                     stats, encoder_fingerprint(autoencoder.encoder))
 
 
 @pytest.fixture(scope="module")

@@ -39,18 +39,9 @@ from mvld.common.preprocess import PreprocessConfig, preprocess_images
 from mvld.common.score_net import ScoreNet, ScoreNetConfig
 from mvld.common.sde import VPSDE
 from mvld.export.onnx_export import ExportOptions, export_model
+from mvld.hardware import cpu_name
 
 BATCHES = (1, 3, 64)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def default_model() -> MVLDModel:

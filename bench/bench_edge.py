@@ -43,21 +43,12 @@ from mvld.common.transport import LatentSubscriber
 from mvld.common.wire import decode_frameset
 from mvld.edge.faults import SyntheticCamera
 from mvld.export.onnx_export import ExportOptions, export_model
+from mvld.hardware import cpu_name
 
 CAMERAS = 3
 FPS = 30
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 RUN_CLI = "import sys; from mvld.edge.cli import main; sys.exit(main())"
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def build_model(work: Path) -> tuple[Path, Path, int]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -52,23 +51,13 @@ from mvld.common.score_net import ScoreNet, ScoreNetConfig
 from mvld.common.sde import VPSDE
 from mvld.common.transport import LatentPublisher
 from mvld.common.wire import FrameSetMessage, ReasonCode, ViewRecord, ViewStatus, encode_frameset
+from mvld.hardware import cpu_name
 from mvld.receiver.imputation import Imputer
 from mvld.receiver.results import FrameSetResult
 from mvld.receiver.service import ReceiverConfig, ReceiverService
 
 RUN_EDGE = "import sys; from mvld.edge.cli import main; sys.exit(main())"
 FPS = 30
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def model_checkpoint(path: str | None, work: Path) -> tuple[Path, str]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mvld.hardware import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
 DEFAULT_MODEL = ROOT / "common" / "assets" / "default_model"
@@ -76,11 +78,7 @@ BENCHES = (
 
 def hardware() -> dict[str, Any]:
     """CPU model, cores, memory, GPU and load average now."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        cpu = found.group(1).strip() if found else cpu
+    cpu = cpu_name()
     gpu = "none"
     if shutil.which("nvidia-smi"):
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)

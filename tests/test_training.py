@@ -106,6 +106,16 @@ def test_autoencoder_training_improves_reconstruction(trained_ae: Path) -> None:
     assert preprocess.height == 32 and autoencoder.config.latent_dim == 16
 
 
+def test_best_checkpoint_is_the_best_validation(trained_ae: Path) -> None:
+    """``best`` holds the step with the highest validation PSNR, not merely the last one."""
+    out = trained_ae.parent
+    records = _metrics(out)
+    best_record = max(records, key=lambda record: record["val_psnr"])
+    best = json.loads((out / "best.json").read_text())
+    assert best["step"] == best_record["step"]
+    assert (out / "best.safetensors").stat().st_size > 0
+
+
 def test_score_training_lowers_the_conditional_loss(rig: Path, trained_ae: Path,
                                                     tmp_path: Path) -> None:
     path = train_score(tiny_score_config(rig, trained_ae, tmp_path, steps=60, val_every=20), CPU)

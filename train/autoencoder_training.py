@@ -5,7 +5,6 @@ reconstruction loss; views of all cameras are pooled, since one encoder serves t
 """
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,12 @@ from mvld.train.config import AETrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
 from mvld.train.frames import FrameArrays, load_frame_arrays, split_train_val
 from mvld.train.loop import EpochSampler, run_loop, set_learning_rate
-from mvld.train.state import TrainingState, load_training_state, save_training_state
+from mvld.train.state import (
+    TrainingState,
+    load_training_state,
+    promote_to_best,
+    save_training_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +108,7 @@ def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
         save_training_state(out / "last", TrainingState(
             step=step, modules={}, optimizer=optimizer.state_dict(), info={"best": best}))
         if improved:
-            for source in checkpoint_paths(out / "last"):
-                shutil.copyfile(source, out / source.name.replace("last", "best", 1))
+            promote_to_best(out)
 
     run_loop(ctx=ctx, start_step=start_step, steps=config.steps,
              samples_per_step=config.batch_size, val_every=config.val_every,

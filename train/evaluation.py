@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from mvld.common.checkpoint import DEFAULT_MODEL, MVLDModel, checkpoint_paths, load_mvld_model
 from mvld.common.errors import ConfigError, DatasetError
 from mvld.common.preprocess import PreprocessConfig, postprocess_images, preprocess_images
+from mvld.hardware import cpu_name
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS, Imputer
 from mvld.receiver.sampler import sampler_names
 from mvld.train.baselines import LatentBaseline, MeanLatent, NearestNeighbour, RidgeRegressor
@@ -501,13 +501,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
 def hardware(device: str) -> dict:
     """Where the numbers were measured: CPU model, cores, torch, threads, device."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    info = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "device": device,
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -7,7 +7,6 @@ missing dimensions, rescaled by D / D_missing, i.e. the mean over the missing di
 """
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -34,7 +33,12 @@ from mvld.train.latents import (
     save_latent_cache,
 )
 from mvld.train.loop import EpochSampler, run_loop, set_learning_rate, step_generator
-from mvld.train.state import TrainingState, load_training_state, save_training_state
+from mvld.train.state import (
+    TrainingState,
+    load_training_state,
+    promote_to_best,
+    save_training_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +166,7 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
             step=step, modules={"score_net": score_net.state_dict()},
             optimizer=optimizer.state_dict(), info={"best": best}))
         if improved:
-            for source in checkpoint_paths(out / "last"):
-                shutil.copyfile(source, out / source.name.replace("last", "best", 1))
+            promote_to_best(out)
 
     run_loop(ctx=ctx, start_step=start_step, steps=config.steps,
              samples_per_step=config.batch_size, val_every=config.val_every,

@@ -6,6 +6,7 @@ hyper-parameters go into the file's string metadata as JSON.
 """
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,9 @@ def load_training_state(checkpoint: str | Path) -> TrainingState:
     optimizer = _unflatten_optimizer(optimizer_tensors, meta["optimizer"])
     return TrainingState(step=int(meta["step"]), modules=modules, optimizer=optimizer,
                          info=meta["info"])
+
+
+def promote_to_best(out: Path) -> None:
+    """Copy the model files of ``out/last`` to ``out/best`` (after a better validation)."""
+    for source in checkpoint_paths(out / "last"):
+        shutil.copyfile(source, out / source.name.replace("last", "best", 1))

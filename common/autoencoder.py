@@ -2,7 +2,8 @@
 
 As in MLD's PolyMNIST autoencoder: stride-2 convolutions, a linear map to the latent,
 and a mirrored decoder; one encoder/decoder pair serves every view of a rig, so one
-exported engine encodes a batch of cameras. Input is the output of
+exported engine encodes a batch of cameras. ``res_blocks`` adds residual 3x3 blocks at
+every resolution (the decoder's capacity is what sharpens reconstructions). Input is the output of
 ``mvld.common.preprocess.preprocess_images``: float ``[N, 3, H, W]`` in the configured range.
 """
 
@@ -20,9 +21,10 @@ class AutoencoderConfig:
     """Architecture of the autoencoder; stored in every checkpoint."""
 
     image_size: int = 64  # square input, side divisible by 2 ** len(channels)
-    latent_dim: int = 64  # latent size per view
-    channels: tuple[int, ...] = field(default=(32, 64, 64))  # one stride-2 stage each
+    latent_dim: int = 128  # latent size per view
+    channels: tuple[int, ...] = field(default=(48, 96, 128))  # one stride-2 stage each
     in_channels: int = 3
+    res_blocks: int = 0  # residual blocks per stage, in the encoder and the decoder
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -34,6 +36,8 @@ class AutoencoderConfig:
             )
         if self.latent_dim < 1:
             raise ConfigError("latent_dim must be positive")
+        if self.res_blocks < 0:
+            raise ConfigError("res_blocks must be >= 0")
 
     @property
     def bottleneck_size(self) -> int:
@@ -59,6 +63,19 @@ def _groups(channels: int) -> int:
     return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
+class ResBlock(nn.Module):
+    """``x + conv(SiLU(GN(conv(SiLU(GN(x))))))`` at a fixed resolution and width."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(_groups(width), width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(_groups(width), width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class Encoder(nn.Module):
     """Images ``[N, C, H, W]`` -> latents ``[N, latent_dim]``."""
 
@@ -68,6 +85,7 @@ class Encoder(nn.Module):
         previous = config.in_channels
         for width in config.channels:
             layers += [nn.Conv2d(previous, width, 4, stride=2, padding=1),
+                       *(ResBlock(width) for _ in range(config.res_blocks)),
                        nn.GroupNorm(_groups(width), width), nn.SiLU()]
             previous = width
         self.features = nn.Sequential(*layers)
@@ -90,7 +108,8 @@ class Decoder(nn.Module):
         # Mirror of the encoder; the last transposed convolution writes the image directly
         # (a full-resolution conv after it would double the cost of a step on CPU).
         for width, following in zip(widths, [*widths[1:], config.in_channels], strict=True):
-            layers += [nn.GroupNorm(_groups(width), width), nn.SiLU(),
+            layers += [*(ResBlock(width) for _ in range(config.res_blocks)),
+                       nn.GroupNorm(_groups(width), width), nn.SiLU(),
                        nn.ConvTranspose2d(width, following, 4, stride=2, padding=1)]
         self.features = nn.Sequential(*layers)
 

@@ -22,8 +22,8 @@ class ScoreNetConfig:
     """Architecture of the score network; stored in every checkpoint."""
 
     num_views: int = 3
-    latent_dim: int = 64  # per view
-    widths: tuple[int, ...] = field(default=(512, 256, 128))  # down path, widest first
+    latent_dim: int = 128  # per view
+    widths: tuple[int, ...] = field(default=(1024, 512, 256))  # down path, widest first
     time_dim: int = 128
     groups: int = 8
 

@@ -60,6 +60,20 @@ def test_autoencoder_shapes_and_cpu_sized_parameter_count(size: int, channels: t
     assert 500_000 <= count <= 1_000_000, count
 
 
+def test_residual_blocks_keep_shapes_and_old_configs_load_without_them() -> None:
+    config = AutoencoderConfig(image_size=32, latent_dim=16, channels=(8, 16), res_blocks=2)
+    model = Autoencoder(config)
+    images = torch.randn(2, 3, 32, 32)
+    assert model.encoder(images).shape == (2, 16) and model(images).shape == images.shape
+    plain = Autoencoder(AutoencoderConfig(image_size=32, latent_dim=16, channels=(8, 16)))
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in plain.parameters())
+    assert AutoencoderConfig.from_dict(config.to_dict()) == config
+    saved_before = {k: v for k, v in plain.config.to_dict().items() if k != "res_blocks"}
+    assert AutoencoderConfig.from_dict(saved_before).res_blocks == 0
+    with pytest.raises(ConfigError, match="res_blocks"):
+        AutoencoderConfig(res_blocks=-1)
+
+
 def test_autoencoder_rejects_an_indivisible_image_size() -> None:
     with pytest.raises(ConfigError, match="divisible"):
         AutoencoderConfig(image_size=60, channels=(8, 16, 32))

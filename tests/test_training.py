@@ -14,6 +14,7 @@ from mvld.common.score_net import ScoreNet, ScoreNetConfig
 from mvld.common.sde import VPSDE
 from mvld.train.autoencoder_training import train_autoencoder
 from mvld.train.cli import main as train_main
+from mvld.train.config import AETrainConfig, load_config
 from mvld.train.distributed import DistributedContext
 from mvld.train.score_training import draw_observed_masks, multi_time_loss, train_score
 
@@ -118,7 +119,7 @@ def test_best_checkpoint_is_the_best_validation(trained_ae: Path) -> None:
 
 def test_score_training_lowers_the_conditional_loss(rig: Path, trained_ae: Path,
                                                     tmp_path: Path) -> None:
-    path = train_score(tiny_score_config(rig, trained_ae, tmp_path, steps=60, val_every=20), CPU)
+    path = train_score(tiny_score_config(rig, trained_ae, tmp_path, steps=120, val_every=40), CPU)
     losses = [record["val_cond"] for record in _metrics(tmp_path)]
     assert losses[-1] < losses[0] - 0.05, losses
     model = load_mvld_model(path)
@@ -218,6 +219,35 @@ def test_classifier_learns_the_labels_and_reloads(rig: Path, tmp_path: Path) -> 
     assert preprocess.height == 32 and classifier.config.num_classes == 4
     images = torch.zeros(2, 3, 32, 32)
     assert 0.0 <= accuracy(classifier, images, torch.tensor([0, 1])) <= 1.0
+
+
+def test_bf16_mixed_precision_trains_and_saves_float32_weights(rig: Path, tmp_path: Path
+                                                               ) -> None:
+    """``--precision bf16`` autocasts the forward pass; the model file stays float32."""
+    path = train_autoencoder(tiny_ae_config(rig, tmp_path, steps=60, val_every=20,
+                                            precision="bf16"), CPU)
+    psnrs = [record["val_psnr"] for record in _metrics(tmp_path)]
+    assert psnrs[-1] > psnrs[0] + 2.0, psnrs
+    autoencoder, _, _ = load_autoencoder(path)
+    assert {p.dtype for p in autoencoder.parameters()} == {torch.float32}
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(AETrainConfig, "ae", None, {"data": str(rig), "precision": "fp8"})
+
+
+def test_ssim_term_weighs_lost_structure_above_a_level_shift_of_the_same_l1() -> None:
+    from mvld.common.preprocess import PreprocessConfig
+    from mvld.train.augment import gaussian_blur
+    from mvld.train.autoencoder_training import reconstruction_loss
+
+    preprocess = PreprocessConfig(height=32, width=32)
+    target = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    blurred = gaussian_blur(target, torch.full((4,), 1.5))
+    shifted = target + (blurred - target).abs().mean()  # the same L1 error, structure intact
+    l1_only = [reconstruction_loss(x, target, preprocess, 0.0) for x in (blurred, shifted)]
+    assert l1_only[0].item() == pytest.approx(l1_only[1].item(), rel=1e-4)
+    with_ssim = [reconstruction_loss(x, target, preprocess, 1.0) for x in (blurred, shifted)]
+    assert with_ssim[0] > with_ssim[1] + 0.1
+    assert reconstruction_loss(target, target, preprocess, 1.0).item() == pytest.approx(0, abs=1e-5)
 
 
 def test_cosine_schedule_runs_from_lr_to_a_tenth() -> None:

@@ -2,6 +2,9 @@
 
 MLD trains its deterministic autoencoders with a Laplace likelihood, i.e. an L1
 reconstruction loss; views of all cameras are pooled, since one encoder serves them all.
+An optional SSIM term (Zhao et al. 2017, "Loss functions for image restoration") weighs local
+structure by its contrast, so small objects on a plain background count for more than their
+share of pixels.
 """
 
 import logging
@@ -18,7 +21,8 @@ from mvld.common.preprocess import PreprocessConfig, preprocess_images
 from mvld.train.config import AETrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
 from mvld.train.frames import FrameArrays, load_frame_arrays, split_train_val
-from mvld.train.loop import EpochSampler, run_loop, set_learning_rate
+from mvld.train.image_quality import ssim_index
+from mvld.train.loop import EpochSampler, autocast, run_loop, set_learning_rate
 from mvld.train.state import (
     TrainingState,
     load_training_state,
@@ -53,6 +57,17 @@ def reconstruction_psnr(model: Autoencoder, images: torch.Tensor, preprocess: Pr
     return psnr(torch.cat(outputs), images, preprocess.low, preprocess.high)
 
 
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,
+                        preprocess: PreprocessConfig, ssim_weight: float) -> torch.Tensor:
+    """L1, plus ``ssim_weight * (1 - SSIM)`` on the preprocessing's value range."""
+    loss = nn.functional.l1_loss(reconstruction, images)
+    if ssim_weight > 0:
+        low, span = preprocess.low, preprocess.high - preprocess.low
+        similarity = ssim_index(reconstruction - low, images - low, span).mean()
+        loss = loss + ssim_weight * (1 - similarity)
+    return loss
+
+
 def _evenly_spaced(pairs: np.ndarray, count: int) -> np.ndarray:
     if len(pairs) <= count:
         return pairs
@@ -79,7 +94,7 @@ def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
 
     torch.manual_seed(config.seed)
     arch = AutoencoderConfig(image_size=config.image_size, latent_dim=config.latent_dim,
-                             channels=config.channels)
+                             channels=config.channels, res_blocks=config.res_blocks)
     model = Autoencoder(arch).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start_step, best = _maybe_resume(config, model, optimizer, arch, preprocess)
@@ -90,7 +105,9 @@ def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
         set_learning_rate(optimizer, config.lr, config.lr_schedule, step, config.steps)
         pairs = ctx.shard(sampler.batch(step - 1)).numpy()
         images = images_for(arrays, train_pairs[pairs], preprocess).to(ctx.device)
-        loss = nn.functional.l1_loss(trained(images), images)
+        with autocast(ctx.device, config.precision):
+            reconstruction = trained(images)
+        loss = reconstruction_loss(reconstruction.float(), images, preprocess, config.ssim_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

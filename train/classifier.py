@@ -3,6 +3,8 @@
 Trained on real views, it predicts the frame-set label from any one view; its accuracy on
 real views is the ceiling that reconstructed or imputed views are compared with (MLD's
 coherence). Saved as a ``classifier`` checkpoint (safetensors + JSON, like the model).
+Training views are augmented (``mvld.train.augment``) so that the yardstick judges content,
+not the last bit of sharpness.
 """
 
 import logging
@@ -17,11 +19,18 @@ from torch import nn
 from mvld.common.checkpoint import checkpoint_paths, read_checkpoint, save_checkpoint
 from mvld.common.errors import ConfigError, DatasetError
 from mvld.common.preprocess import PreprocessConfig
+from mvld.train.augment import AugmentConfig, augment_views
 from mvld.train.autoencoder_training import images_for, view_pairs
 from mvld.train.config import ClassifierTrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
 from mvld.train.frames import NO_LABEL, load_frame_arrays, split_train_val
-from mvld.train.loop import EpochSampler, run_loop, set_learning_rate
+from mvld.train.loop import (
+    EpochSampler,
+    autocast,
+    run_loop,
+    set_learning_rate,
+    step_generator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,7 @@ class ClassifierConfig:
     num_classes: int
     image_size: int = 64
     channels: tuple[int, ...] = (32, 64, 128)
+    convs_per_stage: int = 1  # the first halves the resolution, the others keep it
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -48,9 +58,10 @@ class ViewClassifier(nn.Module):
         layers: list[nn.Module] = []
         previous = 3
         for width in config.channels:
-            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.BatchNorm2d(width),
-                       nn.ReLU()]
-            previous = width
+            for index in range(config.convs_per_stage):
+                layers += [nn.Conv2d(previous, width, 3, stride=2 if index == 0 else 1, padding=1),
+                           nn.BatchNorm2d(width), nn.ReLU()]
+                previous = width
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(previous, config.num_classes)
 
@@ -84,7 +95,8 @@ def load_classifier(path: str | Path) -> tuple[ViewClassifier, PreprocessConfig]
         arch = config["classifier"]
         classifier = ViewClassifier(ClassifierConfig(
             num_classes=int(arch["num_classes"]), image_size=int(arch["image_size"]),
-            channels=tuple(arch["channels"])))
+            channels=tuple(arch["channels"]),
+            convs_per_stage=int(arch.get("convs_per_stage", 1))))
         preprocess = PreprocessConfig.from_dict(config["preprocess"])
         classifier.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -112,7 +124,8 @@ def train_classifier(config: ClassifierTrainConfig, ctx: DistributedContext) -> 
     torch.manual_seed(config.seed)
     classifier = ViewClassifier(ClassifierConfig(
         num_classes=int(arrays.labels.max()) + 1, image_size=config.image_size,
-        channels=config.channels)).to(ctx.device)
+        channels=config.channels, convs_per_stage=config.convs_per_stage)).to(ctx.device)
+    augment = AugmentConfig() if config.augment else None
     optimizer = torch.optim.Adam(classifier.parameters(), lr=config.lr)
     trained = ctx.wrap(classifier)
     labels = torch.from_numpy(arrays.labels)
@@ -122,9 +135,14 @@ def train_classifier(config: ClassifierTrainConfig, ctx: DistributedContext) -> 
     def train_step(step: int) -> float:
         set_learning_rate(optimizer, config.lr, config.lr_schedule, step, config.steps)
         pairs = train_pairs[ctx.shard(sampler.batch(step - 1)).numpy()]
-        images = images_for(arrays, pairs, preprocess).to(ctx.device)
+        images = images_for(arrays, pairs, preprocess)
+        if augment is not None:
+            images = augment_views(images, augment, step_generator(config.seed, step))
+        images = images.to(ctx.device)
         classifier.train()
-        loss = nn.functional.cross_entropy(trained(images), labels[pairs[:, 0]].to(ctx.device))
+        with autocast(ctx.device, config.precision):
+            logits = trained(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels[pairs[:, 0]].to(ctx.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -16,6 +16,7 @@ import tomllib
 from mvld.common.errors import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class CommonTrainConfig:
     checkpoint_every: int = 250  # steps between checkpoints (0: only at the end)
     resume: bool = False  # continue from OUT/last
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    precision: str = "fp32"  # or "bf16": mixed-precision forward passes (AMX CPUs, GPUs)
     skip_bad: bool = False  # skip unreadable files instead of failing
     progress: bool = True  # tqdm progress bar
 
@@ -44,9 +46,15 @@ class AETrainConfig(CommonTrainConfig):
     """Stage 1: the autoencoder."""
 
     out: str = "runs/ae"
+    steps: int = 12000
+    lr_schedule: str = "cosine"
     image_size: int = 64
-    latent_dim: int = 64
-    channels: tuple[int, ...] = field(default=(32, 64, 64))
+    latent_dim: int = 128
+    channels: tuple[int, ...] = field(default=(48, 96, 128))
+    res_blocks: int = 0  # residual blocks per autoencoder stage
+    ssim_weight: float = 1.0  # loss = L1 + ssim_weight * (1 - SSIM): weighs structure, not level
+    val_every: int = 500
+    checkpoint_every: int = 500
     val_images: int = 512  # validation views used for PSNR
 
 
@@ -57,9 +65,10 @@ class ScoreTrainConfig(CommonTrainConfig):
     ae: str = ""  # autoencoder checkpoint (required)
     out: str = "runs/score"
     batch_size: int = 256
-    steps: int = 20000
-    lr: float = 2e-4
-    widths: tuple[int, ...] = field(default=(512, 256, 128))
+    steps: int = 16000
+    lr: float = 5e-4
+    lr_schedule: str = "cosine"
+    widths: tuple[int, ...] = field(default=(1024, 512, 256))
     time_dim: int = 128
     cond_prob: float = 0.5  # probability that a sample is conditional (d in MLD)
     t_min: float = 1e-3
@@ -76,8 +85,11 @@ class ClassifierTrainConfig(CommonTrainConfig):
 
     out: str = "runs/classifier"
     image_size: int = 64
-    channels: tuple[int, ...] = field(default=(32, 64, 128))
-    steps: int = 1500
+    channels: tuple[int, ...] = field(default=(32, 64, 128, 128))
+    convs_per_stage: int = 2
+    augment: bool = True  # flips, shifts, brightness/contrast, blur (mvld.train.augment)
+    steps: int = 4000
+    lr_schedule: str = "cosine"
 
 
 def _validate(config: CommonTrainConfig) -> None:
@@ -85,6 +97,8 @@ def _validate(config: CommonTrainConfig) -> None:
         raise ConfigError("--data DIR is required (a dataset folder)")
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}")
     positive = {"batch_size": config.batch_size, "steps": config.steps, "lr": config.lr}
     if isinstance(config, ScoreTrainConfig):
         if not config.ae:
@@ -93,6 +107,8 @@ def _validate(config: CommonTrainConfig) -> None:
             raise ConfigError("cond_prob must be in [0, 1]")
         if not 0 < config.t_min < 1:
             raise ConfigError("t_min must be in (0, 1)")
+    if isinstance(config, AETrainConfig) and (config.ssim_weight < 0 or config.res_blocks < 0):
+        raise ConfigError("ssim_weight and res_blocks must be >= 0")
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")

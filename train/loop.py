@@ -44,6 +44,15 @@ class EpochSampler:
         return self._order[start:start + self.batch_size]
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision for a training forward pass: bf16 matmuls and convolutions, fp32 weights.
+
+    On CPUs with AMX or AVX512-BF16 this runs the autoencoder's step about 2x faster; weights,
+    optimiser state, validation and the saved model stay float32.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, base: float, schedule: str,
                       step: int, steps: int) -> None:
     """Set the rate of ``step`` (1-based): constant, or cosine from ``base`` to ``base / 10``."""

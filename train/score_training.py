@@ -32,7 +32,13 @@ from mvld.train.latents import (
     load_latent_cache,
     save_latent_cache,
 )
-from mvld.train.loop import EpochSampler, run_loop, set_learning_rate, step_generator
+from mvld.train.loop import (
+    EpochSampler,
+    autocast,
+    run_loop,
+    set_learning_rate,
+    step_generator,
+)
 from mvld.train.state import (
     TrainingState,
     load_training_state,
@@ -145,7 +151,8 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
         t = config.t_min + (1 - config.t_min) * torch.rand(len(z0), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         z0, observed, t, noise = (ctx.shard(x).to(ctx.device) for x in (z0, observed, t, noise))
-        loss = multi_time_loss(trained, sde, z0, observed, t, noise).mean()
+        with autocast(ctx.device, config.precision):
+            loss = multi_time_loss(trained, sde, z0, observed, t, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -28,7 +28,7 @@ from mvld.receiver.sampler import EpsModel, get_sampler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m", 20  # 20 NFE; see docs/SAMPLERS.md
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m_sde", 20  # 20 NFE; see docs/SAMPLERS.md
 
 
 class Provenance(str, Enum):

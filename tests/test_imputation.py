@@ -56,7 +56,7 @@ def frame_sets(batch: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tenso
 def test_imputer_reproduces_the_exact_conditional_in_raw_latent_units():
     stats = random_stats(VIEWS, 2, seed=5)
     exact = GaussianEps(*gaussian_problem(), SDE)
-    imputer = Imputer(exact, stats, SDE)  # default sampler: dpmpp_2m, 20 steps
+    imputer = Imputer(exact, stats, SDE)  # default sampler: dpmpp_2m_sde, 20 steps
     raw_clean = stats.destandardise(CLEAN.float())
     present = torch.tensor([[True, False, False]])
     latents = torch.where(present[..., None], raw_clean, torch.nan)  # missing: NaN
@@ -124,7 +124,7 @@ def test_k_samples_give_a_per_view_uncertainty(model):
 def test_every_sampler_runs_through_the_imputer(model):
     latents, present = frame_sets()
     for sampler, steps in (("euler_maruyama", 30), ("heun", 4), ("dpmpp_2m", 4),
-                           ("adaptive", 200)):
+                           ("dpmpp_2m_sde", 4), ("adaptive", 200)):
         result = Imputer.from_model(model, sampler=sampler, steps=steps)(latents, present)
         assert torch.equal(result.latents[present], latents[present]), sampler
         assert bool(result.latents.isfinite().all()) and result.nfe > 0, sampler

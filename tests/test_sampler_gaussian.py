@@ -40,7 +40,7 @@ SDE = VPSDE()
 
 SAMPLES = 4000
 MEAN_TOL, COV_TOL = 0.15, 0.35  # whitened; sampling noise alone is ~0.03 and ~0.08 here
-STEPS = {"euler_maruyama": 200, "heun": 20, "dpmpp_2m": 20, "adaptive": 200}
+STEPS = {"euler_maruyama": 200, "heun": 20, "dpmpp_2m": 20, "dpmpp_2m_sde": 20, "adaptive": 200}
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,8 @@ def passes(errors: tuple[float, float]) -> bool:
 
 
 CASES = [("euler_maruyama", "view0")] + [
-    (name, pattern) for name in ("heun", "dpmpp_2m", "adaptive") for pattern in PATTERNS
+    (name, pattern) for name in ("heun", "dpmpp_2m", "dpmpp_2m_sde", "adaptive")
+    for pattern in PATTERNS
 ]
 
 
@@ -139,6 +140,8 @@ APPLIES = {  # faults that can occur in each sampler's code path
     "heun": ["score_sign", "wrong_beta_max", "missing_clamp", "grid_0_to_1", "grid_reversed"],
     "dpmpp_2m": ["score_sign", "wrong_beta_max", "missing_clamp", "grid_0_to_1",
                  "grid_reversed"],
+    "dpmpp_2m_sde": ["score_sign", "wrong_beta_max", "missing_clamp", "grid_0_to_1",
+                     "grid_reversed"],
     "adaptive": ["score_sign", "wrong_beta_max", "missing_clamp"],
 }
 
@@ -213,7 +216,8 @@ def test_registry_rejects_duplicates_and_lists_valid_names():
     assert set(STEPS) <= set(sampler_module.sampler_names())
     with pytest.raises(ConfigError, match="already registered"):
         sampler_module.register_sampler("heun")(sampler_module.sample_heun)
-    with pytest.raises(ConfigError, match="valid: adaptive, dpmpp_2m, euler_maruyama, heun"):
+    valid = "valid: adaptive, dpmpp_2m, dpmpp_2m_sde, euler_maruyama, heun"
+    with pytest.raises(ConfigError, match=valid):
         get_sampler("ddim")
 
 

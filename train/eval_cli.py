@@ -16,8 +16,8 @@ from pathlib import Path
 from mvld.common.errors import MVLDError
 from mvld.train.evaluation import DEFAULT_SAMPLERS, EvalConfig, parse_samplers
 
-QUICK = {"frames": 24, "fid_samples": 2, "samplers": "dpmpp_2m:20,heun:10,euler_maruyama:250",
-         "throughput_batch": 64}
+QUICK = {"frames": 24, "fid_samples": 2,
+         "samplers": "dpmpp_2m_sde:20,dpmpp_2m:20,euler_maruyama:250", "throughput_batch": 64}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,7 +47,7 @@ from mvld.train.tradeoff import codec_sweep, latent_tradeoff, matched_budgets
 log = logging.getLogger(__name__)
 
 DEFAULT_CLASSIFIER = DEFAULT_MODEL.with_name("default_classifier")
-DEFAULT_SAMPLERS = "dpmpp_2m:20,heun:10,euler_maruyama:1000"
+DEFAULT_SAMPLERS = "dpmpp_2m_sde:20,dpmpp_2m:20,heun:10,euler_maruyama:1000"
 SCHEMA = "mvld-eval/1"
 
 

@@ -45,7 +45,7 @@ BATCHES = (1, 3, 64)
 
 
 def default_model() -> MVLDModel:
-    """The default architecture (64x64, latent 64, 3 views), randomly initialised."""
+    """The default architecture (64x64, latent 128, 3 views), randomly initialised."""
     torch.manual_seed(0)
     autoencoder = Autoencoder(AutoencoderConfig()).eval()
     score_net = ScoreNet(ScoreNetConfig()).eval()

@@ -15,8 +15,9 @@ scene boundary, which this script checks against ``render.json``):
 
 Usage::
 
-    python bench/bench_default_model.py --data runs/sim3x64          # the packaged model
-    python bench/bench_default_model.py --data D --model runs/score64 --classifier C --out R
+    python bench/bench_default_model.py --data runs/sim3x64x12000    # the packaged model
+    python bench/bench_default_model.py --data D --model runs/score --classifier C --out R
+    python bench/bench_default_model.py --data D --autoencoder runs/ae/last   # stage 1 only
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvld.common.checkpoint import MVLDModel, load_mvld_model
+from mvld.common.autoencoder import Autoencoder
+from mvld.common.checkpoint import MVLDModel, load_autoencoder, load_mvld_model
 from mvld.common.dataset import FrameSetFolder
 from mvld.common.preprocess import PreprocessConfig, preprocess_images, resize_frame
 from mvld.receiver.decoder import LatentDecoder
@@ -73,8 +75,8 @@ class HeldOut:
     images: np.ndarray  # uint8 [N, V, H, W, 3]
     labels: np.ndarray  # int64 [N]
     latents: torch.Tensor  # [N, V, D] raw encoder latents
-    train_latents: torch.Tensor  # [M, V, D] complete training frame sets
     split: dict[str, object]
+    train: np.ndarray  # indices of the training frame sets
 
 
 def _scene_split(data: Path, count: int, val: np.ndarray, stems: list[str]
@@ -106,8 +108,8 @@ def _read_frame_sets(folder: FrameSetFolder, indices: np.ndarray, size: tuple[in
     return images, present, labels
 
 
-def _training_latents(data: Path, model: MVLDModel, cache: Path | None, count: int,
-                      train: np.ndarray) -> torch.Tensor:
+def training_latents(data: Path, model: MVLDModel, cache: Path | None, count: int,
+                     train: np.ndarray) -> torch.Tensor:
     """Latents of the complete training frame sets: from a score run's cache, else encoded."""
     cached = load_latent_cache(cache, model.fingerprint, str(data), count) if cache else None
     if cached is None:
@@ -119,26 +121,34 @@ def _training_latents(data: Path, model: MVLDModel, cache: Path | None, count: i
     return latents[train[present[train].all(1).numpy()]]
 
 
-def load_held_out(data: Path, model: MVLDModel, val_fraction: float, cache: Path | None
-                  ) -> HeldOut:
-    """Read and encode the complete labelled held-out frame sets; the training latents."""
-    preprocess = model.preprocess
+def evenly_spaced(indices: np.ndarray, count: int) -> np.ndarray:
+    """At most ``count`` of ``indices``, spread evenly (so every part of the tail is seen)."""
+    if count <= 0 or count >= len(indices):
+        return indices
+    return indices[np.unique(np.linspace(0, len(indices) - 1, count).round().astype(int))]
+
+
+def load_held_out(data: Path, autoencoder: Autoencoder, preprocess: PreprocessConfig,
+                  val_fraction: float, frames: int = 0) -> HeldOut:
+    """Read and encode the complete labelled held-out frame sets (``frames`` of them, 0: all)."""
     folder = FrameSetFolder(data)
     try:
         count, stems = len(folder), list(folder.stems)
         train, val = split_train_val(count, val_fraction)
-        images, present, labels = _read_frame_sets(folder, val, (preprocess.height,
-                                                                 preprocess.width))
+        chosen = evenly_spaced(val, frames)
+        images, present, labels = _read_frame_sets(folder, chosen, (preprocess.height,
+                                                                    preprocess.width))
     finally:
         folder.close()
     keep = present.all(1) & (labels != NO_LABEL)
     images, labels = images[keep], labels[keep]
     flat = torch.from_numpy(preprocess_images(images.reshape(-1, *images.shape[2:]), preprocess))
-    with torch.no_grad():
-        latents = model.autoencoder.encoder(flat).reshape(len(images), images.shape[1], -1)
-    return HeldOut(images=images, labels=labels, latents=latents,
-                   train_latents=_training_latents(data, model, cache, count, train),
-                   split=_scene_split(data, count, val, stems))
+    with torch.no_grad():  # in chunks: one call over tens of thousands of views needs >20 GB
+        latents = torch.cat([autoencoder.encoder(chunk) for chunk in flat.split(512)])
+    split = _scene_split(data, count, val, stems) | {"evaluated_frame_sets": len(images)}
+    return HeldOut(images=images, labels=labels,
+                   latents=latents.reshape(len(images), images.shape[1], -1), split=split,
+                   train=train)
 
 
 # ---------------------------------------------------------------- imputation baselines
@@ -147,17 +157,19 @@ def load_held_out(data: Path, model: MVLDModel, val_fraction: float, cache: Path
 def nearest_neighbour(observed: torch.Tensor, present: torch.Tensor, pool: torch.Tensor,
                       scale: torch.Tensor) -> torch.Tensor:
     """Per row, the pool frame set closest on the observed views (standardised L2), whole."""
-    weights = present[..., None].to(observed.dtype) / scale  # [B, V, D]
-    query = (observed * weights).flatten(1)
     chosen = torch.empty(len(observed), dtype=torch.long)
-    for i in range(len(observed)):
-        keys = (pool * weights[i]).flatten(1)
-        chosen[i] = torch.cdist(query[i:i + 1], keys).argmin()
+    for pattern in present.unique(dim=0):  # one scaled copy of the pool per presence pattern
+        rows = (present == pattern).all(1).nonzero().flatten()
+        weights = pattern[:, None].to(observed.dtype) / scale  # [V, D]
+        keys = (pool * weights).flatten(1)
+        for start in range(0, len(rows), 256):
+            batch = rows[start:start + 256]
+            chosen[batch] = torch.cdist((observed[batch] * weights).flatten(1), keys).argmin(1)
     return pool[chosen]
 
 
-def impute_one_missing(held: HeldOut, model: MVLDModel, sampler: str, steps: int, seed: int
-                       ) -> dict[str, dict[str, torch.Tensor]]:
+def impute_one_missing(held: HeldOut, model: MVLDModel, train_latents: torch.Tensor,
+                       sampler: str, steps: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
     """For each missing view v: ``{method: latents [N, D] of view v}`` with v dropped."""
     imputer = Imputer.from_model(model, sampler=sampler, steps=steps)
     views = held.latents.shape[1]
@@ -169,7 +181,7 @@ def impute_one_missing(held: HeldOut, model: MVLDModel, sampler: str, steps: int
         imputed = imputer(held.latents, present, seed=seed + v)
         log.info("view %d: %d frame sets imputed, %d NFE, %.1f s", v, len(held.latents),
                  imputed.nfe, time.perf_counter() - started)
-        neighbour = nearest_neighbour(held.latents, present, held.train_latents,
+        neighbour = nearest_neighbour(held.latents, present, train_latents,
                                       model.latent_stats.std)
         mean = model.latent_stats.mean[v].expand(len(held.latents), -1)
         results[f"view{v}"] = {"diffusion": imputed.latents[:, v], "nearest_neighbour":
@@ -183,23 +195,29 @@ def impute_one_missing(held: HeldOut, model: MVLDModel, sampler: str, steps: int
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Every measurement of the model card, as one JSON-ready dict."""
-    model = load_mvld_model(args.model)
+    if args.autoencoder:
+        autoencoder, preprocess, _ = load_autoencoder(args.autoencoder)
+        model = None
+    else:
+        model = load_mvld_model(args.model)
+        autoencoder, preprocess = model.autoencoder, model.preprocess
     classifier, classifier_preprocess = load_classifier(args.classifier)
-    decode = LatentDecoder.from_model(model)
+    decode = LatentDecoder(autoencoder.decoder, preprocess)
     started = time.perf_counter()
-    held = load_held_out(args.data, model, args.val_fraction, args.latents)
+    held = load_held_out(args.data, autoencoder, preprocess, args.val_fraction, args.frames)
     views = held.images.shape[1]
     real = held.images.reshape(-1, *held.images.shape[2:])
     labels = np.repeat(held.labels, views)
     recon = decode(held.latents).reshape(real.shape)
     report: dict[str, object] = {
-        "model": str(args.model or "packaged default"), "classifier": str(args.classifier),
+        "model": str(args.autoencoder or args.model or "packaged default"),
+        "classifier": str(args.classifier),
         "data": str(args.data), "split": held.split, "threads": torch.get_num_threads(),
         "all_views": {
             "real": image_scores(real, None, labels, classifier, classifier_preprocess),
             "reconstructed": image_scores(recon, real, labels, classifier,
                                           classifier_preprocess)}}
-    if args.imputation:
+    if args.imputation and model is not None:
         report["one_missing"] = _one_missing_report(held, model, decode, classifier,
                                                     classifier_preprocess, args)
     report["seconds"] = time.perf_counter() - started
@@ -210,7 +228,9 @@ def _one_missing_report(held: HeldOut, model: MVLDModel, decode: LatentDecoder,
                         classifier: ViewClassifier, preprocess: PreprocessConfig,
                         args: argparse.Namespace) -> dict[str, object]:
     """Scores of the missing view's image per method, pooled over which view is missing."""
-    per_view = impute_one_missing(held, model, args.sampler, args.steps, args.seed)
+    train_latents = training_latents(args.data, model, args.latents,
+                                     int(held.split["frame_sets"]), held.train)
+    per_view = impute_one_missing(held, model, train_latents, args.sampler, args.steps, args.seed)
     methods = next(iter(per_view.values())).keys()
     real = np.concatenate([held.images[:, v] for v in range(len(per_view))])
     labels = np.tile(held.labels, len(per_view))
@@ -252,10 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="labelled dataset folder")
     parser.add_argument("--model", default=None, help="mvld checkpoint (default: packaged)")
+    parser.add_argument("--autoencoder", default=None,
+                        help="an autoencoder checkpoint (mvld-train ae) instead of a model: "
+                        "reconstruction and classifier accuracy only")
     parser.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER),
                         help="classifier checkpoint (default: the packaged one)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="held-out tail, as in training (default 0.1)")
+    parser.add_argument("--frames", type=int, default=1200,
+                        help="held-out frame sets evaluated, evenly spaced (0: all; default 1200)")
     parser.add_argument("--latents", type=Path, default=None,
                         help="latent cache of the score run (OUT/latents.safetensors): spares "
                         "encoding the training split for the nearest-neighbour baseline")

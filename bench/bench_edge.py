@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                      "load_average_1min_before_after": [round(load_before[0], 2),
                                                         round(os.getloadavg()[0], 2)]},
         "setup": {"cameras": CAMERAS, "camera_fps": FPS, "frame_size": [args.width, args.height],
-                  "model": "default architecture 64x64, latent 64, random weights",
+                  "model": "default architecture 64x64, latent 128, random weights",
                   "encoder_parameters": params, "encoder_threads": 1, "seconds": args.seconds,
                   "sources": "MJPG video files, looping, paced in real time (3x30fps mode)"},
         "versions": {"python": platform.python_version(), "opencv": cv2.__version__,

@@ -7,9 +7,9 @@ Two measurements, written as JSON to ``--out`` and printed as tables:
   covariance of the missing dims against the exact conditional (0 = exact; sampling noise alone
   is about 0.03 / 0.08 at 4000 samples), per missing-view pattern;
 - ``speed``: ms per frame set and NFE of each sampler at batch 1 and 64 on this CPU, with the
-  exact Gaussian eps and with a randomly initialised ScoreNet of the project's size (V=3, D=64,
-  widths 512/256/128; output layer drawn N(0, 0.02) instead of zeros so the adaptive sampler
-  has work to do), 1 of 3 views missing.
+  exact Gaussian eps and with a randomly initialised ScoreNet of the project's default size
+  (V=3, the default latent size and widths; output layer drawn N(0, 0.02) instead of zeros so
+  the adaptive sampler has work to do), 1 of 3 views missing.
 
     python bench/bench_samplers.py                        # about 2 minutes on 1 core
     python bench/bench_samplers.py --samples 2000 --threads 2 --out /tmp/samplers.json
@@ -39,17 +39,20 @@ from mvld.receiver.gaussian_reference import (
 )
 from mvld.receiver.imputation import ScoreNetEps
 from mvld.receiver.sampler import get_sampler
+from mvld.train.config import ScoreTrainConfig
 
 SDE = VPSDE()
+LATENT_DIM = AutoencoderConfig().latent_dim
 ACCURACY_RUNS = [  # (sampler, steps, options)
     ("euler_maruyama", 1000, {}), ("euler_maruyama", 250, {}), ("euler_maruyama", 100, {}),
     ("heun", 5, {}), ("heun", 10, {}), ("heun", 20, {}), ("heun", 10, {"spacing": "uniform"}),
     ("dpmpp_2m", 10, {}), ("dpmpp_2m", 20, {}), ("dpmpp_2m", 20, {"spacing": "karras"}),
+    ("dpmpp_2m_sde", 10, {}), ("dpmpp_2m_sde", 20, {}), ("dpmpp_2m_sde", 20, {"eta": 0.5}),
     ("adaptive", 500, {"eps_rel": 0.05}), ("adaptive", 500, {"eps_rel": 0.02}),
     ("adaptive", 500, {"eps_rel": 0.01, "eps_abs": 0.002}),
 ]
 SPEED_RUNS = [("euler_maruyama", 1000, {}), ("heun", 10, {}), ("dpmpp_2m", 20, {}),
-              ("adaptive", 500, {})]
+              ("dpmpp_2m_sde", 20, {}), ("adaptive", 500, {})]
 
 
 def label(name: str, steps: int, options: dict) -> str:
@@ -82,7 +85,8 @@ def accuracy(samples: int) -> list[dict]:
 def project_score_net() -> ScoreNet:
     """A randomly initialised ScoreNet of the project's default size."""
     torch.manual_seed(0)
-    net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=AutoencoderConfig().latent_dim))
+    net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=AutoencoderConfig().latent_dim,
+                                  widths=ScoreTrainConfig().widths))
     torch.nn.init.normal_(net.output.weight, std=0.02)
     return net.eval()
 
@@ -105,7 +109,7 @@ def time_sampler(eps_model, dim: int, batch: int, name: str, steps: int, options
 def speed(repeats: int) -> list[dict]:
     """Timings with the exact Gaussian eps and with the project-size ScoreNet."""
     models = {"gaussian_exact": (GaussianEps(*gaussian_problem(), SDE), 2),
-              "score_net_3x64": (ScoreNetEps(project_score_net()), 64)}
+              f"score_net_3x{LATENT_DIM}": (ScoreNetEps(project_score_net()), LATENT_DIM)}
     rows = []
     for model_name, (eps_model, dim) in models.items():
         for name, steps, options in SPEED_RUNS:

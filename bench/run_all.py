@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
 DEFAULT_MODEL = ROOT / "common" / "assets" / "default_model"
 # where docs/MODEL.md's recipe leaves the default model's training set and its latent cache
-TRAINING_DATA = ROOT / "runs" / "sim3x64"
-TRAINING_LATENTS = ROOT / "runs" / "score64" / "latents.safetensors"
+TRAINING_DATA = ROOT / "runs" / "sim3x64x12000"
+TRAINING_LATENTS = ROOT / "runs" / "score128big" / "latents.safetensors"
 MAX_ROWS = 40
 
 
@@ -53,6 +53,7 @@ class Bench:
     full: tuple[str, ...] = ()
     out_flag: str = "--out"
     needs_data: bool = False
+    takes_latents: bool = False  # accepts --latents (the training run's latent cache)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -72,6 +73,10 @@ BENCHES = (
     Bench("receiver", "bench_receiver.py", "Receiver: latency and saturation",
           quick=("--seconds", "3")),
     Bench("default_model", "bench_default_model.py", "The default model on held-out scenes",
+          needs_data=True, takes_latents=True),
+    Bench("sampler_drift", "bench_sampler_drift.py", "Samplers on the trained default model: "
+          "error and drift", quick=("--frames", "50", "--runs",
+                                    "dpmpp_2m_sde:20,dpmpp_2m:20,euler_maruyama:200"),
           needs_data=True),
 )
 
@@ -113,7 +118,7 @@ def command_for(bench: Bench, quick: bool, out: Path, data: Path | None) -> list
         resolved = data.resolve()
         shown = resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved
         args = ["--data", str(shown), *args]
-        if resolved == TRAINING_DATA and TRAINING_LATENTS.is_file():
+        if bench.takes_latents and resolved == TRAINING_DATA and TRAINING_LATENTS.is_file():
             args += ["--latents", str(TRAINING_LATENTS.relative_to(ROOT))]
     return ["nice", "-n", "10", "python", f"bench/{bench.script}", *args, bench.out_flag,
             str(out.relative_to(ROOT))]

@@ -41,8 +41,8 @@ def test_default_model_is_packaged_for_the_three_camera_rig() -> None:
     model = load_mvld_model(None)
     assert model.num_views == 3
     assert (model.preprocess.height, model.preprocess.width) == (64, 64)
-    assert model.autoencoder.config.latent_dim == 64
-    assert tuple(model.latent_stats.mean.shape) == (3, 64)
+    assert model.autoencoder.config.latent_dim == 128
+    assert tuple(model.latent_stats.mean.shape) == (3, 128)
 
 
 def test_edge_default_encoder_is_the_shipped_model() -> None:

@@ -41,19 +41,22 @@ def test_fault_source_stops_inside_its_window_and_returns_after(tmp_path: Path) 
     now = time.time()
     with pytest.raises(SourceError, match="stopped"):
         open_demo_fault(f"demofault://1?stop={now - 1}-{now + 60}&realtime=0")
-    source = open_demo_fault(f"demofault://1?stop={now + 0.3}-{now + 0.6}&fps=10",
-                             clock=str(tmp_path / "clock.json"))
+    # The window opens 1 s after this point: a slow first render on a busy machine must not
+    # push the first frame into it.
+    now = time.time()
+    window = f"stop={now + 1.0}-{now + 1.3}"
+    source = open_demo_fault(f"demofault://1?{window}&fps=10", clock=str(tmp_path / "clock.json"))
     try:
         assert source.read(2.0) is not None  # before the window
         clock = json.loads((tmp_path / "clock.json").read_text())
         assert clock["fps"] == 10 and abs(clock["start_wall"] - now) < 2
         with pytest.raises(SourceError, match="stopped"):
-            for _ in range(20):
+            for _ in range(30):
                 source.read(2.0)
     finally:
         source.close()
-    time.sleep(max(0.0, now + 0.6 - time.time()))
-    returned = open_demo_fault(f"demofault://1?stop={now + 0.3}-{now + 0.6}&fps=10")
+    time.sleep(max(0.0, now + 1.3 - time.time()))
+    returned = open_demo_fault(f"demofault://1?{window}&fps=10")
     try:
         assert returned.read(2.0) is not None
     finally:

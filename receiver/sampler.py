@@ -14,8 +14,9 @@ With no view observed this is MLD's joint generation. The time grid is float64, 
 
 Samplers: ``euler_maruyama`` (reverse SDE, the reference), ``heun`` (probability-flow ODE,
 EDM's 2nd-order Heun in the (sigma/alpha, x/alpha) variables), ``dpmpp_2m`` (DPM-Solver++(2M),
-Lu et al. 2022) and ``adaptive`` (adaptive-step Euler-Heun on the reverse SDE with error
-control, Jolicoeur-Martineau et al. 2021, "Gotta go fast"). docs/SAMPLERS.md has the equations.
+Lu et al. 2022), ``dpmpp_2m_sde`` (its reverse-SDE form, the imputer's default) and ``adaptive``
+(adaptive-step Euler-Heun on the probability-flow ODE with error control, after
+Jolicoeur-Martineau et al. 2021, "Gotta go fast"). docs/SAMPLERS.md has the equations.
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ from mvld.common.dataset import FrameSetFolder
 from mvld.common.preprocess import PreprocessConfig, preprocess_images, resize_frame
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS, Imputer
+from mvld.train.baselines import NearestNeighbour
 from mvld.train.classifier import ViewClassifier, accuracy, load_classifier
-from mvld.train.frames import NO_LABEL, load_frame_arrays, split_train_val
+from mvld.train.frames import NO_LABEL, evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.image_quality import psnr, ssim
 from mvld.train.latents import encode_frame_arrays, load_latent_cache
 
@@ -121,13 +122,6 @@ def training_latents(data: Path, model: MVLDModel, cache: Path | None, count: in
     return latents[train[present[train].all(1).numpy()]]
 
 
-def evenly_spaced(indices: np.ndarray, count: int) -> np.ndarray:
-    """At most ``count`` of ``indices``, spread evenly (so every part of the tail is seen)."""
-    if count <= 0 or count >= len(indices):
-        return indices
-    return indices[np.unique(np.linspace(0, len(indices) - 1, count).round().astype(int))]
-
-
 def load_held_out(data: Path, autoencoder: Autoencoder, preprocess: PreprocessConfig,
                   val_fraction: float, frames: int = 0) -> HeldOut:
     """Read and encode the complete labelled held-out frame sets (``frames`` of them, 0: all)."""
@@ -135,7 +129,7 @@ def load_held_out(data: Path, autoencoder: Autoencoder, preprocess: PreprocessCo
     try:
         count, stems = len(folder), list(folder.stems)
         train, val = split_train_val(count, val_fraction)
-        chosen = evenly_spaced(val, frames)
+        chosen = evenly_spaced(val, frames or len(val))
         images, present, labels = _read_frame_sets(folder, chosen, (preprocess.height,
                                                                     preprocess.width))
     finally:
@@ -154,24 +148,12 @@ def load_held_out(data: Path, autoencoder: Autoencoder, preprocess: PreprocessCo
 # ---------------------------------------------------------------- imputation baselines
 
 
-def nearest_neighbour(observed: torch.Tensor, present: torch.Tensor, pool: torch.Tensor,
-                      scale: torch.Tensor) -> torch.Tensor:
-    """Per row, the pool frame set closest on the observed views (standardised L2), whole."""
-    chosen = torch.empty(len(observed), dtype=torch.long)
-    for pattern in present.unique(dim=0):  # one scaled copy of the pool per presence pattern
-        rows = (present == pattern).all(1).nonzero().flatten()
-        weights = pattern[:, None].to(observed.dtype) / scale  # [V, D]
-        keys = (pool * weights).flatten(1)
-        for start in range(0, len(rows), 256):
-            batch = rows[start:start + 256]
-            chosen[batch] = torch.cdist((observed[batch] * weights).flatten(1), keys).argmin(1)
-    return pool[chosen]
-
-
 def impute_one_missing(held: HeldOut, model: MVLDModel, train_latents: torch.Tensor,
                        sampler: str, steps: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
     """For each missing view v: ``{method: latents [N, D] of view v}`` with v dropped."""
     imputer = Imputer.from_model(model, sampler=sampler, steps=steps)
+    stats = model.latent_stats
+    nearest = NearestNeighbour(stats.standardise(train_latents))  # the mvld-eval baseline
     views = held.latents.shape[1]
     results: dict[str, dict[str, torch.Tensor]] = {}
     for v in range(views):
@@ -181,8 +163,7 @@ def impute_one_missing(held: HeldOut, model: MVLDModel, train_latents: torch.Ten
         imputed = imputer(held.latents, present, seed=seed + v)
         log.info("view %d: %d frame sets imputed, %d NFE, %.1f s", v, len(held.latents),
                  imputed.nfe, time.perf_counter() - started)
-        neighbour = nearest_neighbour(held.latents, present, train_latents,
-                                      model.latent_stats.std)
+        neighbour = train_latents[nearest.neighbours(stats.standardise(held.latents), present)]
         mean = model.latent_stats.mean[v].expand(len(held.latents), -1)
         results[f"view{v}"] = {"diffusion": imputed.latents[:, v], "nearest_neighbour":
                                neighbour[:, v], "mean_latent": mean,

@@ -31,7 +31,7 @@ from mvld.common.checkpoint import load_mvld_model
 from mvld.hardware import cpu_name
 from mvld.receiver.imputation import ScoreNetEps
 from mvld.receiver.sampler import get_sampler
-from mvld.train.frames import FrameArrays, load_frame_arrays, split_train_val
+from mvld.train.frames import FrameArrays, evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.latents import encode_frame_arrays
 
 DEFAULT_RUNS = ("euler_maruyama:200,dpmpp_2m:20,dpmpp_2m:20:spacing=uniform,"
@@ -55,7 +55,7 @@ def held_out_latents(model, data: str, frames: int, val_fraction: float) -> torc
     arrays = load_frame_arrays(data, preprocess.height, preprocess.width)
     _, val = split_train_val(len(arrays.stems), val_fraction)
     val = val[arrays.present[val].all(1)]
-    val = val[torch.linspace(0, len(val) - 1, min(frames, len(val))).round().long().numpy()]
+    val = evenly_spaced(val, frames)
     subset = FrameArrays(images=arrays.images[val], present=arrays.present[val],
                          labels=arrays.labels[val], cameras=arrays.cameras,
                          stems=[arrays.stems[i] for i in val])

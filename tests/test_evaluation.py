@@ -30,7 +30,7 @@ from mvld.train.evaluation import (
     missing_patterns,
     parse_samplers,
 )
-from mvld.train.frames import load_frame_arrays, split_train_val
+from mvld.train.frames import evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.image_quality import PSNR_CAP_DB, psnr, ssim
 from mvld.train.tradeoff import code_frames, latent_tradeoff, wire_bytes
 
@@ -173,6 +173,14 @@ def test_summary_has_every_method_and_pattern(evaluation):
     assert (out / "summary.md").read_text().count("dpmpp_2m:4") >= 7
     for name in summary["files"]["grids"] + summary["files"]["plots"]:
         assert (out / name).stat().st_size > 100
+
+
+def test_evenly_spaced_keeps_both_ends_and_spreads_the_rest() -> None:
+    tail = np.arange(100, 200)
+    picked = evenly_spaced(tail, 5)
+    assert picked.tolist() == [100, 125, 150, 174, 199]  # first, last, gaps of ~24.75
+    assert evenly_spaced(tail, 100) is tail and evenly_spaced(tail, 500) is tail
+    assert evenly_spaced(tail, 1).tolist() == [100]
 
 
 def test_real_view_coherence_is_the_classifier_accuracy_on_those_views(assets, evaluation):

@@ -20,7 +20,7 @@ from mvld.common.errors import ConfigError, DatasetError
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
 from mvld.train.config import AETrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
-from mvld.train.frames import FrameArrays, load_frame_arrays, split_train_val
+from mvld.train.frames import FrameArrays, evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.image_quality import ssim_index
 from mvld.train.loop import EpochSampler, autocast, run_loop, set_learning_rate
 from mvld.train.state import (
@@ -68,12 +68,6 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,
     return loss
 
 
-def _evenly_spaced(pairs: np.ndarray, count: int) -> np.ndarray:
-    if len(pairs) <= count:
-        return pairs
-    return pairs[np.linspace(0, len(pairs) - 1, count).round().astype(int)]
-
-
 def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
     """Train stage 1 into ``config.out``; returns the path of the last checkpoint."""
     out = Path(config.out)
@@ -82,9 +76,9 @@ def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
     arrays = load_frame_arrays(config.data, config.image_size, config.image_size, config.skip_bad)
     train_frames, val_frames = split_train_val(len(arrays.stems), config.val_fraction)
     train_pairs = view_pairs(arrays.present, train_frames)
-    val_pairs = _evenly_spaced(view_pairs(arrays.present, val_frames), config.val_images)
+    val_pairs = evenly_spaced(view_pairs(arrays.present, val_frames), config.val_images)
     if len(val_pairs) == 0:
-        val_pairs = _evenly_spaced(train_pairs, config.val_images)
+        val_pairs = evenly_spaced(train_pairs, config.val_images)
     sampler = EpochSampler(len(train_pairs), config.batch_size, config.seed)
     if sampler.steps_per_epoch == 0:
         raise DatasetError(f"{config.data}: {len(train_pairs)} training views are fewer than "

@@ -38,7 +38,7 @@ from mvld.receiver.sampler import sampler_names
 from mvld.train.baselines import LatentBaseline, MeanLatent, NearestNeighbour, RidgeRegressor
 from mvld.train.classifier import ViewClassifier, load_classifier
 from mvld.train.eval_summary import Group, check_targets, group_row, groups_of
-from mvld.train.frames import NO_LABEL, load_frame_arrays, split_train_val
+from mvld.train.frames import NO_LABEL, evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.image_quality import psnr, ssim
 from mvld.train.latents import encode_frame_arrays
 from mvld.train.metrics_fid import InceptionFeatures
@@ -153,8 +153,7 @@ def _select(arrays, config: EvalConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     if len(test_idx) < 2 or len(train_idx) < 2:
         raise DatasetError(f"{config.data}: fewer than 2 complete (labelled) frame sets in the "
                            "training or held-out split")
-    spread = np.linspace(0, len(test_idx) - 1, min(config.frames, len(test_idx)))
-    chosen = test_idx[np.unique(spread.round().astype(int))]
+    chosen = evenly_spaced(test_idx, config.frames)
     split = {"val_fraction": config.val_fraction, "frame_sets": len(arrays.stems),
              "train_complete": len(train_idx), "held_out": len(test_all),
              "held_out_complete_labelled": len(test_idx), "evaluated": len(chosen),

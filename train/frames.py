@@ -78,3 +78,14 @@ def split_train_val(count: int, val_fraction: float) -> tuple[np.ndarray, np.nda
         raise DatasetError(f"a dataset of {count} frame sets is too small to split")
     indices = np.arange(count)
     return indices[: count - val_count], indices[count - val_count:]
+
+
+def evenly_spaced(items: np.ndarray, count: int) -> np.ndarray:
+    """At most ``count`` of ``items``, first to last at even spacing (all of them if fewer).
+
+    Evaluations take a subset of a held-out tail this way so that every part of it, i.e.
+    every stretch of scenes, is represented.
+    """
+    if count >= len(items):
+        return items
+    return items[np.linspace(0, len(items) - 1, count).round().astype(int)]

@@ -1,7 +1,10 @@
-"""Map the top-level stage folders onto the ``mvld`` import package.
+"""Map the top-level folders onto the ``mvld`` import package: the one place this is written.
 
-The user's design card puts each stage in its own top-level folder (``edge/``,
-``receiver/``, ...) while Python code imports them as ``mvld.edge`` and so on.
+The product's layout puts each stage in its own top-level folder (``edge/``, ``receiver/``,
+...) while Python code imports them as ``mvld.edge`` and so on; ``app/`` (the umbrella
+command, the demo) is the ``mvld`` package itself. Nothing imports from a plain checkout
+without an install (``pip install -e .``): the folders are not import packages by their
+names. ``tests/conftest.py`` reads ``STAGE_FOLDERS`` from this file.
 Subpackages are discovered with ``find_packages`` so a new folder can never be
 silently left out of the wheel (a hand-written list would drop it).
 """
@@ -9,10 +12,12 @@ silently left out of the wheel (a hand-written list would drop it).
 from setuptools import find_namespace_packages, find_packages, setup
 
 STAGE_FOLDERS = {
-    "mvld": "mvld",
+    "mvld": "app",
     "mvld.common": "common",
     "mvld.edge": "edge",
     "mvld.receiver": "receiver",
+    "mvld.model": "model",
+    "mvld.sim": "sim",
     "mvld.export": "export",
     "mvld.train": "train",
 }

@@ -27,19 +27,19 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
-from mvld.common.checkpoint import (
+from mvld.common.preprocess import PreprocessConfig, preprocess_images
+from mvld.export.onnx_export import ExportOptions, export_model
+from mvld.hardware import cpu_name
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.checkpoint import (
     LatentStats,
     MVLDModel,
     encoder_fingerprint,
     load_mvld_model,
     save_mvld_model,
 )
-from mvld.common.preprocess import PreprocessConfig, preprocess_images
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
-from mvld.export.onnx_export import ExportOptions, export_model
-from mvld.hardware import cpu_name
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
 
 BATCHES = (1, 3, 64)
 

@@ -11,7 +11,7 @@ scene boundary, which this script checks against ``render.json``):
 - coherence with 1 of V views missing: the classifier's accuracy on views imputed with
   ``mvld.receiver.imputation.Imputer``, their PSNR/SSIM against the real view, next to the
   real view (the ceiling), the mean latent and the nearest training frame set in latent
-  space given the observed views (the baselines of DESIGN.md section 6).
+  space given the observed views (the baselines of docs/EVAL.md).
 
 Usage::
 
@@ -33,21 +33,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvld.common.autoencoder import Autoencoder
-from mvld.common.checkpoint import MVLDModel, load_autoencoder, load_mvld_model
 from mvld.common.dataset import FrameSetFolder
+from mvld.common.default_model import DEFAULT_CLASSIFIER
 from mvld.common.preprocess import PreprocessConfig, preprocess_images, resize_frame
+from mvld.model.autoencoder import Autoencoder
+from mvld.model.checkpoint import MVLDModel, load_autoencoder, load_mvld_model
+from mvld.model.classifier import ViewClassifier, accuracy, load_classifier
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS, Imputer
 from mvld.train.baselines import NearestNeighbour
-from mvld.train.classifier import ViewClassifier, accuracy, load_classifier
 from mvld.train.frames import NO_LABEL, evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.image_quality import psnr, ssim
 from mvld.train.latents import encode_frame_arrays, load_latent_cache
 
 log = logging.getLogger("bench_default_model")
-ASSETS = Path(__file__).resolve().parents[1] / "common" / "assets"
-DEFAULT_CLASSIFIER = ASSETS / "default_classifier"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "default_model.json"
 
 

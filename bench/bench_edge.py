@@ -34,16 +34,16 @@ import cv2
 import numpy as np
 import torch
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
-from mvld.common.checkpoint import LatentStats, MVLDModel, encoder_fingerprint, save_mvld_model
 from mvld.common.preprocess import PreprocessConfig
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
 from mvld.common.transport import LatentSubscriber
 from mvld.common.wire import decode_frameset
-from mvld.edge.faults import SyntheticCamera
 from mvld.export.onnx_export import ExportOptions, export_model
 from mvld.hardware import cpu_name
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.checkpoint import LatentStats, MVLDModel, encoder_fingerprint, save_mvld_model
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
+from mvld.sim.faults import SyntheticCamera
 
 CAMERAS = 3
 FPS = 30

@@ -3,10 +3,10 @@
 Streams, every frame 640x480 RGB as a field camera would deliver it:
 
 - ``video``: a synthetic textured scene with moving objects, lighting drift and sensor noise
-  (``mvld.edge.faults.SyntheticCamera``), faults injected *before* encoding, written to a real
+  (``mvld.sim.faults.SyntheticCamera``), faults injected *before* encoding, written to a real
   video file with OpenCV (MPEG-4 part 2 or Motion JPEG, so codec artefacts are part of the
   test) and read back with ``cv2.VideoCapture``;
-- ``sim``: the pybullet tabletop rig (``mvld.edge.simrig``), every camera of the rig one
+- ``sim``: the pybullet tabletop rig (``mvld.sim.rig``), every camera of the rig one
   stream, rendered frames upscaled to 640x480 with sensor noise, faults injected after.
 
 Each faulty stream is a warm-up, then one episode per fault in a shuffled order, each
@@ -32,7 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mvld.edge.faults import (
+from mvld.edge.health import OK, HealthConfig, HealthMonitor
+from mvld.sim.faults import (
     FAULTS,
     FULL_FAULTS,
     SyntheticCamera,
@@ -40,7 +41,6 @@ from mvld.edge.faults import (
     add_sensor_noise,
     make_fault,
 )
-from mvld.edge.health import OK, HealthConfig, HealthMonitor
 
 FRAME_SIZE = (640, 480)  # width, height delivered to the monitor
 CODECS = {"mp4v": ".mp4", "MJPG": ".avi"}
@@ -210,7 +210,7 @@ def run_video_stream(run: Run, labels: list[Label], seed: int, codec: str, folde
 
 def run_sim_streams(run: Run, camera_labels: list[list[Label]], seed: int) -> None:
     """Render the rig (one stream per camera), upscale with sensor noise, inject, judge."""
-    from mvld.edge.simrig import RigConfig, SimRig, ring_of_cameras
+    from mvld.sim.rig import RigConfig, SimRig, ring_of_cameras
 
     config = RigConfig(cameras=ring_of_cameras(len(camera_labels)), image_size=(128, 128),
                        fps=30.0)

@@ -36,9 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
-from mvld.common.checkpoint import (
-    DEFAULT_MODEL,
+from mvld.common.default_model import DEFAULT_MODEL
+from mvld.common.preprocess import PreprocessConfig, preprocess_images
+from mvld.common.transport import LatentPublisher
+from mvld.common.wire import FrameSetMessage, ReasonCode, ViewRecord, ViewStatus, encode_frameset
+from mvld.hardware import cpu_name
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.checkpoint import (
     LatentStats,
     MVLDModel,
     checkpoint_paths,
@@ -46,12 +50,8 @@ from mvld.common.checkpoint import (
     load_mvld_model,
     save_mvld_model,
 )
-from mvld.common.preprocess import PreprocessConfig, preprocess_images
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
-from mvld.common.transport import LatentPublisher
-from mvld.common.wire import FrameSetMessage, ReasonCode, ViewRecord, ViewStatus, encode_frameset
-from mvld.hardware import cpu_name
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
 from mvld.receiver.imputation import Imputer
 from mvld.receiver.results import FrameSetResult
 from mvld.receiver.service import ReceiverConfig, ReceiverService
@@ -186,7 +186,7 @@ def run_latency(checkpoint: Path, onnx: Path, gpu: int, seconds: float) -> dict[
 
 def flood_frame_sets(checkpoint: Path, count: int = 32) -> list[tuple[np.ndarray, str]]:
     """``count`` frame sets of real rig views encoded by the model: cam0 and cam2 latents."""
-    from mvld.edge.simrig import RigConfig, SimRig
+    from mvld.sim.rig import RigConfig, SimRig
 
     model = load_mvld_model(checkpoint, "cpu")
     with SimRig(RigConfig(image_size=(model.preprocess.height, model.preprocess.width))) as rig:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mvld.edge.simrig import RenderJob, RigConfig, SimRig, render_dataset, ring_of_cameras
+from mvld.sim.rig import RenderJob, RigConfig, SimRig, render_dataset, ring_of_cameras
 
 
 def cpu_seconds() -> float:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from mvld.common.checkpoint import load_mvld_model
 from mvld.hardware import cpu_name
+from mvld.model.checkpoint import load_mvld_model
 from mvld.receiver.imputation import ScoreNetEps
 from mvld.receiver.sampler import get_sampler
 from mvld.train.frames import FrameArrays, evenly_spaced, load_frame_arrays, split_train_val

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
-from mvld.common.autoencoder import AutoencoderConfig
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
-from mvld.receiver.gaussian_reference import (
+from mvld.model.autoencoder import AutoencoderConfig
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracle
+from gaussian_reference import (
     CLEAN,
     PATTERNS,
     GaussianEps,
@@ -37,6 +39,7 @@ from mvld.receiver.gaussian_reference import (
     gaussian_problem,
     moment_errors,
 )
+
 from mvld.receiver.imputation import ScoreNetEps
 from mvld.receiver.sampler import get_sampler
 from mvld.train.config import ScoreTrainConfig

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
 from mvld.common.preprocess import PreprocessConfig
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
 from mvld.train.autoencoder_training import reconstruction_loss
 from mvld.train.config import PRECISIONS, AETrainConfig, ScoreTrainConfig
 from mvld.train.distributed import resolve_device

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mvld.common.default_model import DEFAULT_MODEL
 from mvld.hardware import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
-DEFAULT_MODEL = ROOT / "common" / "assets" / "default_model"
 # where docs/MODEL.md's recipe leaves the default model's training set and its latent cache
 TRAINING_DATA = ROOT / "runs" / "sim3x64x12000"
 TRAINING_LATENTS = ROOT / "runs" / "score128big" / "latents.safetensors"

@@ -1,4 +1,4 @@
-"""The multi-camera dataset folder format (DESIGN.md section 5): a torch-free reader and a writer.
+"""The multi-camera dataset folder format (docs/DATASETS.md): a torch-free reader and a writer.
 
 This format is a contract with users, so that field recordings can train the model::
 

@@ -1,6 +1,6 @@
 """ZeroMQ transport of wire messages: edge publishers connect, one receiver subscriber binds.
 
-Pattern (DESIGN.md section 3, ``docs/PROTOCOL.md`` section "Transport"): every edge node owns
+Pattern (``docs/PROTOCOL.md`` section "Transport"): every edge node owns
 a publishing socket that *connects* to the receiver; the receiver owns one SUB socket that
 *binds* and subscribes to everything, so any number of nodes can join. One wire message is
 one single-part ZeroMQ message, which lets CONFLATE and the high-water marks act on whole
@@ -17,7 +17,10 @@ CurveZMQ, so several nodes are not merged (``tests/test_transport.py``). Conflat
 messages without counting them: the receiver sees the loss as gaps in a node's sequence
 numbers. On the edge, CONFLATE works on PUB but is ignored by XPUB (it then behaves like
 SNDHWM, keeping the oldest); the edge therefore keeps XPUB for its drop accounting and bounds
-staleness with a short send queue (``send_hwm``, default 2) instead.
+staleness with a short send queue (``send_hwm``, default 2) instead. CONFLATE also keeps only
+the *last part* of a multipart message, so such a receiver cannot see that a message had
+several parts; without CONFLATE :meth:`LatentSubscriber.recv_message` reports the count
+(``ReceivedMessage.parts``) and the receiver drops any message of more than one part.
 
 CurveZMQ ("Ironhouse"): the receiver is the Curve server; each edge is a client with its own
 key pair and the server's public key; a ``ThreadAuthenticator`` on the receiver's private
@@ -88,6 +91,7 @@ class ReceivedMessage:
 
     data: bytes
     client_key: str | None  # None without Curve
+    parts: int = 1  # ZeroMQ frames of the message; MVLD messages are single-part
 
 
 class _AllowList:
@@ -293,7 +297,11 @@ class LatentSubscriber:
             return None
         self.received += 1
         client_key = frame.get("User-Id") if self._curve else None
-        return ReceivedMessage(frame.bytes, client_key)
+        parts = 1
+        while frame.more:  # without CONFLATE every part arrives: take them all, report them
+            frame = self._socket.recv(copy=False)
+            parts += 1
+        return ReceivedMessage(frame.bytes, client_key, parts)
 
     def close(self) -> None:
         """Close the socket, stop the authenticator, end the private context."""

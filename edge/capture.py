@@ -1,8 +1,8 @@
 """Capture: one reader thread per camera keeps that camera's newest frame.
 
-What camera users report most (DESIGN.md section 4) shapes this module: after an unplug the
-stream never comes back without a restart; a read blocks forever or spins a core; GStreamer
-sends no event on a disconnect. So:
+What camera users report most (docs/ARCHITECTURE.md section 5) shapes this module: after an
+unplug the stream never comes back without a restart; a read blocks forever or spins a core;
+GStreamer sends no event on a disconnect. So:
 
 - every open and read runs under a **watchdog**: one shared thread checks, a few times a
   second, how long each camera's current call has been running; a call stuck longer than
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 OPENING = "opening"
 STREAMING = "streaming"
 WAITING = "waiting"  # back-off before the next open attempt
-ENDED = "ended"  # a finite stream ended and is not reopened
+ENDED = "ended"  # a finite stream ended (or a file cannot be opened) and is not reopened
 STOPPED = "stopped"
 
 # Source failure reasons, in the health monitor's and the wire's vocabulary.
@@ -113,8 +113,12 @@ class CameraReader:
     """One camera: a reader thread, its newest frame, its failures and reopen schedule."""
 
     def __init__(self, camera_id: str, opener: Callable[[], FrameSource],
-                 config: CaptureConfig | None = None, description: str = "") -> None:
+                 config: CaptureConfig | None = None, description: str = "",
+                 finite: bool = False) -> None:
         self.camera_id = camera_id
+        # A finite source (a file) that cannot be opened will not appear by waiting: without
+        # reopen_ended it is given up like one that ended, so a node of files can stop.
+        self.finite = finite
         self.description = description or camera_id
         self.config = config or CaptureConfig()
         self._opener = opener
@@ -227,6 +231,16 @@ class CameraReader:
         log.warning("camera %s: %s (%s); reopening in %.1f s", self.description, reason, error,
                     delay)
 
+    def _give_up(self, generation: int, error: BaseException) -> None:
+        """A file that cannot be opened: ended, with reason ``disconnected``; never retried."""
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._generation += 1
+            self._state, self._reason, self._retry_at = ENDED, DISCONNECTED, None
+        log.error("camera %s: cannot be opened (%s); a file is not retried without --loop",
+                  self.description, error)
+
     def _run(self, generation: int) -> None:
         source: FrameSource | None = None
         try:
@@ -263,7 +277,10 @@ class CameraReader:
         try:
             source = self._guarded(generation, "open", self._opener)
         except (SourceError, ConfigError, OSError) as exc:
-            self._fail(generation, DISCONNECTED, exc)
+            if self.finite and not self.config.reopen_ended:
+                self._give_up(generation, exc)
+            else:
+                self._fail(generation, DISCONNECTED, exc)
             return None
         except Exception as exc:  # a driver may raise anything: never die silently
             log.exception("camera %s: unexpected error while opening", self.description)
@@ -364,7 +381,7 @@ class Capture:
                                   f"valid: {', '.join(known)}")
             options = dict((scheme_options or {}).get(scheme, {}))
             readers.append(CameraReader(cid, _opener(uri, options), config,
-                                        f"{cid} ({redact(uri)})"))
+                                        f"{cid} ({redact(uri)})", finite=scheme == "file"))
         return cls(readers)
 
     def start(self) -> Capture:

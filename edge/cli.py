@@ -16,8 +16,10 @@ from pathlib import Path
 
 from mvld.common.errors import ConfigError, MVLDError
 from mvld.common.logs import setup_logging
+from mvld.common.wire import DEFAULT_LATENT_DTYPE, LATENT_DTYPES
 from mvld.edge.capture import CaptureConfig
 from mvld.edge.encoder import registered_backends
+from mvld.edge.health import resolve_health_specs
 from mvld.edge.node import EdgeConfig, EdgeNode, default_model_path
 from mvld.edge.policy import RULES, TransmitPolicyConfig
 
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gpu", type=int, default=0, help="GPU index for TensorRT / CUDA (default 0)")
     add("--max-views", type=int, help="send at most k usable views per frame set")
     add("--budget-bytes", type=int, help="latent bytes per frame set at most")
+    add("--latent-dtype", default=DEFAULT_LATENT_DTYPE, choices=sorted(LATENT_DTYPES),
+        help="latent precision on the wire: int8 (1 byte per value plus a per-view scale), "
+             f"float16 or float32 (default {DEFAULT_LATENT_DTYPE})")
     add("--withhold-rule", default="round_robin", choices=RULES,
         help="which usable views to withhold under a budget (default round_robin)")
     add("--priority", default="",
@@ -63,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which a stuck camera read is abandoned (default 3)")
     add("--backoff-max", type=float, default=10.0,
         help="longest wait between reopen attempts of a failed camera (default 10 s)")
+    add("--health", action="append", metavar="[CAM=]default|off|FILE.toml",
+        help="camera health checks: default, off (source failures only, e.g. a replayed "
+             "dataset) or a TOML file of thresholds (docs/HEALTH.md); CAM=... for one camera "
+             "(cam1=off or 1=off); repeatable. SIGUSR1 re-learns every camera's reference")
     add("--log-json", action="store_true", help="log one JSON object per line")
     add("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -72,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     """Validate the arguments into the node's config."""
     cameras = tuple(uri.strip() for uri in args.cams.split(",") if uri.strip())
     file_options = {"loop": args.loop, "realtime": args.realtime}
+    camera_ids = tuple(f"cam{i}" for i in range(len(cameras)))
     return EdgeConfig(
         cameras=cameras,
         connect=tuple(args.connect),
@@ -85,12 +95,14 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         policy=TransmitPolicyConfig(max_views=args.max_views, budget_bytes=args.budget_bytes,
                                     rule=args.withhold_rule, priority=_numbers(args.priority)),
         capture=CaptureConfig(watchdog_s=args.watchdog, backoff_max_s=args.backoff_max),
+        camera_health=resolve_health_specs(args.health, camera_ids),
         key_secret=args.keys,
         server_key=args.server_key,
         metrics_port=args.metrics_port,
         status_every_s=args.status_every,
         max_framesets=args.frames,
         source_options={"file": file_options},
+        latent_dtype=args.latent_dtype,
     )
 
 
@@ -111,6 +123,17 @@ def install_stop_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, request_stop)
 
 
+def install_relearn_signal(node: EdgeNode) -> None:
+    """SIGUSR1 re-learns every camera's reference (after re-aiming cameras on purpose)."""
+    def request_relearn(signum: int, _frame: object) -> None:
+        logging.getLogger("mvld.edge").info("%s: re-learning every camera's reference",
+                                            signal.Signals(signum).name)
+        node.relearn()
+
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, request_relearn)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-edge``."""
     args = build_parser().parse_args(argv)
@@ -122,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mvld-edge: error: {exc}", file=sys.stderr)
         return 2
     install_stop_signals(stop)
+    install_relearn_signal(node)
     try:
         summary = node.run(stop)
     except MVLDError as exc:

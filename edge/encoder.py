@@ -56,6 +56,14 @@ class EncoderInfo:
     fingerprint: str  # the model's encoder fingerprint, sent in every wire message
     preprocess: PreprocessConfig
     latent_dim: int
+    latent_shape: tuple[int, ...] = ()  # one view's latent on the wire (sh); () = (latent_dim,)
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.latent_shape) or (self.latent_dim,)
+        if int(np.prod(shape)) != self.latent_dim:
+            raise ConfigError(f"latent shape {list(shape)} does not hold {self.latent_dim} "
+                              "values")
+        object.__setattr__(self, "latent_shape", shape)
 
 
 class EncoderBackend(ABC):
@@ -85,6 +93,11 @@ class EncoderBackend(ABC):
     def latent_dim(self) -> int:
         """D, the latent size per view."""
         return self.info.latent_dim
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One view's latent as the model shapes it (``(D,)`` or ``(C, h, w)``): the wire ``sh``."""
+        return self.info.latent_shape
 
     def encode(self, frames: list[np.ndarray], input_order: str = "RGB") -> np.ndarray:
         """``N`` HxWx3 uint8 frames (``input_order``) -> latents ``[N, D]`` float32."""
@@ -145,6 +158,15 @@ def _json_field(metadata: dict[str, str], key: str, where: str) -> Any:
                           "(not exported by mvld-export onnx?)") from exc
 
 
+def latent_shape_of(architecture: dict[str, Any]) -> tuple[int, ...]:
+    """``AutoencoderConfig.latent_shape`` from its dict, without torch (the edge has none)."""
+    channels = int(architecture.get("latent_channels") or 0)
+    if not channels:
+        return (int(architecture["latent_dim"]),)
+    side = int(architecture["image_size"]) // 2 ** len(architecture["channels"])
+    return (channels, side, side)
+
+
 def encoder_info_from_metadata(metadata: dict[str, str], where: str) -> EncoderInfo:
     """Rebuild ``EncoderInfo`` from the ``mvld.*`` metadata of an exported encoder."""
     if metadata.get("mvld.part", "encoder") != "encoder":
@@ -154,7 +176,11 @@ def encoder_info_from_metadata(metadata: dict[str, str], where: str) -> EncoderI
         raise ConfigError(f"{where}: no mvld.encoder_fingerprint in its metadata")
     preprocess = PreprocessConfig.from_dict(_json_field(metadata, "mvld.preprocess", where))
     architecture = _json_field(metadata, "mvld.autoencoder", where)
-    return EncoderInfo(fingerprint, preprocess, int(architecture["latent_dim"]))
+    try:
+        shape = latent_shape_of(architecture)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: malformed metadata 'mvld.autoencoder'") from exc
+    return EncoderInfo(fingerprint, preprocess, int(architecture["latent_dim"]), shape)
 
 
 def ort_providers(device: str) -> list[str]:
@@ -243,10 +269,11 @@ class TorchEncoder(EncoderBackend):
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         import torch
 
-        from mvld.common.checkpoint import load_autoencoder
+        from mvld.model.checkpoint import load_autoencoder
 
         autoencoder, preprocess, fingerprint = load_autoencoder(resolve_checkpoint(path))
-        super().__init__(EncoderInfo(fingerprint, preprocess, autoencoder.config.latent_dim))
+        super().__init__(EncoderInfo(fingerprint, preprocess, autoencoder.config.latent_dim,
+                                     autoencoder.config.latent_shape))
         if threads:
             torch.set_num_threads(threads)
         self._torch = torch
@@ -339,6 +366,7 @@ def open_encoder(path: str | Path, backend: str = "auto", *, threads: int = 1,
         encoder = _auto(path, threads, gpu)
     else:
         encoder = backend_class(backend).open(path, threads=threads, gpu=gpu)
-    log.info("encoder %s opened in %.0f ms (fingerprint %s..., latent %d)", encoder.name,
-             1e3 * (time.perf_counter() - started), encoder.fingerprint[:12], encoder.latent_dim)
+    log.info("encoder %s opened in %.0f ms (fingerprint %s..., latent %s)", encoder.name,
+             1e3 * (time.perf_counter() - started), encoder.fingerprint[:12],
+             "x".join(map(str, encoder.latent_shape)))
     return encoder

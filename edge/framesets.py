@@ -4,7 +4,8 @@ Cameras are free-running (no hardware trigger), so a frame set is a sample, not 
 each tick of :class:`Ticker` the assembler takes each reader's newest frame. A frame older
 than ``max_age_s`` (by its arrival time) does not describe the present: that camera is
 reported with a problem instead, the reader's own failure reason when it has one
-(``disconnected``, ``read_error``, ``end_of_stream``, ``timeout``), else ``stale``. Each view
+(``disconnected``, ``read_error``, ``end_of_stream``, ``timeout``), else ``stale`` (or
+``timeout`` for a camera still opening, which has no frame to be stale). Each view
 keeps its own capture timestamp, which travels on the wire.
 """
 
@@ -15,10 +16,12 @@ import time
 from dataclasses import dataclass
 
 from mvld.common.errors import ConfigError
+from mvld.common.wire import ReasonCode
 from mvld.edge.capture import CameraSnapshot, Capture
 from mvld.edge.sources import Frame
 
-STALE = "stale"
+STALE = ReasonCode.STALE.value
+TIMEOUT = ReasonCode.TIMEOUT.value
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,11 @@ class FrameSetAssembler:
         fresh = (frame is not None and snapshot.received is not None
                  and now - snapshot.received <= self.max_age_s)
         if not fresh:
-            return CapturedView(snapshot.camera_id, None, False, snapshot.reason or STALE,
-                                delivered, snapshot.state)
+            # A camera that has not delivered yet (still opening) waits for its first frame:
+            # that is a timeout, not a stale frame.
+            problem = snapshot.reason or (STALE if delivered else TIMEOUT)
+            return CapturedView(snapshot.camera_id, None, False, problem, delivered,
+                                snapshot.state)
         new = self._last_count.get(snapshot.camera_id) != snapshot.frames  # frame counter
         self._last_count[snapshot.camera_id] = snapshot.frames
         return CapturedView(snapshot.camera_id, frame, new, None, True, snapshot.state)

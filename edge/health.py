@@ -2,46 +2,100 @@
 
 One ``HealthMonitor`` per camera turns each frame (or the absence of one) into a
 ``CameraHealth``: ``ok``, ``failed`` (no usable picture at all) or ``obstructed`` (a picture,
-but of the wrong thing or a degraded one), with a reason code from the vocabulary of
-DeepStream, jetson-utils and commercial tamper detection (DESIGN.md section 4):
+but of the wrong thing or a degraded one), with a reason code of the wire protocol
+(:class:`~mvld.common.wire.ReasonCode`, the vocabulary of DeepStream, jetson-utils and
+commercial tamper detection):
 
 - failed: ``timeout``, ``disconnected``, ``read_error``, ``end_of_stream``, ``stale`` (events
   from the capture layer), ``frozen`` (repeated frames), ``black``, ``uniform``, ``noise``;
-- obstructed: ``occluded``, ``defocused``, ``dirty``, ``redirected`` (judged against a
-  reference of this camera's own view, learned during warm-up and adapted slowly while
-  the camera is healthy).
+- obstructed: ``occluded``, ``defocused``, ``dirty``, ``redirected``.
 
-Every frame gets a verdict from cheap features of a 160x120 grey copy (two INTER_AREA
-halvings, ~0.1 ms at 640x480) and a few full-resolution rows (sensor noise, repeats). Verdicts go
-through hysteresis, like the "minimum duration" of Axis tampering alarms: a fault is
-declared only after it persists for several frames, and cleared only after several
-healthy frames. Capture-layer events (disconnect, read error, end of stream, stale,
-timeout) are facts, not estimates, and are declared at once. Numpy and OpenCV only.
+Field cameras move (PTZ pans, swaying poles, vehicles), their exposure hunts, lights go on
+and off and people walk past, so nothing here compares a frame with a fixed picture:
+
+- picture failures are properties of the frame itself (or of two consecutive frames);
+- the camera's *reference* (a coarse picture, per-cell texture and brightness, the sharpness
+  and noise levels) follows the view: every frame the displacement since the last frame is
+  measured (block matching on an 80x60 copy) and the reference is shifted with the view, then
+  blended towards it. Each part learns from the frames that do not show *its* fault - a
+  cover's cells stop learning while the cover is there, the rest of the view keeps learning -
+  never from the alarm state, so a wrong alarm cannot freeze the reference;
+- obstructions are judged from the frame against the moving reference: a connected region
+  that lost its texture and changed colour (``occluded`` when it is featureless, ``dirty``
+  when some texture shows through), fine detail lost over the whole view while the coarse
+  picture stays (``defocused``), many cells dimmed to a haze (``dirty``);
+- ``redirected`` is a sudden change of the whole view to another *stable* view (a knock, a
+  re-aim), not a drift: pans and sway move the reference with them. It is a bounded state:
+  after ``redirect_relearn_s`` the new view becomes the reference if its picture is healthy,
+  as commercial tamper detection re-learns, so the alarm always clears.
+
+Verdicts go through hysteresis, like the "minimum duration" of Axis tampering alarms: a fault
+is declared only after it persists for several frames, and cleared only after several
+healthy frames. Capture-layer events are facts, not estimates, and are declared at once.
+Numpy and OpenCV only; about 0.5 ms per 640x480 frame on one core.
 """
 
+from __future__ import annotations
+
 import logging
+import math
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
+import tomllib
 
 from mvld.common.errors import ConfigError
+from mvld.common.wire import ReasonCode, ViewStatus
 
 log = logging.getLogger(__name__)
 
-OK = "ok"
-FAILED = "failed"
-OBSTRUCTED = "obstructed"
+OK = ViewStatus.OK.value
+FAILED = ViewStatus.FAILED.value
+OBSTRUCTED = ViewStatus.OBSTRUCTED.value
 
-SOURCE_REASONS = ("timeout", "disconnected", "read_error", "end_of_stream", "stale")
-PICTURE_FAILED_REASONS = ("frozen", "black", "uniform", "noise")
+TIMEOUT = ReasonCode.TIMEOUT.value
+STALE = ReasonCode.STALE.value
+FROZEN = ReasonCode.FROZEN.value
+BLACK = ReasonCode.BLACK.value
+UNIFORM = ReasonCode.UNIFORM.value
+NOISE = ReasonCode.NOISE.value
+OCCLUDED = ReasonCode.OCCLUDED.value
+DEFOCUSED = ReasonCode.DEFOCUSED.value
+DIRTY = ReasonCode.DIRTY.value
+REDIRECTED = ReasonCode.REDIRECTED.value
+
+SOURCE_REASONS = tuple(r.value for r in (ReasonCode.TIMEOUT, ReasonCode.DISCONNECTED,
+                                         ReasonCode.READ_ERROR, ReasonCode.END_OF_STREAM,
+                                         ReasonCode.STALE))
+PICTURE_FAILED_REASONS = (FROZEN, BLACK, UNIFORM, NOISE)
 FAILED_REASONS = SOURCE_REASONS + PICTURE_FAILED_REASONS
-OBSTRUCTED_REASONS = ("occluded", "defocused", "dirty", "redirected")
+OBSTRUCTED_REASONS = (OCCLUDED, DEFOCUSED, DIRTY, REDIRECTED)
 
 ANALYSIS_SIZE = (160, 120)  # width, height of the grey copy every feature is computed on
-GRID = (8, 6)  # columns, rows of the cells that localise texture loss (20x20 px each)
-PATCH_SIZE = (80, 60)  # width, height of the grey copy cut into GRID patches (10x10 px)
+GRID = (16, 12)  # columns, rows of the cells that localise texture loss (10x10 px each)
+SIGNATURE_SIZE = (80, 60)  # width, height of the coarse picture used for view matching
+BLOCKS = (8, 6)  # columns, rows of the signature's matching blocks (10x10 px, 2x2 cells)
+BLOCK = 10  # signature pixels per block side
+MAX_SHIFT = 3  # signature pixels searched per frame: 3.75% of the width, 5% of the height
+CELLS_PER_BLOCK = 2  # cells per block side
+CELL = SIGNATURE_SIZE[0] // GRID[0]  # signature pixels per cell side
+MIN_BLOCKS = 4  # fewer structured blocks than this: the view cannot be matched
+MAX_BLOCKS = 20  # blocks matched at most (the most structured ones)
+MIN_SHIFT_GAIN = 0.02  # mean block correlation a shift must gain to count as motion
+MIN_CURVATURE = 0.02  # sharpness of the correlation peak that sub-pixel motion needs
+SLOW = 0.1  # learning under a fault verdict, relative to the normal rate
+MAX_BLIND_SHIFT = 12  # signature pixels searched at most after frames the view was not seen
+COARSE_SIZE = (20, 15)  # the picture whose contrast a blur keeps and a cover takes away
+HEALTH_PROFILES = ("default", "off")
+_NEIGHBOURS = np.ones((3, 3), np.uint8)
+KNOWN = 0.99  # a cell's reference is trusted once this much of it was seen
+LIGHT_OFFSET = 10.0  # grey levels added to brightness in ratios (dark cells are noisy)
+LOG_SCALE = 138.0  # log brightness units: one unit is one grey level at mid-grey (128)
+KNOWN_RATE = 0.02  # how fast a cell that came into view becomes known (about 1.7 s)
+UNKNOWN_RATE = 0.3  # how fast an unknown cell follows what it sees
 
 
 def state_of(reason: str | None) -> str:
@@ -57,37 +111,57 @@ def state_of(reason: str | None) -> str:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """Thresholds and timings of the monitor; the defaults are tuned on bench_health.py.
+    """Thresholds and timings of the monitor; defaults tuned on bench_health*.py (docs/HEALTH.md).
 
     Frame counts assume a steady frame rate; at 30 FPS the defaults declare a picture
     failure after 1/6 s, an obstruction after 1/3 s, and clear after 1/2 s.
     """
 
-    warmup_frames: int = 15  # healthy frames averaged into the reference
+    picture_checks: bool = True  # False: only source events and timeouts (``--health off``)
+    warmup_frames: int = 15  # healthy frames the reference is averaged over before judging
     confirm_failed_frames: int = 5  # consecutive frozen/black/uniform/noise verdicts to declare
     confirm_obstructed_frames: int = 10  # consecutive obstruction verdicts to declare
     clear_frames: int = 15  # consecutive healthy verdicts to clear any fault
     timeout_s: float = 2.0  # no frame for this long: failed/timeout
-    frozen_max_diff: float = 0.1  # mean |difference| to the previous frame below this: frozen
-    adapt_rate: float = 0.002  # reference EMA weight per healthy frame (time constant 500)
+    redirect_relearn_s: float = 10.0  # redirected this long with a healthy picture: new normal
+    # picture failures
+    frozen_max_diff: float = 0.1  # mean |difference| to the previous frame below this ...
+    frozen_motion_level: float = 6.0  # ... and no analysis pixel changed by more than this
+    frozen_max_moving: int = 2  # ... (more than this many such pixels means motion): frozen
     black_max_mean: float = 25.0  # grey mean below this ...
     black_max_bright_fraction: float = 0.01  # ... and almost no pixel above 60: black
     uniform_max_std: float = 6.0  # grey standard deviation below this: uniform
     noise_min_sigma: float = 25.0  # full-resolution noise estimate above this ...
     noise_min_ratio: float = 4.0  # ... and this many times the reference: noise
-    texture_floor: float = 2.0  # cells whose reference |Laplacian| is below carry no texture
-    degraded_ratio: float = 0.7  # a cell keeping less texture (short-term average): degraded
-    short_term_rate: float = 0.2  # EMA weight of the short-term cell texture average
-    covered_ratio: float = 0.25  # a cell keeping less than this and changed is covered
-    changed_level: float = 18.0  # colour change (grey levels, after gain) that marks a cell
-    occluded_min_fraction: float = 0.12  # covered fraction of textured cells: occluded
-    dirty_min_fraction: float = 0.3  # degraded fraction of textured cells: dirty
-    defocus_max_ratio: float = 0.6  # texture kept over all textured cells below this ...
-    defocus_min_similarity: float = 0.4  # ... with the coarse picture kept: defocused
-    gained_ratio: float = 2.5  # a cell with this many times its reference texture gained some
-    redirect_min_gained: float = 0.06  # gained fraction of all cells that means the view moved
-    redirect_max_similarity: float = 0.5  # median patch correlation with the reference below
-    structure_min_std: float = 3.0  # reference patches flatter than this (grey levels) ignored
+    # how the reference follows the view (weights per frame)
+    structure_rate: float = 0.1  # coarse picture
+    cell_rate: float = 0.03  # per-cell texture and brightness, while they agree with the view
+    absorb_rate: float = 0.0002  # ... while they do not (a lasting change: about 3 minutes)
+    level_rate: float = 0.02  # sharpness, coarse contrast and noise levels
+    # occluded and dirty
+    texture_floor: float = 1.5  # cells with less reference texture (|Laplacian|) carry none
+    covered_ratio: float = 0.25  # a cell keeping less of its texture than this lost it ...
+    changed_level: float = 18.0  # ... and with a colour change (grey levels) is covered
+    flat_changed_level: float = 40.0  # a textureless cell changing colour this much ...
+    light_max_ratio: float = 1.5  # ... by more than this factor (a light change) is covered
+    occluded_min_fraction: float = 0.12  # connected covered region, share of all cells
+    cover_flat_ratio: float = 0.1  # a covered cell keeping less texture than this is bare
+    cover_min_bare: float = 0.3  # share of bare cells in the region: occluded, else dirty
+    dirty_ratio: float = 0.6  # a cell keeping less texture (short-term average) ...
+    dirty_changed_level: float = 8.0  # ... and changing colour this much is degraded
+    dirty_min_fraction: float = 0.08  # share of textured cells degraded: dirty
+    short_term_rate: float = 0.3  # weight of the short-term texture average
+    max_clipped: float = 0.3  # cells with more over/underexposed pixels are not judged
+    # defocused
+    defocus_max_ratio: float = 0.5  # fine-to-coarse texture ratio below this share of normal
+    defocus_min_coarse: float = 0.5  # ... while the coarse contrast keeps this share ...
+    dirty_min_coarse: float = 1.25  # ... up to this share (more: dirt's spots): defocused
+    # redirected
+    redirect_max_similarity: float = 0.5  # median block correlation with the reference below
+    cover_max_structure: float = 0.5  # ... keeping less of its structured blocks: occluded
+    redirect_return_similarity: float = 0.7  # correlation that ends a redirect (hysteresis)
+    track_speed: float = 0.05  # share of the width a camera may pan per second while unseen
+    structure_min_std: float = 3.0  # blocks flatter than this (grey levels) are not matched
 
     def __post_init__(self) -> None:
         for name in ("warmup_frames", "confirm_failed_frames", "confirm_obstructed_frames",
@@ -96,8 +170,100 @@ class HealthConfig:
                 raise ConfigError(f"health {name} must be at least 1, got {getattr(self, name)}")
         if self.timeout_s <= 0:
             raise ConfigError(f"health timeout_s must be positive, got {self.timeout_s}")
-        if not 0.0 <= self.adapt_rate < 1.0:
-            raise ConfigError(f"health adapt_rate must be in [0, 1), got {self.adapt_rate}")
+        if self.redirect_relearn_s < 0:
+            raise ConfigError(f"health redirect_relearn_s must be >= 0 (0: never), got "
+                              f"{self.redirect_relearn_s}")
+        for name in ("structure_rate", "cell_rate", "absorb_rate", "level_rate",
+                     "short_term_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"health {name} must be in [0, 1], got {getattr(self, name)}")
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, object], origin: str = "health config"
+                     ) -> HealthConfig:
+        """A config from ``{field: value}`` (a TOML table); unknown keys and bad types raise."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{origin}: unknown health setting(s) {unknown}; valid: "
+                              f"{', '.join(known)}")
+        checked: dict[str, object] = {}
+        for name, value in values.items():
+            default = getattr(cls(), name)
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok:
+                raise ConfigError(f"{origin}: {name} must be a {type(default).__name__}, got "
+                                  f"{value!r}")
+            checked[name] = float(value) if isinstance(default, float) else value
+        return cls(**checked)  # type: ignore[arg-type]
+
+
+def load_health_configs(spec: str, cameras: tuple[str, ...]) -> dict[str, HealthConfig]:
+    """The health config of every camera from ``default``, ``off`` or a TOML file.
+
+    A TOML file holds ``HealthConfig`` fields at its top level and, optionally, tables
+    ``[cameras.cam1]`` whose fields override the top level for that camera (a table may
+    also say ``profile = "off"``). Unknown keys and cameras are errors: a typo must not
+    silently fall back to a default.
+    """
+    if spec in ("", "default"):
+        return {camera: HealthConfig() for camera in cameras}
+    if spec == "off":
+        return {camera: HealthConfig(picture_checks=False) for camera in cameras}
+    path = Path(spec)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--health {spec}: no such file (expected default, off or a "
+                          f"TOML file)") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--health {spec}: {exc}") from exc
+    per_camera = document.pop("cameras", {})
+    if not isinstance(per_camera, dict):
+        raise ConfigError(f"{spec}: [cameras] must be a table of camera tables")
+    base = HealthConfig.from_mapping(document, spec)
+    unknown = sorted(set(per_camera) - set(cameras))
+    if unknown:
+        raise ConfigError(f"{spec}: unknown camera(s) {unknown}; this node has "
+                          f"{', '.join(cameras)}")
+    configs = {}
+    for camera in cameras:
+        overrides = dict(per_camera.get(camera, {}))
+        profile = overrides.pop("profile", "default")
+        if profile not in HEALTH_PROFILES:
+            raise ConfigError(f"{spec}: [cameras.{camera}] profile must be one of "
+                              f"{HEALTH_PROFILES}, got {profile!r}")
+        start = base if profile == "default" else replace(base, picture_checks=False)
+        merged = {f.name: getattr(start, f.name) for f in fields(HealthConfig)} | overrides
+        configs[camera] = HealthConfig.from_mapping(merged, f"{spec} [cameras.{camera}]")
+    return configs
+
+
+def resolve_health_specs(specs: list[str] | None, cameras: tuple[str, ...]
+                         ) -> dict[str, HealthConfig]:
+    """Every camera's config from ``--health`` values: ``SPEC`` for all, ``CAM=SPEC`` for one.
+
+    ``SPEC`` is ``default``, ``off`` or a TOML file (see :func:`load_health_configs`);
+    ``CAM`` is a camera id (``cam1``) or number (``1``). Later values win.
+    """
+    configs = {camera: HealthConfig() for camera in cameras}
+    for spec in specs or []:
+        camera, sep, value = spec.partition("=")
+        if not sep:
+            configs.update(load_health_configs(spec, cameras))
+            continue
+        camera = camera.strip()
+        camera = f"cam{camera}" if camera.isdigit() else camera
+        if camera not in configs:
+            raise ConfigError(f"--health {spec}: unknown camera {camera!r}; this node has "
+                              f"{', '.join(cameras)}")
+        configs[camera] = load_health_configs(value.strip(), cameras)[camera]
+    return configs
 
 
 @dataclass
@@ -124,19 +290,39 @@ class Features:
     std: float
     bright_fraction: float
     noise_sigma: float
-    cell_texture: np.ndarray  # GRID rows x cols, mean |Laplacian| per cell
-    cell_colour: np.ndarray  # GRID rows x cols x 3, mean RGB per cell
-    patches: np.ndarray  # cells x 100, each cell's 10x10 grey patch, zero-mean float32
+    grey: np.ndarray  # ANALYSIS_SIZE grey copy, uint8
+    texture: np.ndarray  # GRID rows x cols: mean |Laplacian| per cell, noise removed
+    brightness: np.ndarray  # GRID rows x cols: mean grey level per cell
+    signature: np.ndarray  # SIGNATURE_SIZE grey copy, log brightness, float32
+    fine: float  # mean cell texture (fine detail)
+    coarse: float  # mean |Laplacian| of a 20x15 copy (coarse contrast; blur keeps it)
+    laplacian: np.ndarray  # ANALYSIS_SIZE |Laplacian|, float32
+    floor: float  # mean |Laplacian| of the sensor noise alone
+    clipped: np.ndarray  # GRID rows x cols: share of pixels at the ends of the grey range
 
 
 @dataclass
 class Reference:
-    """A camera's healthy look: what obstruction detectors compare against."""
+    """A camera's healthy look, following the view: what obstructions are judged against."""
 
+    signature: np.ndarray  # SIGNATURE_SIZE, float32
+    cells: np.ndarray  # GRID rows x cols x 3: texture, brightness, known (0..1)
+    sharpness: float  # fine / coarse
+    coarse: float  # coarse contrast per grey level of brightness
+    clipped: float  # share of over/underexposed pixels
     noise_sigma: float
-    cell_texture: np.ndarray
-    cell_colour: np.ndarray
-    patches: np.ndarray  # cells x 100, zero-mean; averaged over warm-up, adapted slowly
+    frames: int = 1  # frames learned
+    offset: np.ndarray = field(default_factory=lambda: np.zeros(2))  # view vs signature
+    cell_offset: np.ndarray = field(default_factory=lambda: np.zeros(2))  # view vs cell grid
+    cells_on_reference: bool = True  # the cell grid is the signature's (not a new view's)
+
+
+@dataclass
+class Match:
+    """How the current view matches another one (the reference or the previous frame)."""
+
+    similarity: float | None  # median block correlation at the common shift; None: no structure
+    shift: tuple[float, float]  # (dx, dy) signature pixels: current(p) ~ other(p + shift)
 
 
 def downscale(frame: np.ndarray) -> np.ndarray:
@@ -165,53 +351,162 @@ def noise_sigma(frame: np.ndarray, row_step: int = 16) -> float:
     return float(np.partition(second, middle)[middle]) / (0.6745 * np.sqrt(6.0))
 
 
+def noise_floor(sigma: float, frame_width: int) -> float:
+    """Mean |Laplacian| that sensor noise alone gives an analysis cell.
+
+    Grey noise is 0.67 of the green-channel sigma, INTER_AREA divides it by the linear
+    downscale factor, the 4-neighbour Laplacian multiplies a mean |noise| by 3.57; the uint8
+    grey copy adds its own rounding (1.03). Measured within 5% on flat noisy frames.
+    """
+    factor = max(frame_width / ANALYSIS_SIZE[0], 1.0)
+    return math.hypot(2.4 * sigma / factor, 1.03)
+
+
 def extract_features(frame: np.ndarray) -> Features:
-    """All per-frame features; about 0.3 ms for a 640x480 frame on one core."""
+    """All per-frame features, from one 160x120 grey copy and a few full-resolution rows."""
     small = downscale(frame)
     grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     mean, std = (float(v[0][0]) for v in cv2.meanStdDev(grey))
     bright_fraction = float(np.count_nonzero(grey > 60)) / grey.size
+    sigma = noise_sigma(frame)
     laplacian = np.abs(cv2.Laplacian(grey, cv2.CV_32F))
-    cell_texture = cv2.resize(laplacian, GRID, interpolation=cv2.INTER_AREA)
-    cell_colour = cv2.resize(small, GRID, interpolation=cv2.INTER_AREA).astype(np.float32)
-    return Features(mean, std, bright_fraction, noise_sigma(frame), cell_texture,
-                    cell_colour, grid_patches(grey))
+    cells = cv2.resize(laplacian, GRID, interpolation=cv2.INTER_AREA)
+    floor = noise_floor(sigma, frame.shape[1])
+    texture = np.sqrt(np.maximum(cells * cells - floor * floor, 0.0))
+    brightness = cv2.resize(grey, GRID, interpolation=cv2.INTER_AREA).astype(np.float32)
+    signature = cv2.resize(grey, SIGNATURE_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32)
+    coarse_picture = cv2.resize(signature, COARSE_SIZE, interpolation=cv2.INTER_AREA)
+    coarse = float(np.abs(cv2.Laplacian(coarse_picture, cv2.CV_32F)).mean())
+    # Views are matched on log brightness: a light that changes over the view multiplies
+    # the picture, which the log turns into a smooth term each block's ramp removal takes out.
+    signature = LOG_SCALE * cv2.log(signature + LIGHT_OFFSET)
+    clipped = cv2.resize(((grey >= 240) | (grey <= 8)).astype(np.float32), GRID,
+                         interpolation=cv2.INTER_AREA)
+    return Features(mean, std, bright_fraction, sigma, grey, texture, brightness, signature,
+                    float(texture.mean()), coarse, laplacian, floor, clipped)
 
 
-def grid_patches(grey: np.ndarray) -> np.ndarray:
-    """The grey copy at PATCH_SIZE cut into one zero-mean row per GRID cell."""
-    columns, rows = GRID
-    small = cv2.resize(grey, PATCH_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32)
-    height, width = PATCH_SIZE[1] // rows, PATCH_SIZE[0] // columns
-    patches = small.reshape(rows, height, columns, width).transpose(0, 2, 1, 3)
-    patches = patches.reshape(rows * columns, height * width)
-    return patches - patches.mean(axis=1, keepdims=True)
+def cell_maps(features: Features, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cell texture and brightness on a grid displaced by ``offset`` (signature pixels).
 
-
-def patch_similarity(patches: np.ndarray, reference: np.ndarray, min_std: float) -> float:
-    """Median over structured reference cells of the patch correlation with the reference.
-
-    Per-cell normalised correlation ignores light changes; the median ignores objects
-    moving through fewer than half of the cells; a re-aimed camera moves every cell.
+    The reference's cells stay anchored to the scene while the camera moves; the current
+    frame is pooled on that grid (one sub-pixel resampling of this frame), so the reference
+    itself is only ever moved by whole cells and never blurred by repeated resampling.
     """
-    ref_norm = np.linalg.norm(reference, axis=1)
-    structured = ref_norm > min_std * np.sqrt(reference.shape[1])
-    if not structured.any():
-        return 1.0
-    current, ref = patches[structured], reference[structured]
-    dots = np.einsum("ij,ij->i", current, ref)
-    norms = np.linalg.norm(current, axis=1) * ref_norm[structured] + 1e-6
-    return float(np.median(dots / norms))
+    if not offset.any():
+        return features.texture, features.brightness
+    shift = (-2.0 * float(offset[0]), -2.0 * float(offset[1]))  # analysis pixels
+    laplacian = shift_picture(features.laplacian, shift)
+    grey = shift_picture(features.grey.astype(np.float32), shift)
+    cells = cv2.resize(laplacian, GRID, interpolation=cv2.INTER_AREA)
+    texture = np.sqrt(np.maximum(cells * cells - features.floor * features.floor, 0.0))
+    return texture, cv2.resize(grey, GRID, interpolation=cv2.INTER_AREA)
+
+
+def _ramp_basis(size: int) -> np.ndarray:
+    """Orthonormal basis (size*size x 3) of a constant and two linear ramps over a block."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    basis = np.stack([np.ones(size * size, np.float32), xs.ravel(), ys.ravel()], axis=1)
+    return np.linalg.qr(basis)[0].astype(np.float32)
+
+
+_RAMPS = _ramp_basis(BLOCK)
+
+
+def block_std(signature: np.ndarray) -> np.ndarray:
+    """Structure of every matching block (BLOCKS rows x cols): std without its linear ramp.
+
+    A smooth light gradient (a lamp's pool of light) is not structure: switched off, it would
+    change a flat block's correlation completely.
+    """
+    columns, rows = BLOCKS
+    blocks = signature.reshape(rows, BLOCK, columns, BLOCK).transpose(0, 2, 1, 3)
+    blocks = blocks.reshape(rows * columns, BLOCK * BLOCK)
+    residual = blocks - (blocks @ _RAMPS) @ _RAMPS.T
+    return residual.std(axis=1).reshape(rows, columns)
+
+
+def match_view(current: np.ndarray, other: np.ndarray, usable: np.ndarray,
+               min_std: float, search: int = MAX_SHIFT) -> Match:
+    """Block matching of ``current`` against ``other`` (both SIGNATURE_SIZE) within ``search``.
+
+    Every usable block structured in both is correlated at every offset; the offset with the
+    best mean correlation is the view's displacement, and the median correlation of the
+    blocks *at that offset* is the similarity: objects moving through a minority of blocks
+    do not change it, a re-aimed camera changes every block, and per-block normalisation
+    ignores light changes.
+    """
+    spread = block_std(other)
+    structured = usable & (spread >= min_std)
+    if structured.sum() > MAX_BLOCKS:  # the most structured blocks say enough, and cost less
+        cut = np.sort(spread[structured])[-MAX_BLOCKS]
+        structured &= spread >= cut
+    current_structured = block_std(current) >= min_std / 2
+    padded = cv2.copyMakeBorder(other, search, search, search, search, cv2.BORDER_REPLICATE)
+    size = BLOCK + 2 * search
+    results = []
+    for row, column in zip(*np.nonzero(structured), strict=True):
+        y, x = row * BLOCK, column * BLOCK
+        if not current_structured[row, column]:
+            results.append(None)  # a block that went flat matches nothing
+            continue
+        template = current[y : y + BLOCK, x : x + BLOCK]
+        results.append(cv2.matchTemplate(padded[y : y + size, x : x + size], template,
+                                         cv2.TM_CCOEFF_NORMED))
+    if len(results) < MIN_BLOCKS:
+        return Match(None, (0.0, 0.0))
+    maps = [r for r in results if r is not None]
+    if not maps:
+        return Match(0.0, (0.0, 0.0))
+    stack = np.stack(maps)
+    # The common shift maximises the blocks' mean correlation: a block along a straight edge
+    # only knows the shift across the edge (a ridge), its neighbours settle the rest.
+    mean = stack.mean(axis=0)
+    best = int(np.argmax(mean))
+    dy, dx = divmod(best, stack.shape[2])
+    if mean[dy, dx] - mean[search, search] < MIN_SHIFT_GAIN:
+        # Hardly better than where the view was: no jump by whole pixels (a poorly structured
+        # view would wander with the noise and the light); a slow drift shows sub-pixel.
+        dy = dx = search
+    sub_x = _parabola(mean[dy, dx - 1 : dx + 2])
+    sub_y = _parabola(mean[dy - 1 : dy + 2, dx])
+    at_shift = np.zeros(len(results), np.float32)
+    at_shift[[i for i, r in enumerate(results) if r is not None]] = stack[:, dy, dx]
+    return Match(float(np.median(at_shift)), (dx - search + sub_x, dy - search + sub_y))
+
+
+def _parabola(values: np.ndarray) -> float:
+    """Sub-pixel position of a peak from its value and its two neighbours.
+
+    0 at an edge of the search and for a flat peak (along a straight edge, or a view with
+    little structure, the position is not known: holding still beats wandering).
+    """
+    if values.size != 3:
+        return 0.0
+    left, centre, right = (float(v) for v in values)
+    curvature = left - 2 * centre + right
+    if curvature > -MIN_CURVATURE:
+        return 0.0
+    return float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
+
+
+def shift_picture(picture: np.ndarray, shift: tuple[float, float],
+                  border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
+    """``picture`` moved so that result(p) = picture(p + shift) (what comes in: ``border``)."""
+    if shift == (0, 0):
+        return picture
+    matrix = np.float32([[1, 0, shift[0]], [0, 1, shift[1]]])
+    return cv2.warpAffine(picture, matrix, (picture.shape[1], picture.shape[0]),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=border)
 
 
 class HealthMonitor:
-    """Health of one camera, frame by frame, with hysteresis and a learned reference."""
+    """Health of one camera, frame by frame, with hysteresis and a reference that moves along."""
 
     def __init__(self, config: HealthConfig | None = None, camera: str = "") -> None:
         self.config = config or HealthConfig()
         self.camera = camera
         self.reference: Reference | None = None
-        self._warmup: list[Features] = []
         self._state, self._reason, self._since = OK, None, 0.0
         self._run: Counter[str] = Counter()  # verdicts of the current run of faulty frames
         self._run_length = 0
@@ -219,8 +514,12 @@ class HealthMonitor:
         self._recent: deque[str] = deque(maxlen=self.config.clear_frames)
         self._last_frame_time: float | None = None
         self._last_rows: np.ndarray | None = None  # every 8th row of the previous frame
+        self._last_grey: np.ndarray | None = None
+        self._last_signature: np.ndarray | None = None
+        self._matched_last = True  # the previous frame matched the reference
+        self._tracked_at = 0.0  # timestamp of the last frame whose view was followed
+        self._short_texture: np.ndarray | None = None
         self._scores: dict[str, float] = {}
-        self._short_texture: np.ndarray | None = None  # cell texture, short-term average
 
     # -- public contract -------------------------------------------------------------------
 
@@ -235,12 +534,22 @@ class HealthMonitor:
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 frame, got {frame.shape} {frame.dtype}")
         self._last_frame_time = timestamp
+        if not self.config.picture_checks:
+            self._apply_hysteresis(None, timestamp)
+            return self.health()
         features = extract_features(frame)
-        self._follow_short_term(features.cell_texture)
-        verdict = self._verdict(frame, features)
+        verdict = self._failure(frame, features)
+        if verdict is None:
+            verdict = self._judge_view(features, timestamp)
+        self._last_grey = features.grey
+        self._last_signature = features.signature
         self._apply_hysteresis(verdict, timestamp)
-        if verdict is None and self._state == OK:
-            self._learn(features)
+        if (self._reason == REDIRECTED and verdict == REDIRECTED
+                and self.config.redirect_relearn_s > 0
+                and timestamp - self._since >= self.config.redirect_relearn_s):
+            log.warning("camera %s: redirected for %.1f s with a healthy picture: the new view "
+                        "is the reference now", self.camera, timestamp - self._since)
+            self._adopt(features)
         return self.health()
 
     def report_source_error(self, reason: str, timestamp: float) -> CameraHealth:
@@ -249,6 +558,7 @@ class HealthMonitor:
             raise ConfigError(f"unknown source error {reason!r}; valid: {SOURCE_REASONS}")
         self._declare(reason, timestamp)
         self._last_rows = None
+        self._last_grey = None
         return self.health()
 
     def health(self) -> CameraHealth:
@@ -259,129 +569,360 @@ class HealthMonitor:
                             dict(self._scores))
 
     def relearn(self) -> None:
-        """Forget the reference (e.g. after a camera was re-aimed on purpose) and warm up again."""
-        self.reference = None
-        self._warmup.clear()
+        """Forget the reference (a camera re-aimed on purpose, a new scene) and warm up again.
 
-    # -- verdict of one frame ---------------------------------------------------------------
-
-    def _verdict(self, frame: np.ndarray, features: Features) -> str | None:
-        """The fault this single frame shows, or None; failures before obstructions.
-
-        Order: noise, black, uniform, frozen (a frozen black frame is reported black), then
-        the obstruction checks against the reference.
+        The state is kept: a fault clears the usual way, after ``clear_frames`` healthy
+        frames, and failures are still found while the new reference is learned.
         """
+        log.info("camera %s: re-learning its reference", self.camera)
+        self.reference = None
+        self._short_texture = None
+        self._matched_last = True
+
+    # -- picture failures --------------------------------------------------------------------
+
+    def _failure(self, frame: np.ndarray, features: Features) -> str | None:
+        """noise, black, uniform or frozen from the frame itself (a frozen black frame is black)."""
         config = self.config
         self._scores = {"mean": features.mean, "std": features.std,
                         "noise_sigma": features.noise_sigma}
         reference_noise = self.reference.noise_sigma if self.reference else 0.0
-        repeat = self._is_repeat(frame)
+        repeat = self._is_repeat(frame, features.grey)
         if (features.noise_sigma > config.noise_min_sigma
                 and features.noise_sigma > config.noise_min_ratio * reference_noise):
-            return "noise"
+            return NOISE
         if (features.mean < config.black_max_mean
                 and features.bright_fraction < config.black_max_bright_fraction):
-            return "black"
+            return BLACK
         if features.std < config.uniform_max_std:
-            return "uniform"
+            return UNIFORM
         # Only a picture with detail can be seen to freeze: a codec turns a smooth cover or
         # a flat frame into repeats as well.
-        if repeat and float(features.cell_texture.mean()) >= config.texture_floor:
-            return "frozen"
-        if self.reference is None:
-            return None
-        return self._obstruction(features, self.reference)
+        if repeat and features.fine + features.coarse >= config.texture_floor:
+            return FROZEN
+        return None
 
-    def _is_repeat(self, frame: np.ndarray) -> bool:
+    def _is_repeat(self, frame: np.ndarray, grey: np.ndarray) -> bool:
         """Whether the frame repeats the previous one, bit for bit or up to codec drift.
 
-        Compares every 8th full-resolution row: a repeat differs by less than
-        ``frozen_max_diff`` grey levels on average (0 when bit-identical, a few hundredths
-        when a video codec refreshes a frozen picture), sensor noise of one grey level by
-        about 1.1.
+        Every 8th full-resolution row differs by less than ``frozen_max_diff`` grey levels
+        on average (0 when bit-identical, a few hundredths when a video codec refreshes a
+        frozen picture, about 1.1 for sensor noise of one grey level), and no more than
+        ``frozen_max_moving`` analysis pixels changed by more than ``frozen_motion_level``:
+        a noise-free render with one small moving object has a tiny mean difference too.
         """
         rows = np.ascontiguousarray(frame[::8])
         previous, self._last_rows = self._last_rows, rows
-        if previous is None or previous.shape != rows.shape:
+        previous_grey = self._last_grey
+        if previous is None or previous.shape != rows.shape or previous_grey is None:
             return False
         difference = cv2.norm(rows, previous, cv2.NORM_L1) / rows.size
         self._scores["frame_difference"] = difference
-        return difference < self.config.frozen_max_diff
+        if difference >= self.config.frozen_max_diff:
+            return False
+        moving = cv2.absdiff(grey, previous_grey) > self.config.frozen_motion_level
+        return int(np.count_nonzero(moving)) <= self.config.frozen_max_moving
 
-    def _obstruction(self, features: Features, reference: Reference) -> str | None:
-        """Compare the frame with the camera's reference: occluded, defocused, dirty, redirected."""
-        config = self.config
-        textured = reference.cell_texture > config.texture_floor
-        if not textured.any():
+    # -- obstructions ------------------------------------------------------------------------
+
+    def _judge_view(self, features: Features, timestamp: float) -> str | None:
+        """Learn while warming up; afterwards judge the view against the moving reference."""
+        reference = self.reference
+        if reference is None or reference.frames < self.config.warmup_frames:
+            self._tracked_at = timestamp
+            self._learn(features)
             return None
-        ref_colour = reference.cell_colour
-        # Illumination gain, robust to a minority of changed cells.
-        gain = float(np.median((features.cell_colour.mean(2) + 5) / (ref_colour.mean(2) + 5)))
-        kept = features.cell_texture / (gain * reference.cell_texture + 1e-6)
-        changed = np.abs(features.cell_colour - gain * ref_colour).max(2) > config.changed_level
-        covered = textured & changed & (kept < config.covered_ratio)
-        # Dirt stays put while objects move: a cell is degraded when both this frame and the
-        # short-term average have lost texture.
-        short_kept = self._short_texture / (gain * reference.cell_texture + 1e-6)
-        degraded = textured & (np.maximum(kept, short_kept) < config.degraded_ratio)
-        gained = features.cell_texture > np.maximum(
-            config.gained_ratio * gain * reference.cell_texture, 2 * config.texture_floor)
-        covered_fraction = float(covered.sum() / textured.sum())
-        degraded_fraction = float(degraded.sum() / textured.sum())
-        gained_fraction = float(gained.mean())
-        texture_kept = float(features.cell_texture[textured].sum()
-                             / (gain * reference.cell_texture[textured].sum() + 1e-6))
-        similarity = patch_similarity(features.patches, reference.patches,
-                                      config.structure_min_std)
-        self._scores.update(gain=gain, covered_fraction=covered_fraction,
-                            degraded_fraction=degraded_fraction, gained_fraction=gained_fraction,
-                            texture_kept=texture_kept, similarity=similarity)
-        # A re-aimed view shows texture in new places; covers and blur only take it away.
-        # Blur takes it everywhere but keeps the coarse picture; a cover hides the picture
-        # (all of it, or part of it while the rest stays sharp).
-        scene_moved = gained_fraction >= config.redirect_min_gained
-        if not scene_moved and texture_kept < config.defocus_max_ratio:
-            if similarity >= config.defocus_min_similarity:
-                return "defocused"
-            return "occluded"
-        if not scene_moved and covered_fraction >= config.occluded_min_fraction:
-            return "occluded"
-        if similarity < config.redirect_max_similarity:
-            return "redirected"
-        if degraded_fraction >= config.dirty_min_fraction:
-            return "dirty"
-        return None
-
-    def _follow_short_term(self, cell_texture: np.ndarray) -> None:
-        """Update the short-term average of the cell texture (every frame)."""
-        if self._short_texture is None:
-            self._short_texture = cell_texture.copy()
+        config = self.config
+        texture_ref, brightness_ref = reference.cells[:, :, 0], reference.cells[:, :, 1]
+        texture, brightness = cell_maps(features, reference.cell_offset)
+        # Cells that were in view long enough, and are not clipped now: over- or underexposed
+        # pixels (a light switched on before auto-exposure catches up) show no texture.
+        exposed = (features.clipped < config.max_clipped) & _in_view(reference.cell_offset)
+        known = (reference.cells[:, :, 2] >= KNOWN) & exposed
+        # A cell counts as textured when its whole neighbourhood was: an edge that a shaking
+        # camera moves into the next cell has not gone anywhere, texture all around has.
+        around = cv2.erode(texture_ref, _NEIGHBOURS)
+        textured = known & (around > config.texture_floor)
+        # Texture is judged as local contrast (texture per grey level): a lamp switched off
+        # over part of the view dims its texture with its light, dirt and covers do not.
+        ratio = (brightness + LIGHT_OFFSET) / (brightness_ref + LIGHT_OFFSET)
+        kept = texture / (around * ratio + 1e-3)
+        # The light's gain, from the cells whose texture is still there (a cover is not a
+        # change of light: its cells lost their texture).
+        lit = textured & (kept > 0.3)
+        if lit.sum() >= 8:
+            gain = float(np.median(ratio[lit]))
+        else:  # too little texture to tell light from cover: the light is what changed
+            gain = float(np.median(ratio[known])) if known.any() else 1.0
+        change = brightness - gain * brightness_ref
+        changed = np.abs(change)
+        brightness_ratio = (brightness + 5) / (gain * brightness_ref + 5)
+        relit = (brightness_ratio > 1 / config.light_max_ratio) & (
+            brightness_ratio < config.light_max_ratio)  # a light change could explain it
+        flat_ref = known & (texture_ref <= config.texture_floor)
+        covered = (textured & (kept < config.covered_ratio) & (changed > config.changed_level)) | (
+            flat_ref & (texture < config.texture_floor)
+            & (changed > config.flat_changed_level) & ~relit)
+        # Cells that lost part of their texture and changed colour: a cover's soft edge, dirt.
+        dimmed = textured & (kept < config.dirty_ratio) & (changed > config.dirty_changed_level)
+        # The region's share of the cells that can be judged (a cover over a sky that is
+        # white in every frame, or a clipped highlight, cannot be seen).
+        judged = max(float((textured | flat_ref).mean()), 0.5)
+        region, region_fraction = _largest_region(covered | dimmed)
+        region_fraction /= judged
+        cover = region_fraction >= config.occluded_min_fraction
+        blocks_clear = ~_cells_to_blocks(covered | dimmed)
+        # Does the visible view still match the reference? After frames in which the view
+        # could not be followed (a failure, a full cover) it may have moved on meanwhile as
+        # far as a camera panning at ``track_speed`` would.
+        blind = max(timestamp - self._tracked_at, 0.0)
+        search = MAX_SHIFT + min(math.ceil(config.track_speed * SIGNATURE_SIZE[0] * blind),
+                                 MAX_BLIND_SHIFT) if blind > 0.1 else MAX_SHIFT
+        sharpness_kept = features.fine / (features.coarse + 0.5) / (reference.sharpness + 1e-6)
+        match = self._match_reference(features, blocks_clear, search)
+        # Hysteresis: once the view left the reference at once, it must match it clearly to
+        # count as back (a repetitive scene shifted far still matches half-way).
+        needed = (config.redirect_max_similarity if self._matched_last
+                  else config.redirect_return_similarity)
+        matched = match.similarity is None or match.similarity >= needed
+        if match.similarity is not None and matched:
+            self._tracked_at = timestamp
+        # A sharp view that matches neither the reference nor the previous frame is a cut
+        # (another view); a degraded one (dirt, blur arriving at once) is judged as such.
+        sharp = sharpness_kept >= config.defocus_max_ratio
+        if not matched and not cover and match.similarity is not None:
+            # The view changed to a bare one (a cover close to the lens over a plain scene,
+            # where no cell had texture to lose): occluded, not another view.
+            seen = shift_picture(reference.signature, tuple(reference.offset))
+            was = block_std(seen) >= config.structure_min_std
+            kept_structure = float((block_std(features.signature)[was]
+                                    >= config.structure_min_std / 2).mean()) if was.any() else 1.0
+            self._scores["structure_kept"] = kept_structure
+            if kept_structure < config.cover_max_structure:
+                self._follow(features, (texture, brightness), False, OCCLUDED,
+                             np.zeros_like(textured), ~_blocks_to_pixels(blocks_clear))
+                return OCCLUDED
+        if not matched and not cover and sharp and self._last_signature is not None:
+            previous = match_view(features.signature, self._last_signature, blocks_clear,
+                                  config.structure_min_std)
+            self._scores["previous_similarity"] = (-1.0 if previous.similarity is None
+                                                   else previous.similarity)
+            if previous.similarity is not None and previous.similarity < (
+                    config.redirect_max_similarity):
+                # A cut: the view differs from the reference and from the previous frame. The
+                # per-cell reference described another view; judge this one from scratch.
+                first = self._matched_last
+                self._matched_last = False
+                self._restart_cells(features, on_reference=False)
+                self._scores.update(similarity=float(match.similarity or 0.0))
+                return REDIRECTED if first else None
+            self._move_cells(previous.shift)  # a new view: its cells follow it
+        elif matched:
+            self._track_reference(features, match.shift)
+        self._matched_last = matched
+        # Dirt: cells that kept only part of their texture and changed colour, in the
+        # short-term average (dirt stays put, passers-by move on).
+        if self._short_texture is None or self._short_texture.shape != texture.shape:
+            self._short_texture = texture.copy()
         else:
-            self._short_texture += self.config.short_term_rate * (
-                cell_texture - self._short_texture)
+            self._short_texture += config.short_term_rate * (texture
+                                                             - self._short_texture)
+        short_kept = self._short_texture / (around * ratio + 1e-3)
+        degraded = (textured & (np.maximum(short_kept, kept) < config.dirty_ratio)
+                    & (changed > config.dirty_changed_level) & ~region)
+        degraded_fraction = float(degraded.sum() / max(int(textured.sum()), 1))
+        coarse_kept = features.coarse / max(features.mean, 1.0) / (reference.coarse + 1e-6)
+        # A cover is bare (featureless); dirt lets some texture through.
+        bare_cells = covered & ((kept < config.cover_flat_ratio) | (texture < config.texture_floor))
+        bare = float(np.mean(bare_cells[region])) if region.any() else 0.0
+        self._scores.update(gain=gain, covered_fraction=region_fraction, bare_fraction=bare,
+                            degraded_fraction=degraded_fraction,
+                            sharpness_kept=sharpness_kept, coarse_kept=coarse_kept,
+                            similarity=-1.0 if match.similarity is None else match.similarity)
+        # Fine detail lost over the whole view: a blur keeps the coarse contrast, dirt adds
+        # some (the edges of its spots), a cover takes it away.
+        lost_detail = (sharpness_kept < config.defocus_max_ratio
+                       and features.clipped.mean() < reference.clipped + config.max_clipped)
+        blurred = lost_detail and (
+            config.defocus_min_coarse <= coarse_kept <= config.dirty_min_coarse)
+        verdict: str | None = None
+        if blurred and sharpness_kept < config.defocus_max_ratio / 2:
+            verdict = DEFOCUSED  # so little detail left that bare cells are the blur's
+        elif cover and bare >= config.cover_min_bare:
+            verdict = OCCLUDED
+        elif blurred:
+            verdict = DEFOCUSED
+        elif (lost_detail and coarse_kept > config.dirty_min_coarse) or cover or (
+                degraded_fraction >= config.dirty_min_fraction):
+            verdict = DIRTY  # a haze with spots, a region that kept some texture, dimmed cells
+        elif not matched:
+            verdict = REDIRECTED
+        # A cell learns only while it agrees with its reference (texture kept, or still bare;
+        # brightness within what a light change does): a passer-by, a cover or dirt is never
+        # learned as normal; a lasting change is absorbed at ``absorb_rate``.
+        short_ratio = self._short_texture / (texture_ref * ratio + 1e-3)
+        agree = np.where(texture_ref > config.texture_floor,
+                         (short_ratio >= 0.5) & (short_ratio <= 2.0),
+                         self._short_texture < config.texture_floor) & relit & exposed
+        self._scores["agreeing_fraction"] = float(agree.mean())
+        self._follow(features, (texture, brightness), matched and match.similarity is not None,
+                     verdict, agree, ~_blocks_to_pixels(blocks_clear))
+        return verdict
 
     # -- reference ---------------------------------------------------------------------------
+    #
+    # The reference is anchored to the scene: ``offset`` says where the view is now relative
+    # to it (current(p) ~ reference(p + offset), signature pixels), measured every frame by
+    # block matching around the last offset. Nothing is resampled to follow the view: the
+    # current frame is read at the offset, and the reference moves by whole cells (exactly)
+    # once the view has moved that far. So the reference neither drifts nor blurs.
 
     def _learn(self, features: Features) -> None:
-        """Build the reference from warm-up frames, then follow it slowly while healthy."""
+        """Start or extend the reference with a healthy frame (warm-up: a running mean)."""
         if self.reference is None:
-            self._warmup.append(features)
-            if len(self._warmup) >= self.config.warmup_frames:
-                self.reference = Reference(
-                    noise_sigma=float(np.median([f.noise_sigma for f in self._warmup])),
-                    cell_texture=np.median([f.cell_texture for f in self._warmup], axis=0),
-                    cell_colour=np.median([f.cell_colour for f in self._warmup], axis=0),
-                    patches=np.mean([f.patches for f in self._warmup], axis=0),
-                )
-                self._warmup.clear()
-                log.info("camera %s: reference learned", self.camera)
+            self.reference = Reference(
+                signature=features.signature.copy(),
+                cells=_cells_of(features, known=1.0),
+                sharpness=features.fine / (features.coarse + 0.5),
+                coarse=features.coarse / max(features.mean, 1.0),
+                clipped=float(features.clipped.mean()),
+                noise_sigma=features.noise_sigma)
             return
-        rate = self.config.adapt_rate
-        ref = self.reference
-        ref.noise_sigma += rate * (features.noise_sigma - ref.noise_sigma)
-        ref.cell_texture += rate * (features.cell_texture - ref.cell_texture)
-        ref.cell_colour += rate * (features.cell_colour - ref.cell_colour)
-        ref.patches += rate * (features.patches - ref.patches)
+        reference = self.reference
+        reference.frames += 1
+        if reference.frames == self.config.warmup_frames:
+            log.info("camera %s: reference learned", self.camera)
+        warm = 1.0 / reference.frames
+        usable = np.ones(BLOCKS[::-1], bool)
+        match = self._match_reference(features, usable, MAX_SHIFT)
+        if match.similarity is not None and match.similarity >= (
+                self.config.redirect_max_similarity):
+            self._track_reference(features, match.shift)
+        self._blend_signature(features, max(self.config.structure_rate, warm), None)
+        self._blend_cells(cell_maps(features, reference.cell_offset),
+                          max(self.config.cell_rate, warm))
+        self._blend_levels(features, max(self.config.level_rate, warm))
+
+    def _match_reference(self, features: Features, usable: np.ndarray, search: int) -> Match:
+        """The current view against the reference, searched around the last offset."""
+        reference = self.reference
+        assert reference is not None
+        seen = shift_picture(reference.signature, tuple(reference.offset))
+        return match_view(features.signature, seen, usable, self.config.structure_min_std,
+                          search)
+
+    def _track_reference(self, features: Features, shift: tuple[float, float]) -> None:
+        """The view matched the reference at ``offset + shift``: follow it (cells as well)."""
+        reference = self.reference
+        assert reference is not None
+        reference.offset = reference.offset + np.asarray(shift, float)
+        whole = np.trunc(reference.offset / CELL).astype(int)
+        if whole.any():  # moved by a whole cell or more: move the anchor with it
+            moved = tuple(int(v) for v in whole * CELL)
+            exposed = np.ones_like(reference.signature)
+            exposed = shift_picture(exposed, moved, cv2.BORDER_CONSTANT) < 0.5
+            reference.signature = shift_picture(reference.signature, moved)
+            reference.offset = reference.offset - whole * CELL
+            seen_now = shift_picture(features.signature, tuple(-reference.offset))
+            reference.signature[exposed] = seen_now[exposed]
+            if reference.cells_on_reference:
+                self._roll_cells(int(whole[0]), int(whole[1]))
+        if reference.cells_on_reference:
+            reference.cell_offset = reference.offset.copy()
+        else:  # back on the reference after another view: its cells start again here
+            self._restart_cells(features, on_reference=True)
+
+    def _move_cells(self, shift: tuple[float, float]) -> None:
+        """Follow a view that is not the reference's with the cells alone."""
+        reference = self.reference
+        assert reference is not None
+        reference.cells_on_reference = False
+        reference.cell_offset = reference.cell_offset + np.asarray(shift, float)
+        whole = np.trunc(reference.cell_offset / CELL).astype(int)
+        if whole.any():
+            reference.cell_offset = reference.cell_offset - whole * CELL
+            self._roll_cells(int(whole[0]), int(whole[1]))
+
+    def _roll_cells(self, dx: int, dy: int) -> None:
+        """Move the cell grid (and the short-term texture) by whole cells."""
+        reference = self.reference
+        assert reference is not None
+        reference.cells = _roll_cells(reference.cells, dx, dy)
+        if self._short_texture is not None:
+            self._short_texture = _roll_cells(self._short_texture[:, :, None], dx, dy)[:, :, 0]
+
+    def _follow(self, features: Features, maps: tuple[np.ndarray, np.ndarray], matched: bool,
+                verdict: str | None, agree: np.ndarray, hidden_pixels: np.ndarray) -> None:
+        """Let each part of the reference learn what is healthy for it.
+
+        Under a fault verdict the coarse picture (outside covered blocks) and the levels
+        still learn, ten times slower: a wrong verdict fades instead of holding itself up.
+        """
+        config = self.config
+        if matched:  # a real match (structure seen at the offset), not a view without any
+            rate = config.structure_rate * (1.0 if verdict is None else SLOW)
+            self._blend_signature(features, rate, hidden_pixels)
+        healthy_picture = verdict in (None, REDIRECTED)
+        self._blend_levels(features, config.level_rate * (1.0 if healthy_picture else SLOW))
+        self._blend_cells(maps, np.where(agree, config.cell_rate, config.absorb_rate))
+
+    def _blend_signature(self, features: Features, rate: float,
+                         hidden_pixels: np.ndarray | None) -> None:
+        """The coarse picture learns the current view, read at the offset."""
+        reference = self.reference
+        assert reference is not None
+        back = tuple(-reference.offset)
+        delta = shift_picture(features.signature, back) - reference.signature
+        if hidden_pixels is not None and hidden_pixels.any():  # covered blocks keep the scene
+            delta[shift_picture(hidden_pixels.astype(np.float32), back) > 0.5] = 0.0
+        reference.signature += rate * delta
+
+    def _blend_cells(self, maps: tuple[np.ndarray, np.ndarray], rate: float | np.ndarray) -> None:
+        """Per-cell texture and brightness learn at ``rate`` (per cell).
+
+        A cell that just came into view (a pan) is unknown: it follows the current values
+        quickly and becomes known over a second or two. Cells partly out of view learn nothing.
+        """
+        reference = self.reference
+        assert reference is not None
+        known = reference.cells[:, :, 2]
+        rates = np.maximum(rate, UNKNOWN_RATE * (1.0 - known)) * _in_view(reference.cell_offset)
+        current = np.dstack(maps)
+        reference.cells[:, :, :2] += rates[:, :, None] * (current - reference.cells[:, :, :2])
+        reference.cells[:, :, 2] = np.minimum(known + KNOWN_RATE, 1.0)
+
+    def _blend_levels(self, features: Features, rate: float) -> None:
+        """Sharpness, coarse contrast and noise level learn from a healthy frame."""
+        reference = self.reference
+        assert reference is not None
+        reference.sharpness += rate * (features.fine / (features.coarse + 0.5)
+                                       - reference.sharpness)
+        reference.coarse += rate * (features.coarse / max(features.mean, 1.0) - reference.coarse)
+        reference.noise_sigma += rate * (features.noise_sigma - reference.noise_sigma)
+        reference.clipped += rate * (float(features.clipped.mean()) - reference.clipped)
+
+    def _restart_cells(self, features: Features, on_reference: bool) -> None:
+        """The cell maps describe another view (a cut, a re-aim): take this frame's instead."""
+        reference = self.reference
+        assert reference is not None
+        offset = reference.offset.astype(float) if on_reference else np.zeros(2)
+        texture, brightness = cell_maps(features, offset)
+        reference.cells = np.dstack([texture, brightness, np.ones_like(texture)]).astype(
+            np.float32)
+        reference.cell_offset = offset
+        reference.cells_on_reference = on_reference
+        self._short_texture = texture.copy()
+
+    def _adopt(self, features: Features) -> None:
+        """The re-aimed view is the new normal: the reference becomes this frame."""
+        reference = self.reference
+        assert reference is not None
+        reference.signature = features.signature.copy()
+        reference.offset = np.zeros(2)
+        reference.sharpness = features.fine / (features.coarse + 0.5)
+        reference.coarse = features.coarse / max(features.mean, 1.0)
+        self._restart_cells(features, on_reference=True)
+        self._matched_last = True
 
     # -- hysteresis --------------------------------------------------------------------------
 
@@ -425,6 +966,61 @@ class HealthMonitor:
         if last is None:
             self._last_frame_time = last = timestamp
         if timestamp - last >= self.config.timeout_s and self._reason not in SOURCE_REASONS:
-            self._declare("timeout", timestamp)
+            self._declare(TIMEOUT, timestamp)
         return self.health()
 
+
+def _cells_of(features: Features, known: float) -> np.ndarray:
+    """The per-cell reference channels of one frame: texture, brightness, known."""
+    return np.dstack([features.texture, features.brightness,
+                      np.full_like(features.texture, known)]).astype(np.float32)
+
+
+def _in_view(offset: np.ndarray) -> np.ndarray:
+    """Cells of a grid displaced by ``offset`` (signature pixels) that lie wholly in view."""
+    columns, rows = GRID
+    size = ANALYSIS_SIZE[0] // columns
+    # The cell at c covers analysis pixels [size*c - o, size*(c+1) - o) of the frame.
+    ox, oy = -2.0 * float(offset[0]), -2.0 * float(offset[1])
+    left = np.arange(columns) * size + ox
+    top = np.arange(rows) * size + oy
+    inside_x = (left >= -0.5) & (left + size <= ANALYSIS_SIZE[0] + 0.5)
+    inside_y = (top >= -0.5) & (top + size <= ANALYSIS_SIZE[1] + 0.5)
+    return inside_y[:, None] & inside_x[None, :]
+
+
+def _roll_cells(cells: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """result[c] = cells[c + (dx, dy)] (whole cells); cells that come in are unknown (known 0).
+
+    The last channel of a 3-channel map is the known flag; other maps repeat their edge.
+    """
+    rows, columns = cells.shape[:2]
+    ys = np.clip(np.arange(rows) + dy, 0, rows - 1)
+    xs = np.clip(np.arange(columns) + dx, 0, columns - 1)
+    rolled = cells[ys][:, xs].copy()
+    if rolled.shape[2] == 3:
+        outside = ((np.arange(rows) + dy < 0) | (np.arange(rows) + dy >= rows))[:, None] | (
+            (np.arange(columns) + dx < 0) | (np.arange(columns) + dx >= columns))[None, :]
+        rolled[outside, 2] = 0.0
+    return rolled
+
+
+def _largest_region(mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """The largest 8-connected region of ``mask`` and its share of all cells."""
+    if not mask.any():
+        return mask, 0.0
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), None, 8)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == largest, float(stats[largest, cv2.CC_STAT_AREA]) / mask.size
+
+
+def _cells_to_blocks(cells: np.ndarray) -> np.ndarray:
+    """Blocks (BLOCKS) holding at least one marked cell (GRID)."""
+    rows, columns = cells.shape
+    step = CELLS_PER_BLOCK
+    return cells.reshape(rows // step, step, columns // step, step).any(axis=(1, 3))
+
+
+def _blocks_to_pixels(blocks: np.ndarray) -> np.ndarray:
+    """A block mask (BLOCKS) as a signature-pixel mask (SIGNATURE_SIZE)."""
+    return np.repeat(np.repeat(blocks, BLOCK, axis=0), BLOCK, axis=1)

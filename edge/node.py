@@ -1,6 +1,6 @@
 """The edge node pipeline: capture -> frame sets -> health -> policy -> encode -> wire -> send.
 
-One loop at ``fps`` (DESIGN.md sections 1 and 4):
+One loop at ``fps`` (docs/ARCHITECTURE.md sections 1 and 5):
 
 1. the assembler samples every camera's newest frame (:mod:`mvld.edge.framesets`);
 2. each camera's :class:`~mvld.edge.health.HealthMonitor` judges its new frame, or hears
@@ -28,17 +28,22 @@ from pathlib import Path
 
 import numpy as np
 
+from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError
 from mvld.common.metrics import MetricsRegistry, MetricsServer
 from mvld.common.transport import CurveClientKeys, LatentPublisher
 from mvld.common.wire import (
+    DEFAULT_LATENT_DTYPE,
+    LATENT_DTYPES,
     FrameSetMessage,
     ReasonCode,
     ViewRecord,
     ViewStatus,
     encode_frameset,
+    latent_nbytes,
+    quantize_latent,
 )
-from mvld.edge.capture import STREAMING, CameraSnapshot, Capture, CaptureConfig
+from mvld.edge.capture import ENDED, STREAMING, CameraSnapshot, Capture, CaptureConfig
 from mvld.edge.encoder import EncoderBackend, EncoderError, open_encoder
 from mvld.edge.framesets import CapturedView, FrameSet, FrameSetAssembler, Ticker
 from mvld.edge.health import FAILED, OBSTRUCTED, OK, CameraHealth, HealthConfig, HealthMonitor
@@ -49,9 +54,7 @@ log = logging.getLogger(__name__)
 
 def default_model_path() -> Path:
     """The shipped default model's export folder; ConfigError when it is not installed."""
-    import mvld.common
-
-    folder = Path(mvld.common.__file__).resolve().parent / "assets" / "default_model"
+    folder = DEFAULT_MODEL
     if not (folder / "encoder.onnx").is_file():
         raise ConfigError(
             f"no default model installed ({folder / 'encoder.onnx'} is missing): pass "
@@ -75,6 +78,7 @@ class EdgeConfig:
     policy: TransmitPolicyConfig = field(default_factory=TransmitPolicyConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    camera_health: Mapping[str, HealthConfig] = field(default_factory=dict)  # per camera id
     key_secret: Path | None = None  # this node's NODE.key_secret (CurveZMQ)
     server_key: Path | None = None  # the receiver's public RECEIVER.key
     send_hwm: int = 2
@@ -83,6 +87,7 @@ class EdgeConfig:
     status_every_s: float = 10.0
     max_framesets: int | None = None  # stop after this many frame sets
     source_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    latent_dtype: str = DEFAULT_LATENT_DTYPE  # wire precision: int8 (with scale), float16/32
 
     def __post_init__(self) -> None:
         if not self.cameras:
@@ -95,6 +100,9 @@ class EdgeConfig:
             raise ConfigError("--fps, --max-age and --status-every must be positive")
         if self.max_framesets is not None and self.max_framesets < 1:
             raise ConfigError(f"--frames must be at least 1, got {self.max_framesets}")
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise ConfigError(f"--latent-dtype must be one of {sorted(LATENT_DTYPES)}, got "
+                              f"{self.latent_dtype!r}")
 
     @property
     def camera_ids(self) -> tuple[str, ...]:
@@ -184,15 +192,18 @@ class EdgeMetrics:
             self.bytes_sent.inc(size)
         if encoded.encoded:
             self.encode_seconds.observe(encoded.encode_s)
-        for judged in encoded.views:
-            camera = judged.view.camera_id
-            for state in (OK, FAILED, OBSTRUCTED):
-                self.state.set(float(judged.health.state == state), camera=camera, state=state)
         for record in message.views:
             self.views.inc(camera=record.camera_id, status=record.status.value,
                            reason=record.reason.value)
             if sent and record.latent is not None and record.capture_time is not None:
                 self.latency.observe(max(0.0, now - record.capture_time))
+
+    def record_health(self, views: tuple[JudgedView, ...]) -> None:
+        """Every camera's health state, the moment it is judged (as the wire will say)."""
+        for judged in views:
+            camera = judged.view.camera_id
+            for state in (OK, FAILED, OBSTRUCTED):
+                self.state.set(float(judged.health.state == state), camera=camera, state=state)
 
     def observe_capture(self, snapshots: list[CameraSnapshot], skipped: int,
                         receiver: bool) -> None:
@@ -223,9 +234,15 @@ class EdgeNode:
         self._owns_encoder = encoder is None
         self.registry = MetricsRegistry()
         self.metrics = EdgeMetrics(self.registry, config.camera_ids)
-        self.monitors = [HealthMonitor(config.health, cid) for cid in config.camera_ids]
+        self.monitors = [HealthMonitor(config.camera_health.get(cid, config.health), cid)
+                         for cid in config.camera_ids]
+        # The last verdict per camera: the status line, the metrics and the wire say the same.
+        self.last_health: dict[str, CameraHealth] = {}
+        self._scenes: dict[str, int | None] = {}
+        self._relearn: set[str] = set()
+        self._relearn_lock = threading.Lock()
         self.policy = TransmitPolicy(config.policy)
-        self.bytes_per_view = self.encoder.latent_dim * 4  # float32 latents
+        self.bytes_per_view = latent_nbytes(self.encoder.latent_dim, config.latent_dtype)
         # camera id -> (the last frame encoded, its latent)
         self._latent_cache: dict[str, tuple[Frame | None, np.ndarray]] = {}
         self.capture = Capture.from_uris(config.cameras, config.capture, config.camera_ids,
@@ -241,10 +258,29 @@ class EdgeNode:
 
     # -- stages ----------------------------------------------------------------------------
 
+    def relearn(self, cameras: tuple[str, ...] | None = None) -> None:
+        """Ask for a fresh reference of ``cameras`` (all by default) at the next frame set.
+
+        Thread-safe (a signal handler or another thread may call it); the loop applies it.
+        """
+        with self._relearn_lock:
+            self._relearn.update(cameras if cameras is not None else self.config.camera_ids)
+
     def judge(self, frame_set: FrameSet) -> tuple[JudgedView, ...]:
         """Health verdict per camera: new frames are judged, source problems reported."""
+        with self._relearn_lock:
+            relearn, self._relearn = self._relearn, set()
         judged = []
         for view, monitor in zip(frame_set.views, self.monitors, strict=True):
+            if view.frame is not None and view.new:
+                # A source that changes scenes on purpose (sim://) numbers them: a new scene
+                # is not a re-aimed camera.
+                scene = view.frame.scene
+                if scene is not None and self._scenes.get(view.camera_id, scene) != scene:
+                    relearn.add(view.camera_id)
+                self._scenes[view.camera_id] = scene
+            if view.camera_id in relearn:
+                monitor.relearn()
             if view.problem is None and view.new:
                 health = monitor.update(view.frame.image, view.frame.timestamp)  # type: ignore[union-attr]
             elif view.problem is None:
@@ -254,7 +290,10 @@ class EdgeNode:
             else:  # still starting up: nothing to judge, the monitor stays untouched
                 health = CameraHealth(FAILED, view.problem, frame_set.time, 1.0)
             judged.append(JudgedView(view, health))
-        return tuple(judged)
+            self.last_health[view.camera_id] = health
+        views = tuple(judged)
+        self.metrics.record_health(views)
+        return views
 
     def encode(self, frame_set: FrameSet, views: tuple[JudgedView, ...]) -> EncodedFrameSet:
         """Policy split of the usable views, then one batched encoder call for the sent ones.
@@ -287,8 +326,10 @@ class EdgeNode:
         for index, judged in enumerate(encoded.views):
             view, health = judged.view, judged.health
             if index in latent_of:
+                latent = quantize_latent(latent_of[index].reshape(self.encoder.latent_shape),
+                                         self.config.latent_dtype)
                 records.append(ViewRecord(view.camera_id, ViewStatus.OK, ReasonCode.NONE,
-                                          view.capture_time, latent_of[index]))
+                                          view.capture_time, latent))
             elif index in withheld:
                 records.append(ViewRecord(view.camera_id, ViewStatus.WITHHELD,
                                           ReasonCode.POLICY, view.capture_time))
@@ -334,9 +375,10 @@ class EdgeNode:
         started = time.monotonic()
         next_status = started + config.status_every_s
         last_status = (started, 0)
-        log.info("edge node %s: %d camera(s) at %.1f fps -> %s (encoder %s, fingerprint %s...)",
-                 config.node_id, len(config.cameras), config.fps, ", ".join(config.connect),
-                 self.encoder.name, self.encoder.fingerprint[:12])
+        log.info("edge node %s: %d camera(s) at %.1f fps -> %s (encoder %s, fingerprint %s..., "
+                 "%s latents)", config.node_id, len(config.cameras), config.fps,
+                 ", ".join(config.connect), self.encoder.name, self.encoder.fingerprint[:12],
+                 config.latent_dtype)
         try:
             while ticker.wait(stop):
                 message = self.step()
@@ -350,21 +392,29 @@ class EdgeNode:
                 if (config.max_framesets is not None
                         and self.summary.framesets >= config.max_framesets):
                     break
-                if message is not None and all(
-                        v.reason is ReasonCode.END_OF_STREAM for v in message.views):
-                    log.info("every source has ended (files without --loop): stopping")
+                if message is not None and self._all_ended(message):
+                    log.info("every source has ended or cannot be opened (files without "
+                             "--loop): stopping")
                     break
         finally:
             self.summary.seconds = time.monotonic() - started
             self.close()
         return self.summary
 
+    def _all_ended(self, message: FrameSetMessage) -> bool:
+        """Every reader is done (a file ended or cannot be opened) and the message says so."""
+        return (all(s.state == ENDED for s in self.capture.snapshots())
+                and all(v.status is ViewStatus.FAILED for v in message.views))
+
     def status_line(self, now: float, last: tuple[float, int]) -> str:
-        """One line: frame-set rate, every camera's state and health, sends and drops."""
+        """One line: frame-set rate, every camera's state and health, sends and drops.
+
+        The health is the last verdict the wire and ``mvld_edge_camera_state`` carry.
+        """
         rate = (self.summary.framesets - last[1]) / max(now - last[0], 1e-9)
         cameras = []
         for snapshot, monitor in zip(self.capture.snapshots(), self.monitors, strict=True):
-            health = monitor.health()
+            health = self.last_health.get(snapshot.camera_id) or monitor.health()
             text = f"{snapshot.camera_id}={health.state}"
             if health.reason:
                 text += f"({health.reason})"

@@ -12,6 +12,7 @@ Exit status: 0 success, 1 invalid input (missing or wrong checkpoint, bad file),
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_onnx(args: argparse.Namespace) -> int:
-    from mvld.export.onnx_export import ExportOptions, ParityError, export_model
+    from mvld.export.onnx_export import DESCRIPTOR_FILE, ExportOptions, ParityError, export_model
 
     options = ExportOptions(opset=args.opset, tolerance=args.tolerance, exporter=args.exporter,
                             frames=args.frames, parts=tuple(args.parts))
@@ -109,7 +110,14 @@ def _run_onnx(args: argparse.Namespace) -> int:
         return EXIT_PARITY
     for graph in exported:
         print(f"{graph.part}: {graph.path} opset {graph.opset} max_abs_error "
-              f"{graph.max_abs_error:.3g} fingerprint {graph.fingerprint}")
+              f"{graph.max_abs_error:.3g} onnx_fingerprint {graph.fingerprint} "
+              f"file_sha256 {graph.file_sha256}")
+    descriptor = json.loads((args.out / DESCRIPTOR_FILE).read_text())
+    print(f"encoder fingerprint (wire v1 enc, checked by the receiver) "
+          f"{descriptor['encoder_fingerprint']}")
+    print(f"wire v2 enc (its first {descriptor['wire_fingerprint_bytes']} bytes) "
+          f"{descriptor['wire_fingerprint']}; latent shape {descriptor['latent']['shape']}; "
+          f"descriptor {args.out / DESCRIPTOR_FILE}")
     return EXIT_OK
 
 

@@ -7,7 +7,10 @@ preprocessing config, the architecture and its own fingerprint. Before a file is
 Runtime runs it on real inputs (camera frames from a dataset or the simulated rig, their
 latents, and noised standardised latents for the score network) and the maximum absolute
 difference to torch must stay within the tolerance, otherwise :class:`ParityError`. The ONNX
-fingerprint is defined in ``mvld.export.onnx_files``.
+fingerprint is defined in ``mvld.export.onnx_files``. Beside the graphs, ``model.json`` (the
+*model descriptor*, :data:`DESCRIPTOR_FILE`) tells a wire client written in any language what
+the receiver of this model accepts: the encoder fingerprint in both wire forms, the latent
+shape and dtypes, the camera ids, the image size and the preprocessing (docs/PROTOCOL.md).
 
 Exporter: torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, the default since
 torch 2.9, needs onnxscript) by default; the legacy TorchScript exporter stays selectable
@@ -34,15 +37,15 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mvld.common.checkpoint import (
-    LatentStats,
-    load_autoencoder,
-    load_mvld_model,
-    read_checkpoint,
-)
 from mvld.common.errors import ConfigError, MVLDError
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
-from mvld.common.sde import VPSDE
+from mvld.common.wire import (
+    DEFAULT_LATENT_DTYPE,
+    FINGERPRINT_BYTES,
+    LATENT_DTYPES,
+    SUPPORTED_VERSIONS,
+    wire_fingerprint,
+)
 from mvld.edge.encoder import ORT_ERRORS
 from mvld.export.onnx_files import (
     DEFAULT_OPSET,
@@ -57,10 +60,20 @@ from mvld.export.onnx_files import (
     set_metadata,
 )
 from mvld.export.parity_frames import frames_from_dataset, frames_from_rig
+from mvld.model.autoencoder import AutoencoderConfig
+from mvld.model.checkpoint import (
+    LatentStats,
+    load_autoencoder,
+    load_mvld_model,
+    read_checkpoint,
+)
+from mvld.model.sde import VPSDE
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 4096  # upper bound of the dynamic batch axis (dynamo needs one)
+DESCRIPTOR_FILE = "model.json"
+DESCRIPTOR_FORMAT, DESCRIPTOR_VERSION = "mvld-model-descriptor", 1
 
 
 class ParityError(MVLDError):
@@ -242,6 +255,7 @@ class _LoadedModel:
     fingerprint: str
     views: int
     description: dict[str, str]  # metadata shared by every exported part
+    latent_shape: tuple[int, ...]  # one view's latent, AutoencoderConfig.latent_shape
     stats: LatentStats | None = None
     sde: VPSDE | None = None
 
@@ -249,17 +263,18 @@ class _LoadedModel:
 def _load(checkpoint: Path) -> _LoadedModel:
     config, _ = read_checkpoint(checkpoint)
     shared = {"mvld.autoencoder": json.dumps(config["autoencoder"], sort_keys=True)}
+    latent_shape = AutoencoderConfig.from_dict(config["autoencoder"]).latent_shape
     if config["kind"] == "autoencoder":
         autoencoder, preprocess, fingerprint = load_autoencoder(checkpoint)
         return _LoadedModel(autoencoder.encoder, autoencoder.decoder, None,
-                            preprocess, fingerprint, 3, shared)
+                            preprocess, fingerprint, 3, shared, latent_shape)
     model = load_mvld_model(checkpoint)
     shared |= {"mvld.score_net": json.dumps(model.score_net.config.to_dict(), sort_keys=True),
                "mvld.sde": json.dumps(model.sde.to_dict(), sort_keys=True),
                "mvld.latent_stats": json.dumps(model.latent_stats.to_dict())}
     return _LoadedModel(model.autoencoder.encoder, model.autoencoder.decoder,
                         model.score_net, model.preprocess, model.fingerprint, model.num_views,
-                        shared, model.latent_stats, model.sde)
+                        shared, latent_shape, model.latent_stats, model.sde)
 
 
 def _part_arrays(part: str, inputs: ParityInputs) -> tuple[np.ndarray, ...]:
@@ -338,7 +353,44 @@ def export_model(checkpoint: str | Path, out_dir: str | Path,
         report(f"{part}: max abs error {exported[-1].max_abs_error:.3g} "
                f"(tolerance {options.tolerance:.3g}) -> {exported[-1].path}")
     _write_manifest(out_dir, checkpoint, loaded, exported, options)
+    report(f"model descriptor -> {write_descriptor(out_dir, loaded, exported)}")
     return exported
+
+
+def model_descriptor(loaded: _LoadedModel, exported: list[ExportedGraph]) -> dict[str, Any]:
+    """What a wire client needs to know of this model, as plain JSON (docs/PROTOCOL.md 3.1).
+
+    The camera ids are the receiver's defaults (``cam0`` ... in view order; an operator may
+    rename them with ``mvld-receiver --cameras``, the edge's ``--cams`` order matches views).
+    """
+    shape = [int(d) for d in loaded.latent_shape]
+    elements = int(np.prod(shape))
+    files = {g.part: {"file": Path(g.path).name, "file_sha256": g.file_sha256,
+                      "onnx_fingerprint": g.fingerprint} for g in exported}
+    return {
+        "format": DESCRIPTOR_FORMAT, "format_version": DESCRIPTOR_VERSION,
+        "protocol_versions": list(SUPPORTED_VERSIONS),
+        "encoder_fingerprint": loaded.fingerprint,
+        "wire_fingerprint": wire_fingerprint(loaded.fingerprint),
+        "wire_fingerprint_bytes": FINGERPRINT_BYTES,
+        "num_views": loaded.views,
+        "cameras": [f"cam{i}" for i in range(loaded.views)],
+        "latent": {"shape": shape, "elements": elements, "v1_shape": [elements],
+                   "dtypes": sorted(LATENT_DTYPES), "default_dtype": DEFAULT_LATENT_DTYPE},
+        "image": {"height": loaded.preprocess.height, "width": loaded.preprocess.width,
+                  "channels": 3, "dtype": "uint8"},
+        "preprocess": loaded.preprocess.to_dict(),
+        "graphs": files,
+    }
+
+
+def write_descriptor(out_dir: Path, loaded: _LoadedModel, exported: list[ExportedGraph]
+                     ) -> Path:
+    """Write ``model.json`` beside the graphs (atomically, like every other export file)."""
+    path = Path(out_dir) / DESCRIPTOR_FILE
+    text = json.dumps(model_descriptor(loaded, exported), indent=1) + "\n"
+    _write_atomic(path, text.encode())
+    return path
 
 
 def _write_manifest(out_dir: Path, checkpoint: Path, loaded: _LoadedModel,

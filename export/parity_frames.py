@@ -34,7 +34,7 @@ def frames_from_dataset(path: Path, count: int, views: int) -> list[np.ndarray]:
 def frames_from_rig(size: tuple[int, int], count: int, views: int, seed: int) -> list[np.ndarray]:
     """``count`` frame sets rendered by the simulated rig (each from its own episode)."""
     try:
-        from mvld.edge.simrig import RigConfig, SimRig, ring_of_cameras  # needs pybullet
+        from mvld.sim.rig import RigConfig, SimRig, ring_of_cameras  # needs pybullet
     except ImportError as exc:
         raise ConfigError(f"the simulated rig is unavailable ({exc}): install pybullet or "
                           "pass --frames DATASET for the parity frames") from exc

@@ -1,7 +1,10 @@
 """``mvld-receiver``: receive latents from edge nodes, impute missing views, run tasks.
 
 Thin: parse flags into a :class:`ReceiverConfig`, run the :class:`ReceiverService` until
-SIGINT/SIGTERM. Every option is documented in ``docs/RECEIVER.md``.
+SIGINT/SIGTERM. Every option is documented in ``docs/RECEIVER.md``. The stop signals are
+caught before anything heavy is imported (torch alone takes seconds), so a SIGTERM at any
+moment of start-up ends the command with status 0 instead of the default 143; start-up
+stops at the next stage boundary.
 """
 
 from __future__ import annotations
@@ -10,15 +13,20 @@ import argparse
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from mvld.common.errors import MVLDError
 from mvld.common.logs import setup_logging
-from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS
-from mvld.receiver.service import ReceiverConfig, ReceiverService
+
+if TYPE_CHECKING:
+    from mvld.receiver.service import ReceiverConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mvld-receiver`` argument parser."""
+    from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS  # imports torch
+    from mvld.receiver.ingest import CLOCK_WINDOW_S
+
     parser = argparse.ArgumentParser(
         prog="mvld-receiver",
         description="Receive latents from many edge nodes, impute the missing views with the "
@@ -47,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="frame sets per second accepted from one node (its CurveZMQ key, else its node "
              "id); faster ones are dropped and counted; 0 = no limit (default 120)")
     add("--cameras", help="comma-separated camera id per model view (default cam0,cam1,...)")
+    add("--clock-window", type=float, default=CLOCK_WINDOW_S, metavar="S",
+        help="frame sets whose send or capture times are more than S seconds off this "
+             f"machine's clock are counted and kept out of the latency figures (default "
+             f"{CLOCK_WINDOW_S:g})")
     add("--threads", type=int, help="torch CPU threads (default: all cores; on a busy CPU "
                                     "1 is often faster)")
     add("--metrics-port", type=int, help="serve Prometheus metrics on this port")
@@ -58,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
     """Flags -> validated config."""
+    from mvld.receiver.service import ReceiverConfig
+
     return ReceiverConfig(
         bind=tuple(args.bind or ["tcp://*:5555"]), model=args.model, gpu=args.gpu,
         keys=args.keys, allow=args.allow, tasks=tuple(args.task), sampler=args.sampler,
@@ -66,18 +80,28 @@ def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
         max_nodes=args.max_nodes,
         cameras=tuple(c.strip() for c in args.cameras.split(",")) if args.cameras else (),
         metrics_port=args.metrics_port, status_every_s=args.status_every, threads=args.threads,
-        max_rate=args.max_rate)
+        max_rate=args.max_rate, clock_window_s=args.clock_window)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-receiver``."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # first: start-up takes seconds
+        signal.signal(signum, lambda *_: stop.set())
     args = build_parser().parse_args(argv)
     setup_logging(args.log_json, args.log_level)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    if stop.is_set():
+        return 0
+    from mvld.receiver.service import ReceiverService
+
     try:
-        service = ReceiverService(config_from_args(args))
+        config = config_from_args(args)
+        if stop.is_set():
+            return 0
+        service = ReceiverService(config)
+        if stop.is_set():
+            service.close()
+            return 0
         service.run(stop)
     except MVLDError as exc:
         print(f"mvld-receiver: error: {exc}", file=sys.stderr)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mvld.common.autoencoder import Decoder
-from mvld.common.checkpoint import MVLDModel
 from mvld.common.preprocess import PreprocessConfig, postprocess_images
+from mvld.model.autoencoder import Decoder
+from mvld.model.checkpoint import MVLDModel
 
 __all__ = ["LatentDecoder"]
 

@@ -8,7 +8,7 @@ converts them and raises ``ConfigError`` for bad ones, at start-up).
 NAME is one of: a built-in task (``save``, ``classify``, ``jsonl``, ``publish``), a name
 registered by an installed package in the entry-point group ``mvld.tasks``, or a dotted path
 ``package.module:Name``. Names are unique: a package registering a name that is already
-taken is an error, and an unknown name lists the valid ones (STYLE.md principle 6).
+taken is an error, and an unknown name lists the valid ones (docs/ARCHITECTURE.md section 4).
 
 Hooks run in order on the receiver's worker thread, so a hook sees what earlier ones put in
 ``result.annotations`` (``--task classify --task jsonl`` logs the labels). A hook that raises

@@ -11,7 +11,6 @@ every view missing is generated jointly and flagged ``unconditioned``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -21,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mvld.common.checkpoint import LatentStats, MVLDModel
 from mvld.common.errors import ConfigError
-from mvld.common.sde import VPSDE
-from mvld.receiver.sampler import EpsModel, get_sampler
+from mvld.model.checkpoint import LatentStats, MVLDModel
+from mvld.model.sde import VPSDE
+from mvld.receiver.sampler import EpsModel, sampler_info
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +73,12 @@ class Imputer:
     def __init__(self, eps_model: EpsModel, latent_stats: LatentStats, sde: VPSDE, *,
                  sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                  device: torch.device | str = "cpu", **sampler_options: Any) -> None:
-        self.sample = get_sampler(sampler)
-        accepted = set(inspect.signature(self.sample).parameters)
-        unknown = set(sampler_options) - accepted
+        info = sampler_info(sampler)
+        unknown = set(sampler_options) - set(info.options)
         if unknown:
-            valid = sorted(accepted - {"eps_model", "x_obs", "observed", "sde", "steps",
-                                       "generator", "callback"})
             raise ConfigError(f"sampler {sampler!r} has no option {sorted(unknown)}; "
-                              f"valid: {', '.join(valid)}")
+                              f"valid: {', '.join(sorted(info.options))}")
+        self.sample = info.sample
         self.eps_model, self.sde, self.steps = eps_model, sde, steps
         self.name, self.options, self.device = sampler, sampler_options, torch.device(device)
         self.stats = LatentStats(latent_stats.mean.to(self.device),

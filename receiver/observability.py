@@ -20,7 +20,8 @@ DROP_REASONS = (
     "malformed",  # the wire decoder rejected the message (ProtocolError)
     "fingerprint",  # latents made by another encoder than the model's
     "unknown_camera",  # a camera id the model has no view for
-    "latent_shape",  # latent size differs from the model's latent dimension
+    "latent_shape",  # latent shape differs from the model's (exactly; PROTOCOL.md 8)
+    "duplicate",  # the same seq as the node's previous frame set (a replay or a resend)
     "node_key",  # a node id already bound to another CurveZMQ key
     "too_many_nodes",  # more active nodes than the receiver tracks
     "rate",  # the sender exceeded the per-node rate limit (--max-rate)
@@ -53,6 +54,9 @@ class ReceiverMetrics:
         self.seq_gaps = add.counter("mvld_receiver_seq_gaps_total",
                                     "Frame sets missing from nodes' sequence numbers "
                                     "(conflated or lost before the receiver)")
+        self.clock_window = add.counter("mvld_receiver_clock_window_total",
+                                        "Accepted frame sets whose t or a tc lies outside the "
+                                        "clock window; kept out of the latency figures")
         self.batch_size = add.histogram("mvld_receiver_batch_size",
                                         "Frame sets per imputation call", buckets=BATCH_BUCKETS)
         self.impute_seconds = add.histogram("mvld_receiver_impute_seconds",

@@ -47,6 +47,7 @@ class FrameSetResult:
     views: tuple[ViewResult, ...]
     client_key: str | None = None  # CurveZMQ public key (Z85) of the sender, None without Curve
     annotations: dict[str, Any] = field(default_factory=dict)
+    clock_ok: bool = True  # the edge's times were within the clock window (latency is counted)
 
     @classmethod
     def complete(cls, item: PendingFrameSet, layout: CameraLayout, latents: np.ndarray,
@@ -68,7 +69,7 @@ class FrameSetResult:
             ))
         message = item.message
         return cls(message.node_id, message.seq, message.send_time, item.receive_time,
-                   done_time, tuple(views), item.client_key)
+                   done_time, tuple(views), item.client_key, clock_ok=item.clock_ok)
 
     @property
     def capture_time(self) -> float:

@@ -1,6 +1,6 @@
 """Imputation samplers of multi-time latent diffusion (MLD conditioning), k-diffusion style.
 
-Every sampler is one flat function with the shared signature (STYLE.md principle 1)::
+Every sampler is one flat function with the shared signature (docs/ARCHITECTURE.md section 4)::
 
     sample_<name>(eps_model, x_obs [B, V, D], observed [B, V] bool, *, sde, steps, generator,
                   callback=None, t_eps=1e-3, ...) -> SamplerOutput(x [B, V, D], nfe)
@@ -21,6 +21,7 @@ Jolicoeur-Martineau et al. 2021, "Gotta go fast"). docs/SAMPLERS.md has the equa
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,7 +30,7 @@ import torch
 
 from mvld.common.errors import ConfigError, MVLDError
 from mvld.common.registry import Registry
-from mvld.common.sde import VPSDE, append_dims
+from mvld.model.sde import VPSDE, append_dims
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -51,12 +52,42 @@ class Sampler(Protocol):
                  callback: Callback | None = None, **options: Any) -> SamplerOutput: ...
 
 
-_SAMPLERS: Registry[Sampler] = Registry("sampler")
+_SHARED_ARGUMENTS = ("eps_model", "x_obs", "observed", "sde", "steps", "generator", "callback")
 
 
-def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
-    """Decorator adding a sampler to the registry; a second use of a name is an error."""
-    return _SAMPLERS.register(name)
+@dataclass(frozen=True)
+class SamplerInfo:
+    """A registered sampler with what is known about it: its cost and its step floor."""
+
+    name: str
+    sample: Sampler
+    nfe: Callable[[int], int | None]  # eps evaluations at a step count; None: data dependent
+    min_steps: int  # fewer steps collapse on the shipped model (docs/SAMPLERS.md)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Keyword options beyond the shared signature (``t_eps``, ``spacing``, ...)."""
+        names = inspect.signature(self.sample).parameters
+        return tuple(n for n in names if n not in _SHARED_ARGUMENTS)
+
+    def check_steps(self, steps: int) -> None:
+        """ConfigError naming the floor when ``steps`` is below it."""
+        if steps < self.min_steps:
+            raise ConfigError(
+                f"sampler {self.name!r} needs at least {self.min_steps} steps (below that it "
+                f"collapses on the shipped model, see docs/SAMPLERS.md); got {steps}")
+
+
+_SAMPLERS: Registry[SamplerInfo] = Registry("sampler")
+
+
+def register_sampler(name: str, *, nfe: Callable[[int], int | None], min_steps: int
+                     ) -> Callable[[Sampler], Sampler]:
+    """Decorator adding a sampler, its NFE rule and its step floor to the registry."""
+    def add(sample: Sampler) -> Sampler:
+        _SAMPLERS.register(name)(SamplerInfo(name, sample, nfe, min_steps))
+        return sample
+    return add
 
 
 def sampler_names() -> list[str]:
@@ -64,12 +95,21 @@ def sampler_names() -> list[str]:
     return _SAMPLERS.names()
 
 
-def get_sampler(name: str) -> Sampler:
-    """The sampler registered as ``name``; an unknown name lists the valid ones."""
+def sampler_info(name: str) -> SamplerInfo:
+    """Everything registered for ``name``; an unknown name lists the valid ones."""
     return _SAMPLERS.get(name)
 
 
+def get_sampler(name: str) -> Sampler:
+    """The sampler function registered as ``name``; an unknown name lists the valid ones."""
+    return sampler_info(name).sample
+
+
 SPACINGS = ("uniform", "logsnr", "karras")
+# Step floors measured on the shipped model (docs/SAMPLERS.md): fewer steps collapse the
+# imputed views towards the mean latent.
+DPMPP_MIN_STEPS = 8
+HEUN_MIN_STEPS = 5
 STEP_FACTOR_RANGE = (0.2, 5.0)  # adaptive sampler: bounds of the step-size change per attempt
 
 
@@ -174,7 +214,7 @@ def reverse_sde_drift(x: torch.Tensor, eps: torch.Tensor, sde: VPSDE, t: torch.T
     return sde.drift(x, t) - g2 * sde.score_from_eps(eps, t)
 
 
-@register_sampler("euler_maruyama")
+@register_sampler("euler_maruyama", nfe=lambda steps: steps, min_steps=2)
 def sample_euler_maruyama(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
                           sde: VPSDE, steps: int = 1000, generator: torch.Generator | None = None,
                           callback: Callback | None = None, t_eps: float = 1e-3,
@@ -196,7 +236,7 @@ def sample_euler_maruyama(eps_model: EpsModel, x_obs: torch.Tensor, observed: to
     return SamplerOutput(x, eps_fn.nfe)
 
 
-@register_sampler("heun")
+@register_sampler("heun", nfe=lambda steps: 2 * steps - 1, min_steps=HEUN_MIN_STEPS)
 def sample_heun(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
                 sde: VPSDE, steps: int = 10, generator: torch.Generator | None = None,
                 callback: Callback | None = None, t_eps: float = 1e-3,
@@ -224,7 +264,7 @@ def sample_heun(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor
     return SamplerOutput(x, eps_fn.nfe)
 
 
-@register_sampler("dpmpp_2m")
+@register_sampler("dpmpp_2m", nfe=lambda steps: steps, min_steps=DPMPP_MIN_STEPS)
 def sample_dpmpp_2m(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
                     sde: VPSDE, steps: int = 20, generator: torch.Generator | None = None,
                     callback: Callback | None = None, t_eps: float = 1e-3,
@@ -241,7 +281,7 @@ def sample_dpmpp_2m(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Te
                                spacing=spacing, eta=0.0)
 
 
-@register_sampler("dpmpp_2m_sde")
+@register_sampler("dpmpp_2m_sde", nfe=lambda steps: steps, min_steps=DPMPP_MIN_STEPS)
 def sample_dpmpp_2m_sde(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
                         sde: VPSDE, steps: int = 20, generator: torch.Generator | None = None,
                         callback: Callback | None = None, t_eps: float = 1e-3,
@@ -294,7 +334,7 @@ def _euler_heun_pair(eps_fn: ConditionedEps, x: torch.Tensor, t: torch.Tensor,
     return x_euler, x_heun
 
 
-@register_sampler("adaptive")
+@register_sampler("adaptive", nfe=lambda steps: None, min_steps=2)
 def sample_adaptive(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
                     sde: VPSDE, steps: int = 200, generator: torch.Generator | None = None,
                     callback: Callback | None = None, t_eps: float = 1e-3, eps_abs: float = 0.01,
@@ -342,10 +382,4 @@ def sample_adaptive(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Te
     x = clamp_observed(tweedie_denoise(x, eps_fn(x, t), sde, t), x_obs, observed)
     return SamplerOutput(x, eps_fn.nfe)
 
-
-def nfe_of(name: str, steps: int) -> int | None:
-    """NFE of a fixed-grid sampler at ``steps``; None for the adaptive one (data dependent)."""
-    fixed = {"euler_maruyama": steps, "heun": 2 * steps - 1, "dpmpp_2m": steps,
-             "dpmpp_2m_sde": steps}
-    return fixed.get(name)
 

@@ -20,18 +20,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from mvld.common.checkpoint import MVLDModel, load_mvld_model
 from mvld.common.errors import ConfigError
 from mvld.common.metrics import MetricsServer
 from mvld.common.transport import CurveServerKeys, LatentSubscriber
+from mvld.common.wire import wire_fingerprint
+from mvld.model.checkpoint import MVLDModel, load_mvld_model
 from mvld.receiver.batcher import Batch, MicroBatcher
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.hooks import Hook, HookRunner, build_hooks
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS, Imputer, Provenance
-from mvld.receiver.ingest import Ingest, NodeBacklog, PendingFrameSet, camera_layout
+from mvld.receiver.ingest import (
+    CLOCK_WINDOW_S,
+    Ingest,
+    NodeBacklog,
+    PendingFrameSet,
+    camera_layout,
+)
 from mvld.receiver.observability import ReceiverMetrics
 from mvld.receiver.rate_limit import RateLimiter
 from mvld.receiver.results import FrameSetResult
+from mvld.receiver.sampler import sampler_info
 
 __all__ = ["ReceiverConfig", "ReceiverService", "format_status", "select_device"]
 
@@ -61,6 +69,7 @@ class ReceiverConfig:
     status_every_s: float = 10.0
     threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
     max_rate: float = 120.0  # frame sets per second per node (token bucket); 0 = no limit
+    clock_window_s: float = CLOCK_WINDOW_S  # edge times further off are kept out of latency
 
     def __post_init__(self) -> None:
         if (self.keys is None) != (self.allow is None):
@@ -78,6 +87,9 @@ class ReceiverConfig:
                 raise ConfigError(f"{flag} must be > 0, got {value}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if not self.clock_window_s > 0:
+            raise ConfigError(f"--clock-window must be > 0, got {self.clock_window_s}")
+        sampler_info(self.sampler).check_steps(self.steps)
 
 
 def select_device(gpu: int) -> torch.device:
@@ -113,7 +125,8 @@ class ReceiverService:
             model.score_net.to(self.device)
         self.model = model
         self.layout = camera_layout(config.cameras, self.model.num_views,
-                                    self.model.autoencoder.config.latent_dim)
+                                    self.model.autoencoder.config.latent_dim,
+                                    self.model.autoencoder.config.latent_shape)
         self.imputer = Imputer.from_model(self.model, sampler=config.sampler, steps=config.steps)
         self.decoder = LatentDecoder.from_model(self.model)
         self.hooks = build_hooks(config.tasks, self.metrics, extra_hooks)
@@ -140,7 +153,8 @@ class ReceiverService:
                                    max_age_s=config.max_age_ms / 1000.0)
         limiter = RateLimiter(config.max_rate) if config.max_rate > 0 else None
         self.ingest = Ingest(self.subscriber, self.layout, self.model.fingerprint, self.backlog,
-                             self.metrics, rate_limiter=limiter)
+                             self.metrics, rate_limiter=limiter,
+                             clock_window_s=config.clock_window_s)
         self.batcher = MicroBatcher(self.backlog, max_batch=config.max_batch,
                                     max_wait_s=config.max_wait_ms / 1000.0)
         if config.metrics_port is not None:
@@ -180,8 +194,9 @@ class ReceiverService:
         metrics.impute_seconds.observe(impute_seconds)
         for result in results:
             metrics.completed.inc()
-            metrics.latency.observe(result.latency)
-            self._recent_latency.append(result.latency)
+            if result.clock_ok:  # an edge clock far off would poison the figures
+                metrics.latency.observe(result.latency)
+                self._recent_latency.append(result.latency)
             for provenance in Provenance:
                 count = sum(v.provenance is provenance for v in result.views)
                 if count:
@@ -220,6 +235,13 @@ class ReceiverService:
                  "tasks: %s", ", ".join(self.endpoints), self.layout.num_views,
                  self.layout.latent_dim, ",".join(self.layout.camera_ids), self.config.sampler,
                  self.config.steps, ", ".join(self.hooks.names) or "none")
+        fingerprint, short = self.model.fingerprint, wire_fingerprint(self.model.fingerprint)
+        log.info("encoder fingerprint %s (protocol v2 enc = its first 8 bytes, %s); latent "
+                 "shape %s; protocol versions 1 and 2", fingerprint, short,
+                 list(self.layout.latent_shape),
+                 extra={"model": {"encoder_fingerprint": fingerprint, "wire_fingerprint": short,
+                                  "latent_shape": list(self.layout.latent_shape),
+                                  "cameras": list(self.layout.camera_ids)}})
 
     def status(self, elapsed_s: float, completed_before: float) -> dict[str, Any]:
         """Numbers of the status line: rate since the last one, totals, drops, latency."""

@@ -1,20 +1,25 @@
 """Shared pytest fixtures and paths."""
 
+import ast
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Source folder of each import package, as mapped in setup.py.
-STAGE_FOLDERS = {
-    "mvld": "mvld",
-    "mvld.common": "common",
-    "mvld.edge": "edge",
-    "mvld.receiver": "receiver",
-    "mvld.export": "export",
-    "mvld.train": "train",
-}
+
+
+def _stage_folders() -> dict[str, str]:
+    """Source folder of each import package, read from setup.py (the one place it is written)."""
+    tree = ast.parse((REPO_ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "STAGE_FOLDERS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError("setup.py defines no STAGE_FOLDERS")
+
+
+STAGE_FOLDERS = _stage_folders()
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,8 @@ def write_tiny_rig(root: Path, count: int = 64, size: int = 32, seed: int = 0,
 def tiny_ae_config(data: Path, out: Path, **overrides) -> AETrainConfig:
     """An autoencoder run that takes about a second on one CPU core."""
     values = dict(data=str(data), out=str(out), image_size=32, latent_dim=16, channels=(8, 16),
-                  batch_size=16, steps=30, val_every=10, checkpoint_every=10, progress=False,
+                  latent_channels=0, res_blocks=0, batch_size=16, steps=30, val_every=10,
+                  checkpoint_every=10, progress=False,
                   lr_schedule="constant")  # a cosine decay over 30-60 steps stalls the run
     return AETrainConfig(**(values | overrides))
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
-from mvld.common.checkpoint import LatentStats, MVLDModel, encoder_fingerprint, save_mvld_model
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
 from mvld.common.transport import LatentPublisher, LatentSubscriber
 from mvld.common.wire import FrameSetMessage, ReasonCode, ViewRecord, ViewStatus, encode_frameset
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.checkpoint import LatentStats, MVLDModel, encoder_fingerprint, save_mvld_model
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
 
 VIEWS, LATENT, SIZE = 3, 16, 32
 CAMERAS = tuple(f"cam{i}" for i in range(VIEWS))

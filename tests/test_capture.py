@@ -272,7 +272,8 @@ def test_end_of_a_file_ends_the_camera_unless_reopening_is_asked_for(tmp_path: P
                              CaptureConfig(**{**FAST.__dict__, "reopen_ended": True}))
     capture = Capture([ended, reopening]).start()
     try:
-        wait_for(lambda: ended.snapshot().state == ENDED, 3.0)
+        # taking frames as a node does: a file without realtime is read on demand
+        wait_for(lambda: ended.snapshot(take=True).state == ENDED, 3.0)
         assert ended.snapshot().reason == END_OF_STREAM and ended.snapshot().frames == 5
         wait_for(lambda: len(again.times) >= 2, 3.0)
         time.sleep(0.2)

@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
-from mvld.common.checkpoint import (
+from mvld.common.errors import ConfigError
+from mvld.common.preprocess import PreprocessConfig
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.checkpoint import (
     LatentStats,
     MVLDModel,
     checkpoint_paths,
@@ -18,10 +20,8 @@ from mvld.common.checkpoint import (
     save_autoencoder,
     save_mvld_model,
 )
-from mvld.common.errors import ConfigError
-from mvld.common.preprocess import PreprocessConfig
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
 from mvld.train.state import TrainingState, load_training_state, save_training_state
 
 PRE = PreprocessConfig(height=32, width=32)
@@ -136,7 +136,7 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
 
 
 def test_default_model_loads_or_says_none_is_packaged() -> None:
-    from mvld.common.checkpoint import DEFAULT_MODEL
+    from mvld.common.default_model import DEFAULT_MODEL
 
     if checkpoint_paths(DEFAULT_MODEL)[0].is_file():
         assert load_mvld_model(None).num_views == 3

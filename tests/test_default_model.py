@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from mvld.common.checkpoint import DEFAULT_MODEL, checkpoint_paths, load_mvld_model
+from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.preprocess import preprocess_images
+from mvld.model.checkpoint import checkpoint_paths, load_mvld_model
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import Imputer
 
@@ -29,7 +30,7 @@ def _psnr(images: np.ndarray, reference: np.ndarray) -> float:
 def rig_views() -> list[np.ndarray]:
     """The three 64x64 views of one rendered frame set (uint8 RGB)."""
     pytest.importorskip("pybullet")
-    from mvld.edge.simrig import RigConfig, SimRig, ring_of_cameras
+    from mvld.sim.rig import RigConfig, SimRig, ring_of_cameras
 
     with SimRig(RigConfig(cameras=ring_of_cameras(3), image_size=(64, 64))) as rig:
         rig.reset(12345, 0)
@@ -55,7 +56,7 @@ def test_edge_default_encoder_is_the_shipped_model() -> None:
 
 
 def test_default_classifier_is_packaged() -> None:
-    from mvld.train.classifier import load_classifier
+    from mvld.model.classifier import load_classifier
 
     classifier, preprocess = load_classifier(ASSETS / "default_classifier")
     assert classifier.config.num_classes == 6

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from test_export_onnx import make_tiny_model
 
-from mvld.common.checkpoint import DEFAULT_MODEL, checkpoint_paths, save_mvld_model
+from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError
 from mvld.demo import DemoConfig, check_model, open_demo_fault, scene_tick
 from mvld.edge.sources.base import SourceError
 from mvld.export.onnx_export import ExportOptions, export_model
+from mvld.model.checkpoint import checkpoint_paths, save_mvld_model
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Every message is received on a SUB socket bound on 127.0.0.1 and parsed with
 ``decode_frameset``. Faulty cameras are registered through the public ``register_source``:
-a synthetic 30 FPS camera with a fault from ``mvld.edge.faults`` injected after N frames, and
+a synthetic 30 FPS camera with a fault from ``mvld.sim.faults`` injected after N frames, and
 one whose driver hangs.
 """
 
@@ -26,14 +26,12 @@ import numpy as np
 import pytest
 from test_export_onnx import make_tiny_model
 
-from mvld.common.checkpoint import save_mvld_model
 from mvld.common.errors import ConfigError
 from mvld.common.keys import generate_keypair
 from mvld.common.transport import CurveServerKeys, LatentSubscriber
-from mvld.common.wire import FrameSetMessage, ViewStatus, decode_frameset
+from mvld.common.wire import FrameSetMessage, ViewStatus, decode_frameset, wire_fingerprint
 from mvld.edge.capture import CaptureConfig
 from mvld.edge.encoder import OnnxRuntimeEncoder
-from mvld.edge.faults import SyntheticCamera, accepted_reasons, make_fault
 from mvld.edge.health import HealthConfig
 from mvld.edge.node import EdgeConfig, EdgeNode, default_model_path
 from mvld.edge.policy import TransmitPolicyConfig
@@ -41,6 +39,8 @@ from mvld.edge.sources import Frame, register_source, registered_schemes
 from mvld.edge.sources.base import Pacer
 from mvld.edge.sources.files import FileSource
 from mvld.export.onnx_export import ExportOptions, export_model
+from mvld.model.checkpoint import save_mvld_model
+from mvld.sim.faults import SyntheticCamera, accepted_reasons, make_fault
 
 ANY_PORT = "tcp://127.0.0.1:*"
 FPS = 30.0
@@ -176,7 +176,7 @@ def view(message: FrameSetMessage, camera: str):
 def test_streams_sim_and_file_sources_into_a_real_receiver(model: Path, video: Path) -> None:
     with LatentSubscriber(ANY_PORT, latest_only=False) as sub:
         cfg = config(model, sub.endpoints[0], ("sim://0?fps=30", "sim://1?fps=30", str(video)),
-                     max_framesets=45)
+                     max_framesets=45, latent_dtype="float32")  # exact latents to compare
         with Running(cfg) as node:  # the receiver socket must be serviced while the node runs
             messages = receive(sub, 45)
         summary = node.summary
@@ -187,7 +187,8 @@ def test_streams_sim_and_file_sources_into_a_real_receiver(model: Path, video: P
         fingerprint = encoder.fingerprint
         with FileSource(str(video)) as source:
             video_latents = encoder.encode([source.read().image for _ in range(60)])
-    assert all(m.node_id == "node-a" and m.encoder_fingerprint == fingerprint for m in messages)
+    assert all(m.node_id == "node-a" and m.encoder_fingerprint == wire_fingerprint(fingerprint)
+               for m in messages)  # protocol v2 carries the fingerprint's first 8 bytes
     late = messages[-20:]  # after start-up every camera streams
     for message in late:
         assert [v.camera_id for v in message.views] == ["cam0", "cam1", "cam2"]

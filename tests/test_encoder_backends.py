@@ -12,7 +12,6 @@ import onnx
 import pytest
 from test_export_onnx import make_tiny_model
 
-from mvld.common.checkpoint import save_mvld_model
 from mvld.common.errors import ConfigError
 from mvld.edge.encoder import (
     EncoderBackend,
@@ -24,8 +23,9 @@ from mvld.edge.encoder import (
     register_backend,
     registered_backends,
 )
-from mvld.edge.simrig import RigConfig, SimRig, ring_of_cameras
 from mvld.export.onnx_export import ExportOptions, export_model
+from mvld.model.checkpoint import save_mvld_model
+from mvld.sim.rig import RigConfig, SimRig, ring_of_cameras
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,19 @@ import pytest
 import torch
 from model_fixtures import write_tiny_rig
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
-from mvld.common.checkpoint import LatentStats, MVLDModel, save_mvld_model
 from mvld.common.errors import ConfigError
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
-from mvld.train.classifier import (
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.checkpoint import LatentStats, MVLDModel, save_mvld_model
+from mvld.model.classifier import (
     ClassifierConfig,
     ViewClassifier,
     accuracy,
     load_classifier,
     save_classifier,
 )
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
 from mvld.train.eval_cli import main
 from mvld.train.eval_report import write_outputs
 from mvld.train.evaluation import (
@@ -32,7 +32,7 @@ from mvld.train.evaluation import (
 )
 from mvld.train.frames import evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.image_quality import PSNR_CAP_DB, psnr, ssim
-from mvld.train.tradeoff import code_frames, latent_tradeoff, wire_bytes
+from mvld.train.tradeoff import CODEC_SWEEPS, code_frames, curve_above, over_the_wire, sent_patterns
 
 SIZE, DIM, CLASSES = 32, 8, 4
 
@@ -74,7 +74,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def evaluation(assets: dict[str, Path]):
     config = EvalConfig(data=str(assets["data"]), out=str(assets["root"] / "out"),
                         model=str(assets["model"]), classifier=str(assets["classifier"]),
-                        samplers=parse_samplers("dpmpp_2m:4,euler_maruyama:8"), fid_samples=0,
+                        samplers=parse_samplers("dpmpp_2m:8,euler_maruyama:8"), fid_samples=0,
                         frames=8, grid_rows=2, grid_samples=2, throughput_batch=8)
     result = evaluate(config)
     return config, result, write_outputs(result, config.out)
@@ -119,58 +119,79 @@ def test_ssim_of_constant_images_is_the_luminance_term():
     assert ssim(a, b)[0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_wire_bytes_grow_with_views_and_precision():
-    sizes = {(k, d): wire_bytes(3, k, 64, d) for k in (1, 2, 3) for d in ("float16", "float32")}
-    assert sizes[(1, "float16")] < sizes[(2, "float16")] < sizes[(3, "float16")]
+def test_wire_bytes_grow_with_views_and_precision_and_int8_stays_within_half_a_step():
+    rng = np.random.default_rng(0)
+    latents = rng.normal(0, 3, (4, 3, 2 * 4 * 4)).astype(np.float32)
+    sizes, received = {}, {}
     for k in (1, 2, 3):
-        extra = sizes[(k, "float32")] - sizes[(k, "float16")]
-        assert 128 * k <= extra <= 128 * k + 2 * k  # the payload plus bin-length headers
+        for dtype in ("int8", "float16", "float32"):
+            sent = np.arange(3) < k
+            received[k, dtype], nbytes = over_the_wire(latents, sent, (2, 4, 4), dtype, "ab" * 32)
+            sizes[k, dtype] = int(nbytes[0])
+            assert (nbytes == nbytes[0]).all() and (received[k, dtype][:, ~sent] == 0).all()
+    for dtype in ("int8", "float16", "float32"):
+        assert sizes[1, dtype] < sizes[2, dtype] < sizes[3, dtype]
+    for k in (1, 2, 3):
+        assert sizes[k, "int8"] < sizes[k, "float16"] < sizes[k, "float32"]
+    np.testing.assert_array_equal(received[3, "float32"], latents)
+    step = np.abs(latents).max(axis=2, keepdims=True) / 127
+    assert (np.abs(received[3, "int8"] - latents) <= step / 2 + 1e-6).all()
+    assert sent_patterns(3, 2) == [(True, True, False), (True, False, True), (False, True, True)]
     with pytest.raises(ConfigError):
-        wire_bytes(3, 4, 64, "float16")
+        sent_patterns(3, 4)
 
 
-def test_codec_bytes_grow_with_quality_and_decode_to_the_same_shape():
-    frames = np.random.default_rng(2).integers(0, 256, (2, 3, 32, 32, 3), dtype=np.uint8)
-    low, high = code_frames(frames, "jpeg", 5), code_frames(frames, "jpeg", 95)
-    assert low.bytes_per_frame_set < high.bytes_per_frame_set
-    assert high.decoded.shape == frames.shape
-    assert psnr(high.decoded.reshape(-1, 32, 32, 3), frames.reshape(-1, 32, 32, 3)).mean() > \
-        psnr(low.decoded.reshape(-1, 32, 32, 3), frames.reshape(-1, 32, 32, 3)).mean()
-    with pytest.raises(ConfigError, match="valid: jpeg, webp"):
-        code_frames(frames, "gif", 10)
+@pytest.mark.parametrize("name", list(CODEC_SWEEPS))
+def test_codec_bytes_grow_with_quality_and_decode_to_the_same_shape(name):
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, (2, 3, 32, 32, 3), dtype=np.uint8)
+    (low, low_bytes), (high, high_bytes) = (code_frames(frames, CODEC_SWEEPS[name], q)
+                                            for q in (5, 95))
+    assert low_bytes < high_bytes and high.shape == frames.shape
+    assert psnr(high.reshape(-1, 32, 32, 3), frames.reshape(-1, 32, 32, 3)).mean() > \
+        psnr(low.reshape(-1, 32, 32, 3), frames.reshape(-1, 32, 32, 3)).mean()
 
 
-def test_latent_tradeoff_mixes_sent_and_imputed_views():
-    recon_correct, recon_psnr = np.ones((2, 3)), np.full((2, 3), 30.0)
-    per_pattern = {(True, False, False): (np.zeros((2, 2)), np.full((2, 2), 15.0)),
-                   (True, True, False): (np.zeros((2, 1)), np.full((2, 1), 15.0))}
-    points = latent_tradeoff(per_pattern, recon_correct, recon_psnr, latent_dim=8)
-    assert [p["views_sent"] for p in points] == [1, 2, 3]
-    assert [p["coherence"] for p in points] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert [p["psnr"] for p in points] == pytest.approx([20.0, 25.0, 30.0])
-    assert points[0]["payload_bytes_float16"] == 16
+def test_tiling_costs_fewer_bytes_than_one_file_per_view():
+    frames = np.zeros((2, 3, 32, 32, 3), np.uint8)
+    frames[..., 0] = 120  # flat views: headers dominate
+    _, per_view = code_frames(frames, CODEC_SWEEPS["webp"], 50)
+    _, tiled = code_frames(frames, CODEC_SWEEPS["webp_tiled"], 50)
+    assert tiled < per_view
+
+
+def test_curve_above_counts_wins_and_names_losses():
+    rows = [{"views_sent": 1, "dtype": "int8", "psnr": 25.0,
+             **{name: None for name in CODEC_SWEEPS}},
+            {"views_sent": 2, "dtype": "int8", "psnr": 26.0,
+             **{name: {"psnr": 27.0} for name in CODEC_SWEEPS}}]
+    verdict = curve_above(rows, "psnr")
+    assert verdict["wins"] == 0 and verdict["comparisons"] == len(CODEC_SWEEPS)
+    assert {x["codec"] for x in verdict["losses"]} == set(CODEC_SWEEPS)
+    assert curve_above(rows, "psnr", higher_is_better=False)["wins"] == len(CODEC_SWEEPS)
 
 
 def test_summary_has_every_method_and_pattern(evaluation):
     config, _, path = evaluation
     summary = json.loads(path.read_text())
     assert summary["schema"] == "mvld-eval/1"
-    methods = ["real views", "reconstructed", "dpmpp_2m:4", "euler_maruyama:8", "mean_latent",
+    methods = ["real views", "reconstructed", "dpmpp_2m:8", "euler_maruyama:8", "mean_latent",
                "nearest_neighbour", "ridge_regressor"]
     groups = summary["patterns"] + ["1 missing (pooled)", "2 missing (pooled)",
                                     "all patterns (pooled)"]
     present = {(r["method"], r["group"]) for r in summary["rows"]}
     assert present == {(m, g) for m in methods for g in groups}
     cost = {m["label"]: m for m in summary["methods"]}
-    assert cost["dpmpp_2m:4"]["nfe"] == 4 and cost["euler_maruyama:8"]["nfe"] == 8
+    assert cost["dpmpp_2m:8"]["nfe"] == 8 and cost["euler_maruyama:8"]["nfe"] == 8
     assert cost["mean_latent"]["nfe"] == 0
     assert all(r["fid"] is None for r in summary["rows"])  # --fid-samples 0
     names = {t["name"] for t in summary["targets"]}
     assert {"fast_coherence_vs_reference", "single_missing_coherence_ratio",
-            "cpu_throughput", "beats_mean_latent_coherence"} <= names
+            "cpu_throughput", "beats_mean_latent_coherence_1_missing",
+            "beats_ridge_regressor_psnr_2_missing", "fast_psnr_vs_reference"} <= names
     assert summary["throughput"]["batch"] == 8
     out = Path(config.out)
-    assert (out / "summary.md").read_text().count("dpmpp_2m:4") >= 7
+    assert (out / "summary.md").read_text().count("dpmpp_2m:8") >= 7
     for name in summary["files"]["grids"] + summary["files"]["plots"]:
         assert (out / name).stat().st_size > 100
 
@@ -203,10 +224,14 @@ def test_full_trade_off_point_is_reconstruction(evaluation):
     tradeoff = result.summary["tradeoff"]
     recon = [r for r in result.summary["rows"] if r["method"] == "reconstructed"
              and r["group"] in result.summary["patterns"][:3]]  # single views, all cameras
-    assert tradeoff["latent"][-1]["psnr"] == pytest.approx(np.mean([r["psnr"] for r in recon]))
-    sizes = [p["bytes_float16"] for p in tradeoff["latent"]]
-    assert sizes == sorted(sizes) and len(sizes) == 3
-    assert set(tradeoff["codecs"]) == {"jpeg", "webp"}
+    full = next(p for p in tradeoff["latent"] if p["dtype"] == "float32" and p["views_sent"] == 3)
+    assert full["psnr"] == pytest.approx(np.mean([r["psnr"] for r in recon]))
+    for dtype in ("int8", "float16", "float32"):
+        sizes = [p["bytes"] for p in tradeoff["latent"] if p["dtype"] == dtype]
+        assert sizes == sorted(sizes) and len(sizes) == 3
+    assert set(tradeoff["codecs"]) == set(CODEC_SWEEPS)
+    assert len(tradeoff["matched"]) == 9
+    assert {c["metric"] for c in tradeoff["curve_above"]} == {"psnr", "ssim", "fid"}
 
 
 def test_cli_reports_missing_inputs_clearly(assets, tmp_path, capsys):
@@ -228,11 +253,11 @@ def test_cli_runs_and_writes_its_results_section(assets, tmp_path, capsys):
                        "## Later\nalso kept\n")
     argv = ["--data", str(assets["data"]), "--model", str(assets["model"]), "--classifier",
             str(assets["classifier"]), "--out", str(out), "--frames", "3", "--fid-samples", "0",
-            "--samplers", "heun:3", "--results", str(results)]
+            "--samplers", "heun:5", "--results", str(results)]
     code = main(argv)
     captured = capsys.readouterr()
     assert code == 0 and captured.out.strip() == str(out / "summary.json")
-    assert "heun:3" in captured.err  # progress on stderr
+    assert "heun:5" in captured.err  # progress on stderr
     assert json.loads((out / "summary.json").read_text())["data"]["evaluated"] == 3
     text = results.read_text()
     assert "kept" in text and "also kept" in text and "\nold\n" not in text

@@ -14,11 +14,6 @@ import torch
 from model_fixtures import write_tiny_rig
 from receiver_fixtures import LATENT, SIZE, VIEWS, make_tiny_model
 
-from mvld.common.checkpoint import (
-    load_mvld_model,
-    save_autoencoder,
-    save_mvld_model,
-)
 from mvld.common.errors import ConfigError
 from mvld.export.cli import EXIT_INVALID, EXIT_OK, EXIT_PARITY
 from mvld.export.cli import main as export_main
@@ -35,6 +30,11 @@ from mvld.export.onnx_files import (
     onnx_metadata,
     ort_session,
     read_onnx,
+)
+from mvld.model.checkpoint import (
+    load_mvld_model,
+    save_autoencoder,
+    save_mvld_model,
 )
 
 
@@ -188,3 +188,50 @@ def test_cli_exports_everything_with_the_dynamo_exporter(tiny: dict[str, Path],
                         "-q"])
     assert code == EXIT_OK
     assert all((tmp_path / f"{part}.onnx.sha256").is_file() for part in GRAPHS)
+
+
+def test_the_export_writes_the_model_descriptor_a_receiver_of_this_model_accepts(
+        tiny: dict[str, Path]) -> None:
+    """docs/PROTOCOL.md 3.1: model.json beside the graphs, every value as the receiver checks it."""
+    from mvld.common.wire import (
+        FrameSetMessage,
+        ViewRecord,
+        decode_frameset,
+        encode_frameset,
+        quantize_latent,
+    )
+    from mvld.receiver.ingest import assemble, camera_layout
+
+    descriptor = json.loads((tiny["out"] / "model.json").read_text())
+    model = load_mvld_model(tiny["checkpoint"])
+    layout = camera_layout((), model.num_views, model.autoencoder.config.latent_dim,
+                           model.autoencoder.config.latent_shape)
+    assert descriptor["format"] == "mvld-model-descriptor"
+    assert descriptor["encoder_fingerprint"] == model.fingerprint
+    assert descriptor["wire_fingerprint"] == model.fingerprint[:16]
+    assert descriptor["cameras"] == list(layout.camera_ids) == [f"cam{i}" for i in range(VIEWS)]
+    assert descriptor["latent"]["shape"] == list(layout.latent_shape) == [LATENT]
+    assert descriptor["image"]["height"] == descriptor["image"]["width"] == SIZE
+    assert descriptor["graphs"]["encoder"]["file_sha256"] == json.loads(
+        (tiny["out"] / "manifest.json").read_text())["graphs"]["encoder"]["file_sha256"]
+    views = tuple(ViewRecord(cam, "ok", "none", 1.0, quantize_latent(
+        np.zeros(descriptor["latent"]["shape"], np.float32), descriptor["latent"]["default_dtype"]))
+        for cam in descriptor["cameras"])
+    message = decode_frameset(encode_frameset(FrameSetMessage(
+        "n", 0, 1.0, descriptor["encoder_fingerprint"], views)))
+    assert message.encoder_fingerprint == descriptor["wire_fingerprint"]
+    assert assemble(message, layout, 1.0, None).present.all()
+
+
+def test_cli_prints_the_wire_fingerprint_apart_from_the_file_hashes(
+        tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = export_main(["onnx", "--model", str(tiny["checkpoint"]), "--out", str(tmp_path),
+                        "--exporter", "torchscript", "--parts", "encoder", "--frames",
+                        str(tiny["data"]), "-q"])
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    fingerprint = load_mvld_model(tiny["checkpoint"]).fingerprint
+    assert f"encoder fingerprint (wire v1 enc, checked by the receiver) {fingerprint}" in out
+    assert f"wire v2 enc (its first 8 bytes) {fingerprint[:16]}" in out
+    assert "onnx_fingerprint" in out and "file_sha256" in out
+    assert (tmp_path / "model.json").is_file()

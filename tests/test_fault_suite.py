@@ -25,11 +25,11 @@ from receiver_fixtures import make_tiny_model as make_receiver_model
 from receiver_fixtures import save_tiny_model, wire
 from test_export_onnx import make_tiny_model as make_exportable_model
 
-from mvld.common.checkpoint import save_mvld_model
 from mvld.common.keys import generate_keypair
 from mvld.common.transport import CurveClientKeys, LatentPublisher
 from mvld.demo import free_port, read_metrics
 from mvld.export.onnx_export import ExportOptions, export_model
+from mvld.model.checkpoint import save_mvld_model
 
 START_TIMEOUT_S = 90.0  # a cold receiver imports torch and loads the model on a busy machine
 RECEIVED = "mvld_receiver_messages_total"

@@ -2,7 +2,7 @@
 
 Streams are real frames at 640x480: a synthetic textured scene with moving objects, lighting
 drift and fresh sensor noise (``SyntheticCamera``), faults injected as a field camera shows
-them (``mvld.edge.faults``). Timing is measured by ``bench/bench_health.py``, not here.
+them (``mvld.sim.faults``). Timing is measured by ``bench/bench_health.py``, not here.
 """
 
 import importlib.util
@@ -14,18 +14,6 @@ import pytest
 
 from mvld.common.errors import ConfigError
 from mvld.common.wire import REASONS_BY_STATUS, ViewStatus
-from mvld.edge.faults import (
-    FAULTS,
-    FULL_FAULTS,
-    Dirt,
-    Frozen,
-    Occlusion,
-    SyntheticCamera,
-    accepted_reasons,
-    add_sensor_noise,
-    expected_reason,
-    make_fault,
-)
 from mvld.edge.health import (
     ANALYSIS_SIZE,
     FAILED,
@@ -37,6 +25,18 @@ from mvld.edge.health import (
     HealthMonitor,
     downscale,
     noise_sigma,
+)
+from mvld.sim.faults import (
+    FAULTS,
+    FULL_FAULTS,
+    Dirt,
+    Frozen,
+    Occlusion,
+    SyntheticCamera,
+    accepted_reasons,
+    add_sensor_noise,
+    expected_reason,
+    make_fault,
 )
 
 CONFIG = HealthConfig()

@@ -31,13 +31,13 @@ from receiver_fixtures import (
 )
 
 from mvld.common.errors import ConfigError
+from mvld.model.classifier import ClassifierConfig, ViewClassifier, save_classifier
 from mvld.receiver.hooks import HookRunner, available_tasks, build_hooks, parse_task
 from mvld.receiver.ingest import CameraLayout, RejectionError, assemble
 from mvld.receiver.observability import ReceiverMetrics
 from mvld.receiver.results import FrameSetResult, Provenance
 from mvld.receiver.service import ReceiverConfig, ReceiverService
 from mvld.receiver.tasks.publish import encode_result
-from mvld.train.classifier import ClassifierConfig, ViewClassifier, save_classifier
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "mvld-hook-example"

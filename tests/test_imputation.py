@@ -2,15 +2,15 @@
 
 import pytest
 import torch
+from gaussian_reference import CLEAN, GaussianEps, GaussianMoments, gaussian_problem
+from gaussian_reference import moment_errors as whitened_errors
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
-from mvld.common.checkpoint import LatentStats, MVLDModel
 from mvld.common.errors import ConfigError
 from mvld.common.preprocess import PreprocessConfig
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
-from mvld.receiver.gaussian_reference import CLEAN, GaussianEps, GaussianMoments, gaussian_problem
-from mvld.receiver.gaussian_reference import moment_errors as whitened_errors
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.checkpoint import LatentStats, MVLDModel
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
 from mvld.receiver.imputation import Imputation, Imputer, Provenance
 
 VIEWS, DIM = 3, 8

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig, psnr
 from mvld.common.errors import ConfigError
 from mvld.common.preprocess import PreprocessConfig, postprocess_images, preprocess_images
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
 
 
 def _frames(count: int = 2, size: int = 64) -> np.ndarray:
@@ -79,12 +79,6 @@ def test_autoencoder_rejects_an_indivisible_image_size() -> None:
         AutoencoderConfig(image_size=60, channels=(8, 16, 32))
 
 
-def test_psnr_known_answer() -> None:
-    target = torch.zeros(1, 3, 4, 4)
-    assert psnr(target + 0.2, target, -1.0, 1.0) == pytest.approx(10 * np.log10(4 / 0.04))
-    assert psnr(target + 5.0, target, -1.0, 1.0) == pytest.approx(10 * np.log10(4 / 1.0))
-
-
 def test_score_net_output_shape_and_zero_initial_output() -> None:
     net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=16, widths=(64, 32)))
     x, tau = torch.randn(5, 3, 16), torch.rand(5, 3)
@@ -101,3 +95,58 @@ def test_score_net_depends_on_the_per_view_times() -> None:
     same = net(x, torch.zeros(4, 3))
     other = net(x, torch.tensor([[0.0, 0.5, 0.5]]).expand(4, 3))
     assert not torch.allclose(same, other)
+
+
+def test_spatial_latent_is_a_grid_that_keeps_where_things_are() -> None:
+    """A spatial latent is C x h x w, flattened on the wire; a local change moves it most there."""
+    config = AutoencoderConfig(image_size=64, latent_dim=4 * 8 * 8, channels=(16, 16, 16),
+                               latent_channels=4, res_blocks=1, encoder_res_blocks=0)
+    assert config.latent_shape == (4, 8, 8)
+    model = Autoencoder(config).eval()
+    images = torch.zeros(2, 3, 64, 64)
+    with torch.no_grad():
+        latents = model.encoder(images)
+        assert latents.shape == (2, 256)
+        assert model.decoder(latents).shape == images.shape
+        changed = images.clone()
+        changed[1, :, :8, :8] = 1.0  # top-left corner only
+        delta = (model.encoder(changed)[1] - latents[1]).view(4, 8, 8).abs().sum(0)
+    # GroupNorm spreads a little of any change over the grid; the corner cells move the most
+    assert delta[:2, :2].mean() > 2 * delta[4:, 4:].mean()
+
+
+def test_spatial_latent_size_must_match_its_grid() -> None:
+    with pytest.raises(ConfigError, match="latent_dim 256"):
+        AutoencoderConfig(image_size=64, latent_dim=128, channels=(16, 16, 16), latent_channels=4)
+
+
+def test_conv_score_net_keeps_the_contract_and_starts_at_zero() -> None:
+    from mvld.model.score_net import ConvScoreNet, make_score_net
+
+    config = ScoreNetConfig(num_views=3, latent_dim=4 * 8 * 8, widths=(16, 32), time_dim=16,
+                            kind="conv", latent_shape=(4, 8, 8), blocks=1)
+    net = make_score_net(config)
+    assert isinstance(net, ConvScoreNet)
+    x, tau = torch.randn(5, 3, 256), torch.rand(5, 3)
+    out = net(x, tau)
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0  # zero-initialised output
+    assert ScoreNetConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="latent_shape"):
+        ScoreNetConfig(num_views=3, latent_dim=100, kind="conv", latent_shape=(4, 8, 8))
+
+
+def test_conv_score_net_sees_every_view_and_its_time() -> None:
+    """Changing one view's latent or time changes the output for the other views."""
+    from mvld.model.score_net import make_score_net
+
+    torch.manual_seed(0)
+    config = ScoreNetConfig(num_views=3, latent_dim=64, widths=(16, 32), time_dim=16,
+                            kind="conv", latent_shape=(1, 8, 8), blocks=1)
+    net = make_score_net(config)
+    torch.nn.init.normal_(net.output.weight, std=0.1)  # leave the zero start
+    x, tau = torch.randn(1, 3, 64), torch.tensor([[0.0, 0.5, 0.5]])
+    base = net(x, tau)
+    other = x.clone()
+    other[0, 0] += 1.0
+    assert not torch.allclose(net(other, tau)[0, 1], base[0, 1])
+    assert not torch.allclose(net(x, torch.tensor([[0.0, 0.9, 0.5]]))[0, 2], base[0, 2])

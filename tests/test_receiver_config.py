@@ -24,3 +24,11 @@ def test_non_positive_values_are_refused(field: str, value: int, flag: str) -> N
 def test_keys_without_allow_list_is_refused() -> None:
     with pytest.raises(ConfigError, match="--keys and --allow go together"):
         ReceiverConfig(keys="receiver.key_secret")
+
+
+def test_clock_window_flag_reaches_the_config_and_must_be_positive() -> None:
+    assert config_from_args(build_parser().parse_args([])).clock_window_s == 60.0
+    args = build_parser().parse_args(["--clock-window", "5"])
+    assert config_from_args(args).clock_window_s == 5.0
+    with pytest.raises(ConfigError, match="--clock-window"):
+        ReceiverConfig(clock_window_s=0.0)

@@ -1,5 +1,6 @@
-"""Ingest over real loopback sockets: strict decoding, fingerprint check, counted drops, and a
-per-node backlog whose size stays bounded however much is sent."""
+"""Ingest over real loopback sockets: strict decoding, fingerprint check (both protocol
+versions), exact latent shapes, duplicate and multipart messages, the clock window, counted
+drops, and a per-node backlog whose size stays bounded however much is sent."""
 
 from __future__ import annotations
 
@@ -8,13 +9,29 @@ import time
 import msgpack
 import numpy as np
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from receiver_fixtures import LATENT, VIEWS, connected_publisher, frame_set, make_tiny_model, wire
 
 from mvld.common.transport import LatentSubscriber
-from mvld.common.wire import FrameSetMessage, ReasonCode, ViewRecord, ViewStatus, encode_frameset
-from mvld.receiver.ingest import CameraLayout, Ingest, NodeBacklog, PendingFrameSet, assemble
+from mvld.common.wire import (
+    FrameSetMessage,
+    ReasonCode,
+    ViewRecord,
+    ViewStatus,
+    decode_frameset,
+    encode_frameset,
+    quantize_latent,
+)
+from mvld.receiver.ingest import (
+    CameraLayout,
+    Ingest,
+    NodeBacklog,
+    PendingFrameSet,
+    RejectionError,
+    assemble,
+)
 from mvld.receiver.observability import ReceiverMetrics
 
 
@@ -81,7 +98,7 @@ def _bad_messages(model) -> dict[str, list[bytes]]:
     return {
         "malformed": [
             b"", b"\x00garbage", b"\xc1", encode_frameset(good)[:-5],
-            msgpack.packb({**packed, "v": 2}), msgpack.packb({**packed, "seq": -1}),
+            msgpack.packb({**packed, "v": 3}), msgpack.packb({**packed, "seq": -1}),
             msgpack.packb({**packed, "extra": 1}), msgpack.packb([1, 2, 3]),
             msgpack.packb({**packed, "views": [{**packed["views"][0], "st": "exploded"}]}),
         ],
@@ -113,8 +130,8 @@ def test_node_id_stays_bound_to_its_curve_key(ingest: Ingest, model) -> None:
 def _pending(node: str, seq: int, receive_time: float | None = None) -> PendingFrameSet:
     views = VIEWS
     return PendingFrameSet(
-        message=FrameSetMessage(node, seq, 0.0, "f", (ViewRecord("cam0", "failed", "timeout",
-                                                                 None),)),
+        message=FrameSetMessage(node, seq, 0.0, "0f1e2d3c4b5a6978", (
+            ViewRecord("cam0", "failed", "timeout", None),)),
         receive_time=time.time() if receive_time is None else receive_time, client_key=None,
         latents=np.zeros((views, LATENT), np.float32), present=np.zeros(views, bool),
         records=(None,) * views)
@@ -161,6 +178,127 @@ def test_sequence_gaps_are_counted(model) -> None:
     assert metrics.seq_gaps.value() == 3
 
 
+def test_a_repeated_seq_is_counted_as_duplicate_and_dropped(ingest: Ingest, model) -> None:
+    """Issue 18, item 5: the same seq again used to be delivered twice ("restarted?")."""
+    with _publisher(ingest) as publisher:
+        for seq in (4, 4, 5, 5, 5, 0):  # 0: a smaller seq is a restart, still delivered
+            assert publisher.send(wire(model, "node-a", seq))
+        publisher.send(wire(model, "node-b", 4))  # the same seq from another node is fine
+        _receive(ingest, 7)
+    assert ingest.metrics.drops() == {"duplicate": 3}
+    assert sorted((i.message.node_id, i.message.seq) for i in ingest.backlog.take(10)) == [
+        ("node-a", 0), ("node-a", 4), ("node-a", 5), ("node-b", 4)]
+
+
+def test_a_multipart_message_is_malformed(ingest: Ingest, model) -> None:
+    """Issue 18, item 6: ``[b"", valid]`` must not be delivered as ``valid``."""
+    valid = wire(model, "node-a", 0)
+    with zmq.Context() as context, context.socket(zmq.XPUB) as pub:
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(ingest.subscriber.endpoints[0])
+        deadline = time.monotonic() + 5.0
+        while not pub.poll(0):
+            assert not ingest.poll(5) and time.monotonic() < deadline
+        pub.recv()
+        pub.send_multipart([b"", valid])
+        pub.send_multipart([valid, valid])
+        pub.send(valid)
+        _receive(ingest, 3)
+    assert ingest.metrics.drops() == {"malformed": 2}
+    assert len(ingest.backlog.take(10)) == 1
+
+
+def _message(model, seq: int, shape: tuple[int, ...], version: int = 2,
+             dtype: str = "float32", fingerprint: str | None = None) -> bytes:
+    latents = frame_set(model, "node-a", seq, failed=()).views
+    views = tuple(ViewRecord(v.camera_id, "ok", "none", v.capture_time,
+                             quantize_latent(np.asarray(v.latent).reshape(shape), dtype))
+                  for v in latents)
+    return encode_frameset(FrameSetMessage("node-a", seq, time.time(),
+                                           fingerprint or model.fingerprint, views, version))
+
+
+def test_latent_shape_is_checked_exactly(ingest: Ingest, model) -> None:
+    """Issue 18, item 3: any shape with the right element count used to be accepted."""
+    good = [_message(model, 0, (LATENT,)), _message(model, 1, (LATENT,), version=1),
+            _message(model, 2, (LATENT,), dtype="int8"),
+            _message(model, 3, (LATENT,), dtype="float16")]
+    bad = [_message(model, 10, (1, LATENT)), _message(model, 11, (2, LATENT // 2)),
+           _message(model, 12, (LATENT // 2, 2), version=1)]
+    for data in good + bad:
+        ingest.handle(data, None, time.time())
+    assert ingest.metrics.drops() == {"latent_shape": len(bad)}
+    items = ingest.backlog.take(10)
+    assert sorted(i.message.seq for i in items) == [0, 1, 2, 3]
+    exact = next(i for i in items if i.message.seq == 0)
+    assert np.array_equal(exact.latents, np.stack(
+        [v.latent for v in frame_set(model, "node-a", 0, failed=()).views]))
+    dequantized = next(i for i in items if i.message.seq == 2).latents
+    floats = np.stack([v.latent for v in frame_set(model, "node-a", 2, failed=()).views])
+    per_view_scale = np.abs(floats).max(axis=1, keepdims=True) / 127
+    assert (np.abs(dequantized - floats) <= per_view_scale / 2 + 1e-6).all()
+
+
+def test_a_spatial_model_takes_its_grid_in_v2_and_the_flat_vector_in_v1(model) -> None:
+    layout = CameraLayout.default(VIEWS, LATENT, (4, 2, 2))
+    for data, version, accepted in [(_message(model, 0, (4, 2, 2)), 2, True),
+                                    (_message(model, 0, (LATENT,)), 2, False),
+                                    (_message(model, 0, (LATENT,), version=1), 1, True),
+                                    (_message(model, 0, (4, 2, 2), version=1), 1, False)]:
+        message = decode_frameset(data)
+        assert message.version == version
+        try:
+            item = assemble(message, layout, time.time(), None)
+        except RejectionError as exc:
+            assert not accepted and exc.reason == "latent_shape"
+        else:
+            assert accepted and item.latents.shape == (VIEWS, LATENT) and item.present.all()
+
+
+def test_fingerprints_of_both_versions_are_compared_in_their_own_form(ingest: Ingest,
+                                                                      model) -> None:
+    other = "f" * 64
+    same_prefix = model.fingerprint[:16] + "0" * 48  # v2 sees only the first 8 bytes
+    messages = {
+        "v2": _message(model, 0, (LATENT,)),
+        "v1": _message(model, 1, (LATENT,), version=1),
+        "v2-other": _message(model, 2, (LATENT,), fingerprint=other),
+        "v1-other": _message(model, 3, (LATENT,), version=1, fingerprint=other),
+        "v1-short": _message(model, 4, (LATENT,), version=1, fingerprint=model.fingerprint[:16]),
+        "v2-prefix": _message(model, 5, (LATENT,), fingerprint=same_prefix),
+    }
+    for data in messages.values():
+        ingest.handle(data, None, time.time())
+    assert ingest.metrics.drops() == {"fingerprint": 3}
+    assert sorted(i.message.seq for i in ingest.backlog.take(10)) == [0, 1, 5]
+
+
+@pytest.mark.parametrize(("send_time", "capture_time", "in_window"), [
+    (None, None, True),
+    (0.0, None, False),  # issue 18, item 4: t = 0 and t = 1e15 poisoned the latency figures
+    (1e15, None, False),
+    (None, 0.0, False),
+    (None, 1e15, False),
+    ("past", None, False),
+    ("future", "future", False),
+    ("near", "near", True),
+])
+def test_times_outside_the_clock_window_are_counted_and_flagged(
+        ingest: Ingest, model, send_time: float | str | None, capture_time: float | str | None,
+        in_window: bool) -> None:
+    now = time.time()
+    shift = {"past": now - 61.0, "future": now + 61.0, "near": now - 59.0}
+    good = frame_set(model, "node-a", 0,
+                     capture_time=shift.get(capture_time, capture_time))  # type: ignore[arg-type]
+    t = shift.get(send_time, send_time) if send_time is not None else good.send_time
+    message = FrameSetMessage("node-a", 0, t, model.fingerprint, good.views)
+    assert ingest.handle(encode_frameset(message), None, now)
+    [item] = ingest.backlog.take(1)
+    assert item.clock_ok is in_window
+    assert ingest.metrics.clock_window.value() == (0 if in_window else 1)
+    assert ingest.metrics.drops() == {}, "delivered, not dropped"
+
+
 _MSGPACK_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
     | st.text(max_size=20) | st.binary(max_size=64),
@@ -187,8 +325,12 @@ def test_a_mutated_field_is_dropped_or_accepted_never_raised(ingest: Ingest, mod
     packed = msgpack.unpackb(wire(model, "node-a", 0), raw=False)
     data = msgpack.packb({**packed, key: value}, use_bin_type=True)
     accepted_before = ingest.metrics.accepted.value()
-    drops_before = sum(ingest.metrics.drops().values())
+
+    def refused() -> int:  # a duplicate seq is accepted first, then dropped by the backlog
+        return sum(n for reason, n in ingest.metrics.drops().items() if reason != "duplicate")
+
+    drops_before = refused()
     ingest.handle(data, None, time.time())
     accepted = ingest.metrics.accepted.value() - accepted_before
-    assert accepted + sum(ingest.metrics.drops().values()) - drops_before == 1
+    assert accepted + refused() - drops_before == 1
     assert ingest.metrics.drops().get("internal_error", 0) == 0

@@ -210,6 +210,69 @@ def test_receiver_command_serves_metrics_json_logs_status_and_stops_cleanly(mode
     assert "drops: malformed=1" in statuses[-1]["message"]
     fallback = any("CPU FALLBACK" in r["message"] for r in records)
     assert fallback != torch.cuda.is_available(), "the device is stated"
+    [start] = [r for r in records if "model" in r]  # issue 18, item 2: the fingerprint is logged
+    assert start["model"]["encoder_fingerprint"] == model.fingerprint in start["message"]
+    assert start["model"]["wire_fingerprint"] == model.fingerprint[:16] in start["message"]
+    assert start["model"]["latent_shape"] == [16] and start["model"]["cameras"] == list(CAMERAS)
+
+
+def test_frame_sets_outside_the_clock_window_stay_out_of_the_latency_figures(model) -> None:
+    """Issue 18, item 4: one frame set with ``tc = 0`` made p99 9.5e11 ms."""
+    collected: list[FrameSetResult] = []
+    with _service(model, collected) as service, \
+            connected_publisher(service.endpoints[0]) as publisher:
+        publisher.send(wire(model, "edge-1", 0, capture_time=0.0))
+        wait_until(lambda: collected, 10, "the first result")
+        publisher.send(wire(model, "edge-1", 1))
+        wait_until(lambda: len(collected) >= 2, 10, "the second result")
+        status = service.status(1.0, 0)
+    assert [r.clock_ok for r in collected] == [False, True], "both are delivered"
+    assert service.metrics.clock_window.value() == 1
+    assert service.metrics.latency.count() == 1
+    assert status["completed"] == 2 and 0 < status["latency_p99_ms"] < 10_000
+
+
+def _sigterm_caught(pid: int) -> bool:
+    """Whether the process has a SIGTERM handler installed (Linux ``/proc``, bit 14 of SigCgt)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in lines if line.startswith("SigCgt:"))
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux /proc")
+@pytest.mark.parametrize("moment", ["handler", "one_second", "running"])
+def test_sigterm_at_any_moment_of_start_up_exits_0(tmp_path: Path, moment: str) -> None:
+    """Issue 18, item 9: SIGTERM about 1 s after start exited 143 (torch was still importing,
+    the handler came after). Now the handler is the first thing ``main`` does: "handler" sends
+    the signal the moment it is installed (start-up must stop before loading the model),
+    "one_second" 1 s after the start, "running" once the receiver serves."""
+    checkpoint = save_tiny_model(tmp_path)
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mvld.receiver.cli", "--gpu", "-1", "--model", str(checkpoint),
+         "--bind", "tcp://127.0.0.1:0", "--status-every", "60"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: process.poll() is not None or _sigterm_caught(process.pid), 30,
+                   "the SIGTERM handler")
+        handler_after = time.monotonic() - started
+        if moment == "one_second":
+            time.sleep(max(0.0, 1.0 - handler_after))
+        elif moment == "running":
+            _bound_endpoint(process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, (handler_after, stderr)
+    assert "Traceback" not in stderr
+    if moment == "handler":
+        assert "receiving on" not in stderr, "start-up went on after the signal"
 
 
 def test_receiver_command_refuses_bad_tasks_with_a_clear_error(tmp_path: Path) -> None:

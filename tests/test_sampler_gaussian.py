@@ -21,11 +21,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
-import mvld.receiver.sampler as sampler_module
-from mvld.common.errors import ConfigError, MVLDError
-from mvld.common.sde import VPSDE
-from mvld.receiver.gaussian_reference import (
+from gaussian_reference import (
     CLEAN,
     PATTERNS,
     GaussianEps,
@@ -33,6 +29,10 @@ from mvld.receiver.gaussian_reference import (
     gaussian_problem,
     moment_errors,
 )
+
+import mvld.receiver.sampler as sampler_module
+from mvld.common.errors import ConfigError, MVLDError
+from mvld.model.sde import VPSDE
 from mvld.receiver.sampler import SamplerOutput, get_sampler
 
 SDE = VPSDE()
@@ -188,7 +188,7 @@ def test_reported_nfe_counts_every_model_call(model, name):
     counting = CountingEps(model)
     out, _, _ = run(counting, name, PATTERNS["views01"], samples=16)
     assert out.nfe == counting.calls
-    expected = sampler_module.nfe_of(name, STEPS[name])
+    expected = sampler_module.sampler_info(name).nfe(STEPS[name])
     assert expected is None or out.nfe == expected
 
 
@@ -215,10 +215,21 @@ def test_time_grid_is_float64_from_one_to_t_eps_then_zero():
 def test_registry_rejects_duplicates_and_lists_valid_names():
     assert set(STEPS) <= set(sampler_module.sampler_names())
     with pytest.raises(ConfigError, match="already registered"):
-        sampler_module.register_sampler("heun")(sampler_module.sample_heun)
+        sampler_module.register_sampler("heun", nfe=lambda s: s, min_steps=1)(
+            sampler_module.sample_heun)
     valid = "valid: adaptive, dpmpp_2m, dpmpp_2m_sde, euler_maruyama, heun"
     with pytest.raises(ConfigError, match=valid):
         get_sampler("ddim")
+
+
+def test_registry_carries_nfe_options_and_a_step_floor():
+    info = sampler_module.sampler_info("heun")
+    assert info.nfe(10) == 19 and sampler_module.sampler_info("adaptive").nfe(10) is None
+    assert "spacing" in info.options and "steps" not in info.options
+    floor = sampler_module.sampler_info("dpmpp_2m_sde").min_steps
+    sampler_module.sampler_info("dpmpp_2m_sde").check_steps(floor)
+    with pytest.raises(ConfigError, match=f"at least {floor} steps"):
+        sampler_module.sampler_info("dpmpp_2m_sde").check_steps(floor - 1)
 
 
 def test_bad_inputs_are_rejected(model):

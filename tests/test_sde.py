@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mvld.common.errors import ConfigError
-from mvld.common.sde import VPSDE, append_dims
+from mvld.model.sde import VPSDE, append_dims
 
 
 def test_marginal_matches_the_closed_form() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mvld.common.errors import ConfigError
-from mvld.edge.simrig import (
+from mvld.sim.rig import (
     SHAPE_CLASSES,
     CameraSpec,
     RigConfig,

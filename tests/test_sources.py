@@ -119,7 +119,7 @@ def test_sim_cameras_are_synchronised_views_of_one_moving_scene() -> None:
 
 
 def test_sim_scene_is_shared_and_released() -> None:
-    from mvld.edge.sources import sim
+    from mvld.sim import source as sim
 
     first = open_source("sim://0?realtime=false&seed=9&size=32")
     second = open_source("sim://1", realtime=False, seed=9, size=32)

@@ -14,7 +14,6 @@ import onnx
 import pytest
 from test_export_onnx import make_tiny_model
 
-from mvld.common.checkpoint import save_mvld_model
 from mvld.common.errors import ConfigError
 from mvld.edge.encoder import OnnxRuntimeEncoder, TensorRTEncoder, open_encoder
 from mvld.edge.tensorrt_runtime import (
@@ -39,6 +38,7 @@ from mvld.export.tensorrt_build import (
     relative_error,
     views_of,
 )
+from mvld.model.checkpoint import save_mvld_model
 
 ORIN = GpuIdentity("Orin (nvgpu)", (8, 7))
 FINGERPRINT = "ab" * 32

@@ -8,10 +8,10 @@ import pytest
 import torch
 from model_fixtures import tiny_ae_config, tiny_score_config, write_tiny_rig
 
-from mvld.common.checkpoint import load_autoencoder, load_mvld_model
 from mvld.common.errors import ConfigError, DatasetError
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
+from mvld.model.checkpoint import load_autoencoder, load_mvld_model
+from mvld.model.score_net import ScoreNet, ScoreNetConfig
+from mvld.model.sde import VPSDE
 from mvld.train.autoencoder_training import train_autoencoder
 from mvld.train.cli import main as train_main
 from mvld.train.config import AETrainConfig, load_config
@@ -162,7 +162,8 @@ def test_cli_trains_both_stages_from_a_toml_file(rig: Path, tmp_path: Path,
     config = tmp_path / "train.toml"
     config.write_text(
         f'data = "{rig}"\nprogress = false\n'
-        f'[ae]\nout = "{tmp_path / "ae"}"\nimage_size = 32\nlatent_dim = 8\nchannels = [8, 16]\n'
+        f'[ae]\nout = "{tmp_path / "ae"}"\nimage_size = 32\nlatent_channels = 0\nlatent_dim = 8\n'
+        'channels = [8, 16]\n'
         'batch_size = 16\nsteps = 4\n'
         f'[score]\nout = "{tmp_path / "score"}"\nwidths = [16]\ntime_dim = 8\n'
         'batch_size = 8\nsteps = 4\n'
@@ -207,7 +208,8 @@ def test_corrupt_images_are_reported_by_name(tmp_path: Path) -> None:
 
 
 def test_classifier_learns_the_labels_and_reloads(rig: Path, tmp_path: Path) -> None:
-    from mvld.train.classifier import accuracy, load_classifier, train_classifier
+    from mvld.model.classifier import accuracy, load_classifier
+    from mvld.train.classifier_training import train_classifier
     from mvld.train.config import ClassifierTrainConfig
 
     config = ClassifierTrainConfig(data=str(rig), out=str(tmp_path), image_size=32,
@@ -273,3 +275,24 @@ def test_cosine_schedule_runs_from_lr_to_a_tenth() -> None:
 def test_unknown_schedule_is_a_config_error(rig: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train_main(["ae", "--data", str(rig), "--lr-schedule", "warp"]) == 2
     assert "lr_schedule" in capsys.readouterr().err
+
+
+def test_spatial_latent_trains_a_conv_score_network_end_to_end(rig: Path, tmp_path: Path
+                                                                ) -> None:
+    """The default family: a grid latent per view and, by default, a convolutional score net."""
+    from mvld.model.score_net import ConvScoreNet
+    from mvld.receiver.imputation import Imputer
+
+    ae = train_autoencoder(tiny_ae_config(rig, tmp_path / "ae", latent_channels=2, res_blocks=1,
+                                          encoder_res_blocks=0, steps=20), CPU)
+    autoencoder, _, _ = load_autoencoder(ae)
+    assert autoencoder.config.latent_shape == (2, 8, 8) and autoencoder.config.latent_dim == 128
+    last = train_score(tiny_score_config(rig, ae, tmp_path / "score", widths=(8, 16), blocks=1,
+                                         steps=20), CPU)
+    model = load_mvld_model(last)
+    assert isinstance(model.score_net, ConvScoreNet) and model.score_net.config.kind == "conv"
+    latents = torch.randn(2, 3, 128)
+    present = torch.tensor([[True, False, True], [False, True, True]])
+    imputed = Imputer.from_model(model, steps=8)(latents, present)
+    assert torch.equal(imputed.latents[present], latents[present])
+    assert torch.isfinite(imputed.latents).all()

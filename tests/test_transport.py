@@ -29,7 +29,7 @@ def frame_set(node: str, seq: int) -> bytes:
         ViewRecord("cam0", "ok", "none", 1.0, latent),
         ViewRecord("cam1", "failed", "timeout", None),
     )
-    return encode_frameset(FrameSetMessage(node, seq, 2.0, "fp", views))
+    return encode_frameset(FrameSetMessage(node, seq, 2.0, "0f1e2d3c4b5a6978", views))
 
 
 def wait_until_subscribed(
@@ -223,6 +223,30 @@ def test_publisher_resumes_after_receiver_restart() -> None:
     finally:
         pub.close()
     assert received is not None and decode_frameset(received).seq == 3
+
+
+@pytest.mark.parametrize("latest_only", [True, False])
+def test_a_multipart_message_is_reported_or_reduced_to_its_last_part(latest_only: bool) -> None:
+    """PROTOCOL.md 10.1: without CONFLATE every part arrives and the count is reported (the
+    receiver drops it); libzmq's CONFLATE keeps only the last part, which then stands alone."""
+    valid = frame_set("node1", 1)
+    with (
+        LatentSubscriber(ANY_PORT, latest_only=latest_only) as sub,
+        zmq.Context() as context,
+        context.socket(zmq.XPUB) as pub,
+    ):
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(sub.endpoints[0])
+        deadline = time.monotonic() + 5.0
+        while not pub.poll(0):  # wait for the subscription notice, servicing the receiver
+            assert sub.recv_message(5) is None and time.monotonic() < deadline
+        assert pub.recv() == b"\x01"
+        pub.send_multipart([b"", valid])
+        received = sub.recv_message(2000)
+        assert received is not None
+        assert sub.recv_message(100) is None, "one message, not one per part"
+    assert received.data == valid
+    assert received.parts == (1 if latest_only else 2)
 
 
 @pytest.mark.parametrize("endpoints", [[], "localhost:5555", ["tcp://127.0.0.1:not-a-port"]])

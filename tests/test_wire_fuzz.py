@@ -1,6 +1,7 @@
 """Property-based fuzzing of the wire decoder: whatever arrives, only ProtocolError comes out.
 
-Each property runs 2,000 examples in the default test run. A decode either returns a message
+Each property runs 2,000 examples in the default test run, drawn from a version 2 message
+(int8 latents with their scale) and a version 1 message. A decode either returns a message
 that passes every invariant (and re-encodes to an equivalent message) or raises ProtocolError;
 any other exception fails the test. Memory is watched with tracemalloc: rejecting an input
 never allocates much more than the input itself.
@@ -23,6 +24,7 @@ from mvld.common.wire import (
     WireLimits,
     decode_frameset,
     encode_frameset,
+    quantize_latent,
 )
 
 FUZZ = settings(
@@ -33,17 +35,22 @@ FUZZ = settings(
 SMALL_LIMITS = WireLimits(max_message_bytes=4096, max_latent_elements=256, max_views=8)
 
 
-def _valid_message() -> FrameSetMessage:
+def _valid_message(version: int) -> FrameSetMessage:
+    dtype = "int8" if version == 2 else "float32"
     views = (
-        ViewRecord("cam0", "ok", "none", 10.0, np.linspace(-1, 1, 12, dtype=np.float32)),
-        ViewRecord("cam1", "ok", "none", 10.5, np.linspace(1, 2, 12, dtype=np.float32)),
+        ViewRecord("cam0", "ok", "none", 10.0,
+                   quantize_latent(np.linspace(-1, 1, 12, dtype=np.float32), dtype)),
+        ViewRecord("cam1", "ok", "none", 10.5,
+                   quantize_latent(np.linspace(1, 2, 12, dtype=np.float32), dtype)),
         ViewRecord("cam2", "obstructed", "dirty", 10.0),
         ViewRecord("cam3", "failed", "read_error", None),
     )
-    return FrameSetMessage("edge", 3, 11.0, "fp", views)
+    return FrameSetMessage("edge", 3, 11.0, "0f1e2d3c4b5a6978" * 4, views, version)
 
 
-VALID = encode_frameset(_valid_message())
+VALID = encode_frameset(_valid_message(2))
+VALID_V1 = encode_frameset(_valid_message(1))
+VALIDS = st.sampled_from([VALID, VALID_V1])
 
 
 def decode_or_reject(data: Any, limits: WireLimits = SMALL_LIMITS) -> FrameSetMessage | None:
@@ -100,6 +107,7 @@ FIELD_PATHS = [
     ("views", 0, "lat", "dt"),
     ("views", 0, "lat", "sh"),
     ("views", 0, "lat", "b"),
+    ("views", 0, "lat", "s"),
     ("views", 2, "lat"),
     ("views", 3, "tc"),
     ("new_key",),
@@ -113,24 +121,25 @@ def test_random_bytes(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.integers(min_value=0, max_value=len(VALID) - 1))
-def test_every_truncation_is_rejected(cut: int) -> None:
-    assert decode_or_reject(VALID[:cut]) is None
+@given(VALIDS, st.integers(min_value=0, max_value=len(VALID_V1) - 1))
+def test_every_truncation_is_rejected(valid: bytes, cut: int) -> None:
+    assert decode_or_reject(valid[:cut % len(valid)]) is None
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=6))
-def test_byte_flips_of_a_valid_message(flips: list[tuple[int, int]]) -> None:
-    data = bytearray(VALID)
+@given(VALIDS, st.lists(st.tuples(st.integers(0, len(VALID_V1) - 1), st.integers(0, 255)),
+                        max_size=6))
+def test_byte_flips_of_a_valid_message(valid: bytes, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(valid)
     for index, value in flips:
-        data[index] = value
+        data[index % len(data)] = value
     assert peak_allocation(bytes(data)) < 4 * len(data) + 64 * 1024
 
 
 @FUZZ
-@given(st.sampled_from(FIELD_PATHS), plain_values)
-def test_wrong_type_in_any_field(path: tuple[Any, ...], value: Any) -> None:
-    raw = msgpack.unpackb(VALID, raw=False)
+@given(VALIDS, st.sampled_from(FIELD_PATHS), plain_values)
+def test_wrong_type_in_any_field(valid: bytes, path: tuple[Any, ...], value: Any) -> None:
+    raw = msgpack.unpackb(valid, raw=False)
     target = raw
     for key in path[:-1]:
         target = target[key]
@@ -148,6 +157,8 @@ def test_declared_shapes_never_drive_allocation(shape: list[int], dtype: str, nb
     raw = msgpack.unpackb(VALID, raw=False)
     raw["views"] = [raw["views"][0]]
     raw["views"][0]["lat"] = {"dt": dtype, "sh": shape, "b": b"\x01" * nbytes}
+    if dtype == "int8":
+        raw["views"][0]["lat"]["s"] = 0.25
     data = msgpack.packb(raw, use_bin_type=True)
     assert peak_allocation(data) < 4 * len(data) + 64 * 1024
 

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig, psnr
-from mvld.common.checkpoint import checkpoint_paths, load_autoencoder, save_autoencoder
 from mvld.common.errors import ConfigError, DatasetError
-from mvld.common.preprocess import PreprocessConfig, preprocess_images
+from mvld.common.preprocess import PreprocessConfig, postprocess_images, preprocess_images
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.checkpoint import checkpoint_paths, load_autoencoder, save_autoencoder
 from mvld.train.config import AETrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
 from mvld.train.frames import FrameArrays, evenly_spaced, load_frame_arrays, split_train_val
-from mvld.train.image_quality import ssim_index
+from mvld.train.image_quality import psnr, ssim_index
 from mvld.train.loop import EpochSampler, autocast, run_loop, set_learning_rate
 from mvld.train.state import (
     TrainingState,
@@ -49,12 +49,13 @@ def images_for(arrays: FrameArrays, pairs: np.ndarray, preprocess: PreprocessCon
 @torch.no_grad()
 def reconstruction_psnr(model: Autoencoder, images: torch.Tensor, preprocess: PreprocessConfig,
                         batch: int = 256) -> float:
-    """PSNR (dB) of the reconstructions of ``images`` on the preprocessing's value range."""
+    """Mean PSNR (dB) of the reconstructed views as uint8 images, as ``mvld-eval`` reports it."""
     model.eval()
     device = next(model.parameters()).device
     outputs = [model(images[i:i + batch].to(device)).cpu() for i in range(0, len(images), batch)]
     model.train()
-    return psnr(torch.cat(outputs), images, preprocess.low, preprocess.high)
+    decoded = postprocess_images(torch.cat(outputs).numpy(), preprocess)
+    return float(psnr(decoded, postprocess_images(images.numpy(), preprocess)).mean())
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,
@@ -66,6 +67,16 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,
         similarity = ssim_index(reconstruction - low, images - low, span).mean()
         loss = loss + ssim_weight * (1 - similarity)
     return loss
+
+
+def autoencoder_config_for(config: AETrainConfig) -> AutoencoderConfig:
+    """The architecture a training config asks for (a spatial latent's size follows its grid)."""
+    grid = config.image_size // 2 ** len(config.channels)
+    latent_dim = config.latent_channels * grid**2 if config.latent_channels else config.latent_dim
+    return AutoencoderConfig(
+        image_size=config.image_size, latent_dim=latent_dim, channels=config.channels,
+        res_blocks=config.res_blocks, latent_channels=config.latent_channels,
+        encoder_res_blocks=config.encoder_res_blocks)
 
 
 def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
@@ -87,8 +98,7 @@ def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
              len(val_pairs))
 
     torch.manual_seed(config.seed)
-    arch = AutoencoderConfig(image_size=config.image_size, latent_dim=config.latent_dim,
-                             channels=config.channels, res_blocks=config.res_blocks)
+    arch = autoencoder_config_for(config)
     model = Autoencoder(arch).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start_step, best = _maybe_resume(config, model, optimizer, arch, preprocess)

@@ -1,4 +1,4 @@
-"""Imputation baselines every diffusion result is shown against (DESIGN.md section 6).
+"""Imputation baselines every diffusion result is shown against (docs/EVAL.md).
 
 Each baseline fills the missing views of standardised latents ``z [B, V, D]`` given a presence
 mask ``[B, V]`` and returns observed views unchanged, like the ``Imputer``. All are fitted on

@@ -4,16 +4,21 @@
 
 Options come from defaults, then an optional TOML file (``--config``), then flags. Under
 ``torchrun --nproc_per_node N`` the same command trains with DistributedDataParallel.
+torch is imported after parsing: ``--help`` works without it, and a missing ``train`` extra
+is named in one line (:mod:`mvld.common.exits`). SIGINT/SIGTERM save a checkpoint of the last
+finished step (``--resume`` continues from it) and exit 130/143.
 """
+
+from __future__ import annotations
 
 import argparse
 import logging
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mvld.common.errors import MVLDError
+from mvld.common.exits import EXIT_USAGE, command, output_folder
 from mvld.train.config import (
     AETrainConfig,
     ClassifierTrainConfig,
@@ -22,7 +27,9 @@ from mvld.train.config import (
     add_config_flags,
     load_config,
 )
-from mvld.train.distributed import DistributedContext, setup_distributed, teardown_distributed
+
+if TYPE_CHECKING:
+    from mvld.train.distributed import DistributedContext
 
 STAGES: dict[str, tuple[type[CommonTrainConfig], str]] = {
     "ae": (AETrainConfig, "train the shared autoencoder on every view of a dataset folder"),
@@ -57,11 +64,12 @@ def _train(stage: str, config: CommonTrainConfig, ctx: DistributedContext) -> Pa
         from mvld.train.score_training import train_score
 
         return train_score(config, ctx)
-    from mvld.train.classifier import train_classifier
+    from mvld.train.classifier_training import train_classifier
 
     return train_classifier(config, ctx)
 
 
+@command("mvld-train", extras="train")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-train``."""
     logging.basicConfig(level=logging.INFO,
@@ -71,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     cls = STAGES[stage][0]
     try:
         config = load_config(cls, stage, config_file, args)
+        import torch
+
+        from mvld.train.distributed import setup_distributed, teardown_distributed
+
+        if config.out:
+            output_folder(config.out, "run folder")
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         ctx = setup_distributed(config.device)
@@ -80,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             teardown_distributed()
     except MVLDError as exc:
         sys.stderr.write(f"mvld-train {stage}: {exc}\n")
-        return 2
+        return EXIT_USAGE
     if ctx.is_main:
         print(f"checkpoint: {path}")
     return 0

@@ -16,6 +16,8 @@ import tomllib
 from mvld.common.errors import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine")
+SCORE_KINDS = ("auto", "mlp", "conv")
+SCORE_WIDTHS = {"mlp": (1024, 512, 256), "conv": (64, 128)}  # defaults of each kind
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -46,12 +48,15 @@ class AETrainConfig(CommonTrainConfig):
     """Stage 1: the autoencoder."""
 
     out: str = "runs/ae"
+    batch_size: int = 32
     steps: int = 12000
     lr_schedule: str = "cosine"
-    image_size: int = 64
-    latent_dim: int = 128
-    channels: tuple[int, ...] = field(default=(48, 96, 128))
-    res_blocks: int = 0  # residual blocks per autoencoder stage
+    image_size: int = 128
+    channels: tuple[int, ...] = field(default=(32, 64, 128, 128))  # one stride-2 stage each
+    latent_channels: int = 8  # spatial latent: C x (size / 2^stages)^2 values; 0: a vector
+    latent_dim: int = 128  # size of a vector latent (only when latent_channels is 0)
+    res_blocks: int = 1  # residual blocks per decoder stage
+    encoder_res_blocks: int = 0  # residual blocks per encoder stage (the edge runs it)
     ssim_weight: float = 1.0  # loss = L1 + ssim_weight * (1 - SSIM): weighs structure, not level
     val_every: int = 500
     checkpoint_every: int = 500
@@ -68,7 +73,9 @@ class ScoreTrainConfig(CommonTrainConfig):
     steps: int = 16000
     lr: float = 5e-4
     lr_schedule: str = "cosine"
-    widths: tuple[int, ...] = field(default=(1024, 512, 256))
+    kind: str = "auto"  # score network: "mlp", "conv", or "auto" (conv for a spatial latent)
+    widths: tuple[int, ...] = field(default=())  # empty: the kind's default (SCORE_WIDTHS)
+    blocks: int = 2  # conv: residual blocks per level
     time_dim: int = 128
     cond_prob: float = 0.5  # probability that a sample is conditional (d in MLD)
     t_min: float = 1e-3
@@ -107,8 +114,13 @@ def _validate(config: CommonTrainConfig) -> None:
             raise ConfigError("cond_prob must be in [0, 1]")
         if not 0 < config.t_min < 1:
             raise ConfigError("t_min must be in (0, 1)")
-    if isinstance(config, AETrainConfig) and (config.ssim_weight < 0 or config.res_blocks < 0):
-        raise ConfigError("ssim_weight and res_blocks must be >= 0")
+        if config.kind not in SCORE_KINDS:
+            raise ConfigError(f"kind must be one of {SCORE_KINDS}, got {config.kind!r}")
+    if isinstance(config, AETrainConfig) and min(
+            config.ssim_weight, config.res_blocks, config.encoder_res_blocks,
+            config.latent_channels) < 0:
+        raise ConfigError("ssim_weight, res_blocks, encoder_res_blocks and latent_channels "
+                          "must be >= 0")
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")

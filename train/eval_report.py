@@ -65,24 +65,35 @@ def patterns_table(summary: dict) -> list[str]:
 
 
 def tradeoff_tables(tradeoff: dict) -> list[str]:
-    """Latent budgets matched with the best JPEG / WebP that fits, then the codec sweeps."""
+    """MVLD points (k views sent, each precision) with the best point of every codec sweep that
+    fits the same bytes, the verdict per metric, then the codec sweeps."""
+    def quality(point: dict) -> str:
+        fid = "" if point.get("fid") is None else f", FID {point['fid']:.1f}"
+        return f"{point['psnr']:.2f} dB, SSIM {point['ssim']:.3f}{fid}"
+
     def codec_cell(point: dict | None) -> str:
         if point is None:
-            return "does not fit"
-        return (f"q{point['quality']}: {point['bytes_per_frame_set']:.0f} B, "
-                f"{point['psnr']:.2f} dB, coh {point['coherence']:.3f}")
+            return "cannot fit"
+        return f"q{point['quality']} {point['bytes_per_frame_set']:.0f} B: {quality(point)}"
 
-    matched = [[str(r["views_sent"]), r["dtype"], str(r["bytes"]), _fmt(r["latent_psnr"], 2),
-                _fmt(r["latent_coherence"]), codec_cell(r.get("jpeg")), codec_cell(r.get("webp"))]
+    sweeps = list(tradeoff["codecs"])
+    matched = [[str(r["views_sent"]), r["dtype"], f"{r['bytes']:.0f}", quality(r),
+                _fmt(r["coherence"]), *(codec_cell(r.get(name)) for name in sweeps)]
                for r in tradeoff["matched"]]
-    lines = _table(["views sent", "latent dtype", "bytes / frame set", "PSNR dB (all views)",
-                    "coherence (all views)", "best JPEG within budget",
-                    "best WebP within budget"], matched)
-    sweep = [[codec, str(p["quality"]), f"{p['bytes_per_frame_set']:.0f}", _fmt(p["psnr"], 2),
-              _fmt(p["coherence"])]
-             for codec, points in tradeoff["codecs"].items() for p in points]
-    return [*lines, "", *_table(["codec", "quality", "bytes / frame set", "PSNR dB",
-                                 "coherence"], sweep)]
+    lines = _table(["views sent", "latent", "bytes / frame set", "MVLD, all views",
+                    "coherence", *(f"best {name} within budget" for name in sweeps)], matched)
+    verdicts = [[c["metric"], f"{c['wins']} of {c['comparisons']}",
+                 "; ".join(f"k={x['views_sent']} {x['dtype']} vs {x['codec']}: "
+                           f"{x['mvld']:.3f} vs {x['codec_value']:.3f}" for x in c["losses"])
+                 or "none"]
+                for c in tradeoff.get("curve_above", [])]
+    sweep = [[name, str(p["quality"]), f"{p['bytes_per_frame_set']:.0f}", _fmt(p["psnr"], 2),
+              _fmt(p["ssim"]), _fmt(p["coherence"])]
+             for name, points in tradeoff["codecs"].items() for p in points]
+    return [*lines, "", *_table(["metric", "MVLD better at matched bytes", "where not"],
+                                verdicts),
+            "", *_table(["codec", "quality", "bytes / frame set", "PSNR dB", "SSIM",
+                         "coherence"], sweep)]
 
 
 def targets_table(targets: list[dict]) -> list[str]:
@@ -105,8 +116,15 @@ def markdown(summary: dict) -> str:
              f"CPU throughput ({speed['sampler']}, batch {speed['batch']}, 1 of "
              f"{len(summary['cameras'])} views missing, {speed['nfe']} NFE, "
              f"{speed['torch_threads']} torch threads): "
-             f"**{speed['frame_sets_per_second']:.1f} frame sets/s** "
-             f"({1000 * speed['seconds_per_batch']:.1f} ms per batch).", "",
+             f"**{speed['frame_sets_per_second']:.1f} frame sets/s** with every view decoded "
+             f"({1000 * speed['seconds_per_batch']:.1f} ms imputation + "
+             f"{1000 * speed['decode_seconds_per_batch']:.1f} ms decoding per batch; "
+             f"{speed['frame_sets_per_second_without_decoding']:.1f} frame sets/s without "
+             f"decoding). Score network {speed['score_mflop_per_evaluation']:.1f} MFLOP per "
+             f"evaluation, decoder {speed['decoder_mflop_per_frame_set']:.0f} MFLOP per frame "
+             f"set: {speed['achieved_gflops']:.1f} GFLOP/s, "
+             f"{speed['fraction_of_matmul_limit']:.0%} of this CPU's float32 matmul throughput "
+             f"({speed['matmul_gflops_float32']:.0f} GFLOP/s at the same thread count).", "",
              "### Per missing-view pattern", "", *patterns_table(summary), "",
              f"### Bandwidth trade-off ({summary['tradeoff']['method']})", "",
              *tradeoff_tables(summary["tradeoff"]), ""]
@@ -183,25 +201,25 @@ def _plot_coherence(plt, summary: dict, path: Path) -> None:
 
 
 def _plot_tradeoff(plt, tradeoff: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, metric, label in ((axes[0], "psnr", "PSNR of all views (dB)"),
-                              (axes[1], "coherence", "coherence of all views")):
-        for dtype, marker in (("float16", "o-"), ("float32", "s--")):
-            xs = [p[f"bytes_{dtype}"] for p in tradeoff["latent"]]
-            ys = [p[metric] for p in tradeoff["latent"]]
-            ax.plot(xs, ys, marker, label=f"MVLD latents ({dtype}), k = 1..V sent")
-            for p, x, y in zip(tradeoff["latent"], xs, ys, strict=True):
+                              (axes[1], "ssim", "SSIM of all views"),
+                              (axes[2], "coherence", "coherence of all views")):
+        for dtype, marker in (("int8", "o-"), ("float16", "s--"), ("float32", "d:")):
+            points = [p for p in tradeoff["latent"] if p["dtype"] == dtype]
+            xs, ys = [p["bytes"] for p in points], [p[metric] for p in points]
+            ax.plot(xs, ys, marker, label=f"MVLD {dtype}, k = 1..V sent", lw=2)
+            for p, x, y in zip(points, xs, ys, strict=True):
                 ax.annotate(f"k={p['views_sent']}", (x, y), fontsize=7)
-        for codec, marker in (("jpeg", "^-"), ("webp", "v-")):
-            points = tradeoff["codecs"][codec]
+        for name, points in tradeoff["codecs"].items():
             ax.plot([p["bytes_per_frame_set"] for p in points], [p[metric] for p in points],
-                    marker, label=f"{codec.upper()} of all views (quality sweep)")
+                    "x-" if "tiled" in name else "^-", label=name, alpha=0.8)
         if metric == "coherence":
             ax.axhline(tradeoff["real_coherence"], color="grey", ls=":", label="real views")
         ax.set_xscale("log")
-        ax.set_xlabel("bytes per frame set")
+        ax.set_xlabel("bytes per frame set (wire message / coded images)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

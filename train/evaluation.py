@@ -28,25 +28,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from mvld.common.checkpoint import DEFAULT_MODEL, MVLDModel, checkpoint_paths, load_mvld_model
+from mvld.common.default_model import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 from mvld.common.errors import ConfigError, DatasetError
-from mvld.common.preprocess import PreprocessConfig, postprocess_images, preprocess_images
+from mvld.common.preprocess import PreprocessConfig, preprocess_images
 from mvld.hardware import cpu_name
+from mvld.model.checkpoint import MVLDModel, checkpoint_paths, load_mvld_model
+from mvld.model.classifier import ViewClassifier, load_classifier
+from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS, Imputer
-from mvld.receiver.sampler import sampler_names
+from mvld.receiver.sampler import sampler_info
 from mvld.train.baselines import LatentBaseline, MeanLatent, NearestNeighbour, RidgeRegressor
-from mvld.train.classifier import ViewClassifier, load_classifier
-from mvld.train.eval_summary import Group, check_targets, group_row, groups_of
+from mvld.train.eval_summary import Group, ViewScores, check_targets, group_row, groups_of
 from mvld.train.frames import NO_LABEL, evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.image_quality import psnr, ssim
 from mvld.train.latents import encode_frame_arrays
-from mvld.train.metrics_fid import InceptionFeatures
-from mvld.train.tradeoff import codec_sweep, latent_tradeoff, matched_budgets
+from mvld.train.metrics_fid import InceptionFeatures, frechet_distance
+from mvld.train.tradeoff import (
+    LATENT_PRECISIONS,
+    codec_sweeps,
+    curve_above,
+    matched_budgets,
+    over_the_wire,
+    sent_patterns,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLASSIFIER = DEFAULT_MODEL.with_name("default_classifier")
 DEFAULT_SAMPLERS = "dpmpp_2m_sde:20,dpmpp_2m:20,heun:10,euler_maruyama:1000"
 SCHEMA = "mvld-eval/1"
 
@@ -69,10 +78,9 @@ def parse_samplers(text: str) -> tuple[SamplerSpec, ...]:
     specs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, steps = item.partition(":")
-        if name not in sampler_names():
-            raise ConfigError(f"unknown sampler {name!r}; valid: {', '.join(sampler_names())}")
-        if not steps.isdigit() or int(steps) < 2:
-            raise ConfigError(f"sampler {item!r}: write name:steps with steps >= 2")
+        if not steps.isdigit():
+            raise ConfigError(f"sampler {item!r}: write name:steps, e.g. dpmpp_2m_sde:20")
+        sampler_info(name).check_steps(int(steps))
         specs.append(SamplerSpec(name, int(steps)))
     if not specs:
         raise ConfigError("--samplers names no sampler")
@@ -189,17 +197,6 @@ def load_inputs(config: EvalConfig) -> EvalInputs:
 # ---------------------------------------------------------------- judging views
 
 
-@dataclass
-class ViewScores:
-    """Per-image judgements of M views (frame-major order)."""
-
-    correct: np.ndarray  # bool [M]: classifier prediction == label
-    features: np.ndarray  # [M, F] classifier penultimate features
-    psnr: np.ndarray | None  # [M] dB against the true view (None for the real views)
-    ssim: np.ndarray | None  # [M]
-    inception: np.ndarray | None  # [min(M, fid_samples), 2048]
-
-
 class Judge:
     """Classifier, Inception and the true views: scores any set of views."""
 
@@ -239,16 +236,6 @@ class Judge:
                           inception=inception)
 
 
-@torch.no_grad()
-def decode_latents(model: MVLDModel, latents: torch.Tensor, batch: int = 512) -> np.ndarray:
-    """Raw latents ``[M, D]`` -> uint8 RGB views ``[M, H, W, 3]`` through the decoder."""
-    device = next(model.autoencoder.parameters()).device
-    parts = [postprocess_images(model.autoencoder.decoder(latents[i:i + batch].to(device))
-                                .float().cpu().numpy(), model.preprocess)
-             for i in range(0, len(latents), batch)]
-    return np.concatenate(parts)
-
-
 # ---------------------------------------------------------------- methods
 
 
@@ -282,7 +269,7 @@ def run_sampler(inputs: EvalInputs, spec: SamplerSpec, patterns: list[tuple[bool
 
 
 def fit_baselines(train_z: torch.Tensor) -> dict[str, LatentBaseline]:
-    """The baselines of DESIGN.md section 6, fitted on standardised training latents."""
+    """The baselines of docs/EVAL.md, fitted on standardised training latents."""
     return {"mean_latent": MeanLatent(train_z), "nearest_neighbour": NearestNeighbour(train_z),
             "ridge_regressor": RidgeRegressor(train_z)}
 
@@ -312,7 +299,7 @@ def score_references(inputs: EvalInputs, judge: Judge) -> tuple[ViewScores, View
     real = inputs.images.reshape(-1, *inputs.images.shape[2:])
     labels = np.repeat(inputs.labels, views)
     log.info("scoring %d real and reconstructed views", len(real))
-    recon = decode_latents(inputs.model, inputs.latents.reshape(count * views, -1))
+    recon = LatentDecoder.from_model(inputs.model)(inputs.latents.reshape(count * views, -1))
     limit = min(judge.fid_samples, count) * views
     return (judge.score(real, labels, None, inception_count=limit),
             judge.score(recon, labels, real, inception_count=limit))
@@ -344,9 +331,10 @@ def score_method(inputs: EvalInputs, judge: Judge, run: MethodRun
     flat_truth = inputs.images.reshape(-1, *inputs.images.shape[2:])
     views = inputs.images.shape[1]
     out = {}
+    decode = LatentDecoder.from_model(inputs.model)
     for mask, latents in run.latents.items():
         index = missing_index(mask, len(inputs.latents))
-        images = decode_latents(inputs.model, latents.reshape(-1, latents.shape[-1])[index])
+        images = decode(latents.reshape(-1, latents.shape[-1])[index])
         out[mask] = judge.score(images, np.repeat(inputs.labels, views)[index],
                                 flat_truth[index])
     log.info("%s: scored", run.label)
@@ -379,7 +367,7 @@ def sample_grids(inputs: EvalInputs, spec: SamplerSpec, patterns: list[tuple[boo
         observed = [v for v, p in enumerate(mask) if p]
         missing = [v for v, p in enumerate(mask) if not p]
         drawn = result.samples[:, :, missing]  # [R, K, m, D]
-        images = decode_latents(inputs.model, drawn.reshape(-1, drawn.shape[-1]))
+        images = LatentDecoder.from_model(inputs.model)(drawn.reshape(-1, drawn.shape[-1]))
         out.append(GridExample(pattern=pattern_name(mask, inputs.cameras),
                                stems=[inputs.stems[i] for i in pick],
                                observed=inputs.images[pick][:, observed],
@@ -388,23 +376,62 @@ def sample_grids(inputs: EvalInputs, spec: SamplerSpec, patterns: list[tuple[boo
     return out
 
 
+def forward_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of one forward pass (torch's FLOP counter: 2 per multiply-add)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """This CPU's float32 matmul throughput at the current thread count: the practical limit
+    that the imputation and decoding figures are compared with."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
 def imputation_throughput(inputs: EvalInputs, batch: int, seed: int, repeats: int = 3) -> dict:
-    """Frame sets per second of the default sampler, one view of each frame set missing."""
+    """Frame sets per second of the default sampler with one view of each frame set missing,
+    with and without decoding every view, and the fraction of the matmul limit reached."""
     views = inputs.latents.shape[1]
     rows = torch.arange(batch) % len(inputs.latents)
     present = torch.ones(batch, views, dtype=torch.bool)
     present[torch.arange(batch), torch.arange(batch) % views] = False
     imputer = Imputer.from_model(inputs.model, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS)
-    imputer(inputs.latents[rows], present, seed=seed)  # warm-up
-    seconds = []
+    decode = LatentDecoder.from_model(inputs.model)
+    imputed = imputer(inputs.latents[rows], present, seed=seed)  # warm-up
+    decode(imputed.latents)
+    impute_s, decode_s = [], []
     for repeat in range(repeats):
-        seconds.append(imputer(inputs.latents[rows], present, seed=seed + repeat).seconds)
-    median = float(np.median(seconds))
-    nfe = imputer(inputs.latents[rows[:2]], present[:2], seed=seed).nfe
-    return {"sampler": f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}", "batch": batch, "nfe": nfe,
-            "missing_per_frame_set": 1, "repeats": repeats, "seconds_per_batch": median,
-            "frame_sets_per_second": batch / median, "torch_threads": torch.get_num_threads(),
-            "device": str(next(inputs.model.score_net.parameters()).device)}
+        imputed = imputer(inputs.latents[rows], present, seed=seed + repeat)
+        start = time.perf_counter()
+        decode(imputed.latents)
+        impute_s.append(imputed.seconds)
+        decode_s.append(time.perf_counter() - start)
+    impute, decoding = float(np.median(impute_s)), float(np.median(decode_s))
+    z = inputs.latents[rows[:2]].to(next(inputs.model.score_net.parameters()).device)
+    tau = torch.zeros(2, views, device=z.device)  # 2 samples: GroupNorm needs more than 1 value
+    score_flops = forward_flops(inputs.model.score_net, z, tau) // 2
+    decoder_flops = views * forward_flops(inputs.model.autoencoder.decoder, z[:, 0]) // 2
+    work = batch * (imputed.nfe * score_flops + decoder_flops)
+    peak = matmul_gflops()
+    return {"sampler": f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}", "batch": batch, "nfe": imputed.nfe,
+            "missing_per_frame_set": 1, "repeats": repeats, "seconds_per_batch": impute,
+            "decode_seconds_per_batch": decoding,
+            "frame_sets_per_second": batch / (impute + decoding),
+            "frame_sets_per_second_without_decoding": batch / impute,
+            "score_mflop_per_evaluation": score_flops / 1e6,
+            "decoder_mflop_per_frame_set": decoder_flops / 1e6,
+            "achieved_gflops": work / (impute + decoding) / 1e9,
+            "matmul_gflops_float32": peak,
+            "fraction_of_matmul_limit": work / (impute + decoding) / 1e9 / peak,
+            "torch_threads": torch.get_num_threads(), "device": str(z.device)}
 
 
 # ---------------------------------------------------------------- the whole run
@@ -441,24 +468,67 @@ def build_rows(inputs: EvalInputs, patterns: list[tuple[bool, ...]], runs: list[
     return rows
 
 
-def build_tradeoff(inputs: EvalInputs, judge: Judge, run: MethodRun,
-                   scores: dict[tuple[bool, ...], ViewScores], real: ViewScores,
-                   recon: ViewScores) -> dict:
-    """Bytes per frame set vs quality of all views: latents (k sent) and JPEG/WebP sweeps."""
+def _tradeoff_quality(inputs: EvalInputs, judge: Judge, real: ViewScores):
+    """The quality of decoded views ``[P, N, V, H, W, 3]`` (P repeats of the held-out set)."""
     count, views = inputs.images.shape[:2]
-    per_pattern = {m: (s.correct.reshape(count, -1).astype(float), s.psnr.reshape(count, -1))
-                   for m, s in scores.items()}
-    latent = latent_tradeoff(per_pattern, recon.correct.reshape(count, views),
-                             recon.psnr.reshape(count, views), inputs.latents.shape[-1])
-    truth = inputs.images.reshape(-1, *inputs.images.shape[2:])
-    labels = np.repeat(inputs.labels, views)
+    fid_frames = min(judge.fid_samples, count)
 
-    def judge_views(decoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return judge.classify(decoded)[0] == labels, psnr(decoded, truth)
+    def quality(decoded: np.ndarray, with_fid: bool) -> dict:
+        decoded = decoded.reshape(-1, *inputs.images.shape)
+        repeats = len(decoded)
+        flat = decoded.reshape(-1, *inputs.images.shape[2:])
+        truth = np.broadcast_to(inputs.images, decoded.shape).reshape(flat.shape).copy()
+        labels = np.tile(np.repeat(inputs.labels, views), repeats)
+        scores = judge.score(flat, labels, truth, inception_count=0)
+        fid = None
+        if with_fid and judge.inception is not None and fid_frames and real.inception is not None:
+            frames = np.arange(fid_frames)  # frame set n from pattern n mod P: each set once
+            picks = decoded[frames % repeats, frames].reshape(-1, *inputs.images.shape[2:])
+            fid = frechet_distance(judge.inception(picks), real.inception[:fid_frames * views])
+        return {"psnr": float(scores.psnr.mean()), "ssim": float(scores.ssim.mean()),
+                "coherence": float(scores.correct.mean()), "fid": fid}
 
-    codecs = codec_sweep(inputs.images, judge_views)
-    return {"method": run.label, "real_coherence": float(real.correct.mean()),
-            "latent": latent, "codecs": codecs, "matched": matched_budgets(latent, codecs)}
+    return quality
+
+
+def latent_points(inputs: EvalInputs, spec: SamplerSpec, seed: int, quality) -> list[dict]:
+    """MVLD with k = 1..V views sent in every latent precision: real message bytes, quality."""
+    imputer = Imputer.from_model(inputs.model, sampler=spec.name, steps=spec.steps)
+    decode = LatentDecoder.from_model(inputs.model)
+    count, views = inputs.images.shape[:2]
+    shape = inputs.model.autoencoder.config.latent_shape
+    raw = inputs.latents.numpy()
+    points = []
+    for dtype in LATENT_PRECISIONS:
+        for sent in range(1, views + 1):
+            decoded, sizes = [], []
+            for mask in sent_patterns(views, sent):
+                received, nbytes = over_the_wire(raw, np.array(mask), shape, dtype,
+                                                 inputs.model.fingerprint)
+                latents = torch.from_numpy(received)
+                if sent < views:
+                    latents = imputer(latents, _masks(mask, count), seed=seed).latents
+                decoded.append(decode(latents))
+                sizes.append(float(nbytes.mean()))
+            points.append({"dtype": dtype, "views_sent": sent, "patterns": len(decoded),
+                           "bytes": float(np.mean(sizes)),
+                           **quality(np.stack(decoded), True)})
+            log.info("tradeoff: %s, %d of %d views sent: %.0f B, %.2f dB", dtype, sent, views,
+                     points[-1]["bytes"], points[-1]["psnr"])
+    return points
+
+
+def build_tradeoff(inputs: EvalInputs, judge: Judge, spec: SamplerSpec, real: ViewScores,
+                   seed: int) -> dict:
+    """Bytes per frame set vs quality of all views: MVLD (k sent, each precision) and codecs."""
+    quality = _tradeoff_quality(inputs, judge, real)
+    latent = latent_points(inputs, spec, seed, quality)
+    codecs = codec_sweeps(inputs.images, quality)
+    matched = matched_budgets(latent, codecs, inputs.images, quality)
+    return {"method": spec.label, "real_coherence": float(real.correct.mean()),
+            "latent": latent, "codecs": codecs, "matched": matched,
+            "curve_above": [curve_above(matched, "psnr"), curve_above(matched, "ssim"),
+                            curve_above(matched, "fid", higher_is_better=False)]}
 
 
 def run_methods(inputs: EvalInputs, config: EvalConfig, patterns: list[tuple[bool, ...]]
@@ -482,7 +552,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     runs = run_methods(inputs, config, patterns)
     per_method = {run.label: score_method(inputs, judge, run) for run in runs}
     rows = build_rows(inputs, patterns, runs, per_method, real, recon, config.fid_samples)
-    tradeoff = build_tradeoff(inputs, judge, runs[0], per_method[runs[0].label], real, recon)
+    tradeoff = build_tradeoff(inputs, judge, config.samplers[0], real, config.seed)
     throughput = imputation_throughput(inputs, config.throughput_batch, config.seed)
     log.info("throughput: %.1f frame sets/s", throughput["frame_sets_per_second"])
     grids = sample_grids(inputs, config.samplers[0], patterns, config.grid_rows,

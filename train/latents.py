@@ -14,10 +14,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mvld.common.autoencoder import Autoencoder
-from mvld.common.checkpoint import LatentStats
 from mvld.common.errors import DatasetError
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
+from mvld.model.autoencoder import Autoencoder
+from mvld.model.checkpoint import LatentStats
 from mvld.train.frames import FrameArrays
 
 log = logging.getLogger(__name__)

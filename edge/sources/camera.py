@@ -1,6 +1,6 @@
 """Live camera sources through OpenCV: device index, V4L2, Jetson CSI (GStreamer), RTSP.
 
-URIs follow jetson-utils (DESIGN.md section 4):
+URIs follow jetson-utils (docs/ARCHITECTURE.md section 5):
 
 - ``0``, ``1``, ...: an OpenCV device index (any backend OpenCV picks);
 - ``v4l2:///dev/video0``: a V4L2 device node (USB cameras on Linux and Jetson);

@@ -17,8 +17,8 @@ import torch
 
 from mvld.common.errors import ConfigError
 from mvld.common.preprocess import preprocess_images
+from mvld.model.classifier import load_classifier
 from mvld.receiver.results import FrameSetResult
-from mvld.train.classifier import load_classifier
 
 __all__ = ["ClassifyViews"]
 

@@ -7,6 +7,7 @@ import platform
 import sys
 
 from mvld import __version__
+from mvld.common.exits import EXIT_USAGE, command, output_folder
 
 _OPTIONAL_PACKAGES = ("torch", "onnxruntime", "onnx", "pybullet", "tensorrt", "cuda")
 
@@ -25,10 +26,11 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     from mvld.common.keys import generate_keypair
 
     try:
+        output_folder(args.dir, "key folder")
         public, secret = generate_keypair(args.dir, args.name)
     except ConfigError as exc:
         sys.stderr.write(f"mvld keys: {exc}\n")
-        return 2
+        return EXIT_USAGE
     print(f"public key (share it): {public}")
     print(f"secret key (keep it, mode 0600): {secret}")
     return 0
@@ -46,7 +48,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         index = run_demo(config, progress=print)
     except MVLDError as exc:
         sys.stderr.write(f"mvld demo: error: {exc}\n")
-        return 2
+        return EXIT_USAGE
     print(f"report: {index}")
     return 0
 
@@ -93,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command("mvld", extras="edge,sim,receiver,eval")
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``mvld``."""
+    """Entry point of ``mvld`` (exit codes: :mod:`mvld.common.exits`)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

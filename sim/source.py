@@ -1,11 +1,13 @@
-"""``sim://N``: camera N of the simulated rig (:mod:`mvld.edge.simrig`) as a live source.
+"""``sim://N``: camera N of the simulated rig (:mod:`mvld.sim.rig`) as a live source.
 
 All ``sim://`` cameras opened in one process with the same options share one rig and one
 scene: the scene advances in ticks at ``fps``; each tick is rendered once for every camera,
 so the views a reader gets for tick k show the same moment and carry the same timestamp and
 index. With ``realtime=True`` (default) ticks follow the wall clock; with ``realtime=False``
 a camera that asks for the next frame advances the scene by one tick at once (for recording
-and tests). A new random scene (a new label) starts every ``episode_frames`` ticks.
+and tests). A new random scene (a new label) starts every ``episode_frames`` ticks; frames
+carry its number (``Frame.scene``), so the edge's health monitor re-learns the view instead of
+calling the new scene a re-aimed camera.
 
 Options (keyword arguments, or a query string such as ``sim://1?size=128&fps=15``):
 ``cameras`` (3), ``size`` (64), ``fps`` (10), ``seed`` (0), ``realtime`` (True),
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mvld.common.errors import ConfigError
-from mvld.edge.simrig import RigConfig, SimRig, ring_of_cameras
 from mvld.edge.sources.base import Frame, SourceError
+from mvld.sim.rig import RigConfig, SimRig, ring_of_cameras
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,8 @@ class SimSource:
             return None
         tick, view, timestamp = got
         self._last = tick
-        return Frame(image=view, camera=self.uri, timestamp=timestamp, index=tick)
+        return Frame(image=view, camera=self.uri, timestamp=timestamp, index=tick,
+                     scene=tick // self.options.episode_frames)
 
     def close(self) -> None:
         """Leave the shared scene; the last camera to leave closes it."""

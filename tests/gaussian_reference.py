@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mvld.common.sde import VPSDE
+from mvld.model.sde import VPSDE
 
 VIEWS, DIM = 3, 2
 CLEAN = torch.tensor([0.8, -0.5, 1.2, 0.3, -0.7, 0.9], dtype=torch.float64).reshape(VIEWS, DIM)

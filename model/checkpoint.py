@@ -20,18 +20,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mvld.common.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError
 from mvld.common.preprocess import PreprocessConfig
-from mvld.common.score_net import ScoreNet, ScoreNetConfig
-from mvld.common.sde import VPSDE
+from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
+from mvld.model.score_net import ScoreNetConfig, make_score_net
+from mvld.model.sde import VPSDE
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mvld-checkpoint"
 FORMAT_VERSION = 1
 KINDS = ("autoencoder", "mvld")
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default_model"
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -89,7 +89,7 @@ class MVLDModel:
 
     preprocess: PreprocessConfig
     autoencoder: Autoencoder
-    score_net: ScoreNet  # the EMA weights
+    score_net: nn.Module  # the EMA weights (ScoreNet or ConvScoreNet)
     sde: VPSDE
     latent_stats: LatentStats
     fingerprint: str
@@ -230,7 +230,7 @@ def load_mvld_model(path: str | Path | None = None, device: str | torch.device =
     if score_config.latent_dim != expected[1] or tuple(stats.mean.shape) != expected:
         raise ConfigError(f"{where}: score network, latent statistics and autoencoder disagree "
                           f"on the latent shape (expected [V, D] = {list(expected)})")
-    score_net = ScoreNet(score_config)
+    score_net = make_score_net(score_config)
     _load_weights(score_net, _subset(tensors, "score_net."), where)
     return MVLDModel(preprocess=preprocess, autoencoder=autoencoder.to(device),
                      score_net=score_net.eval().to(device), sde=sde, latent_stats=stats,

@@ -2,7 +2,7 @@
 
 The edge streams three cameras of the simulated rig (``sim://0..2``) through the real
 ``mvld-edge`` code; camera 1 stops (its source fails and cannot be reopened for a while, then
-returns) and camera 2 gets covered part-way (``Occlusion`` from :mod:`mvld.edge.faults`). The
+returns) and camera 2 gets covered part-way (``Occlusion`` from :mod:`mvld.sim.faults`). The
 edge CLI has no fault flags, so the edge process is ``python -m mvld.demo`` with extra argument
 parsing: it registers the ``demofault://`` source scheme (a ``sim://`` camera with a fault
 schedule in its query string) and then runs ``mvld.edge.cli.main`` unchanged.
@@ -14,7 +14,6 @@ scene to get the true views, and hands everything to :mod:`mvld.report`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -27,23 +26,21 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlencode
 
 import msgpack
-import numpy as np
 
 from mvld.common.errors import ConfigError, MVLDError
-from mvld.edge.sources.base import Frame, SourceError
+from mvld.common.exits import output_folder
+from mvld.demo_record import DemoConfig, DemoRecord, FaultPlan, scene_tick
+from mvld.report import write_report
+from mvld.sim.demo_source import DEMO_SCHEME, open_demo_fault
 
 log = logging.getLogger(__name__)
 
-DEMO_SCHEME = "demofault"
 NODE_ID = "demo-node"
 SIM_OPTIONS = {"episode_frames": 1_000_000, "seed": 0}  # one continuous scene, no scene cuts
-COVER_FRACTION = 0.6
-COVER_SEED = 7
 RECEIVER_START_TIMEOUT_S = 150.0
 RESULT_HWM = 10_000
 # torch's intra-op threads spin-wait; on a small machine shared by the edge, the demo and other
@@ -53,72 +50,7 @@ RECEIVER_THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 Progress = Callable[[str], None]
 
 
-# -- the edge side: a simulated camera with a fault schedule ------------------------------------
-
-
-def _window(text: str | None) -> tuple[float, float] | None:
-    """``"A-B"`` (POSIX seconds) -> ``(A, B)``; None for no window."""
-    if not text:
-        return None
-    try:
-        start, end = (float(part) for part in text.split("-", 1))
-    except ValueError as exc:
-        raise ConfigError(f"fault window {text!r}: expected START-END in POSIX seconds") from exc
-    return start, end
-
-
-class DemoFaultSource:
-    """``sim://N`` whose source stops during ``stop`` and whose lens is covered during ``cover``.
-
-    Windows are absolute POSIX times, compared with each frame's capture time, so a reopened
-    source keeps the same schedule. ``clock`` names a JSON file that receives the scene's start
-    time (``timestamp - index / fps``) so that the demo can map capture times to scene ticks.
-    """
-
-    def __init__(self, uri: str, stop: str | None = None, cover: str | None = None,
-                 clock: str | None = None, **sim_options: object) -> None:
-        from mvld.edge.faults import Occlusion
-        from mvld.edge.sources.sim import open_sim
-
-        self.stop = _window(stop)
-        if self._stopped(time.time()):
-            raise SourceError(f"{uri}: camera stopped (demo fault)")
-        self.sim = open_sim("sim://" + uri.split("://", 1)[1].split("?", 1)[0], **sim_options)
-        self.cover = _window(cover)
-        self.occlusion = Occlusion(np.random.default_rng(COVER_SEED), COVER_FRACTION)
-        self.clock = Path(clock) if clock else None
-        self.uri = uri
-
-    def _stopped(self, when: float) -> bool:
-        return self.stop is not None and self.stop[0] <= when < self.stop[1]
-
-    def read(self, timeout_s: float = 1.0) -> Frame | None:
-        """The next simulated frame, covered or refused while its fault window is open."""
-        frame = self.sim.read(timeout_s)
-        if frame is None:
-            return None
-        if self._stopped(frame.timestamp):
-            raise SourceError(f"{self.uri}: camera stopped (demo fault)")
-        if self.clock is not None and not self.clock.exists():
-            start = frame.timestamp - frame.index / self.sim.options.fps
-            temporary = self.clock.with_suffix(".tmp")
-            temporary.write_text(json.dumps({"start_wall": start, "fps": self.sim.options.fps}))
-            temporary.replace(self.clock)
-        if self.cover is not None and self.cover[0] <= frame.timestamp < self.cover[1]:
-            return dataclasses.replace(frame, image=self.occlusion.apply(frame.image))
-        return frame
-
-    def close(self) -> None:
-        """Release the shared simulated scene."""
-        self.sim.close()
-
-
-def open_demo_fault(uri: str, **options: object) -> DemoFaultSource:
-    """Factory for ``demofault://N?stop=A-B&cover=A-B&clock=PATH&<sim options>``."""
-    merged: dict[str, object] = dict(parse_qsl(urlsplit(uri).query))
-    merged.update(options)
-    return DemoFaultSource(uri, **merged)  # type: ignore[arg-type]
-
+# -- the edge process --------------------------------------------------------------------------
 
 def edge_main(argv: list[str]) -> int:
     """``mvld-edge`` with the ``demofault://`` scheme registered (the demo's edge process)."""
@@ -130,52 +62,6 @@ def edge_main(argv: list[str]) -> int:
 
 
 # -- the demo run ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What ``mvld demo`` was asked for."""
-
-    out: Path = Path("mvld-demo")
-    seconds: float = 40.0
-    fps: float = 10.0
-    model: Path | None = None  # folder with last.json/.safetensors and encoder.onnx; None: shipped
-
-    def __post_init__(self) -> None:
-        if self.seconds < 5:
-            raise ConfigError(f"--seconds must be at least 5, got {self.seconds}")
-        if not 1 <= self.fps <= 30:
-            raise ConfigError(f"--fps must be within 1..30, got {self.fps}")
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """When the demo's faults happen, in seconds after the stream starts."""
-
-    stop_camera: int = 1
-    stop: tuple[float, float] = (0.0, 0.0)
-    cover_camera: int = 2
-    cover: tuple[float, float] = (0.0, 0.0)
-
-    @classmethod
-    def for_duration(cls, seconds: float) -> FaultPlan:
-        """Camera 1 stops from 25% to 55% of the run; camera 2 is covered from 45% to 85%."""
-        return cls(stop=(0.25 * seconds, 0.55 * seconds), cover=(0.45 * seconds, 0.85 * seconds))
-
-
-@dataclass
-class DemoRecord:
-    """Everything the demo collected; :mod:`mvld.report` turns it into figures."""
-
-    config: DemoConfig
-    plan: FaultPlan
-    start_wall: float  # POSIX time the stream's fault clock started
-    results: list[dict] = field(default_factory=list)  # the receiver's published results
-    edge_bytes: list[tuple[float, float]] = field(default_factory=list)  # (time, bytes sent)
-    edge_metrics: dict[str, float] = field(default_factory=dict)
-    receiver_metrics: dict[str, float] = field(default_factory=dict)
-    scene_clock: dict[str, float] = field(default_factory=dict)  # start_wall and fps of the scene
-    truth: dict[int, list[np.ndarray]] = field(default_factory=dict)  # tick -> true views
 
 
 def free_port() -> int:
@@ -274,12 +160,14 @@ def check_report_dependencies() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("mvld demo draws its report with matplotlib: pip install matplotlib")
+        raise ConfigError("mvld demo draws its report with matplotlib: "
+                          'pip install "mvld[eval]"')
 
 
 def check_model(model: Path | None) -> None:
     """ConfigError naming what is missing when the model (default or given) is incomplete."""
-    from mvld.common.checkpoint import DEFAULT_MODEL, checkpoint_paths
+    from mvld.common.default_model import DEFAULT_MODEL
+    from mvld.model.checkpoint import checkpoint_paths
 
     folder = model if model is not None else DEFAULT_MODEL
     missing = [path for path in (checkpoint_paths(folder)[0], folder / "encoder.onnx")
@@ -389,8 +277,8 @@ def _stream(processes: DemoProcesses, record: DemoRecord, collector: ResultColle
 
 def replay_truth(record: DemoRecord, ticks: list[int]) -> None:
     """Render the true views of ``ticks`` by replaying the deterministic simulated scene."""
-    from mvld.edge.simrig import SimRig
-    from mvld.edge.sources.sim import SimOptions
+    from mvld.sim.rig import SimRig
+    from mvld.sim.source import SimOptions
 
     options = SimOptions(fps=record.config.fps, **SIM_OPTIONS)  # type: ignore[arg-type]
     wanted = set(ticks)
@@ -403,21 +291,11 @@ def replay_truth(record: DemoRecord, ticks: list[int]) -> None:
                 record.truth[tick] = [view.copy() for view in rig.render().views]
 
 
-def scene_tick(record: DemoRecord, result: dict) -> int | None:
-    """The simulated scene's tick a result shows (from its views' capture times)."""
-    times = [v["capture_time"] for v in result["views"] if v["capture_time"] is not None]
-    if not times or not record.scene_clock:
-        return None
-    return round((max(times) - record.scene_clock["start_wall"]) * record.scene_clock["fps"])
-
-
 def run_demo(config: DemoConfig, progress: Progress = log.info) -> Path:
     """Run the whole demo; return the path of the report's ``index.html``."""
-    from mvld.report import write_report
-
+    output_folder(config.out, "report folder")  # first: a typo must not wait for the model
     check_model(config.model)
     check_report_dependencies()
-    config.out.mkdir(parents=True, exist_ok=True)
     plan = FaultPlan.for_duration(config.seconds)
     progress("starting mvld-receiver (loads the model; CPU) ...")
     processes = DemoProcesses(config, plan, start_wall=0.0)

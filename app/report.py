@@ -2,27 +2,39 @@
 
 Figures: the views over time (true scene, what the camera delivered, what the receiver
 decoded, observed or imputed), the health timeline of every camera as the edge reported it,
-the end-to-end latency, and the bandwidth on the wire against raw frames.
+the end-to-end latency, and the bandwidth on the wire against raw frames. Time runs from the
+start of the fault clock (0 s); frame sets sent before it, while the edge warmed up, are
+counted in the tables but not drawn.
 """
 
 from __future__ import annotations
 
 import html
+import itertools
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:
-    from mvld.demo import DemoRecord
+from mvld.demo_record import DemoRecord, scene_tick
+from mvld.sim.demo_source import COVER_FRACTION, COVER_SEED
+from mvld.sim.faults import Occlusion
+from mvld.train.image_quality import psnr
 
 STATUS_COLOURS = {"ok": "#2ca02c", "obstructed": "#ff7f0e", "failed": "#d62728",
                   "withheld": "#7f7f7f", "absent": "#000000"}
 PROVENANCE_COLOURS = {"observed": "#1f77b4", "imputed": "#9467bd", "unconditioned": "#8c564b"}
-TILE = 96  # pixels per view in the image grid
+DROPPED_COLOUR = "#d9d9d9"  # no frame set arrived at that time
+TILE = 144  # pixels per view in the image grid
+CAPTION = 18  # pixels of the caption strip under each tile
 COLUMNS = 8  # time points in the views figure
+PROVENANCE_MEANING = {
+    "observed": "decoded from the latent the edge sent",
+    "imputed": "generated from the other cameras' latents",
+    "unconditioned": "generated from the model alone: no camera of that frame set was usable "
+                     "(e.g. while the edge's health monitor was still warming up)",
+}
 
 
 def view_image(view: dict) -> np.ndarray:
@@ -31,22 +43,23 @@ def view_image(view: dict) -> np.ndarray:
     return np.frombuffer(image["b"], np.dtype(image["dt"])).reshape(image["sh"])
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 images of the same size, in dB."""
-    error = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(error, 1e-10)))
-
-
 def _resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def since_start(record: DemoRecord, result: dict) -> float:
+    """Seconds from the fault clock's start (0) to the frame set's send time."""
+    return result["send_time"] - record.start_wall
+
+
+def drawn_results(record: DemoRecord) -> list[dict]:
+    """The frame sets the figures draw: those sent once the fault clock had started."""
+    return [r for r in record.results if since_start(record, r) >= 0]
 
 
 def delivered_view(record: DemoRecord, camera: int, view: dict, truth: np.ndarray
                    ) -> np.ndarray | None:
     """What the camera delivered to the edge (truth with the demo's fault), None if nothing."""
-    from mvld.demo import COVER_FRACTION, COVER_SEED
-    from mvld.edge.faults import Occlusion
-
     if view["capture_time"] is None or view["reason"] in ("read_error", "disconnected",
                                                           "timeout", "stale"):
         return None
@@ -59,8 +72,6 @@ def delivered_view(record: DemoRecord, camera: int, view: dict, truth: np.ndarra
 
 def quality(record: DemoRecord) -> dict[str, dict[str, float]]:
     """PSNR of the receiver's decoded views against the true views, by provenance."""
-    from mvld.demo import scene_tick
-
     scores: dict[str, list[float]] = {}
     for result in record.results:
         tick = scene_tick(record, result)
@@ -69,17 +80,18 @@ def quality(record: DemoRecord) -> dict[str, dict[str, float]]:
         for index, view in enumerate(result["views"]):
             truth = record.truth[tick][index]
             decoded = _resized(view_image(view), truth.shape[1::-1])
-            scores.setdefault(view["provenance"], []).append(psnr(decoded, truth))
+            value = float(psnr(decoded[None], truth[None])[0])
+            scores.setdefault(view["provenance"], []).append(value)
     return {name: {"views": len(values), "psnr_db_mean": float(np.mean(values))}
             for name, values in sorted(scores.items())}
 
 
 def _label(tile: np.ndarray, text: str, colour: tuple[int, int, int]) -> np.ndarray:
-    out = tile.copy()
-    cv2.rectangle(out, (0, TILE - 14), (TILE - 1, TILE - 1), (0, 0, 0), -1)
-    cv2.putText(out, text, (2, TILE - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.33, colour, 1,
+    """The tile with a caption strip below it (the picture itself stays uncovered)."""
+    strip = np.zeros((CAPTION, TILE, 3), np.uint8)
+    cv2.putText(strip, text, (3, CAPTION - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.42, colour, 1,
                 cv2.LINE_AA)
-    return out
+    return np.concatenate([tile, strip], axis=0)
 
 
 def _column(record: DemoRecord, result: dict, truth: list[np.ndarray]) -> np.ndarray:
@@ -101,23 +113,40 @@ def _column(record: DemoRecord, result: dict, truth: list[np.ndarray]) -> np.nda
 
 def views_figure(record: DemoRecord, path: Path) -> None:
     """Grid: columns = time points, rows = (true, delivered, received) for every camera."""
-    from mvld.demo import scene_tick
-
-    usable = [r for r in record.results if scene_tick(record, r) in record.truth]
+    usable = [r for r in drawn_results(record) if scene_tick(record, r) in record.truth]
     if not usable:
         return
     picks = [usable[i] for i in np.linspace(0, len(usable) - 1, COLUMNS).astype(int)]
     columns = []
     for result in picks:
         column = _column(record, result, record.truth[scene_tick(record, result)])
-        header = np.zeros((16, TILE, 3), np.uint8)
-        when = result["send_time"] - record.start_wall
-        cv2.putText(header, f"t={when:.1f}s", (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                    (255, 255, 255), 1, cv2.LINE_AA)
+        header = np.zeros((22, TILE, 3), np.uint8)
+        cv2.putText(header, f"t = {since_start(record, result):.1f} s", (4, 16),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
         columns.append(np.concatenate([header, column], axis=0))
         columns.append(np.full((columns[-1].shape[0], 4, 3), 255, np.uint8))
     grid = np.concatenate(columns[:-1], axis=1)
     cv2.imwrite(str(path), grid[:, :, ::-1])
+
+
+def _runs(times: np.ndarray, colours: list[str], period: float
+          ) -> list[tuple[float, float, str]]:
+    """``(start, width, colour)`` bars: one frame set covers one period around its time;
+    neighbours of one colour merge, and a missing frame set leaves a gap."""
+    bars: list[tuple[float, float, str]] = []
+    for when, colour in zip(times, colours, strict=True):
+        start = when - period / 2
+        if bars and bars[-1][2] == colour and start - sum(bars[-1][:2]) < period / 2:
+            bars[-1] = (bars[-1][0], when + period / 2 - bars[-1][0], colour)
+        else:
+            bars.append((start, period, colour))
+    return bars
+
+
+def dropped_spans(times: np.ndarray, period: float) -> list[tuple[float, float]]:
+    """``(start, width)`` of the stretches where no frame set arrived (gaps over 1.5 periods)."""
+    return [(a + period / 2, b - a - period) for a, b in itertools.pairwise(times)
+            if b - a > 1.5 * period]
 
 
 def health_figure(record: DemoRecord, path: Path) -> None:
@@ -126,24 +155,34 @@ def health_figure(record: DemoRecord, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    cameras = [v["cam"] for v in record.results[0]["views"]] if record.results else []
-    figure, axis = plt.subplots(figsize=(10, 0.9 + 0.8 * len(cameras)))
-    times = np.array([r["send_time"] - record.start_wall for r in record.results])
+    results = drawn_results(record)
+    cameras = [v["cam"] for v in results[0]["views"]] if results else []
+    period = 1.0 / record.config.fps
+    figure, axis = plt.subplots(figsize=(11, 1.6 + 0.8 * len(cameras)))
+    times = np.array([since_start(record, r) for r in results])
+    for start, width in dropped_spans(times, period):
+        axis.axvspan(start, start + width, color=DROPPED_COLOUR, zorder=0)
     for row in range(len(cameras)):
-        statuses = [r["views"][row]["status"] for r in record.results]
-        provenances = [r["views"][row]["provenance"] for r in record.results]
         y = 2 * (len(cameras) - 1 - row)
-        axis.scatter(times, np.full(len(times), y + 0.5), c=[STATUS_COLOURS[s] for s in statuses],
-                     marker="|", s=300)
-        axis.scatter(times, np.full(len(times), y), c=[PROVENANCE_COLOURS[p] for p in provenances],
-                     marker="|", s=150)
-    axis.set_yticks([2 * (len(cameras) - 1 - i) + d for i in range(len(cameras)) for d in (0, .5)])
+        status = [STATUS_COLOURS[r["views"][row]["status"]] for r in results]
+        origin = [PROVENANCE_COLOURS[r["views"][row]["provenance"]] for r in results]
+        for colours, bottom in ((status, y + 0.5), (origin, y - 0.3)):
+            bars = _runs(times, colours, period)
+            axis.broken_barh([(a, w) for a, w, _ in bars], (bottom, 0.6),
+                             facecolors=[c for _, _, c in bars])
+    axis.set_yticks([2 * (len(cameras) - 1 - i) + d for i in range(len(cameras))
+                     for d in (0, 0.8)])
     axis.set_yticklabels([f"{c} {what}" for c in cameras for what in ("received", "edge status")])
-    for name, colour in {**STATUS_COLOURS, **PROVENANCE_COLOURS}.items():
-        axis.scatter([], [], c=colour, marker="s", label=name)
-    axis.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25))
-    axis.set_xlabel("seconds since the stream started")
+    axis.set_xlim(0, record.config.seconds)
+    handles = [Patch(color=c, label=f"edge: {name}") for name, c in STATUS_COLOURS.items()]
+    handles += [Patch(color=c, label=f"receiver: {name}")
+                for name, c in PROVENANCE_COLOURS.items()]
+    handles.append(Patch(color=DROPPED_COLOUR, label="no frame set received (dropped)"))
+    axis.legend(handles=handles, ncol=5, fontsize=8, loc="upper center",
+                bbox_to_anchor=(0.5, -0.22))
+    axis.set_xlabel("seconds since the fault clock started")
     axis.set_title("health per camera (edge) and where each view came from (receiver)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -157,11 +196,13 @@ def latency_figure(record: DemoRecord, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    latency = np.array([1000 * r["latency_s"] for r in record.results])
-    times = np.array([r["send_time"] - record.start_wall for r in record.results])
+    results = drawn_results(record)
+    latency = np.array([1000 * r["latency_s"] for r in results])
+    times = np.array([since_start(record, r) for r in results])
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
     left.plot(times, latency, ".", markersize=3)
-    left.set_xlabel("seconds since the stream started")
+    left.set_xlim(0, record.config.seconds)
+    left.set_xlabel("seconds since the fault clock started")
     left.set_ylabel("capture to decoded (ms)")
     right.hist(latency, bins=40)
     right.set_xlabel("latency (ms)")
@@ -177,7 +218,8 @@ def bandwidth_series(record: DemoRecord) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0), np.zeros(0)
     samples = np.array(record.edge_bytes)
     rate = np.diff(samples[:, 1]) / np.maximum(np.diff(samples[:, 0]), 1e-3)
-    return samples[1:, 0] - record.start_wall, rate
+    times = samples[1:, 0] - record.start_wall
+    return times[times >= 0], rate[times >= 0]
 
 
 def bandwidth_figure(record: DemoRecord, path: Path, raw_bytes_per_s: float) -> None:
@@ -193,7 +235,8 @@ def bandwidth_figure(record: DemoRecord, path: Path, raw_bytes_per_s: float) -> 
     axis.axhline(raw_bytes_per_s / 1000, color="grey", linestyle="--",
                  label="raw RGB frames of the 3 cameras")
     axis.set_yscale("log")
-    axis.set_xlabel("seconds since the stream started")
+    axis.set_xlim(0, record.config.seconds)
+    axis.set_xlabel("seconds since the fault clock started")
     axis.set_ylabel("kB/s")
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -217,6 +260,7 @@ def summarise(record: DemoRecord) -> dict:
     return {
         "seconds": record.config.seconds, "fps": record.config.fps,
         "framesets_received": len(record.results),
+        "framesets_before_start": len(record.results) - len(drawn_results(record)),
         "framesets_sent_by_edge": record.edge_metrics.get("mvld_edge_framesets_sent_total"),
         "views_by_camera_and_provenance": provenance,
         "latency_ms": {"p50": float(np.percentile(latency, 50)),
@@ -237,42 +281,77 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f"<table>{cells}</table>"
 
 
+def _grid(header: list[str], rows: list[list[str]]) -> str:
+    """A table with a header row; every cell is plain text."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table class='grid'><tr>{head}</tr>{body}</table>"
+
+
+def _drops_text(drops: dict[str, float]) -> str:
+    """``mvld_receiver_dropped_total{reason="stale"} 3`` -> ``stale: 3``; 'none' if empty."""
+    parts = []
+    for name, count in sorted(drops.items()):
+        reason = name.partition('reason="')[2].rstrip('"}') or name
+        parts.append(f"{reason}: {count:.0f}")
+    return ", ".join(parts) or "none"
+
+
 def _html(summary: dict) -> str:
     latency = summary["latency_ms"]
-    quality_text = "; ".join(f"{name}: {q['psnr_db_mean']:.1f} dB over {q['views']} views"
-                             for name, q in summary["psnr_vs_truth"].items())
     wire = summary["wire_bytes_per_s_mean"]
+    faults = summary["faults"]
+    early = summary.get("framesets_before_start", 0)
     rows = [
         ("run", f"{summary['seconds']:g} s, 3 simulated cameras at {summary['fps']:g} FPS"),
-        ("faults", f"cam1 stops {summary['faults']['cam1_stopped_s'][0]:.0f}-"
-                   f"{summary['faults']['cam1_stopped_s'][1]:.0f} s; cam2 covered (60%) "
-                   f"{summary['faults']['cam2_covered_s'][0]:.0f}-"
-                   f"{summary['faults']['cam2_covered_s'][1]:.0f} s"),
+        ("faults", f"cam1 stops at {faults['cam1_stopped_s'][0]:.0f}-"
+                   f"{faults['cam1_stopped_s'][1]:.0f} s; cam2 is 60% covered at "
+                   f"{faults['cam2_covered_s'][0]:.0f}-{faults['cam2_covered_s'][1]:.0f} s"),
         ("frame sets", f"{summary['framesets_received']} decoded by the receiver, "
-                       f"{summary['framesets_sent_by_edge']} sent by the edge"),
-        ("views per camera", json.dumps(summary["views_by_camera_and_provenance"])),
+                       f"{summary['framesets_sent_by_edge']:.0f} sent by the edge"
+                       + (f" ({early} of them before 0 s, while the edge warmed up: counted "
+                          "here, not drawn)" if early else "")),
         ("latency (capture to decoded)", f"p50 {latency['p50']:.0f} ms, p90 "
                                          f"{latency['p90']:.0f} ms, p99 {latency['p99']:.0f} ms"),
         ("bandwidth", f"{wire / 1000:.2f} kB/s of latents vs "
                       f"{summary['raw_bytes_per_s'] / 1000:.0f} kB/s of raw frames"
                       if wire else "n/a"),
-        ("PSNR against the true views", quality_text or "n/a"),
-        ("receiver drops", json.dumps(summary["receiver_drops"]) or "none"),
+        ("receiver drops", _drops_text(summary["receiver_drops"])),
     ]
-    figures = [("views.png", "Views over time. Per camera: the true scene, what the camera "
-                "delivered to the edge, and what the receiver decoded (observed = the edge's "
-                "latent; imputed = generated from the other cameras' latents)."),
-               ("health.png", "Health timeline: the edge's status per camera and the "
-                "provenance of each view at the receiver."),
+    kinds = list(PROVENANCE_COLOURS)
+    views = summary["views_by_camera_and_provenance"]
+    view_rows = [[camera, *(str(counts.get(k, 0)) for k in kinds), str(sum(counts.values()))]
+                 for camera, counts in views.items()]
+    quality_rows = [[name, str(q["views"]), f"{q['psnr_db_mean']:.1f}"]
+                    for name, q in summary["psnr_vs_truth"].items()]
+    meaning = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>"
+                      for k, v in PROVENANCE_MEANING.items())
+    tables = (_table(rows)
+              + "<h2>Where each view came from</h2>"
+              + _grid(["camera", *kinds, "total"], view_rows)
+              + f"<ul>{meaning}</ul>"
+              + "<h2>Quality against the true views</h2>"
+              + (_grid(["view", "views", "PSNR (dB)"], quality_rows) if quality_rows
+                 else "<p>n/a</p>"))
+    figures = [("views.png", "Views over time. Per camera three rows: the true scene, what "
+                "the camera delivered to the edge ('no frame' while it was stopped), and what "
+                "the receiver decoded, captioned with where it came from."),
+               ("health.png", "Health timeline: the edge's status of each camera (upper bar) "
+                "and where the receiver's view came from (lower bar). Grey stretches: no frame "
+                "set arrived at all (dropped on the way, or the receiver fell behind)."),
                ("latency.png", "End-to-end latency, capture on the edge to decoded images at "
                 "the receiver (one machine, one clock)."),
                ("bandwidth.png", "Bytes per second on the wire against the raw frames.")]
     body = "".join(f"<h2>{html.escape(name)}</h2><p>{html.escape(text)}</p>"
                    f"<img src='{name}' alt='{name}'>" for name, text in figures)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>MVLD demo report</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-            "th{text-align:left;padding-right:1em}img{max-width:100%}</style></head><body>"
-            "<h1>MVLD demo report</h1>" + _table(rows) + body +
+            "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
+            "th{text-align:left;padding-right:1em}img{max-width:100%}"
+            "table.grid{border-collapse:collapse}table.grid td,table.grid th"
+            "{border:1px solid #ccc;padding:2px 10px}table.grid td{text-align:right}"
+            "</style></head><body>"
+            "<h1>MVLD demo report</h1>" + tables + body +
             "<p>Logs of both processes: <a href='logs/receiver.log'>receiver</a>, "
             "<a href='logs/edge.log'>edge</a>. Numbers: <a href='summary.json'>summary.json</a>."
             "</p></body></html>")

@@ -1,7 +1,7 @@
 """Camera fault injection, and a synthetic healthy camera to inject into.
 
 Tests and ``bench/bench_health.py`` use this to turn a healthy stream into a faulty one the
-way a field camera fails (DESIGN.md section 4): the sensor goes black or saturates to a
+way a field camera fails (docs/ARCHITECTURE.md section 5): the sensor goes black or saturates to a
 flat colour, the driver repeats the last frame, interference turns the image into snow,
 something covers part or all of the lens (close to the lens, so out of focus and almost
 texture-free), the focus slips, dirt settles on the lens, or the camera gets knocked and
@@ -258,6 +258,34 @@ def expected_reason(name: str) -> str:
     return accepted_reasons(name)[0]
 
 
+def textured_scene(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A still RGB scene: shapes, lines, text and fine texture, lightly softened."""
+    scene = np.empty((height, width, 3), np.uint8)
+    top, bottom = rng.uniform(60, 200, size=(2, 3))
+    ramp = np.linspace(0, 1, height)[:, None, None]
+    scene[:] = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)
+    for _ in range(30):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x, y = int(rng.integers(width)), int(rng.integers(height))
+        size = int(rng.integers(4, max(5, width // 5)))
+        kind = rng.integers(3)
+        if kind == 0:
+            cv2.rectangle(scene, (x, y), (x + size, y + size // 2), colour, -1)
+        elif kind == 1:
+            cv2.circle(scene, (x, y), size // 2, colour, -1)
+        else:
+            end = (int(rng.integers(width)), int(rng.integers(height)))
+            cv2.line(scene, (x, y), end, colour, int(rng.integers(1, 5)))
+    for _ in range(6):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        org = (int(rng.integers(max(1, width - 100))), int(rng.integers(height)))
+        cv2.putText(scene, "MVLD 0123", org, cv2.FONT_HERSHEY_SIMPLEX, 0.8, colour, 2)
+    grain = rng.integers(0, 60, size=(height // 4, width // 4, 1), dtype=np.uint8)
+    grain = cv2.resize(grain, (width, height), interpolation=cv2.INTER_LINEAR)[:, :, None]
+    scene = cv2.add(scene, np.repeat(grain, 3, axis=2))
+    return cv2.GaussianBlur(scene, (0, 0), 0.8)
+
+
 @dataclass
 class _Sprite:
     """A textured object moving across the scene, bouncing off the borders."""
@@ -300,32 +328,8 @@ class SyntheticCamera:
         self.phase = float(self.rng.uniform(0, 2 * np.pi))
 
     def _textured_scene(self, height: int, width: int) -> np.ndarray:
-        """A still background: shapes, lines, text and fine texture, lightly softened."""
-        rng = self.rng
-        scene = np.empty((height, width, 3), np.uint8)
-        top, bottom = rng.uniform(60, 200, size=(2, 3))
-        ramp = np.linspace(0, 1, height)[:, None, None]
-        scene[:] = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)
-        for _ in range(30):
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            x, y = int(rng.integers(width)), int(rng.integers(height))
-            size = int(rng.integers(4, max(5, width // 5)))
-            kind = rng.integers(3)
-            if kind == 0:
-                cv2.rectangle(scene, (x, y), (x + size, y + size // 2), colour, -1)
-            elif kind == 1:
-                cv2.circle(scene, (x, y), size // 2, colour, -1)
-            else:
-                end = (int(rng.integers(width)), int(rng.integers(height)))
-                cv2.line(scene, (x, y), end, colour, int(rng.integers(1, 5)))
-        for _ in range(6):
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            org = (int(rng.integers(max(1, width - 100))), int(rng.integers(height)))
-            cv2.putText(scene, "MVLD 0123", org, cv2.FONT_HERSHEY_SIMPLEX, 0.8, colour, 2)
-        grain = rng.integers(0, 60, size=(height // 4, width // 4, 1), dtype=np.uint8)
-        grain = cv2.resize(grain, (width, height), interpolation=cv2.INTER_LINEAR)[:, :, None]
-        scene = cv2.add(scene, np.repeat(grain, 3, axis=2))
-        return cv2.GaussianBlur(scene, (0, 0), 0.8)
+        """A still background (see :func:`textured_scene`)."""
+        return textured_scene(self.rng, height, width)
 
     def _sprite(self) -> _Sprite:
         """A random textured object with a random position and speed."""

@@ -1,6 +1,6 @@
 """``mvld-data``: render a simulated multi-camera dataset, record one from sources, check one.
 
-A thin layer: parse flags into a job dataclass, call the library (``mvld.edge.simrig``,
+A thin layer: parse flags into a job dataclass, call the library (``mvld.sim.rig``,
 ``mvld.edge.sources.record``, ``mvld.common.dataset``), print results. Bad input gives a
 one-line error and exit status 1 (2 for bad flags), never a traceback.
 """
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mvld.common.errors import MVLDError
+from mvld.common.exits import command
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -74,7 +75,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from mvld.edge.simrig import RenderJob, RigConfig, ring_of_cameras
+    from mvld.sim.rig import RenderJob, RigConfig, ring_of_cameras
 
     rig = RigConfig(
         cameras=ring_of_cameras(
@@ -87,7 +88,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     )
     job = RenderJob(out=Path(args.out), frames=args.frames, rig=rig, seed=args.seed,
                     workers=args.workers)
-    from mvld.edge.simrig import render_dataset
+    from mvld.sim.rig import render_dataset
 
     start = time.monotonic()
     _run_with_progress(job.frames, "render", not args.quiet,
@@ -246,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command("mvld-data", extras="sim")
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``mvld-data``."""
+    """Entry point of ``mvld-data`` (SIGINT 130, SIGTERM 143: :mod:`mvld.common.exits`)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     try:
@@ -262,6 +264,3 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a folder that cannot be created or written, a full disk
         sys.stderr.write(f"mvld-data {args.command}: {exc}\n")
         return EXIT_INVALID
-    except KeyboardInterrupt:
-        sys.stderr.write(f"mvld-data {args.command}: interrupted\n")
-        return 130

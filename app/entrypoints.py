@@ -1,0 +1,37 @@
+"""Console scripts of the stage commands whose ``main`` does not apply the exit policy itself.
+
+``mvld-edge``, ``mvld-receiver`` and ``mvld-export`` run their CLI module's ``main`` behind
+:func:`mvld.common.exits.command`: the CLI is imported inside the guard, so a missing extra
+(torch on an edge-only install) is named in one line instead of a ``ModuleNotFoundError``
+traceback, and a signal that arrives while the command is still importing ends it with
+130/143 and no traceback. Once a stage's ``main`` carries the decorator itself its script
+can point at it directly.
+"""
+
+from __future__ import annotations
+
+from mvld.common.exits import command
+
+
+@command("mvld-edge", extras="edge")
+def edge(argv: list[str] | None = None) -> int:
+    """``mvld-edge`` (a clean stop on SIGINT/SIGTERM exits 0: it is a service)."""
+    from mvld.edge.cli import main
+
+    return main(argv)
+
+
+@command("mvld-receiver", extras="receiver")
+def receiver(argv: list[str] | None = None) -> int:
+    """``mvld-receiver`` (a clean stop on SIGINT/SIGTERM exits 0: it is a service)."""
+    from mvld.receiver.cli import main
+
+    return main(argv)
+
+
+@command("mvld-export", extras="export,train")
+def export(argv: list[str] | None = None) -> int:
+    """``mvld-export``."""
+    from mvld.export.cli import main
+
+    return main(argv)

@@ -1,0 +1,210 @@
+"""Epsilon networks of multi-time latent diffusion over all views' latents.
+
+Two kinds share one contract, ``(x [B, V, D], tau [B, V]) -> eps [B, V, D]``, and one
+conditioning: the per-view time vector ``tau`` in R^V (observed views have tau = 0) through
+Linear -> GELU -> Linear, added in every block; no separate mask input is needed.
+
+- ``mlp`` (:class:`ScoreNet`) follows MLD's score network: ResNet blocks of GroupNorm ->
+  SiLU -> Linear with skip concatenations between the down and up paths and a
+  zero-initialised output layer. It suits vector latents.
+- ``conv`` (:class:`ConvScoreNet`) is a small convolutional U-Net for spatial latents
+  (``[C, h, w]`` per view): the views' grids are stacked as channels, with each view's time
+  as one more constant channel, so every cell sees what all cameras hold at that place.
+
+:func:`make_score_net` builds either from its config.
+"""
+
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from typing import Any
+
+import torch
+from torch import nn
+
+from mvld.common.errors import ConfigError
+
+SCORE_NET_KINDS = ("mlp", "conv")
+
+
+@dataclass(frozen=True)
+class ScoreNetConfig:
+    """Architecture of the score network; stored in every checkpoint."""
+
+    num_views: int = 3
+    latent_dim: int = 128  # per view
+    widths: tuple[int, ...] = field(default=(1024, 512, 256))  # mlp: down path, widest first;
+    # conv: channels per resolution level, finest first (each further level halves h and w)
+    time_dim: int = 128
+    groups: int = 8
+    kind: str = "mlp"  # "mlp" or "conv"
+    latent_shape: tuple[int, ...] = ()  # conv: (C, h, w) of one view's latent
+    blocks: int = 2  # conv: residual blocks per level on the way down (and up)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
+        if self.num_views < 2:
+            raise ConfigError("the score network needs at least 2 views")
+        if not self.widths or any(w % self.groups for w in self.widths):
+            raise ConfigError(f"every width must be divisible by groups={self.groups}")
+        if self.kind not in SCORE_NET_KINDS:
+            raise ConfigError(f"score network kind must be one of {SCORE_NET_KINDS}")
+        if self.kind == "conv":
+            shape = self.latent_shape
+            if len(shape) != 3 or shape[0] * shape[1] * shape[2] != self.latent_dim:
+                raise ConfigError(f"a conv score network needs latent_shape (C, h, w) with "
+                                  f"C*h*w = latent_dim {self.latent_dim}, got {list(shape)}")
+            if min(shape[1:]) % 2 ** (len(self.widths) - 1) or self.blocks < 1:
+                raise ConfigError(f"latent grid {shape[1]}x{shape[2]} cannot be halved "
+                                  f"{len(self.widths) - 1} times, or blocks < 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**asdict(self), "widths": list(self.widths),
+                "latent_shape": list(self.latent_shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScoreNetConfig":
+        """Rebuild from ``to_dict`` output."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown score network keys {sorted(unknown)}")
+        data = {**data, **{k: tuple(data[k]) for k in ("widths", "latent_shape") if k in data}}
+        return cls(**data)
+
+
+class ResidualBlock(nn.Module):
+    """x + Linear(SiLU(GN(Linear(SiLU(GN(x))) + time))): MLD's MLP ResNet block."""
+
+    def __init__(self, width: int, time_dim: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, width)
+        self.linear1 = nn.Linear(width, width)
+        self.time = nn.Linear(time_dim, width)
+        self.norm2 = nn.GroupNorm(groups, width)
+        self.linear2 = nn.Linear(width, width)
+        self.act = nn.SiLU()
+
+    def forward(self, h: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
+        out = self.linear1(self.act(self.norm1(h))) + self.time(time_embedding)
+        return h + self.linear2(self.act(self.norm2(out)))
+
+
+class ScoreNet(nn.Module):
+    """Predicts the noise added to the latents of every view, given per-view times."""
+
+    def __init__(self, config: ScoreNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths, time_dim, groups = config.widths, config.time_dim, config.groups
+        self.time_embed = nn.Sequential(
+            nn.Linear(config.num_views, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
+        )
+        self.input = nn.Linear(config.num_views * config.latent_dim, widths[0])
+        self.down_blocks = nn.ModuleList(ResidualBlock(w, time_dim, groups) for w in widths)
+        self.down_proj = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(widths))
+        self.middle = ResidualBlock(widths[-1], time_dim, groups)
+        ups = list(reversed(widths))
+        self.up_proj = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(ups))
+        self.up_merge = nn.ModuleList(nn.Linear(2 * w, w) for w in ups)
+        self.up_blocks = nn.ModuleList(ResidualBlock(w, time_dim, groups) for w in ups)
+        self.out_norm = nn.GroupNorm(groups, widths[0])
+        self.output = nn.Linear(widths[0], config.num_views * config.latent_dim)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        batch, views, dim = x.shape  # [B, V, D]
+        emb = self.time_embed(tau.to(x.dtype))  # [B, time_dim]
+        h = self.input(x.reshape(batch, views * dim))
+        skips = []
+        for i, block in enumerate(self.down_blocks):
+            h = block(h, emb)
+            skips.append(h)
+            if i < len(self.down_proj):
+                h = self.down_proj[i](h)
+        h = self.middle(h, emb)
+        for i, (merge, block) in enumerate(zip(self.up_merge, self.up_blocks, strict=True)):
+            h = block(merge(torch.cat([h, skips.pop()], dim=1)), emb)
+            if i < len(self.up_proj):
+                h = self.up_proj[i](h)
+        out = self.output(nn.functional.silu(self.out_norm(h)))
+        return out.view(batch, views, dim)
+
+
+class ConvResBlock(nn.Module):
+    """x + conv(SiLU(GN(conv(SiLU(GN(x))) + time))), optionally changing the width."""
+
+    def __init__(self, width_in: int, width: int, time_dim: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups if width_in % groups == 0 else 1, width_in)
+        self.conv1 = nn.Conv2d(width_in, width, 3, padding=1)
+        self.time = nn.Linear(time_dim, width)
+        self.norm2 = nn.GroupNorm(groups, width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.skip = nn.Conv2d(width_in, width, 1) if width_in != width else nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, h: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.act(self.norm1(h))) + self.time(time_embedding)[:, :, None, None]
+        return self.skip(h) + self.conv2(self.act(self.norm2(out)))
+
+
+class ConvScoreNet(nn.Module):
+    """A convolutional U-Net over the stacked latent grids of all views."""
+
+    def __init__(self, config: ScoreNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        views, (channels, _, _) = config.num_views, config.latent_shape
+        widths, time_dim, groups = config.widths, config.time_dim, config.groups
+        self.time_embed = nn.Sequential(
+            nn.Linear(views, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+        self.input = nn.Conv2d(views * channels + views, widths[0], 3, padding=1)
+        self.down = nn.ModuleList(
+            nn.ModuleList(ConvResBlock(w, w, time_dim, groups) for _ in range(config.blocks))
+            for w in widths)
+        self.downsample = nn.ModuleList(
+            nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in pairwise(widths))
+        self.middle = ConvResBlock(widths[-1], widths[-1], time_dim, groups)
+        self.up = nn.ModuleList(
+            nn.ModuleList(ConvResBlock(2 * w if i == 0 else w, w, time_dim, groups)
+                          for i in range(config.blocks))
+            for w in reversed(widths))
+        self.upsample = nn.ModuleList(
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                          nn.Conv2d(a, b, 3, padding=1))
+            for a, b in pairwise(reversed(widths)))
+        self.out_norm = nn.GroupNorm(groups, widths[0])
+        self.output = nn.Conv2d(widths[0], views * channels, 3, padding=1)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        batch, views, dim = x.shape  # [B, V, D]
+        channels, height, width = self.config.latent_shape
+        emb = self.time_embed(tau.to(x.dtype))  # [B, time_dim]
+        grid = x.reshape(batch, views * channels, height, width)
+        times = tau.to(x.dtype)[:, :, None, None].expand(batch, views, height, width)
+        h = self.input(torch.cat([grid, times], dim=1))
+        skips = []
+        for level, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, emb)
+            skips.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+        h = self.middle(h, emb)
+        for level, blocks in enumerate(self.up):
+            h = torch.cat([h, skips.pop()], dim=1)
+            for block in blocks:
+                h = block(h, emb)
+            if level < len(self.upsample):
+                h = self.upsample[level](h)
+        out = self.output(nn.functional.silu(self.out_norm(h)))
+        return out.reshape(batch, views, dim)
+
+
+def make_score_net(config: ScoreNetConfig) -> nn.Module:
+    """The score network ``config.kind`` names."""
+    return ConvScoreNet(config) if config.kind == "conv" else ScoreNet(config)

@@ -29,7 +29,14 @@ from test_export_onnx import make_tiny_model
 from mvld.common.errors import ConfigError
 from mvld.common.keys import generate_keypair
 from mvld.common.transport import CurveServerKeys, LatentSubscriber
-from mvld.common.wire import FrameSetMessage, ViewStatus, decode_frameset, wire_fingerprint
+from mvld.common.wire import (
+    DEFAULT_LATENT_DTYPE,
+    FrameSetMessage,
+    ViewStatus,
+    decode_frameset,
+    latent_nbytes,
+    wire_fingerprint,
+)
 from mvld.edge.capture import CaptureConfig
 from mvld.edge.encoder import OnnxRuntimeEncoder
 from mvld.edge.health import HealthConfig
@@ -44,6 +51,8 @@ from mvld.sim.faults import SyntheticCamera, accepted_reasons, make_fault
 
 ANY_PORT = "tcp://127.0.0.1:*"
 FPS = 30.0
+
+VIEW_BYTES = latent_nbytes(16, DEFAULT_LATENT_DTYPE)  # one 16-d latent as the edge sends it
 
 
 class InjectedCamera:
@@ -234,6 +243,8 @@ def test_stuck_camera_is_abandoned_and_reopened_while_the_others_keep_streaming(
                  health=HealthConfig(clear_frames=5))
     with LatentSubscriber(ANY_PORT, latest_only=False) as sub, \
             Running(replace(cfg, connect=(sub.endpoints[0],))) as node:
+        # an opening camera is reported failed/timeout too: wait for it to stream first
+        receive(sub, 200, until=lambda m: view(m, "cam0").status is ViewStatus.OK)
         failed = receive(sub, 200, until=lambda m: view(m, "cam0").reason.value == "timeout")
         recovered = receive(sub, 200, until=lambda m: view(m, "cam0").status is ViewStatus.OK)
         snapshot = node.capture.snapshots()[0]
@@ -290,7 +301,7 @@ def test_edge_never_blocks_without_a_receiver(model: Path) -> None:
 
 
 @pytest.mark.parametrize("policy", [TransmitPolicyConfig(max_views=1),
-                                    TransmitPolicyConfig(budget_bytes=2 * 16 * 4)])
+                                    TransmitPolicyConfig(budget_bytes=2 * VIEW_BYTES)])
 def test_withheld_views_are_marked_per_policy(model: Path, policy: TransmitPolicyConfig) -> None:
     limit = policy.max_views or 2
     with LatentSubscriber(ANY_PORT, latest_only=False) as sub:

@@ -205,8 +205,9 @@ def matched_budgets(latent_points: list[dict], codecs: dict[str, list[dict]],
 
 
 def curve_above(rows: list[dict], metric: str, higher_is_better: bool = True) -> dict:
-    """Where MVLD beats every matched codec point on ``metric``; a codec with no point that
-    fits a budget counts as beaten there (it cannot send at those bytes at all)."""
+    """Where MVLD beats the matched codec points on ``metric``. A codec with no point that fits
+    a budget is not compared there (neither a win nor a loss); the table shows it as
+    "cannot fit"."""
     wins, losses = 0, []
     for row in rows:
         mine = row[metric]

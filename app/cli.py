@@ -7,6 +7,7 @@ import platform
 import sys
 
 from mvld import __version__
+from mvld.common.config_flags import add_logging_flags, log_level_of
 from mvld.common.exits import EXIT_USAGE, command, output_folder
 
 _OPTIONAL_PACKAGES = ("torch", "onnxruntime", "onnx", "pybullet", "tensorrt", "cuda")
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     version = sub.add_parser("version", help="print the version (and optional backends with -v)")
-    version.add_argument("-v", "--verbose", action="store_true", help="list optional packages")
+    version.add_argument("-v", "--verbose", action="store_true",
+                         help="also list the optional packages and whether they are installed")
     version.set_defaults(func=_cmd_version)
 
     keys = sub.add_parser(
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("name", help="key name, e.g. node1 or receiver")
     keys.add_argument("--dir", default="keys", help="output folder (default: ./keys)")
+    add_logging_flags(keys, json_lines=False)
     keys.set_defaults(func=_cmd_keys)
 
     demo = sub.add_parser(
@@ -87,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="mvld-demo", help="report folder (default ./mvld-demo)")
     demo.add_argument("--seconds", type=float, default=40.0,
-                      help="seconds of streaming (default 40)")
-    demo.add_argument("--fps", type=float, default=10.0, help="frame sets per second (default 10)")
+                      help="seconds of streaming (default: 40)")
+    demo.add_argument("--fps", type=float, default=10.0,
+                      help="frame sets per second (default: 10)")
     demo.add_argument("--model", help="model folder with last.json, last.safetensors and "
                       "encoder.onnx (default: the shipped default model)")
+    add_logging_flags(demo, json_lines=False)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -98,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 @command("mvld", extras="edge,sim,receiver,eval")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld`` (exit codes: :mod:`mvld.common.exits`)."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     args = build_parser().parse_args(argv)
+    level = log_level_of(args) if hasattr(args, "log_level") else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mvld.common.config_flags import add_logging_flags, log_level_of
 from mvld.common.errors import MVLDError
 from mvld.common.exits import command
 
@@ -203,38 +204,52 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     render = sub.add_parser("render", help="render a labelled dataset with the simulated rig")
-    render.add_argument("--cameras", type=int, default=3, help="number of cameras V (default 3)")
-    render.add_argument("--frames", type=int, required=True, help="number of frame sets")
-    render.add_argument("--out", required=True, help="output folder (must be empty or new)")
-    render.add_argument("--size", type=_size, default=(64, 64), help="N or HxW (default 64)")
-    render.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    render.add_argument("--cameras", type=int, default=3, help="number of cameras V (default: 3)")
+    render.add_argument("--frames", type=int, required=True,
+                        help="number of frame sets (required)")
+    render.add_argument("--out", required=True,
+                        help="output folder, empty or new (required)")
+    render.add_argument("--size", type=_size, default=(64, 64),
+                        help="view size, N or HxW (default: 64)")
+    render.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     render.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="parallel processes (default: all cores); output is the same "
-                        "for any value")
+                        help="parallel processes; the output is the same "
+                        "for any value (default: all cores)")
     render.add_argument("--episode-frames", type=int, default=20,
-                        help="consecutive frame sets of one scene before a new one (default 20)")
-    render.add_argument("--fps", type=float, default=10.0, help="scene time step (default 10)")
-    render.add_argument("--elevation", type=float, default=30.0, help="camera elevation, deg")
-    render.add_argument("--distance", type=float, default=0.5, help="camera distance, m")
-    render.add_argument("--fov", type=float, default=40.0, help="vertical field of view, deg")
+                        help="consecutive frame sets of one scene before a new one (default: 20)")
+    render.add_argument("--fps", type=float, default=10.0,
+                        help="scene frame sets per second (default: 10)")
+    render.add_argument("--elevation", type=float, default=30.0,
+                        help="camera elevation in degrees (default: 30)")
+    render.add_argument("--distance", type=float, default=0.5,
+                        help="camera distance in metres (default: 0.5)")
+    render.add_argument("--fov", type=float, default=40.0,
+                        help="vertical field of view in degrees (default: 40)")
     render.add_argument("--shadows", action="store_true",
                         help="cast shadows (about 1.5x slower per view)")
-    render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_logging_flags(render, json_lines=False, default="WARNING",
+                      quiet_also="hides the progress bar")
     render.set_defaults(func=_cmd_render)
 
     record = sub.add_parser("record", help="record synchronised frame sets from sources",
                             description="URIs: a video file or image folder (path or file://), "
                             "sim://N (simulated rig camera N; options as a query, e.g. "
                             "sim://0?fps=15&size=128).")
-    record.add_argument("--cams", required=True, help="comma-separated source URIs, one per camera")
-    record.add_argument("--out", required=True, help="output folder (must be empty or new)")
-    record.add_argument("--frames", type=int, required=True, help="number of frame sets")
+    record.add_argument("--cams", required=True,
+                        help="comma-separated source URIs, one per camera (required)")
+    record.add_argument("--out", required=True,
+                        help="output folder, empty or new (required)")
+    record.add_argument("--frames", type=int, required=True,
+                        help="number of frame sets (required)")
     record.add_argument("--fps", type=float, default=None,
                         help="frame sets per second (default: as fast as the sources deliver)")
     record.add_argument("--timeout", type=float, default=1.0,
-                        help="seconds to wait for a camera before its view counts as missing")
-    record.add_argument("--size", type=_size, default=None, help="resize views to N or HxW")
-    record.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+                        help="seconds to wait for a camera before its view counts as missing "
+                        "(default: 1)")
+    record.add_argument("--size", type=_size, default=None,
+                        help="resize views to N or HxW (default: as read)")
+    add_logging_flags(record, json_lines=False, default="WARNING",
+                      quiet_also="hides the progress bar")
     record.set_defaults(func=_cmd_record)
 
     check = sub.add_parser("check", help="validate a dataset and print its statistics")
@@ -242,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--all-problems", action="store_true",
                        help="list every bad file instead of stopping at the first")
     check.add_argument("--grid", metavar="PNG", help="also write a PNG grid of sample frame sets")
-    check.add_argument("--grid-rows", type=int, default=8, help="frame sets in the grid (8)")
+    check.add_argument("--grid-rows", type=int, default=8,
+                       help="frame sets in the grid (default: 8)")
+    add_logging_flags(check, json_lines=False, default="WARNING")
     check.set_defaults(func=_cmd_check)
     return parser
 
@@ -250,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 @command("mvld-data", extras="sim")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-data`` (SIGINT 130, SIGTERM 143: :mod:`mvld.common.exits`)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    logging.basicConfig(level=log_level_of(args), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except MVLDError as exc:

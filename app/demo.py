@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 NODE_ID = "demo-node"
 SIM_OPTIONS = {"episode_frames": 1_000_000, "seed": 0}  # one continuous scene, no scene cuts
+# The cameras render at the model's input size, so the encoder sees detail it can keep; never
+# below 64 px, where the health checks' sharpness reference is too coarse (a tiny test model
+# gets its frames resized down by the edge instead).
+MIN_SCENE_SIZE = 64
 RECEIVER_START_TIMEOUT_S = 150.0
 RESULT_HWM = 10_000
 # torch's intra-op threads spin-wait; on a small machine shared by the edge, the demo and other
@@ -180,11 +184,22 @@ def check_model(model: Path | None) -> None:
             "e.g. an mvld-train score run exported with mvld-export onnx into the same folder).")
 
 
+def scene_size(model: Path | None) -> int:
+    """Side in pixels the demo's cameras render at: the model's input size, at least 64."""
+    from mvld.common.default_model import DEFAULT_MODEL
+    from mvld.model.checkpoint import checkpoint_paths
+
+    meta = json.loads(checkpoint_paths(model if model is not None else DEFAULT_MODEL)[0]
+                      .read_text())
+    return max(MIN_SCENE_SIZE, int(meta["preprocess"]["height"]))
+
+
 class DemoProcesses:
     """The receiver and edge processes of one demo run, their ports and logs."""
 
     def __init__(self, config: DemoConfig, plan: FaultPlan, start_wall: float) -> None:
         self.config, self.plan, self.start_wall = config, plan, start_wall
+        self.size = scene_size(config.model)
         self.logs = config.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.data_port, self.result_port = free_port(), free_port()
@@ -214,7 +229,7 @@ class DemoProcesses:
         fps = self.config.fps
         uris = []
         for camera in range(3):
-            query = {**SIM_OPTIONS, "fps": fps}
+            query = {**SIM_OPTIONS, "fps": fps, "size": self.size}
             if camera == self.plan.stop_camera:
                 query["stop"] = "-".join(f"{self.start_wall + s:.3f}" for s in self.plan.stop)
             if camera == self.plan.cover_camera:
@@ -275,12 +290,13 @@ def _stream(processes: DemoProcesses, record: DemoRecord, collector: ResultColle
         time.sleep(0.5)
 
 
-def replay_truth(record: DemoRecord, ticks: list[int]) -> None:
+def replay_truth(record: DemoRecord, ticks: list[int], size: int) -> None:
     """Render the true views of ``ticks`` by replaying the deterministic simulated scene."""
     from mvld.sim.rig import SimRig
     from mvld.sim.source import SimOptions
 
-    options = SimOptions(fps=record.config.fps, **SIM_OPTIONS)  # type: ignore[arg-type]
+    options = SimOptions(fps=record.config.fps, size=size,
+                         **SIM_OPTIONS)  # type: ignore[arg-type]
     wanted = set(ticks)
     with SimRig(options.rig_config()) as rig:
         rig.reset(options.seed, 0)
@@ -321,7 +337,7 @@ def run_demo(config: DemoConfig, progress: Progress = log.info) -> Path:
     if processes.clock_path.exists():
         record.scene_clock = json.loads(processes.clock_path.read_text())
     ticks = [t for t in (scene_tick(record, r) for r in record.results) if t is not None]
-    replay_truth(record, sorted(set(ticks)))
+    replay_truth(record, sorted(set(ticks)), processes.size)
     return write_report(record, config.out)
 
 

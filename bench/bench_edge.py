@@ -1,4 +1,4 @@
-"""Edge node speed: 3 cameras at 30 FPS from video files, the default 64x64 model, one core.
+"""Edge node speed: 3 cameras at 30 FPS from video files, the shipped default model, one core.
 
 For each encoder backend (ONNX Runtime, the CPU default; torch, development only) the real
 ``mvld-edge`` runs in a child process pinned to ONE CPU core, reading three looping video
@@ -34,15 +34,11 @@ import cv2
 import numpy as np
 import torch
 
-from mvld.common.preprocess import PreprocessConfig
+from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.transport import LatentSubscriber
 from mvld.common.wire import decode_frameset
-from mvld.export.onnx_export import ExportOptions, export_model
 from mvld.hardware import cpu_name
-from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
-from mvld.model.checkpoint import LatentStats, MVLDModel, encoder_fingerprint, save_mvld_model
-from mvld.model.score_net import ScoreNet, ScoreNetConfig
-from mvld.model.sde import VPSDE
+from mvld.model.checkpoint import checkpoint_paths, load_mvld_model
 from mvld.sim.faults import SyntheticCamera
 
 CAMERAS = 3
@@ -51,20 +47,19 @@ TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 RUN_CLI = "import sys; from mvld.edge.cli import main; sys.exit(main())"
 
 
-def build_model(work: Path) -> tuple[Path, Path, int]:
-    """The default 64x64 architecture, random weights: (checkpoint, ONNX folder, params)."""
-    torch.manual_seed(0)
-    autoencoder = Autoencoder(AutoencoderConfig()).eval()
-    score_net = ScoreNet(ScoreNetConfig()).eval()
-    views, dim = score_net.config.num_views, score_net.config.latent_dim
-    model = MVLDModel(PreprocessConfig(), autoencoder, score_net, VPSDE(),
-                      LatentStats(torch.zeros(views, dim), torch.ones(views, dim)),
-                      encoder_fingerprint(autoencoder.encoder))
-    checkpoint = save_mvld_model(work / "model", model)
-    export_model(checkpoint, work / "onnx", ExportOptions(exporter="torchscript",
-                                                          parts=("encoder",)))
-    params = sum(p.numel() for p in autoencoder.encoder.parameters())
-    return checkpoint, work / "onnx", params
+def model_under_test(folder: Path) -> tuple[Path, Path, int, str]:
+    """The model the edge runs: (checkpoint, ONNX folder, encoder parameters, description).
+
+    The shipped default model unless ``--model`` names another folder holding a checkpoint
+    and its ``encoder.onnx`` (as ``mvld-export onnx`` writes them).
+    """
+    model = load_mvld_model(folder)
+    config = model.autoencoder.config
+    params = sum(p.numel() for p in model.autoencoder.encoder.parameters())
+    latent = "x".join(map(str, config.latent_shape)) if config.latent_channels else str(
+        config.latent_dim)
+    what = (f"{folder} ({model.preprocess.width}x{model.preprocess.height}, latent {latent})")
+    return checkpoint_paths(folder)[0], folder, params, what
 
 
 def write_videos(work: Path, width: int, height: int, frames: int) -> list[Path]:
@@ -176,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)),
                         help="the CPU core the edge process is pinned to")
     parser.add_argument("--backends", default="onnxruntime,torch")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="model folder with a checkpoint and encoder.onnx (default: the "
+                        "shipped model)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/edge.json"))
     args = parser.parse_args(argv)
 
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        checkpoint, onnx_dir, params = build_model(work)
+        checkpoint, onnx_dir, params, model_text = model_under_test(args.model)
         videos = write_videos(work, args.width, args.height, frames=3 * FPS)
         torch.set_num_threads(1)
         stages = stage_costs(videos, onnx_dir, checkpoint)
@@ -200,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                      "load_average_1min_before_after": [round(load_before[0], 2),
                                                         round(os.getloadavg()[0], 2)]},
         "setup": {"cameras": CAMERAS, "camera_fps": FPS, "frame_size": [args.width, args.height],
-                  "model": "default architecture 64x64, latent 128, random weights",
+                  "model": model_text,
                   "encoder_parameters": params, "encoder_threads": 1, "seconds": args.seconds,
                   "sources": "MJPG video files, looping, paced in real time (3x30fps mode)"},
         "versions": {"python": platform.python_version(), "opencv": cv2.__version__,

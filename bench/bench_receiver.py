@@ -198,7 +198,8 @@ def flood_frame_sets(checkpoint: Path, count: int = 32) -> list[tuple[np.ndarray
     images = preprocess_images([v for frame in views for v in frame], model.preprocess, "RGB")
     with torch.inference_mode():
         latents = model.autoencoder.encoder(torch.from_numpy(images)).numpy()
-    return [(latents.reshape(count, 3, -1)[i], model.fingerprint) for i in range(count)]
+    shape = model.autoencoder.config.latent_shape  # the wire carries the model's exact shape
+    return [(latents.reshape(count, 3, *shape)[i], model.fingerprint) for i in range(count)]
 
 
 def flood(endpoint: str, checkpoint: Path, nodes: int, node_rate: float, seconds: float) -> None:

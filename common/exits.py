@@ -86,6 +86,20 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def stop_event_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set: the normal stop of a service (exit 0).
+
+    Installed before a service's heavy imports. A handler that raises instead can lose the
+    signal: an exception raised inside importlib's own callbacks is only printed ("Exception
+    ignored in ..."), and the service would run on. Only the main thread can own signals.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
 class StopRequest:
     """What :func:`deferred_stop_signals` saw: the first stop signal, or None."""
 
@@ -185,5 +199,9 @@ def command(prog: str, extras: str) -> Callable[[Main], Main]:
                     raise
                 sys.stderr.write(f"{prog}: {advice}\n")
                 return EXIT_USAGE
+            except BrokenPipeError:  # `... | head` closed the pipe: the reader has enough
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
+                return 0
         return guarded
     return decorate

@@ -1,9 +1,14 @@
 """CurveZMQ key files: generate them owner-only, refuse secret files others can read.
 
-Files use pyzmq's certificate format (``zmq.auth.load_certificate`` reads them):
+Files use ZeroMQ's certificate format (what ``zmq_cert`` and pyzmq write):
 ``NAME.key`` holds the public key and may be shared; ``NAME.key_secret`` holds both
 keys and is created with mode 0600. A receiver's allow-list is a folder of ``*.key``
 files, one per edge node (the "Ironhouse" pattern of the ZeroMQ guide).
+
+The reader is ours and follows docs/PROTOCOL.md section 11 to the letter: a line whose first
+non-blank character is ``#`` is a comment as a whole, and a ``#`` anywhere else is text,
+because the Z85 alphabet has ``#`` (and ``=``); a key line is ``public-key`` or
+``secret-key``, ``=`` (the first one), and 40 Z85 characters in double quotes.
 """
 
 import datetime
@@ -12,9 +17,13 @@ import stat
 from pathlib import Path
 
 import zmq
-import zmq.auth
+from zmq.utils import z85
 
 from mvld.common.errors import ConfigError
+
+_KEY_NAMES = ("public-key", "secret-key")
+_Z85_KEY_CHARS = 40
+_Z85_ALPHABET = frozenset(z85.Z85CHARS.decode("ascii"))
 
 _HEADER = "#   ****  Generated on {date} by mvld  ****\n#   ZeroMQ CURVE {kind} Certificate\n"
 _SECRET_WARNING = "#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.\n"
@@ -93,10 +102,37 @@ def load_allowed_keys(directory: str | Path) -> list[bytes]:
 
 
 def _load_certificate(path: Path) -> tuple[bytes, bytes | None]:
+    """``(public, secret or None)`` of a certificate file; ConfigError naming the line."""
     try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read key file {path}: {exc}") from exc
-    if public is None or len(public) != 40:
+    keys: dict[str, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):  # whole-line comments only
+            continue
+        name, equals, value = text.partition("=")
+        name = name.strip()
+        if not equals or name not in _KEY_NAMES:
+            continue  # section names and other metadata
+        keys[name] = _z85_key(value.strip(), f"{path}:{number}", name, keys)
+    if "public-key" not in keys:
         raise ConfigError(f"{path} holds no valid Z85 public key")
-    return public, secret
+    return keys["public-key"], keys.get("secret-key")
+
+
+def _z85_key(value: str, where: str, name: str, seen: dict[str, bytes]) -> bytes:
+    """A quoted 40-character Z85 key that decodes to 32 bytes."""
+    if name in seen:
+        raise ConfigError(f"{where}: a second {name} line")
+    if len(value) != _Z85_KEY_CHARS + 2 or value[0] != '"' or value[-1] != '"':
+        raise ConfigError(f"{where}: {name} must be {_Z85_KEY_CHARS} Z85 characters in double "
+                          f"quotes, got {value[:60]!r}")
+    text = value[1:-1]
+    if not all(c in _Z85_ALPHABET for c in text):
+        raise ConfigError(f"{where}: {name} holds characters outside the Z85 alphabet")
+    key = text.encode("ascii")
+    if len(z85.decode(key)) != 32:
+        raise ConfigError(f"{where}: {name} does not decode to a 32-byte Curve key")
+    return key

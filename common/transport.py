@@ -25,10 +25,23 @@ several parts; without CONFLATE :meth:`LatentSubscriber.recv_message` reports th
 CurveZMQ ("Ironhouse"): the receiver is the Curve server; each edge is a client with its own
 key pair and the server's public key; a ``ThreadAuthenticator`` on the receiver's private
 context admits only allow-listed client public keys. Key files: :mod:`mvld.common.keys`.
+
+What the edge can know of a receiver that drops its messages (docs/PROTOCOL.md section 10.2),
+from real signals only, since no message ever flows back: a socket monitor reports every
+handshake a receiver refused (a key missing from the allow-list is ZAP status 400; a wrong
+server key ends the handshake without detail; CurveZMQ on one side only is a mechanism
+mismatch), and the receiver's socket carries its model's wire fingerprint and camera ids as
+the ZMTP handshake properties ``X-MVLD-Enc`` and ``X-MVLD-Cameras`` (``ZMQ_METADATA``), which
+the edge reads off the subscription notice, so a node that sends another encoder's latents, or
+a camera the receiver does not know, learns it at once. (A
+second subscription cannot carry it: with CONFLATE the SUB's outgoing pipe keeps only its
+last subscription, measured with libzmq 4.3.5.) :meth:`LatentPublisher.receiver_state` sums
+this up for the edge's status line, and each change is logged once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,12 +50,15 @@ from types import TracebackType
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
-from mvld.common.errors import ConfigError
+from mvld.common.errors import ConfigError, ProtocolError
 from mvld.common.keys import load_allowed_keys, load_public_key, load_secret_key
-from mvld.common.wire import WireLimits
+from mvld.common.wire import WireLimits, wire_fingerprint
 
 __all__ = [
+    "CAMERAS_PROPERTY",
+    "FINGERPRINT_PROPERTY",
     "CurveClientKeys",
     "CurveServerKeys",
     "LatentPublisher",
@@ -53,6 +69,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SUBSCRIBE = 1  # first byte of an XPUB subscription notification; 0 means unsubscribe
+
+FINGERPRINT_PROPERTY = "X-MVLD-Enc"
+"""ZMTP handshake property of the receiver's socket: its model's 16 hex digit wire fingerprint."""
+
+CAMERAS_PROPERTY = "X-MVLD-Cameras"
+"""ZMTP handshake property of the receiver's socket: the camera ids it accepts, a JSON array."""
+
+_LINK_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 
 
 @dataclass(frozen=True)
@@ -107,6 +134,38 @@ class _AllowList:
         return allowed
 
 
+def _wire_form(fingerprint: str) -> str:
+    """The 16 hex digits of ``fingerprint``'s version 2 wire form (what receivers compare)."""
+    try:
+        return wire_fingerprint(fingerprint)
+    except ProtocolError as exc:
+        raise ConfigError(f"encoder fingerprint {fingerprint!r}: {exc}") from exc
+
+
+def _property(frame: zmq.Frame, name: str) -> str | None:
+    """A ZMTP handshake property of the peer that sent ``frame``; None if it has none."""
+    try:
+        return frame.get(name)
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return None
+
+
+def _announcement(frame: zmq.Frame) -> tuple[str | None, tuple[str, ...] | None]:
+    """(X-MVLD-Enc, X-MVLD-Cameras) of the receiver that sent a subscription notice; what is
+    missing or unreadable is None (the node then cannot tell, and assumes it is accepted)."""
+    enc = _property(frame, FINGERPRINT_PROPERTY)
+    text = _property(frame, CAMERAS_PROPERTY)
+    cameras = None
+    if text:
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
+            cameras = tuple(parsed)
+    return (enc.lower() if enc else None), cameras
+
+
 def _check_endpoints(endpoints: str | Sequence[str]) -> list[str]:
     items = [endpoints] if isinstance(endpoints, str) else list(endpoints)
     if not items or not all(isinstance(e, str) and "://" in e for e in items):
@@ -147,15 +206,27 @@ class LatentPublisher:
         heartbeat_timeout_ms: int = 3000,
         reconnect_ivl_ms: int = 100,
         reconnect_ivl_max_ms: int = 1000,
+        fingerprint: str | None = None,
+        camera_ids: Sequence[str] = (),
     ) -> None:
         self.endpoints = _check_endpoints(endpoints)
         self.sent = 0
         self.dropped = 0
-        self._subscribed = False
+        self._curve = curve is not None
+        self._topics: set[bytes] = set()  # subscriptions the receiver(s) hold right now
+        self._own = _wire_form(fingerprint) if fingerprint else None
+        self._cameras = tuple(camera_ids)
+        # what each receiver that subscribed announced: (X-MVLD-Enc, X-MVLD-Cameras), None if
+        # it announced nothing (forgotten only once the last receiver has left)
+        self._announced: set[tuple[str | None, tuple[str, ...] | None]] = set()
+        self._refusal: str | None = None  # why the last handshake failed, until one succeeds
+        self._reported: str | None = None  # the last state that was logged
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.XPUB)
+        self._monitor: zmq.Socket | None = None
         try:
             self._socket.setsockopt(zmq.XPUB_NODROP, 1)
+            self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every receiver's notice
             self._socket.setsockopt(zmq.SNDHWM, send_hwm)
             self._socket.setsockopt(zmq.IMMEDIATE, int(immediate))
             _set_liveness(
@@ -170,6 +241,7 @@ class LatentPublisher:
                 self._socket.curve_publickey = curve.public
                 self._socket.curve_secretkey = curve.secret
                 self._socket.curve_serverkey = curve.server_public
+            self._monitor = self._socket.get_monitor_socket(_LINK_EVENTS)
             for endpoint in self.endpoints:
                 self._socket.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -180,22 +252,115 @@ class LatentPublisher:
     def has_subscriber(self) -> bool:
         """Whether a receiver is connected and subscribed right now (updates the state)."""
         self._poll_subscriptions()
-        return self._subscribed
+        return b"" in self._topics
+
+    @property
+    def receiver_fingerprints(self) -> frozenset[str]:
+        """Wire fingerprints (16 hex digits) the subscribed receivers advertise."""
+        self._poll_subscriptions()
+        return frozenset(enc for enc, _ in self._announced if enc is not None)
+
+    def _refused_by(self, enc: str | None, cameras: tuple[str, ...] | None) -> str | None:
+        """Why a receiver that announced ``enc`` and ``cameras`` drops all of this node's
+        frame sets (``fingerprint`` / ``cameras``), None if it may accept them."""
+        if enc is not None and self._own is not None and enc != self._own:
+            return "fingerprint"
+        if cameras is not None and not set(self._cameras) <= set(cameras):
+            return "cameras"
+        return None
+
+    def receiver_state(self) -> str:
+        """One word for the status line: ``up``, ``none`` or ``refused(<why>)``.
+
+        ``refused(fingerprint)`` / ``refused(cameras)``: subscribed, but every receiver
+        announces another encoder fingerprint or lacks one of this node's camera ids, so
+        they drop every frame set (a receiver that announces nothing counts as accepting);
+        ``refused(auth)``: the receiver's ZAP handler refused this node's key;
+        ``refused(handshake)``: the CurveZMQ handshake failed otherwise (wrong server key,
+        CurveZMQ on one side only). Each change is logged once.
+        """
+        self._poll_subscriptions()
+        if b"" in self._topics:
+            reasons = {self._refused_by(*announced) for announced in self._announced}
+            state = "up" if not reasons or None in reasons else f"refused({min(reasons)})"
+        elif self._refusal is not None:
+            state = "refused(auth)" if self._refusal.startswith("auth") else "refused(handshake)"
+        else:
+            state = "none"
+        self._report(state)
+        return state
+
+    def _report(self, state: str) -> None:
+        """Log a change of state once: a warning for refusals, info otherwise."""
+        if state == self._reported:
+            return
+        self._reported = state
+        if state == "refused(fingerprint)":
+            theirs = ", ".join(sorted(self.receiver_fingerprints))
+            log.warning("receiver connected but it drops every frame set of this node: it "
+                        "expects encoder fingerprint %s..., this node's encoder is %s... "
+                        "(export the edge's ONNX from the receiver's model)", theirs, self._own)
+        elif state == "refused(cameras)":
+            theirs = " or ".join(sorted(",".join(c) for _, c in self._announced if c))
+            log.warning("receiver connected but it drops every frame set of this node: it "
+                        "accepts the cameras %s, this node sends %s (a model view per camera; "
+                        "mvld-receiver --cameras names them)", theirs, ",".join(self._cameras))
+        elif state.startswith("refused"):
+            log.warning("receiver refuses this node: %s", self._refusal)
+        elif state == "up":
+            log.info("receiver subscribed on %s", ", ".join(self.endpoints))
 
     def _poll_subscriptions(self) -> None:
-        """Drain XPUB (un)subscribe notifications; non-verbose XPUB reports first-in/last-out."""
-        while True:
-            try:
-                note = self._socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if note:
-                self._subscribed = note[0] == _SUBSCRIBE
+        """Drain XPUB (un)subscribe notifications and the socket monitor's handshake events.
+
+        With XPUB_VERBOSE every receiver's subscription is reported (each carrying its
+        handshake properties), an unsubscription only when the topic's last subscriber left.
+        """
+        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than zmq.Again
+            note = self._socket.recv(zmq.NOBLOCK, copy=False)
+            body = note.bytes
+            if not body:
+                continue
+            topic = body[1:]
+            if body[0] == _SUBSCRIBE:
+                self._topics.add(topic)
+                self._announced.add(_announcement(note))
+            else:
+                self._topics.discard(topic)
+                if not self._topics:
+                    self._announced.clear()
+        self._poll_monitor()
+
+    def _poll_monitor(self) -> None:
+        while self._monitor is not None and self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            kind, value = event["event"], event["value"]
+            endpoint = event["endpoint"].decode("utf-8", "replace")
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._refusal = None
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._refusal = (f"authentication failed at {endpoint}: the receiver's "
+                                 f"CurveZMQ handler answered status {value} (400: this node's "
+                                 "public key is not in the receiver's --allow folder; ZeroMQ "
+                                 "does not retry a refused handshake, so restart this node "
+                                 "once its key is allowed)")
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+                self._refusal = (f"handshake failed at {endpoint}: " + (
+                    "this node uses CurveZMQ, the receiver does not (drop --keys/--server-key "
+                    "or start the receiver with --keys/--allow)" if self._curve else
+                    "the receiver requires CurveZMQ (give --keys and --server-key)"))
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self._refusal = f"handshake failed at {endpoint} (ZMTP protocol error {value:#x})"
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self._refusal = f"the receiver at {endpoint} closed the handshake " + (
+                    "(is --server-key that receiver's public key, and does it run with --keys?)"
+                    if self._curve else
+                    "(does it require CurveZMQ? then give --keys and --server-key)")
 
     def send(self, data: bytes) -> bool:
         """Queue one wire message; return False (and count a drop) if it cannot go now."""
         self._poll_subscriptions()
-        if not self._subscribed:
+        if b"" not in self._topics:
             self.dropped += 1
             return False
         try:
@@ -207,7 +372,12 @@ class LatentPublisher:
         return True
 
     def close(self) -> None:
-        """Close the socket at once (LINGER applies) and end the private context."""
+        """Close the socket and its monitor at once (LINGER applies), end the context."""
+        if self._monitor is not None:
+            if not self._socket.closed:
+                self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         if not self._socket.closed:
             self._socket.close()
         if not self._context.closed:
@@ -241,6 +411,8 @@ class LatentSubscriber:
         heartbeat_timeout_ms: int = 3000,
         reconnect_ivl_ms: int = 100,
         reconnect_ivl_max_ms: int = 5000,
+        fingerprint: str | None = None,
+        camera_ids: Sequence[str] = (),
     ) -> None:
         requested = _check_endpoints(endpoints)
         self.endpoints: list[str] = []
@@ -263,6 +435,12 @@ class LatentSubscriber:
                 reconnect_ivl_ms=reconnect_ivl_ms,
                 reconnect_ivl_max_ms=reconnect_ivl_max_ms,
             )
+            if fingerprint:  # handshake properties: XPUB senders read them off the notice
+                self._socket.setsockopt(zmq.METADATA, f"{FINGERPRINT_PROPERTY}:"
+                                        f"{_wire_form(fingerprint)}".encode("ascii"))
+            if camera_ids:
+                self._socket.setsockopt(zmq.METADATA, f"{CAMERAS_PROPERTY}:".encode("ascii")
+                                        + json.dumps(list(camera_ids)).encode("utf-8"))
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
             for endpoint in requested:
                 self._socket.bind(endpoint)

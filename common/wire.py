@@ -1,7 +1,7 @@
 """MVLD wire protocol: one msgpack map per frame set of one edge node (versions 1 and 2).
 
 This module is the single definition of the message an edge node sends and a receiver
-accepts (DESIGN.md section 3, specified byte for byte in ``docs/PROTOCOL.md``). Only plain
+accepts (specified byte for byte in ``docs/PROTOCOL.md``). Only plain
 msgpack types travel (map, array, str, int, float, bin, nil); a latent is raw little-endian
 bytes plus a dtype string, a shape array and, for ``int8``, its scale. Version 2 (written by
 default) carries the encoder fingerprint as 8 bytes, requires float 64 times and knows

@@ -32,7 +32,7 @@ and off and people walk past, so nothing here compares a frame with a fixed pict
 Verdicts go through hysteresis, like the "minimum duration" of Axis tampering alarms: a fault
 is declared only after it persists for several frames, and cleared only after several
 healthy frames. Capture-layer events are facts, not estimates, and are declared at once.
-Numpy and OpenCV only; about 0.5 ms per 640x480 frame on one core.
+Numpy and OpenCV only; 1-2 ms of one core per 640x480 frame (bench/bench_health_field.py).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import tomllib
 
+from mvld.common.config_flags import tomllib
 from mvld.common.errors import ConfigError
 from mvld.common.wire import ReasonCode, ViewStatus
 
@@ -134,7 +134,7 @@ class HealthConfig:
     noise_min_sigma: float = 25.0  # full-resolution noise estimate above this ...
     noise_min_ratio: float = 4.0  # ... and this many times the reference: noise
     # how the reference follows the view (weights per frame)
-    structure_rate: float = 0.1  # coarse picture
+    structure_rate: float = 0.03  # coarse picture
     cell_rate: float = 0.03  # per-cell texture and brightness, while they agree with the view
     absorb_rate: float = 0.0002  # ... while they do not (a lasting change: about 3 minutes)
     level_rate: float = 0.02  # sharpness, coarse contrast and noise levels
@@ -144,7 +144,7 @@ class HealthConfig:
     changed_level: float = 18.0  # ... and with a colour change (grey levels) is covered
     flat_changed_level: float = 40.0  # a textureless cell changing colour this much ...
     light_max_ratio: float = 1.5  # ... by more than this factor (a light change) is covered
-    occluded_min_fraction: float = 0.12  # connected covered region, share of all cells
+    occluded_min_fraction: float = 0.08  # connected covered region, share of judged cells
     cover_flat_ratio: float = 0.1  # a covered cell keeping less texture than this is bare
     cover_min_bare: float = 0.3  # share of bare cells in the region: occluded, else dirty
     dirty_ratio: float = 0.6  # a cell keeping less texture (short-term average) ...
@@ -443,22 +443,14 @@ def match_view(current: np.ndarray, other: np.ndarray, usable: np.ndarray,
         structured &= spread >= cut
     current_structured = block_std(current) >= min_std / 2
     padded = cv2.copyMakeBorder(other, search, search, search, search, cv2.BORDER_REPLICATE)
-    size = BLOCK + 2 * search
-    results = []
-    for row, column in zip(*np.nonzero(structured), strict=True):
-        y, x = row * BLOCK, column * BLOCK
-        if not current_structured[row, column]:
-            results.append(None)  # a block that went flat matches nothing
-            continue
-        template = current[y : y + BLOCK, x : x + BLOCK]
-        results.append(cv2.matchTemplate(padded[y : y + size, x : x + size], template,
-                                         cv2.TM_CCOEFF_NORMED))
-    if len(results) < MIN_BLOCKS:
+    rows, columns = np.nonzero(structured)
+    if rows.size < MIN_BLOCKS:
         return Match(None, (0.0, 0.0))
-    maps = [r for r in results if r is not None]
-    if not maps:
+    alive = current_structured[rows, columns]  # a block that went flat matches nothing
+    if not alive.any():
         return Match(0.0, (0.0, 0.0))
-    stack = np.stack(maps)
+    stack = _correlation_maps(current, padded, rows[alive] * BLOCK, columns[alive] * BLOCK,
+                              search)
     # The common shift maximises the blocks' mean correlation: a block along a straight edge
     # only knows the shift across the edge (a ridge), its neighbours settle the rest.
     mean = stack.mean(axis=0)
@@ -470,9 +462,22 @@ def match_view(current: np.ndarray, other: np.ndarray, usable: np.ndarray,
         dy = dx = search
     sub_x = _parabola(mean[dy, dx - 1 : dx + 2])
     sub_y = _parabola(mean[dy - 1 : dy + 2, dx])
-    at_shift = np.zeros(len(results), np.float32)
-    at_shift[[i for i, r in enumerate(results) if r is not None]] = stack[:, dy, dx]
+    at_shift = np.zeros(rows.size, np.float32)
+    at_shift[alive] = stack[:, dy, dx]
     return Match(float(np.median(at_shift)), (dx - search + sub_x, dy - search + sub_y))
+
+
+def _correlation_maps(current: np.ndarray, padded: np.ndarray, ys: np.ndarray, xs: np.ndarray,
+                      search: int) -> np.ndarray:
+    """TM_CCOEFF_NORMED of each block of ``current`` at (ys, xs) over its window of ``padded``.
+
+    [blocks, 2*search+1, 2*search+1].
+    """
+    size = BLOCK + 2 * search
+    return np.stack([cv2.matchTemplate(padded[y : y + size, x : x + size],
+                                       current[y : y + BLOCK, x : x + BLOCK],
+                                       cv2.TM_CCOEFF_NORMED)
+                     for y, x in zip(ys, xs, strict=True)])
 
 
 def _parabola(values: np.ndarray) -> float:
@@ -516,6 +521,7 @@ class HealthMonitor:
         self._last_rows: np.ndarray | None = None  # every 8th row of the previous frame
         self._last_grey: np.ndarray | None = None
         self._last_signature: np.ndarray | None = None
+        self._last_timestamp = 0.0  # capture time of the previous judged frame
         self._matched_last = True  # the previous frame matched the reference
         self._tracked_at = 0.0  # timestamp of the last frame whose view was followed
         self._short_texture: np.ndarray | None = None
@@ -543,6 +549,7 @@ class HealthMonitor:
             verdict = self._judge_view(features, timestamp)
         self._last_grey = features.grey
         self._last_signature = features.signature
+        self._last_timestamp = timestamp
         self._apply_hysteresis(verdict, timestamp)
         if (self._reason == REDIRECTED and verdict == REDIRECTED
                 and self.config.redirect_relearn_s > 0
@@ -647,9 +654,9 @@ class HealthMonitor:
         # over part of the view dims its texture with its light, dirt and covers do not.
         ratio = (brightness + LIGHT_OFFSET) / (brightness_ref + LIGHT_OFFSET)
         kept = texture / (around * ratio + 1e-3)
-        # The light's gain, from the cells whose texture is still there (a cover is not a
-        # change of light: its cells lost their texture).
-        lit = textured & (kept > 0.3)
+        # The light's gain, from the cells whose local contrast is what it was (a cover is
+        # not a change of light: its cells lost their texture; a passer-by brings another).
+        lit = textured & (kept > 0.5) & (kept < 2.0)
         if lit.sum() >= 8:
             gain = float(np.median(ratio[lit]))
         else:  # too little texture to tell light from cover: the light is what changed
@@ -702,7 +709,9 @@ class HealthMonitor:
                 self._follow(features, (texture, brightness), False, OCCLUDED,
                              np.zeros_like(textured), ~_blocks_to_pixels(blocks_clear))
                 return OCCLUDED
-        if not matched and not cover and sharp and self._last_signature is not None:
+        # Covered blocks are left out of the match, so a view that still does not match is
+        # another view whatever its cells say (they were compared with the old view).
+        if not matched and sharp and self._last_signature is not None:
             previous = match_view(features.signature, self._last_signature, blocks_clear,
                                   config.structure_min_std)
             self._scores["previous_similarity"] = (-1.0 if previous.similarity is None
@@ -716,7 +725,19 @@ class HealthMonitor:
                 self._restart_cells(features, on_reference=False)
                 self._scores.update(similarity=float(match.similarity or 0.0))
                 return REDIRECTED if first else None
-            self._move_cells(previous.shift)  # a new view: its cells follow it
+            # The view moved on smoothly from the last frame (a pan behind an unseen cover, a
+            # re-aimed camera that sways): the reference's offset follows by dead reckoning,
+            # so the view is found where it is once it shows again. Only the camera's own
+            # motion counts: most of the view agrees on the shift and it is no faster than a
+            # pan (a passer-by filling a plain view moves faster).
+            self._move_cells(previous.shift)
+            step = math.hypot(*previous.shift)
+            fastest = 2 * config.track_speed * SIGNATURE_SIZE[0] * max(
+                timestamp - self._last_timestamp, 0.0)
+            if (previous.similarity is not None and step <= fastest
+                    and previous.similarity >= config.redirect_return_similarity):
+                reference.offset = reference.offset + np.asarray(previous.shift, float)
+                self._tracked_at = timestamp
         elif matched:
             self._track_reference(features, match.shift)
         self._matched_last = matched

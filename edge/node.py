@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mvld.common.config_flags import option
 from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError
 from mvld.common.metrics import MetricsRegistry, MetricsServer
@@ -44,7 +45,12 @@ from mvld.common.wire import (
     quantize_latent,
 )
 from mvld.edge.capture import ENDED, STREAMING, CameraSnapshot, Capture, CaptureConfig
-from mvld.edge.encoder import EncoderBackend, EncoderError, open_encoder
+from mvld.edge.encoder import (
+    EncoderBackend,
+    EncoderError,
+    open_encoder,
+    registered_backends,
+)
 from mvld.edge.framesets import CapturedView, FrameSet, FrameSetAssembler, Ticker
 from mvld.edge.health import FAILED, OBSTRUCTED, OK, CameraHealth, HealthConfig, HealthMonitor
 from mvld.edge.policy import TransmitPolicy, TransmitPolicyConfig
@@ -66,28 +72,55 @@ def default_model_path() -> Path:
 class EdgeConfig:
     """Everything the node needs, resolved and validated (the CLI builds it)."""
 
-    cameras: tuple[str, ...]  # source URIs, in camera order (camera ids cam0, cam1, ...)
-    connect: tuple[str, ...]  # receiver endpoints, e.g. tcp://host:5555
-    model: Path
-    node_id: str = "edge"
-    backend: str = "auto"
-    threads: int = 1  # encoder threads
-    gpu: int = 0  # GPU index for TensorRT
-    fps: float = 30.0
-    max_age_s: float = 0.25  # a frame older than this makes its camera stale
+    cameras: tuple[str, ...] = field(metadata=option(
+        "comma-separated source URIs, in camera order (camera ids cam0, cam1, ...): 0, "
+        "v4l2:///dev/video0, csi://0, rtsp://..., file://PATH or a path, sim://N",
+        flag="--cams", required=True, metavar="URI,..."))
+    connect: tuple[str, ...] = field(metadata=option(
+        "receiver endpoint, e.g. tcp://HOST:5555; repeatable or comma-separated for several "
+        "receivers", required=True, metavar="ENDPOINT"))
+    model: Path = field(metadata=option(
+        "mvld-export folder, encoder .onnx, TensorRT .engine or checkpoint",
+        default_text="the shipped default model", metavar="PATH"))
+    node_id: str = field(default="edge", metadata=option(
+        "this node's id on the wire", default_text="this machine's host name", metavar="ID"))
+    backend: str = field(default="auto", metadata=option(
+        "encoder backend: auto takes a TensorRT engine when one is built, else ONNX Runtime "
+        "(torch for a checkpoint)",
+        choices=lambda: ["auto", *registered_backends()]))
+    threads: int = field(default=1, metadata=option("encoder threads", metavar="N"))
+    gpu: int = field(default=0, metadata=option("GPU index for TensorRT / CUDA", metavar="N"))
+    fps: float = field(default=30.0, metadata=option("frame sets per second"))
+    max_age_s: float = field(default=0.25, metadata=option(
+        "seconds after which a camera's newest frame is stale", flag="--max-age",
+        metavar="S"))
     policy: TransmitPolicyConfig = field(default_factory=TransmitPolicyConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     camera_health: Mapping[str, HealthConfig] = field(default_factory=dict)  # per camera id
-    key_secret: Path | None = None  # this node's NODE.key_secret (CurveZMQ)
-    server_key: Path | None = None  # the receiver's public RECEIVER.key
-    send_hwm: int = 2
-    metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
-    status_every_s: float = 10.0
-    max_framesets: int | None = None  # stop after this many frame sets
+    key_secret: Path | None = field(default=None, metadata=option(
+        "this node's NODE.key_secret (CurveZMQ; with --server-key)", flag="--keys",
+        default_text="off, no CurveZMQ", metavar="NODE.key_secret"))
+    server_key: Path | None = field(default=None, metadata=option(
+        "the receiver's public RECEIVER.key (CurveZMQ; with --keys)",
+        default_text="off, no CurveZMQ", metavar="RECEIVER.key"))
+    send_hwm: int = field(default=2, metadata=option(
+        "messages queued per receiver while it is slow or away; older ones are dropped",
+        metavar="N"))
+    metrics_port: int | None = field(default=None, metadata=option(
+        "serve Prometheus metrics on this port", default_text="off", metavar="PORT"))
+    metrics_host: str = field(default="127.0.0.1", metadata=option(
+        "address the metrics endpoint listens on (0.0.0.0: every interface)",
+        metavar="ADDRESS"))
+    status_every_s: float = field(default=10.0, metadata=option(
+        "seconds between status lines", flag="--status-every", metavar="S"))
+    max_framesets: int | None = field(default=None, metadata=option(
+        "stop after N frame sets", flag="--frames", default_text="run until stopped",
+        metavar="N"))
     source_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
-    latent_dtype: str = DEFAULT_LATENT_DTYPE  # wire precision: int8 (with scale), float16/32
+    latent_dtype: str = field(default=DEFAULT_LATENT_DTYPE, metadata=option(
+        "latent precision on the wire: int8 (1 byte per value plus a per-view scale), "
+        "float16 or float32", choices=sorted(LATENT_DTYPES)))
 
     def __post_init__(self) -> None:
         if not self.cameras:
@@ -252,7 +285,9 @@ class EdgeNode:
         if config.key_secret is not None and config.server_key is not None:
             curve = CurveClientKeys.from_files(config.key_secret, config.server_key)
         self.publisher = LatentPublisher(list(config.connect), curve=curve,
-                                         send_hwm=config.send_hwm)
+                                         send_hwm=config.send_hwm,
+                                         fingerprint=self.encoder.fingerprint,
+                                         camera_ids=config.camera_ids)
         self.server: MetricsServer | None = None
         self.summary = RunSummary()
 
@@ -418,11 +453,11 @@ class EdgeNode:
             text = f"{snapshot.camera_id}={health.state}"
             if health.reason:
                 text += f"({health.reason})"
-            if snapshot.state != "streaming":
+            if snapshot.state != STREAMING:
                 retry = snapshot.retry_in_s
                 text += f"[{snapshot.state}" + (f" {retry:.1f}s]" if retry else "]")
             cameras.append(text)
-        receiver = "up" if self.publisher.has_subscriber else "none"
+        receiver = self.publisher.receiver_state()  # up, none or refused(auth|...)
         return (f"edge {self.config.node_id}: {rate:.1f} sets/s | {' '.join(cameras)} | "
                 f"sent {self.summary.sent} dropped {self.summary.dropped} "
                 f"skipped {self.metrics.last_skipped} | receiver {receiver}")

@@ -1,9 +1,10 @@
 """``mvld-export``: export a trained model to ONNX, or build a TensorRT engine from the ONNX.
 
-``mvld-export onnx --model CKPT --out DIR`` writes ``encoder.onnx``, ``decoder.onnx`` and
-``score_net.onnx`` (dynamic batch, one self-contained file each, ``.sha256`` beside, metadata
-embedded, ORT parity checked) plus ``manifest.json``. ``mvld-export trt --onnx FILE`` builds a
-cached TensorRT engine on this machine's GPU and checks it against ONNX Runtime.
+``mvld-export onnx --out DIR [--model CKPT]`` (default: the shipped model) writes
+``encoder.onnx``, ``decoder.onnx`` and ``score_net.onnx`` (dynamic batch, one self-contained
+file each, ``.sha256`` beside, metadata embedded, ORT parity checked) plus ``manifest.json``.
+``mvld-export trt --onnx FILE`` builds a cached TensorRT engine on this machine's GPU and
+checks it against ONNX Runtime.
 
 Exit status: 0 success, 1 invalid input (missing or wrong checkpoint, bad file), 2 bad flags,
 3 TensorRT or a GPU is absent, 4 parity above the tolerance.
@@ -17,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
+from mvld.common.config_flags import add_logging_flags, log_level_of
+from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import MVLDError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_PARITY = 0, 1, 2, 3, 4
@@ -30,9 +33,10 @@ def _positive(text: str) -> int:
 
 
 def _verbosity() -> argparse.ArgumentParser:
+    """The logging flags every command spells alike; ``-q`` also hides the progress lines."""
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    shared.add_argument("-v", "--verbose", action="store_true", help="log details too")
+    add_logging_flags(shared, json_lines=False, default="WARNING",
+                      quiet_also="hides the progress lines")
     return shared
 
 
@@ -44,19 +48,21 @@ def _add_onnx(commands: argparse._SubParsersAction) -> None:
         help="export encoder, decoder and score network to ONNX with a parity check",
         description="Export a checkpoint to self-contained ONNX files; ONNX Runtime must match "
                     "torch within --tolerance on real frames, else exit status 4.")
-    onnx.add_argument("--model", required=True, type=Path,
-                      help="checkpoint (P, P.json or a run folder holding last.json)")
-    onnx.add_argument("--out", required=True, type=Path, help="output folder")
+    onnx.add_argument("--model", type=Path, default=DEFAULT_MODEL, metavar="PATH",
+                      help="checkpoint (P, P.json or a run folder holding last.json) "
+                           "(default: the shipped default model)")
+    onnx.add_argument("--out", required=True, type=Path, metavar="DIR",
+                      help="output folder (required)")
     onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                      help=f"ONNX opset (default {DEFAULT_OPSET})")
+                      help=f"ONNX opset (default: {DEFAULT_OPSET})")
     onnx.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                      help=f"max abs error ORT vs torch (default {DEFAULT_TOLERANCE:g})")
+                      help=f"max abs error ORT vs torch (default: {DEFAULT_TOLERANCE:g})")
     onnx.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
-                      help="torch.onnx exporter (default dynamo)")
+                      help="torch.onnx exporter (default: dynamo)")
     onnx.add_argument("--frames", type=Path, default=None,
                       help="dataset folder for the parity frames (default: the simulated rig)")
     onnx.add_argument("--parts", nargs="+", choices=list(GRAPHS), default=list(GRAPHS),
-                      help="which graphs to export (default all)")
+                      help="which graphs to export (default: all)")
     onnx.set_defaults(func=_run_onnx)
 
 
@@ -69,21 +75,24 @@ def _add_trt(commands: argparse._SubParsersAction) -> None:
         help="build a TensorRT engine from an exported ONNX file (on the target GPU)",
         description="Build (or reuse from the cache) a TensorRT engine and check it against "
                     "ONNX Runtime. Batch profile defaults: min 1, opt V, max 2V (V views).")
-    trt.add_argument("--onnx", required=True, type=Path, help="an ONNX file from mvld-export onnx")
-    trt.add_argument("--precision", choices=PRECISIONS, default="fp16")
-    trt.add_argument("--min", dest="min_batch", type=_positive, help="minimum batch (1)")
-    trt.add_argument("--opt", dest="opt_batch", type=_positive, help="optimal batch (V)")
-    trt.add_argument("--max", dest="max_batch", type=_positive, help="maximum batch (2V)")
+    trt.add_argument("--onnx", required=True, type=Path, metavar="FILE",
+                     help="an ONNX file from mvld-export onnx (required)")
+    trt.add_argument("--precision", choices=PRECISIONS, default="fp16",
+                     help="engine precision (default: fp16)")
+    trt.add_argument("--min", dest="min_batch", type=_positive, help="minimum batch (default: 1)")
+    trt.add_argument("--opt", dest="opt_batch", type=_positive, help="optimal batch (default: V)")
+    trt.add_argument("--max", dest="max_batch", type=_positive, help="maximum batch (default: 2V)")
     trt.add_argument("--views", type=_positive, help="V (default: from the ONNX metadata)")
     trt.add_argument("--workspace", type=_positive, default=DEFAULT_WORKSPACE_MIB,
-                     help=f"builder workspace limit in MiB (default {DEFAULT_WORKSPACE_MIB})")
+                     help=f"builder workspace limit in MiB (default: {DEFAULT_WORKSPACE_MIB})")
     trt.add_argument("--cache", type=Path, default=None,
                      help="engine cache folder (default: engines/ beside the ONNX)")
     trt.add_argument("--tolerance", type=float, default=None,
                      help="relative max error vs ORT (default: 1e-3 fp32, 2e-2 fp16)")
     trt.add_argument("--frames", type=Path, default=None,
                      help="dataset folder for the parity frames (default: the simulated rig)")
-    trt.add_argument("--gpu", type=int, default=0, help="CUDA device index")
+    trt.add_argument("--gpu", type=int, metavar="N", default=0,
+                     help="CUDA device index (default: 0)")
     trt.add_argument("--force", action="store_true", help="rebuild even on a cache hit")
     trt.set_defaults(func=_run_trt)
 
@@ -155,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    level = logging.ERROR if args.quiet else (logging.INFO if args.verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level_of(args), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except MVLDError as exc:

@@ -9,7 +9,8 @@ Linear -> GELU -> Linear, added in every block; no separate mask input is needed
   zero-initialised output layer. It suits vector latents.
 - ``conv`` (:class:`ConvScoreNet`) is a small convolutional U-Net for spatial latents
   (``[C, h, w]`` per view): the views' grids are stacked as channels, with each view's time
-  as one more constant channel, so every cell sees what all cameras hold at that place.
+  as one more constant channel, so every cell sees what all cameras hold at that place;
+  optional self-attention over the coarsest grid relates places that differ between cameras.
 
 :func:`make_score_net` builds either from its config.
 """
@@ -39,6 +40,7 @@ class ScoreNetConfig:
     kind: str = "mlp"  # "mlp" or "conv"
     latent_shape: tuple[int, ...] = ()  # conv: (C, h, w) of one view's latent
     blocks: int = 2  # conv: residual blocks per level on the way down (and up)
+    attention_heads: int = 0  # conv: self-attention heads over the coarsest grid; 0: none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -57,6 +59,10 @@ class ScoreNetConfig:
             if min(shape[1:]) % 2 ** (len(self.widths) - 1) or self.blocks < 1:
                 raise ConfigError(f"latent grid {shape[1]}x{shape[2]} cannot be halved "
                                   f"{len(self.widths) - 1} times, or blocks < 1")
+            if self.attention_heads < 0 or (self.attention_heads
+                                            and self.widths[-1] % self.attention_heads):
+                raise ConfigError(f"attention_heads {self.attention_heads} must be >= 0 and "
+                                  f"divide the coarsest width {self.widths[-1]}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -150,6 +156,31 @@ class ConvResBlock(nn.Module):
         return self.skip(h) + self.conv2(self.act(self.norm2(out)))
 
 
+class GridAttention(nn.Module):
+    """x + self-attention between the cells of a grid.
+
+    Convolutions relate neighbouring cells; a camera sees an object at another place in its
+    grid than its neighbour does, so the coarsest level lets every cell attend to every other.
+    """
+
+    def __init__(self, width: int, heads: int, groups: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, width)
+        self.qkv = nn.Conv2d(width, 3 * width, 1)
+        self.proj = nn.Conv2d(width, width, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, width, height, cols = h.shape
+        qkv = self.qkv(self.norm(h)).reshape(batch, 3, self.heads, width // self.heads,
+                                             height * cols)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # [B, heads, cells, d]
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return h + self.proj(out.transpose(-1, -2).reshape(batch, width, height, cols))
+
+
 class ConvScoreNet(nn.Module):
     """A convolutional U-Net over the stacked latent grids of all views."""
 
@@ -167,6 +198,8 @@ class ConvScoreNet(nn.Module):
         self.downsample = nn.ModuleList(
             nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in pairwise(widths))
         self.middle = ConvResBlock(widths[-1], widths[-1], time_dim, groups)
+        self.attention = (GridAttention(widths[-1], config.attention_heads, groups)
+                          if config.attention_heads else None)
         self.up = nn.ModuleList(
             nn.ModuleList(ConvResBlock(2 * w if i == 0 else w, w, time_dim, groups)
                           for i in range(config.blocks))
@@ -195,6 +228,8 @@ class ConvScoreNet(nn.Module):
             if level < len(self.downsample):
                 h = self.downsample[level](h)
         h = self.middle(h, emb)
+        if self.attention is not None:
+            h = self.attention(h)
         for level, blocks in enumerate(self.up):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:

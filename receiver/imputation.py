@@ -7,27 +7,36 @@ latents are sampled from the conditional diffusion model (MLD conditioning, see
 gets K samples and a per-view uncertainty (mean over dims of the std across the samples, in
 standardised units: 0 = certain, about 1 = as uncertain as the data itself). A frame set with
 every view missing is generated jointly and flagged ``unconditioned``.
+
+:func:`log_model_verdict` logs, at start-up, what ``mvld-train all`` found about the model
+(``verdict.json`` beside the checkpoint): whether the diffusion imputer beats the baselines on
+its held-out data, and which imputer does best. ``mvld.receiver.ridge_imputer`` serves the
+deterministic ridge alternative.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from mvld.common.errors import ConfigError
-from mvld.model.checkpoint import LatentStats, MVLDModel
+from mvld.model.checkpoint import LatentStats, MVLDModel, checkpoint_paths
 from mvld.model.sde import VPSDE
 from mvld.receiver.sampler import EpsModel, sampler_info
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m_sde", 20  # 20 NFE; see docs/SAMPLERS.md
+IMPUTERS = ("diffusion", "ridge")  # the receiver's --imputer choices
+VERDICT_FILE = "verdict.json"  # written beside the checkpoint by `mvld-train all`
 
 
 class Provenance(str, Enum):
@@ -48,6 +57,17 @@ class Imputation:
     uncertainty: torch.Tensor | None  # [B, V] float32, 0 for observed views
     nfe: int  # eps-model evaluations of the (single, batched) sampler run
     seconds: float
+
+    def posterior_mean(self) -> torch.Tensor:
+        """``[B, V, D]``: the mean of the K samples for missing views, observed views as given.
+
+        The mean is closer to the truth on average than any one sample (higher PSNR/SSIM) and
+        blurrier: it averages away detail the samples disagree on (docs/RECEIVER.md).
+        """
+        observed = torch.tensor([[p is Provenance.OBSERVED for p in row]
+                                 for row in self.provenance], device=self.latents.device)
+        mean = self.samples.float().mean(1).to(self.latents.dtype)
+        return torch.where(observed[..., None], self.latents, mean)
 
     @property
     def unconditioned(self) -> torch.Tensor:
@@ -121,7 +141,7 @@ class Imputer:
             keep = present[rows][:, None, :, None]
             out[rows] = torch.where(keep, latents[rows][:, None], raw)
         seconds = time.perf_counter() - start
-        provenance = [[_provenance(bool(p), bool(row.any())) for p in row] for row in present]
+        provenance = [[provenance_of(bool(p), bool(row.any())) for p in row] for row in present]
         log.debug("imputed %d of %d frame sets, %d NFE, %.3f s", len(rows), batch, nfe, seconds)
         return Imputation(out[:, 0], out, provenance, uncertainty, nfe, seconds)
 
@@ -140,7 +160,36 @@ class Imputer:
         return result.x.reshape(len(latents), samples, *latents.shape[1:]), result.nfe
 
 
-def _provenance(is_present: bool, any_present: bool) -> Provenance:
+def provenance_of(is_present: bool, any_present: bool) -> Provenance:
+    """Where a view's latent comes from, given its presence and its frame set's."""
     if is_present:
         return Provenance.OBSERVED
     return Provenance.IMPUTED if any_present else Provenance.UNCONDITIONED
+
+
+def log_model_verdict(checkpoint: str | Path) -> dict | None:
+    """Log the verdict beside ``checkpoint`` (a warning when the imputer loses); return it.
+
+    ``None`` (logged at INFO) when there is none: checkpoints trained by the stage commands
+    have no verdict, and the receiver serves them as before.
+    """
+    path = checkpoint_paths(checkpoint)[0].parent / VERDICT_FILE
+    if not path.is_file():
+        log.info("no model verdict beside %s (mvld-train all writes %s)", checkpoint,
+                 VERDICT_FILE)
+        return None
+    try:
+        verdict = json.loads(path.read_text())
+        sentence, wins = str(verdict["sentence"]), bool(verdict["imputer_wins"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("model verdict %s is unreadable: %s", path, exc)
+        return None
+    best = ", ".join(f"{k} missing: {m}" for k, m in verdict.get("best_psnr", {}).items())
+    extra = {"verdict": {"path": str(path), "imputer_wins": wins, "sentence": sentence}}
+    if wins:
+        log.info("model verdict (%s): %s", path, sentence, extra=extra)
+    else:
+        log.warning("model verdict (%s): %s Best PSNR on its held-out data: %s; "
+                    "--imputer ridge serves the ridge baseline", path, sentence,
+                    best or "not recorded", extra=extra)
+    return verdict

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -241,7 +241,8 @@ class Ingest:
                  backlog: NodeBacklog, metrics: ReceiverMetrics, *,
                  limits: WireLimits | None = None, warn_interval_s: float = 5.0,
                  rate_limiter: RateLimiter | None = None,
-                 clock_window_s: float = CLOCK_WINDOW_S) -> None:
+                 clock_window_s: float = CLOCK_WINDOW_S,
+                 clock: Callable[[], float] = time.time) -> None:
         if not clock_window_s > 0:
             raise ConfigError(f"the clock window must be > 0 s, got {clock_window_s}")
         self.subscriber, self.layout, self.fingerprint = subscriber, layout, fingerprint
@@ -249,6 +250,7 @@ class Ingest:
         self._expected = {version: wire_fingerprint(fingerprint, version)
                           for version in (1, 2)}
         self.clock_window_s = clock_window_s
+        self.clock = clock  # the receiver's POSIX clock: receive times, the clock window
         self.backlog, self.metrics = backlog, metrics
         self.rate_limiter = rate_limiter
         self.limits = limits or WireLimits()
@@ -328,7 +330,7 @@ class Ingest:
         received = self.subscriber.recv_message(timeout_ms)
         if received is None:
             return False
-        self.handle(received.data, received.client_key, time.time(), received.parts)
+        self.handle(received.data, received.client_key, self.clock(), received.parts)
         return True
 
     def run(self, stop: threading.Event, poll_ms: int = 100) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from mvld.common.metrics import MetricsRegistry
 
-__all__ = ["DROP_REASONS", "RateLimitedLogger", "ReceiverMetrics"]
+__all__ = ["DROP_REASONS", "WITHHOLD_REASONS", "RateLimitedLogger", "ReceiverMetrics"]
 
 DROP_REASONS = (
     "malformed",  # the wire decoder rejected the message (ProtocolError)
@@ -30,6 +30,11 @@ DROP_REASONS = (
     "internal_error",  # a bug on the receiver side; logged with its traceback
 )
 """Every value of the ``reason`` label of ``mvld_receiver_dropped_total``."""
+
+WITHHOLD_REASONS = (
+    "no_observed_view",  # every view missing: the frame set would be generated from nothing
+)
+"""Every value of the ``reason`` label of ``mvld_receiver_framesets_withheld_total``."""
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -49,6 +54,10 @@ class ReceiverMetrics:
                                    "Messages or frame sets dropped, by reason", ["reason"])
         self.completed = add.counter("mvld_receiver_framesets_completed_total",
                                      "Frame sets imputed, decoded and handed to the tasks")
+        self.withheld = add.counter("mvld_receiver_framesets_withheld_total",
+                                    "Frame sets kept from the tasks, by reason (a frame set "
+                                    "with no observed view unless --deliver-unconditioned)",
+                                    ["reason"])
         self.views = add.counter("mvld_receiver_views_total",
                                  "Views of completed frame sets, by provenance", ["provenance"])
         self.seq_gaps = add.counter("mvld_receiver_seq_gaps_total",

@@ -83,6 +83,11 @@ class FrameSetResult:
         return self.done_time - self.capture_time
 
     @property
+    def observed_views(self) -> int:
+        """How many views came from the edge; 0: the frame set was generated from nothing."""
+        return sum(v.provenance is Provenance.OBSERVED for v in self.views)
+
+    @property
     def imputed_cameras(self) -> list[str]:
         """Camera ids whose view was not observed (imputed or unconditioned)."""
         return [v.camera_id for v in self.views if v.provenance is not Provenance.OBSERVED]

@@ -1,11 +1,19 @@
 """Classifier augmentation: each transform does what it says, and draws are seeded."""
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from mvld.train.augment import AugmentConfig, augment_views, gaussian_blur
+from mvld.train.augment import (
+    AugmentConfig,
+    augment_for_dataset,
+    augment_views,
+    gaussian_blur,
+    mirror_invariant,
+)
 
 NONE = AugmentConfig(flip_prob=0.0, max_shift=0, brightness=0.0, contrast=0.0, blur_prob=0.0)
 
@@ -59,3 +67,28 @@ def test_augmentation_is_a_function_of_the_generator_and_stays_in_range() -> Non
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert not torch.equal(first, other)
     assert first.min() >= -1.0 and first.max() <= 1.0
+
+
+def test_default_augmentation_never_mirrors() -> None:
+    views = _views(64)
+    config = AugmentConfig(**{**AugmentConfig().__dict__, "max_shift": 0, "blur_prob": 0.0,
+                              "brightness": 0.0, "contrast": 0.0})
+    out = augment_views(views, config, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out, views, rtol=0, atol=0)
+
+
+def test_mirroring_is_chosen_per_dataset(tmp_path: Path) -> None:
+    plain, declared, rendered, refused = (tmp_path / n for n in ("a", "b", "c", "d"))
+    for folder in (plain, declared, rendered, refused):
+        folder.mkdir()
+    (declared / "dataset.json").write_text(json.dumps({"mirror_invariant": True}))
+    (rendered / "render.json").write_text(json.dumps({"classes": ["duck", "box"]}))
+    (refused / "render.json").write_text(json.dumps({"classes": ["duck", "box"]}))
+    (refused / "dataset.json").write_text(json.dumps({"mirror_invariant": False}))
+    assert [mirror_invariant(f) for f in (plain, declared, rendered, refused)] == [
+        False, True, True, False]
+    assert augment_for_dataset(plain, mirror=False).flip_prob == 0.0
+    assert augment_for_dataset(plain, mirror=True).flip_prob > 0.0  # asked for
+    assert augment_for_dataset(declared, mirror=False).flip_prob > 0.0
+    (plain / "dataset.json").write_text("{broken")
+    assert not mirror_invariant(plain)

@@ -18,7 +18,7 @@ def test_the_default_is_int8_and_the_help_says_so() -> None:
     assert config_from_args(build_parser().parse_args(BASE)).latent_dtype == "int8"
     help_text = " ".join(build_parser().format_help().split())
     assert "--latent-dtype {float16,float32,int8}" in help_text
-    assert "(default int8)" in help_text
+    assert "(default: int8)" in help_text
 
 
 @pytest.mark.parametrize("dtype", sorted(LATENT_DTYPES))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from model_fixtures import write_tiny_rig
 
-from mvld.common.errors import ConfigError
+from mvld.common.errors import ConfigError, DatasetError
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
 from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
 from mvld.model.checkpoint import LatentStats, MVLDModel, save_mvld_model
@@ -249,18 +249,36 @@ def test_cli_reports_missing_inputs_clearly(assets, tmp_path, capsys):
 def test_cli_runs_and_writes_its_results_section(assets, tmp_path, capsys):
     out, results = tmp_path / "docs" / "eval", tmp_path / "docs" / "RESULTS.md"
     results.parent.mkdir()
-    results.write_text("# Results\n\n## Model\nkept\n\n## Imputation (issue 5)\nold\n\n"
+    results.write_text("# Results\n\n## Model\nkept\n\n## Imputation (`mvld-eval`)\nold\n\n"
                        "## Later\nalso kept\n")
     argv = ["--data", str(assets["data"]), "--model", str(assets["model"]), "--classifier",
             str(assets["classifier"]), "--out", str(out), "--frames", "3", "--fid-samples", "0",
-            "--samplers", "heun:5", "--results", str(results)]
+            "--samplers", "heun:10", "--results", str(results)]
     code = main(argv)
     captured = capsys.readouterr()
     assert code == 0 and captured.out.strip() == str(out / "summary.json")
-    assert "heun:5" in captured.err  # progress on stderr
+    assert "heun:10" in captured.err  # progress on stderr
     assert json.loads((out / "summary.json").read_text())["data"]["evaluated"] == 3
     text = results.read_text()
     assert "kept" in text and "also kept" in text and "\nold\n" not in text
-    assert text.count("## Imputation (issue 5)") == 1 and "mvld-eval --data" in text
+    assert text.count("## Imputation (`mvld-eval`)") == 1 and "mvld-eval --data" in text
     assert "](eval/tradeoff.png)" in text
-    assert main(argv) == 0 and results.read_text().count("## Imputation (issue 5)") == 1
+    assert main(argv) == 0 and results.read_text().count("## Imputation (`mvld-eval`)") == 1
+
+
+def test_fit_data_fits_the_baselines_elsewhere_and_holds_out_all_of_data(assets, tmp_path):
+    """--fit-data: baselines on (up to fit_frames of) another dataset; every frame set of
+    --data may be evaluated, none of it is used for fitting."""
+    from mvld.train.evaluation import load_inputs
+
+    other = write_tiny_rig(tmp_path / "other", count=30, size=SIZE)
+    config = EvalConfig(data=str(assets["data"]), out=str(tmp_path / "out"),
+                        model=str(assets["model"]), classifier=str(assets["classifier"]),
+                        fit_data=str(other), fit_frames=12, frames=80, fid_samples=0)
+    inputs = load_inputs(config)
+    complete = int(load_frame_arrays(other, SIZE, SIZE, limit=12).present.all(1).sum())
+    assert 2 <= complete <= 12 and inputs.train_z.shape == (complete, 3, DIM)
+    assert inputs.split["train_complete"] == complete and inputs.split["fit_data"] == str(other)
+    assert inputs.split["held_out"] == 80  # all of --data, not its tail
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_inputs(EvalConfig(**{**config.__dict__, "fit_data": str(tmp_path / "missing")}))

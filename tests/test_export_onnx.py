@@ -235,3 +235,16 @@ def test_cli_prints_the_wire_fingerprint_apart_from_the_file_hashes(
     assert f"wire v2 enc (its first 8 bytes) {fingerprint[:16]}" in out
     assert "onnx_fingerprint" in out and "file_sha256" in out
     assert (tmp_path / "model.json").is_file()
+
+
+def test_cli_without_a_model_exports_the_shipped_default_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``mvld-export onnx --out DIR`` exports the model every command uses by default."""
+    from mvld.common.default_model import DEFAULT_MODEL
+
+    code = export_main(["onnx", "--out", str(tmp_path), "--exporter", "torchscript",
+                        "--parts", "encoder", "-q"])
+    assert code == EXIT_OK
+    assert (tmp_path / "encoder.onnx").is_file() and not (tmp_path / "decoder.onnx").exists()
+    shipped = load_mvld_model(DEFAULT_MODEL / "last").fingerprint
+    assert f"(wire v1 enc, checked by the receiver) {shipped}" in capsys.readouterr().out

@@ -432,7 +432,7 @@ def test_ten_thousand_malformed_messages_are_all_counted(tmp_path: Path) -> None
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(f"tcp://127.0.0.1:{port}")
             for sock in sockets:  # wait for each connection's subscription before sending
-                assert sock.poll(10_000), "no subscription from the receiver"
+                assert sock.poll(30_000), "no subscription from the receiver"
                 sock.recv()
             # each round puts at most one message on each connection, then waits until the
             # receiver has taken them all: the receiver's CONFLATE can then lose none

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 
 from mvld.edge.capture import CameraReader, CaptureConfig
 from mvld.edge.sources.base import reads_on_demand
@@ -38,8 +37,6 @@ def test_only_paced_files_keep_the_newest_frame(tmp_path: Path) -> None:
         assert reads_on_demand(unpaced) and not reads_on_demand(paced)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the on-demand reader in edge/capture.py "
-                   "(reads_on_demand); remove this marker with that change")
 def test_a_reader_decodes_only_the_frames_taken_and_they_never_go_stale(tmp_path: Path
                                                                         ) -> None:
     video = _video(tmp_path / "cam.avi", 60)
@@ -53,9 +50,11 @@ def test_a_reader_decodes_only_the_frames_taken_and_they_never_go_stale(tmp_path
         indices = []
         for _ in range(5):
             time.sleep(0.1)  # a slow node: 10 frame sets per second
+            taken_at = time.time()
             snapshot = reader.snapshot(take=True)
             assert snapshot.received is not None
             assert time.monotonic() - snapshot.received < 0.05, "a waiting frame counts as fresh"
+            assert snapshot.frame.timestamp >= taken_at, "stamped when taken, not when decoded"
             indices.append(snapshot.frame.index)
         time.sleep(0.3)
         frames = reader.snapshot().frames

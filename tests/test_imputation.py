@@ -73,6 +73,26 @@ def test_imputer_reproduces_the_exact_conditional_in_raw_latent_units():
     assert result.uncertainty[0, 0] == 0
 
 
+def test_posterior_mean_approaches_the_conditional_mean_and_keeps_observed_views():
+    stats = random_stats(VIEWS, 2, seed=5)
+    exact = GaussianEps(*gaussian_problem(), SDE)
+    raw_clean = stats.destandardise(CLEAN.float())
+    present = torch.tensor([[True, False, False]])
+    latents = torch.where(present[..., None], raw_clean, torch.nan)
+    result = Imputer(exact, stats, SDE)(latents, present, samples=2000, seed=0)
+    mean = result.posterior_mean()
+    assert torch.equal(mean[0, 0], latents[0, 0]), "observed views as given"
+    mask = present[0]
+    target = exact.conditional(mask, CLEAN.reshape(1, -1)[:, exact.dims_of(mask)])
+
+    def error(raw: torch.Tensor) -> float:
+        z = stats.standardise(raw).double().reshape(1, -1)[:, exact.dims_of(~mask)]
+        return float((z[0] - target.mean[0]).norm())
+
+    spread = float(target.cov.trace().sqrt())  # a single sample's expected distance
+    assert error(mean) < 0.1 * spread < error(result.latents)
+
+
 def test_observed_views_are_returned_bit_for_bit_and_provenance_is_per_view(model):
     latents, present = frame_sets()
     latents[~present] = torch.nan  # whatever the edge sent for missing views is ignored

@@ -41,7 +41,24 @@ def test_allow_list_reads_every_public_key(tmp_path: Path) -> None:
     assert set(load_allowed_keys(tmp_path)) == keys
 
 
-@pytest.mark.parametrize("content", ["", "garbage\n", 'curve\n    public-key = "short"\n'])
+GOOD = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a real Z85 public key
+
+
+def test_a_well_formed_key_line_loads(tmp_path: Path) -> None:
+    """The control for the cases below: the same key, written as section 11 says."""
+    path = tmp_path / "good.key"
+    path.write_text(f'#   a comment\nmetadata\ncurve\n    public-key = "{GOOD}"\n')
+    assert load_public_key(path) == GOOD.encode()
+
+
+@pytest.mark.parametrize("content", [
+    "", "garbage\n", 'curve\n    public-key = "short"\n',
+    f"curve\n    public-key = {GOOD}\n",  # not quoted
+    f'curve\n    public-key = "{GOOD}"   # a trailing note is not a comment\n',
+    f'curve\n    public-key = "{GOOD[:-1]}~"\n',  # ~ is not Z85
+    f'curve\n    public-key = "{GOOD}"\n    public-key = "{GOOD}"\n',
+    f'#   public-key = "{GOOD}"\n',  # only a comment holds a key
+])
 def test_corrupt_key_file_is_a_config_error(tmp_path: Path, content: str) -> None:
     path = tmp_path / "bad.key"
     path.write_text(content)
@@ -56,3 +73,34 @@ def test_missing_files_and_bad_names(tmp_path: Path) -> None:
         load_allowed_keys(tmp_path)
     with pytest.raises(ConfigError, match="invalid key name"):
         generate_keypair(tmp_path, "../evil")
+
+
+def _key_with_a_hash() -> tuple[bytes, bytes]:
+    while True:  # about 4 in 10 Curve keys hold a # somewhere
+        public, secret = zmq.curve_keypair()
+        if b"#" in public and b"#" in secret:
+            return public, secret
+
+
+def test_a_hash_inside_a_z85_key_is_key_text_and_whole_line_comments_are_skipped(
+        tmp_path: Path) -> None:
+    """PROTOCOL.md 11: only a line whose first non-blank is # is a comment."""
+    public, secret = _key_with_a_hash()
+    path = tmp_path / "node1.key_secret"
+    path.write_text("#   ZeroMQ CURVE Secret Certificate\n"
+                    '   #  public-key = "not a key: an indented comment line"\n'
+                    "metadata\ncurve\n"
+                    f'    public-key = "{public.decode()}"\n'
+                    f'    secret-key="{secret.decode()}"\n', encoding="utf-8")
+    path.chmod(0o600)
+    assert load_secret_key(path) == (public, secret)
+    assert zmq.curve_public(secret) == public
+
+
+def test_keys_written_by_pyzmq_load_alike(tmp_path: Path) -> None:
+    import zmq.auth
+
+    public_file, secret_file = zmq.auth.create_certificates(tmp_path, "other")
+    Path(secret_file).chmod(0o600)
+    assert load_secret_key(secret_file) == zmq.auth.load_certificate(secret_file)
+    assert load_public_key(public_file) == zmq.auth.load_certificate(public_file)[0]

@@ -150,3 +150,24 @@ def test_conv_score_net_sees_every_view_and_its_time() -> None:
     other[0, 0] += 1.0
     assert not torch.allclose(net(other, tau)[0, 1], base[0, 1])
     assert not torch.allclose(net(x, torch.tensor([[0.0, 0.9, 0.5]]))[0, 2], base[0, 2])
+
+
+def test_grid_attention_starts_as_identity_so_a_trained_net_can_be_warm_started() -> None:
+    """A conv net with attention added loads the weights of one without it and computes the
+    same output until the attention's zero-initialised projection is trained."""
+    from mvld.model.score_net import make_score_net
+
+    torch.manual_seed(0)
+    base = ScoreNetConfig(num_views=3, latent_dim=64, widths=(16, 32), time_dim=16,
+                          kind="conv", latent_shape=(1, 8, 8), blocks=1)
+    plain = make_score_net(base)
+    torch.nn.init.normal_(plain.output.weight, std=0.1)
+    with_attention = make_score_net(ScoreNetConfig(**{**base.__dict__, "attention_heads": 4}))
+    missing, unexpected = with_attention.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("attention.") for name in missing)
+    x, tau = torch.randn(2, 3, 64), torch.rand(2, 3)
+    assert torch.allclose(with_attention(x, tau), plain(x, tau), atol=1e-6)
+    torch.nn.init.normal_(with_attention.attention.proj.weight, std=0.1)
+    assert not torch.allclose(with_attention(x, tau), plain(x, tau), atol=1e-4)
+    with pytest.raises(ConfigError, match="attention_heads"):
+        ScoreNetConfig(**{**base.__dict__, "attention_heads": 5})

@@ -3,23 +3,28 @@
 The first half ("doc client") uses nothing but msgpack, pyzmq, numpy and json and follows the
 document: the model descriptor (3.1), field names and types, duplicate keys and float widths
 (2), the dtype table and the int8 scale (4.2), byte order, the receiver's model checks, clock
-window and sequence rules (3, 8), the socket table, the subscription wait, multipart and
-CurveZMQ roles (10-11), key files (11). The second half pits it against the real edge node,
-the real receiver (ingest and service) and ``mvld.common.wire`` over real tcp://127.0.0.1
-sockets with CURVE, checks the document's hex examples, and runs the minimal client of section
-12 exactly as printed. Each numbered item of issue 18 has a case here; the doc client and the
-project must reach the same verdict on every one.
+window and sequence rules (3, 8), the socket table, the subscription wait, multipart, the
+receiver's handshake properties and CurveZMQ roles (10-11), key files (11), and the encoder
+fingerprint recomputed from the weights file (3). The second half pits it against the real
+edge node, the real receiver (ingest and service) and ``mvld.common.wire`` over real
+tcp://127.0.0.1 sockets with CURVE, checks the document's hex examples, and runs the minimal
+client of section 12 exactly as printed. Each numbered item of issue 18 has a case here; the
+doc client and the project must reach the same verdict on every one, in memory and over real
+sockets. The real edge's status line is checked against real receivers that refuse it (issue
+17 item 6).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,8 +248,9 @@ def doc_encode(node: str, seq: int, t: float, enc: bytes | str, views: list[dict
 
 
 def doc_publisher(ctx: zmq.Context, endpoint: str, keys: tuple[bytes, bytes, bytes] | None,
-                  timeout_s: float = 10.0) -> zmq.Socket:
-    """Sections 10-12: XPUB, connect, CURVE client, wait for the subscription notice."""
+                  timeout_s: float = 10.0) -> tuple[zmq.Socket, dict[str, Any]]:
+    """Sections 10-12: XPUB, connect, CURVE client, wait for the subscription notice ``\\x01``;
+    also the receiver's handshake properties of section 10.2 (those it sends)."""
     sock = ctx.socket(zmq.XPUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -252,11 +258,23 @@ def doc_publisher(ctx: zmq.Context, endpoint: str, keys: tuple[bytes, bytes, byt
     if keys is not None:
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = keys
     sock.connect(endpoint)
-    if not sock.poll(int(timeout_s * 1000)):
-        sock.close()
-        raise TimeoutError("no subscription")
-    assert sock.recv()[:1] == b"\x01"
-    return sock
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            sock.close()
+            raise TimeoutError("no subscription")
+        notice = sock.recv(copy=False)
+        if notice.bytes == b"\x01":
+            break
+    announced: dict[str, Any] = {}
+    for name in ("X-MVLD-Enc", "X-MVLD-Cameras"):
+        try:
+            announced[name] = notice.get(name)
+        except zmq.ZMQError:
+            continue
+    if "X-MVLD-Cameras" in announced:
+        announced["X-MVLD-Cameras"] = json.loads(announced["X-MVLD-Cameras"])
+    return sock, announced
 
 
 def doc_receiver(ctx: zmq.Context, public: bytes, secret: bytes, allowed: set[bytes]
@@ -297,6 +315,29 @@ def doc_read_key_file(path: Path) -> tuple[str | None, str | None]:
         elif name.strip() == "secret-key":
             secret = value[1:-1]
     return public, secret
+
+
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4",
+                      "I8": "|i1", "U8": "|u1", "BOOL": "|b1"}  # section 3, step 3
+
+
+def doc_encoder_fingerprint(weights: Path) -> str:
+    """Section 3, steps 1-4, reading P.safetensors by its published layout (a little-endian
+    u64 header length, a JSON header of dtype, shape and data_offsets, then the data)."""
+    data = weights.read_bytes()
+    (header_len,) = struct.unpack_from("<Q", data, 0)
+    header = json.loads(data[8:8 + header_len])
+    start = 8 + header_len
+    prefix = "autoencoder.encoder."
+    tensors = sorted((name[len(prefix):], entry) for name, entry in header.items()
+                     if name.startswith(prefix))
+    digest = hashlib.sha256()
+    for name, entry in tensors:
+        shape = "[" + ", ".join(str(d) for d in entry["shape"]) + "]"
+        digest.update(f"{name}|{SAFETENSORS_DTYPES[entry['dtype']]}|{shape}|".encode())
+        begin, end = entry["data_offsets"]
+        digest.update(data[start + begin:start + end])
+    return digest.hexdigest()
 
 
 # ---- checks against the project --------------------------------------------------------------
@@ -344,9 +385,9 @@ DOC = (REPO / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
 GOLDEN = sorted((REPO / "tests" / "golden").glob("v*_*.msgpack"))
 
 
-def spatial_tiny_model() -> MVLDModel:
+def spatial_tiny_model(seed: int = 5) -> MVLDModel:
     """3 views, 16x16 images, a 2x4x4 spatial latent (32 values): sh is not just [D]."""
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     autoencoder = Autoencoder(AutoencoderConfig(image_size=16, latent_dim=32, channels=(8, 16),
                                                 latent_channels=2)).eval()
     score_net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=32, widths=(32, 16),
@@ -412,12 +453,13 @@ def doc_views(descriptor: dict[str, Any], latents: dict[str, np.ndarray], dt: st
     return views
 
 
-def _collecting_service(model: MVLDModel, curve: dict[str, Any] | None
+def _collecting_service(model: MVLDModel, curve: dict[str, Any] | None, **options: Any
                         ) -> tuple[ReceiverService, list[FrameSetResult]]:
     collected: list[FrameSetResult] = []
     keys = {} if curve is None else {"keys": str(curve["receiver_secret_file"]),
                                      "allow": str(curve["allow"])}
-    config = ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1, max_age_ms=60_000.0, **keys)
+    config = ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1, max_age_ms=60_000.0, **keys,
+                            **options)
     service = ReceiverService(config, model=model, extra_hooks=[("collect", collected.append)])
     return service, collected
 
@@ -646,6 +688,68 @@ def test_doc_client_and_project_reach_the_same_verdict(exported: dict[str, Any],
     assert _project_verdict(messages, model) == expected
 
 
+def _verdict_over_sockets(messages: list[bytes], model: MVLDModel,
+                          clock: Callable[[], float] = time.time) -> str:
+    """The doc client's XPUB sends each message to the real ingest loop over tcp (CONFLATE on,
+    as the receiver runs), one at a time; the verdict on the last one, from the counters."""
+    metrics = ReceiverMetrics()
+    backlog = NodeBacklog(metrics, per_node=8)
+    layout = camera_layout((), model.num_views, model.autoencoder.config.latent_dim,
+                           model.autoencoder.config.latent_shape)
+    stop = threading.Event()
+    ctx = zmq.Context()
+    verdict = ""
+    with LatentSubscriber("tcp://127.0.0.1:0", fingerprint=model.fingerprint) as subscriber:
+        ingest = Ingest(subscriber, layout, model.fingerprint, backlog, metrics, clock=clock)
+        thread = threading.Thread(target=ingest.run, args=(stop, 5), daemon=True)
+        thread.start()
+        try:
+            pub, _ = doc_publisher(ctx, subscriber.endpoints[0], None)
+            for count, data in enumerate(messages, 1):
+                drops, windows = metrics.drops(), metrics.clock_window.value()
+                pub.send(data, zmq.NOBLOCK)
+                wait_until(lambda n=count: metrics.received.value() == n, 5, "the message")
+                wait_until(lambda n=count: metrics.accepted.value() + sum(
+                    metrics.drops().values()) - metrics.drops().get("duplicate", 0) >= n,
+                    5, "its verdict")
+                changed = [r for r, n in metrics.drops().items() if n != drops.get(r, 0)]
+                if changed:
+                    [verdict] = changed
+                else:
+                    verdict = "delivered" if metrics.clock_window.value() == windows \
+                        else "out_of_window"
+            pub.close()
+        finally:
+            stop.set()
+            thread.join(5)
+            ctx.term()
+    return verdict
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_every_case_reaches_the_same_verdict_over_real_sockets(exported: dict[str, Any],
+                                                               case: str) -> None:
+    messages, expected = _cases(exported["descriptor"], exported["model"].fingerprint)[case]
+    assert _verdict_over_sockets(messages, exported["model"]) == expected
+
+
+@pytest.mark.parametrize(("offset_s", "expected"), [(59.0, "delivered"), (-59.0, "delivered"),
+                                                   (61.0, "out_of_window"),
+                                                   (-61.0, "out_of_window")])
+def test_the_clock_window_is_judged_by_the_receivers_clock(exported: dict[str, Any],
+                                                          offset_s: float,
+                                                          expected: str) -> None:
+    """Section 8 item 6, with the receiver's clock injected: 60 s either way of it."""
+    descriptor, model = exported["descriptor"], exported["model"]
+    sent_at = 1_700_000_000.0
+    latent = np.ones(descriptor["latent"]["shape"], np.float32)
+    data = doc_encode("node1", 0, sent_at, bytes.fromhex(descriptor["wire_fingerprint"]),
+                      doc_views(descriptor, {"cam0": latent}, now=sent_at))
+    assert doc_admit(doc_decode(data), descriptor, sent_at + offset_s, {}) == (
+        expected == "delivered")
+    assert _verdict_over_sockets([data], model, clock=lambda: sent_at + offset_s) == expected
+
+
 def test_a_plain_msgpack_decoder_would_be_fooled_by_duplicates(exported: dict[str, Any]) -> None:
     """Why section 2 forbids duplicates: msgpack-python keeps the last value silently."""
     descriptor = exported["descriptor"]
@@ -682,6 +786,29 @@ def test_export_descriptor_states_what_the_receiver_and_the_edge_use(
         onnx.read_bytes()).hexdigest() != model.fingerprint  # section 3: not a file hash
 
 
+def test_a_third_party_recomputes_the_encoder_fingerprint_from_the_weights_file(
+        exported: dict[str, Any]) -> None:
+    weights = exported["checkpoint"].with_suffix(".safetensors")
+    assert doc_encoder_fingerprint(weights) == exported["descriptor"]["encoder_fingerprint"]
+    shipped = REPO / "common" / "assets" / "default_model"
+    stored = json.loads((shipped / "last.json").read_text(encoding="utf-8"))
+    assert doc_encoder_fingerprint(shipped / "last.safetensors") == stored["encoder_fingerprint"]
+
+
+def test_the_receiver_logs_its_model_and_wire_fingerprint_at_start_up(
+        exported: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Section 3.1: the start-up log line gives the values model.json gives."""
+    descriptor = exported["descriptor"]
+    service, _ = _collecting_service(exported["model"], None)
+    with caplog.at_level(logging.INFO, logger="mvld.receiver.service"), service:
+        pass
+    [line] = [r.getMessage() for r in caplog.records if "encoder fingerprint" in r.getMessage()]
+    assert line.startswith("model ") and (
+        f"encoder fingerprint {descriptor['encoder_fingerprint']} (protocol v2 enc = its first "
+        f"8 bytes, {descriptor['wire_fingerprint']}); latent shape "
+        f"{descriptor['latent']['shape']}") in line
+
+
 # --- both directions over CURVE: the real receiver and the real edge ------------------------
 
 
@@ -698,8 +825,10 @@ def test_doc_client_to_the_real_receiver_over_curve(exported: dict[str, Any],
                       views)
     ctx = zmq.Context()
     with service:
-        pub = doc_publisher(ctx, service.endpoints[0], curve_files["node"])
+        pub, announced = doc_publisher(ctx, service.endpoints[0], curve_files["node"])
         try:
+            assert announced == {"X-MVLD-Enc": descriptor["wire_fingerprint"],
+                                 "X-MVLD-Cameras": descriptor["cameras"]}, "section 10.2"
             pub.send(data, zmq.NOBLOCK)  # once: the subscription was awaited (section 10)
             wait_until(lambda: collected, 15, "the doc client's frame set")
         finally:
@@ -795,6 +924,57 @@ def test_the_real_edge_to_the_doc_receiver_over_curve(exported: dict[str, Any],
     assert ok_views >= 30, "the cameras stream once their health warm-up is over"
 
 
+# --- issue 17 item 6: the real edge says why the real receiver refuses it -------------------
+
+
+@pytest.mark.parametrize(("refusal", "state", "hint"), [
+    ("unlisted-key", "refused(auth)", "not in the receiver's --allow folder"),
+    ("other-model", "refused(fingerprint)", "expects encoder fingerprint"),
+    ("other-cameras", "refused(cameras)", "accepts the cameras left,right,rear"),
+])
+def test_the_real_edge_says_why_the_real_receiver_refuses_it(
+        exported: dict[str, Any], curve_files: dict[str, Any], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, refusal: str, state: str, hint: str) -> None:
+    """A key missing from the allow-list is an authentication error on the edge's status line
+    (not "receiver none"); a receiver of another model is named as refusing the fingerprint."""
+    from mvld.common.keys import generate_keypair
+
+    model, curve, keys, options = exported["model"], None, {}, {}
+    if refusal == "unlisted-key":
+        curve = curve_files
+        _, secret = generate_keypair(tmp_path / "stranger", "stranger")
+        keys = {"key_secret": secret, "server_key": curve_files["receiver_public_file"]}
+    elif refusal == "other-model":
+        model = spatial_tiny_model(seed=6)
+        assert model.fingerprint != exported["model"].fingerprint
+    else:
+        options = {"cameras": ("left", "right", "rear")}
+    service, collected = _collecting_service(model, curve, **options)
+    with service, caplog.at_level(logging.INFO):
+        config = EdgeConfig(cameras=("docfeed://0", "docfeed://1", "docfeed://2"),
+                            connect=(service.endpoints[0],), model=exported["onnx"],
+                            node_id="edge-refused", backend="onnxruntime", fps=30.0,
+                            max_framesets=30, status_every_s=0.2,
+                            capture=CaptureConfig(read_timeout_s=0.1), **keys)
+        EdgeNode(config).run()
+        received = service.metrics.received.value()
+        drops = service.metrics.drops()
+    status = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
+        "edge edge-refused:")]
+    assert status and f"receiver {state}" in status[-1], status
+    assert not any("receiver none" in line for line in status[1:]), status
+    [warning] = [r.getMessage() for r in caplog.records
+                 if r.levelno == logging.WARNING and r.name == "mvld.common.transport"
+                 and "CurveZMQ client key" not in r.getMessage()]
+    assert hint in warning
+    assert not collected
+    if refusal == "unlisted-key":
+        assert received == 0, "nothing reaches a receiver that refused the handshake"
+    else:
+        reason = "fingerprint" if refusal == "other-model" else "unknown_camera"
+        assert received > 0 and drops == {reason: received}
+
+
 # --- item 6: multipart ------------------------------------------------------------------------
 
 
@@ -818,7 +998,7 @@ def test_a_doc_client_multipart_message_follows_section_10_1(exported: dict[str,
         thread = threading.Thread(target=ingest.run, args=(stop, 10), daemon=True)
         thread.start()
         try:
-            pub = doc_publisher(ctx, subscriber.endpoints[0], None)
+            pub, _ = doc_publisher(ctx, subscriber.endpoints[0], None)
             pub.send_multipart([b"", first])
             wait_until(lambda: metrics.received.value() == 1, 5, "the multipart message")
             pub.send_multipart([second, b""])
@@ -942,6 +1122,8 @@ def test_project_publisher_to_doc_receiver_over_curve() -> None:
     ("6: multipart", "### 10.1 Multipart messages"),
     ("6: absent", "`absent` is **not** a wire status"),
     ("8: # in Z85 keys", "parser MUST NOT strip text after a `#` inside a line"),
+    ("17.6: the receiver's model", "`ZMQ_METADATA` to `X-MVLD-Enc:<wire fingerprint>`"),
+    ("17.6: a refused handshake", "`ZMQ_EVENT_HANDSHAKE_FAILED_AUTH` with the ZAP status code"),
     ("1: duplicate keys", "a map MUST NOT hold the same key twice, at any level"),
 ])
 def test_the_document_states_each_rule(item: str, statement: str) -> None:

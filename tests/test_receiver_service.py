@@ -4,7 +4,9 @@ the ``mvld-receiver`` command with its metrics endpoint and status line."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -28,12 +30,14 @@ from receiver_fixtures import (
     wire,
 )
 
+from mvld.common.errors import ConfigError
 from mvld.common.keys import generate_keypair
 from mvld.common.transport import CurveClientKeys, LatentPublisher
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.ingest import assemble
 from mvld.receiver.results import FrameSetResult, Provenance
-from mvld.receiver.service import ReceiverConfig, ReceiverService
+from mvld.receiver.ridge_imputer import ridge_path, save_ridge_weights
+from mvld.receiver.service import ReceiverConfig, ReceiverService, format_status
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def _service(model, collected: list[FrameSetResult], **overrides) -> ReceiverSer
 
 def test_complete_frame_sets_with_imputed_view_reach_the_hook(model) -> None:
     collected: list[FrameSetResult] = []
-    with _service(model, collected, samples=2) as service, \
+    with _service(model, collected, samples=2, deliver_unconditioned=True) as service, \
             connected_publisher(service.endpoints[0]) as publisher:
         sent = {}
         for seq in range(4):
@@ -80,6 +84,93 @@ def test_complete_frame_sets_with_imputed_view_reach_the_hook(model) -> None:
     assert {v.provenance for v in joint.views} == {Provenance.UNCONDITIONED}
     assert service.metrics.views.value(provenance="imputed") >= 4
     assert service.metrics.views.value(provenance="unconditioned") == 3
+
+
+def test_frame_sets_with_no_observed_view_are_withheld_and_counted(model) -> None:
+    collected: list[FrameSetResult] = []
+
+    class AsksForThem:
+        accepts_unconditioned = True
+
+        def __init__(self) -> None:
+            self.seen: list[FrameSetResult] = []
+
+        def __call__(self, result: FrameSetResult) -> None:
+            self.seen.append(result)
+
+    asking = AsksForThem()
+    with _service(model, collected, extra_hooks=[("asking", asking)]) as service, \
+            connected_publisher(service.endpoints[0]) as publisher:
+        publisher.send(wire(model, "edge-2", 0, failed=CAMERAS))
+        time.sleep(0.03)  # one connection is conflated to its newest message: do not burst
+        publisher.send(wire(model, "edge-1", 0, failed=("cam1",)))
+        wait_until(lambda: len(collected) >= 1 and len(asking.seen) >= 2, 10, "the results")
+    assert [(r.node_id, r.seq) for r in collected] == [("edge-1", 0)], "withheld from collect"
+    assert [r.node_id for r in asking.seen] == ["edge-2", "edge-1"], "a task may ask for them"
+    assert service.metrics.withheld.value(reason="no_observed_view") == 0, "one task took it"
+
+    collected.clear()
+    with _service(model, collected) as service, \
+            connected_publisher(service.endpoints[0]) as publisher:
+        publisher.send(wire(model, "edge-2", 0, failed=CAMERAS))
+        time.sleep(0.03)
+        publisher.send(wire(model, "edge-1", 0, failed=("cam1",)))
+        wait_until(lambda: len(collected) >= 1
+                   and service.metrics.withheld.value(reason="no_observed_view") >= 1, 10,
+                   "one result and one withheld frame set")
+        status = service.status(1.0, 0)
+    assert [(r.node_id, r.seq) for r in collected] == [("edge-1", 0)]
+    assert service.metrics.withheld.value(reason="no_observed_view") == 1
+    assert service.metrics.views.value(provenance="unconditioned") == 0, "not even imputed"
+    assert status["withheld"] == 1 and "withheld (no observed view) 1" in format_status(status)
+    assert 'mvld_receiver_framesets_withheld_total{reason="no_observed_view"} 1' in \
+        service.metrics.registry.render()
+
+
+def test_posterior_mean_delivers_the_mean_of_the_samples(model) -> None:
+    collected: list[FrameSetResult] = []
+    with _service(model, collected, samples=3, posterior_mean=True) as service, \
+            connected_publisher(service.endpoints[0]) as publisher:
+        publisher.send(wire(model, "edge-1", 0, failed=("cam1",)))
+        wait_until(lambda: len(collected) >= 1, 10, "one result")
+    result = collected[0]
+    sent = np.stack([v.latent for v in result.views])
+    sent[1] = 0.0
+    present = torch.tensor([[True, False, True]])
+    again = service.imputer(torch.from_numpy(sent)[None], present, samples=3, seed=0)  # batch 0
+    assert np.allclose(result.view("cam1").latent, again.samples[0, :, 1].mean(0).numpy(),
+                       atol=1e-5)
+    assert not np.allclose(result.view("cam1").latent, again.latents[0, 1].numpy(), atol=1e-3)
+    observed = frame_set(model, "edge-1", 0).views[0].latent
+    assert np.array_equal(result.view("cam0").latent, np.asarray(observed, dtype=np.float32))
+    with pytest.raises(ConfigError, match="--samples K with K >= 2"):
+        ReceiverConfig(posterior_mean=True)
+
+
+def test_ridge_with_an_in_memory_model_and_no_checkpoint_is_a_clear_error(model) -> None:
+    config = ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1, imputer="ridge")
+    with pytest.raises(ConfigError, match="needs --model"):
+        ReceiverService(config, model=model)
+
+
+def test_ridge_start_up_line_names_the_imputer_not_a_sampler(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    checkpoint = save_tiny_model(tmp_path)
+    saved = make_tiny_model()  # the same weights: the fingerprint the receiver checks
+    dim, fits = saved.autoencoder.config.latent_dim, {}
+    for mask in itertools.product((True, False), repeat=len(CAMERAS)):
+        observed = sum(mask) * dim
+        missing = len(CAMERAS) * dim - observed
+        fits[mask] = (torch.zeros(observed), torch.zeros(missing),
+                      torch.zeros(observed, missing))
+    save_ridge_weights(ridge_path(checkpoint), fits, saved.fingerprint, 1.0)
+    config = ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1, model=str(checkpoint),
+                            imputer="ridge")
+    with caplog.at_level(logging.INFO, logger="mvld"), ReceiverService(config):
+        pass
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("receiving"))
+    assert "imputer ridge (deterministic)" in line and "steps" not in line, line
 
 
 def test_frame_sets_of_several_nodes_share_one_imputation_call(model) -> None:

@@ -296,3 +296,26 @@ def test_spatial_latent_trains_a_conv_score_network_end_to_end(rig: Path, tmp_pa
     imputed = Imputer.from_model(model, steps=8)(latents, present)
     assert torch.equal(imputed.latents[present], latents[present])
     assert torch.isfinite(imputed.latents).all()
+
+
+def test_warm_start_adds_attention_to_a_trained_conv_net_without_changing_it(
+        rig: Path, tmp_path: Path) -> None:
+    """``init``: the new net (with attention) starts as the old one, latent statistics too."""
+    ae = train_autoencoder(tiny_ae_config(rig, tmp_path / "ae", latent_channels=2, steps=10),
+                           CPU)
+    old = load_mvld_model(train_score(tiny_score_config(
+        rig, ae, tmp_path / "old", widths=(8, 16), blocks=1, attention_heads=0, steps=20), CPU))
+    tiny = dict(widths=(8, 16), blocks=1, attention_heads=4, steps=1, lr=1e-12, seed=5)
+    warm = load_mvld_model(train_score(tiny_score_config(
+        rig, ae, tmp_path / "warm", init=str(tmp_path / "old" / "last"), **tiny), CPU))
+    cold = load_mvld_model(train_score(tiny_score_config(rig, ae, tmp_path / "cold", **tiny),
+                                       CPU))
+    assert warm.score_net.attention is not None
+    x, tau = torch.randn(4, 3, 128), torch.rand(4, 3)
+    with torch.no_grad():
+        assert torch.allclose(warm.score_net(x, tau), old.score_net(x, tau), atol=1e-5)
+        assert not torch.allclose(cold.score_net(x, tau), old.score_net(x, tau), atol=1e-3)
+    assert torch.equal(warm.latent_stats.mean, old.latent_stats.mean)
+    with pytest.raises(ConfigError, match="another score network"):
+        train_score(tiny_score_config(rig, ae, tmp_path / "bad", widths=(16, 32), blocks=1,
+                                      init=str(tmp_path / "old" / "last"), steps=1), CPU)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import zmq
 from mvld.common.errors import ConfigError
 from mvld.common.keys import generate_keypair
 from mvld.common.transport import (
+    CAMERAS_PROPERTY,
+    FINGERPRINT_PROPERTY,
     CurveClientKeys,
     CurveServerKeys,
     LatentPublisher,
@@ -104,7 +107,9 @@ def test_publisher_never_blocks_without_receiver() -> None:
         elapsed = time.perf_counter() - start
     assert not any(results)
     assert (pub.sent, pub.dropped) == (0, 2000)
-    assert elapsed < 1.0
+    # about 0.1 s on an idle machine; a send that waited even one reconnect interval (100 ms)
+    # would take 200 s, so the bound tells the two apart however loaded the machine is
+    assert elapsed < 10.0
 
 
 def test_full_queue_is_counted_not_blocked() -> None:
@@ -253,3 +258,121 @@ def test_a_multipart_message_is_reported_or_reduced_to_its_last_part(latest_only
 def test_bad_endpoints_raise_config_error(endpoints: object) -> None:
     with pytest.raises(ConfigError):
         LatentSubscriber(endpoints)  # type: ignore[arg-type]
+
+
+# --- what the edge learns of a receiver that refuses it (PROTOCOL.md 10.2, issue 17 item 6) ---
+
+FP_A, FP_B = "0f1e2d3c4b5a6978" * 4, "ffeeddccbbaa9988" * 4  # two encoders' fingerprints
+
+
+def settle(sub: LatentSubscriber, pub: LatentPublisher, want: str, timeout: float = 5.0) -> str:
+    """Service the receiver until the node's view of it is ``want`` (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    while (state := pub.receiver_state()) != want and time.monotonic() < deadline:
+        assert sub.recv(5) is None, "nothing was sent"
+    return state
+
+
+@pytest.mark.parametrize(("who", "state", "hint"), [
+    ("unlisted", "refused(auth)", "not in the receiver's --allow folder"),
+    ("wrong-server-key", "refused(handshake)", "is --server-key that receiver's public key"),
+    ("no-curve", "refused(handshake)", "give --keys and --server-key"),  # either detail
+])
+def test_a_refused_handshake_is_an_authentication_error_not_receiver_none(
+        curve_keys: CurveTrio, caplog: pytest.LogCaptureFixture, who: str, state: str,
+        hint: str) -> None:
+    server, _, intruder = curve_keys
+    bogus_server = CurveClientKeys(intruder.public, intruder.secret, intruder.public)
+    curve = {"unlisted": intruder, "no-curve": None, "wrong-server-key": bogus_server}[who]
+    with (
+        caplog.at_level(logging.WARNING, logger="mvld.common.transport"),
+        LatentSubscriber(ANY_PORT, curve=server, fingerprint=FP_A) as sub,
+        LatentPublisher(sub.endpoints, curve=curve, fingerprint=FP_A) as pub,
+    ):
+        assert pub.receiver_state() == "none", "nothing is known before the handshake"
+        assert settle(sub, pub, state) == state
+        assert not pub.has_subscriber and not pub.send(frame_set("intruder", 0))
+        pub.receiver_state()
+    refusals = [r.getMessage() for r in caplog.records if "refuses this node" in r.getMessage()]
+    assert len(refusals) == 1, "a change of state is logged once, not per frame set"
+    assert hint in refusals[0] and sub.endpoints[0] in refusals[0]
+
+
+def test_an_allowed_node_of_the_right_model_sees_the_receiver_up(curve_keys: CurveTrio) -> None:
+    server, node, _ = curve_keys
+    with (
+        LatentSubscriber(ANY_PORT, curve=server, fingerprint=FP_A) as sub,
+        LatentPublisher(sub.endpoints, curve=node, fingerprint=FP_A) as pub,
+    ):
+        assert settle(sub, pub, "up") == "up"
+        assert pub.receiver_fingerprints == {FP_A[:16]}
+        assert pub.send(frame_set("node1", 3))
+        received = sub.recv_message(2000)
+    assert received is not None and decode_frameset(received.data).seq == 3
+
+
+@pytest.mark.parametrize("latest_only", [True, False])
+def test_a_receiver_of_another_model_is_reported_as_refusing_the_fingerprint(
+        caplog: pytest.LogCaptureFixture, latest_only: bool) -> None:
+    """The receiver's X-MVLD-Enc handshake property reaches the node with CONFLATE on or off,
+    and the subscription it rides on still delivers every message exactly once."""
+    with (
+        caplog.at_level(logging.WARNING, logger="mvld.common.transport"),
+        LatentSubscriber(ANY_PORT, latest_only=latest_only, fingerprint=FP_B) as sub,
+        LatentPublisher(sub.endpoints, fingerprint=FP_A) as pub,
+    ):
+        assert settle(sub, pub, "refused(fingerprint)") == "refused(fingerprint)"
+        assert pub.receiver_fingerprints == {FP_B[:16]} and pub.has_subscriber
+        assert pub.send(frame_set("node1", 1))  # still sent: the receiver counts the drop
+        assert [decode_frameset(d).seq for d in drain(sub)] == [1]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert FP_B[:16] in warning and FP_A[:16] in warning
+
+
+@pytest.mark.parametrize(("receiver_cameras", "state"), [
+    (("cam0", "cam1", "cam2"), "up"),
+    (("cam0", "cam1", "cam2", "cam3"), "up"),  # a camera may be absent (PROTOCOL.md 8)
+    (("cam0", "cam1"), "refused(cameras)"),  # cam2 is unknown there: every set is dropped
+    (("left", "right", "rear"), "refused(cameras)"),
+])
+def test_a_receiver_without_one_of_the_nodes_cameras_is_reported(
+        receiver_cameras: tuple[str, ...], state: str) -> None:
+    with (
+        LatentSubscriber(ANY_PORT, fingerprint=FP_A, camera_ids=receiver_cameras) as sub,
+        LatentPublisher(sub.endpoints, fingerprint=FP_A,
+                        camera_ids=("cam0", "cam1", "cam2")) as pub,
+    ):
+        assert settle(sub, pub, state) == state
+
+
+def test_a_receiver_that_advertises_nothing_is_simply_up() -> None:
+    """A third-party receiver need not set X-MVLD-Enc; the node cannot compare, so it is up."""
+    with (
+        LatentSubscriber(ANY_PORT) as sub,
+        LatentPublisher(sub.endpoints, fingerprint=FP_A) as pub,
+    ):
+        assert settle(sub, pub, "up") == "up" and pub.receiver_fingerprints == frozenset()
+
+
+def test_the_fingerprint_property_is_readable_by_any_xpub_client() -> None:
+    """What PROTOCOL.md 10.2 tells a third-party client: read X-MVLD-Enc off the notice."""
+    with (
+        LatentSubscriber(ANY_PORT, fingerprint=FP_B, camera_ids=("cam0", "gate")) as sub,
+        zmq.Context() as context,
+        context.socket(zmq.XPUB) as pub,
+    ):
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(sub.endpoints[0])
+        deadline = time.monotonic() + 5.0
+        while not pub.poll(0):
+            assert sub.recv(5) is None and time.monotonic() < deadline
+        notice = pub.recv(copy=False)
+    assert notice.bytes == b"\x01" and notice.get(FINGERPRINT_PROPERTY) == FP_B[:16]
+    assert notice.get(CAMERAS_PROPERTY) == '["cam0", "gate"]'  # a JSON array
+
+
+def test_a_fingerprint_that_is_no_hex_digest_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="encoder fingerprint"):
+        LatentSubscriber(ANY_PORT, fingerprint="not-hex")
+    with pytest.raises(ConfigError, match="encoder fingerprint"):
+        LatentPublisher("tcp://127.0.0.1:1", fingerprint="not-hex")

@@ -4,26 +4,67 @@ The classifier is the yardstick of decoded and imputed views, so it should judge
 shows (which object, from where), not pixel-level detail that any lossy codec removes.
 Trained on sharp renders only, a small CNN keys on texture and edges and loses most of its
 accuracy on mildly smoothed images of the same scene. Each training view is therefore
-mirrored, shifted by a few pixels, jittered in brightness and contrast, and blurred with a
-random Gaussian. Every draw comes from the step's generator, so training stays seeded.
+shifted by a few pixels, jittered in brightness and contrast, and blurred with a random
+Gaussian. Mirroring is chosen per dataset (:func:`augment_for_dataset`): it changes the label
+of digits, text or left/right cues, so it is off unless asked for (``--mirror``) or the
+dataset declares its labels mirror-invariant (docs/DATASETS.md). Every draw comes from the
+step's generator, so training stays seeded.
 """
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "dataset.json"  # optional, top level of a dataset: {"mirror_invariant": true}
+RENDER_FILE = "render.json"  # written by `mvld-data render`: the rig's classes survive a mirror
+MIRROR_PROB = 0.5
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Ranges of the random transforms (images preprocessed to ``[-1, 1]``)."""
 
-    flip_prob: float = 0.5  # horizontal mirror
+    flip_prob: float = 0.0  # horizontal mirror (only for mirror-invariant labels)
     max_shift: int = 4  # pixels, each axis, reflect-padded
     brightness: float = 0.1  # additive offset, uniform in +-brightness
     contrast: float = 0.15  # gain, uniform in 1 +- contrast
     blur_prob: float = 0.5
     max_blur_sigma: float = 1.5  # pixels, uniform in (0, max]
+
+
+def mirror_invariant(data: str | Path) -> bool:
+    """Whether a dataset declares that mirroring a view keeps its label.
+
+    ``dataset.json`` with ``"mirror_invariant": true`` says so; a dataset rendered by the
+    simulated rig (``render.json`` with its ``classes``) does, since its objects' classes do
+    not depend on left or right. Anything else, including an unreadable file, does not.
+    """
+    root = Path(data)
+    try:
+        metadata = json.loads((root / METADATA_FILE).read_text())
+        if isinstance(metadata, dict) and "mirror_invariant" in metadata:
+            return metadata["mirror_invariant"] is True
+    except (OSError, json.JSONDecodeError):
+        pass
+    try:
+        render = json.loads((root / RENDER_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(render, dict) and "classes" in render
+
+
+def augment_for_dataset(data: str | Path, mirror: bool) -> AugmentConfig:
+    """The classifier's augmentation for ``data``: mirroring when asked or declared safe."""
+    allowed = mirror or mirror_invariant(data)
+    log.info("classifier augmentation: %s", "with horizontal mirroring" if allowed else
+             "no mirroring (pass --mirror, or see docs/DATASETS.md, if labels survive it)")
+    return replace(AugmentConfig(), flip_prob=MIRROR_PROB if allowed else 0.0)
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator

@@ -1,7 +1,7 @@
 """Training of the downstream label classifier (:mod:`mvld.model.classifier`) on real views.
 
 Training views are augmented (``mvld.train.augment``) so that the yardstick judges content,
-not the last bit of sharpness.
+not the last bit of sharpness; mirroring only where the dataset's labels survive it.
 """
 
 import logging
@@ -15,7 +15,7 @@ from mvld.common.errors import ConfigError, DatasetError
 from mvld.common.preprocess import PreprocessConfig
 from mvld.model.checkpoint import checkpoint_paths
 from mvld.model.classifier import ClassifierConfig, ViewClassifier, accuracy, save_classifier
-from mvld.train.augment import AugmentConfig, augment_views
+from mvld.train.augment import augment_for_dataset, augment_views
 from mvld.train.autoencoder_training import images_for, view_pairs
 from mvld.train.config import ClassifierTrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
@@ -52,7 +52,7 @@ def train_classifier(config: ClassifierTrainConfig, ctx: DistributedContext) -> 
     classifier = ViewClassifier(ClassifierConfig(
         num_classes=int(arrays.labels.max()) + 1, image_size=config.image_size,
         channels=config.channels, convs_per_stage=config.convs_per_stage)).to(ctx.device)
-    augment = AugmentConfig() if config.augment else None
+    augment = augment_for_dataset(config.data, config.mirror) if config.augment else None
     optimizer = torch.optim.Adam(classifier.parameters(), lr=config.lr)
     trained = ctx.wrap(classifier)
     labels = torch.from_numpy(arrays.labels)

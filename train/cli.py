@@ -1,8 +1,11 @@
 """``mvld-train``: train the autoencoder (``ae``), then the score model (``score``).
 
-``classifier`` trains the downstream label classifier used to judge imputed views.
+``classifier`` trains the downstream label classifier used to judge imputed views. ``all``
+runs every stage, the ONNX export and a verdict against the baselines in one resumable
+command (:mod:`mvld.train.pipeline`, docs/TRAINING.md).
 
-Options come from defaults, then an optional TOML file (``--config``), then flags. Under
+Options come from defaults, then an optional TOML file (``--config``), then flags;
+``--print-config`` prints them as such a file, and ``--gpu N`` is ``--device cuda:N``. Under
 ``torchrun --nproc_per_node N`` the same command trains with DistributedDataParallel.
 torch is imported after parsing: ``--help`` works without it, and a missing ``train`` extra
 is named in one line (:mod:`mvld.common.exits`). SIGINT/SIGTERM save a checkpoint of the last
@@ -12,30 +15,38 @@ finished step (``--resume`` continues from it) and exit 130/143.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mvld.common.config_flags import add_gpu_flag, add_logging_flags, device_of, log_level_of
 from mvld.common.errors import MVLDError
 from mvld.common.exits import EXIT_USAGE, command, output_folder
+from mvld.common.logs import setup_logging
 from mvld.train.config import (
     AETrainConfig,
     ClassifierTrainConfig,
     CommonTrainConfig,
     ScoreTrainConfig,
+    TrainAllConfig,
     add_config_flags,
+    config_options,
+    config_to_dict,
+    flags_given,
     load_config,
+    stage_tables,
 )
 
 if TYPE_CHECKING:
     from mvld.train.distributed import DistributedContext
 
-STAGES: dict[str, tuple[type[CommonTrainConfig], str]] = {
+STAGES: dict[str, tuple[type[CommonTrainConfig] | type[TrainAllConfig], str]] = {
     "ae": (AETrainConfig, "train the shared autoencoder on every view of a dataset folder"),
     "score": (ScoreTrainConfig, "train the score network on the latents of a trained autoencoder"),
     "classifier": (ClassifierTrainConfig,
                    "train the downstream label classifier on single real views"),
+    "all": (TrainAllConfig, "every stage into one run folder, the ONNX export and a verdict "
+            "against the baselines; resumable, with an optional --budget (docs/TRAINING.md)"),
 }
 
 
@@ -45,17 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mvld-train",
         description="Train on a dataset folder: `mvld-train ae --data DIR`, then "
         "`mvld-train score --data DIR --ae runs/ae/last`. Options: defaults < --config "
-        "TOML file (top level or [ae]/[score] table) < flags.",
+        "TOML file (top level or [ae]/[score]/[classifier] table) < flags. "
+        "`mvld-train STAGE --help` lists a stage's options.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (cls, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
-        stage.add_argument("--config", help="TOML file with options")
         add_config_flags(stage, cls)
+        add_gpu_flag(stage)
+        add_logging_flags(stage)
     return parser
 
 
-def _train(stage: str, config: CommonTrainConfig, ctx: DistributedContext) -> Path:
+def _train(stage: str, config: CommonTrainConfig | TrainAllConfig, ctx: DistributedContext,
+           config_file: str | None) -> Path:
+    if stage == "all":
+        from mvld.train.pipeline import run_pipeline
+
+        result = run_pipeline(config, ctx, stage_tables(config_file))
+        print(result.report)
+        return result.model
     if stage == "ae":
         from mvld.train.autoencoder_training import train_autoencoder
 
@@ -72,13 +92,18 @@ def _train(stage: str, config: CommonTrainConfig, ctx: DistributedContext) -> Pa
 @command("mvld-train", extras="train")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-train``."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = vars(build_parser().parse_args(argv))
-    stage, config_file = args.pop("stage"), args.pop("config")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_json, log_level_of(args))
+    stage, config_file = args.stage, args.config
     cls = STAGES[stage][0]
     try:
-        config = load_config(cls, stage, config_file, args)
+        flags = flags_given(cls, args)
+        if args.gpu is not None:
+            flags["device"] = device_of(args.gpu, flags.get("device"))
+        config = load_config(cls, stage, config_file, flags)
+        if args.print_config:
+            sys.stdout.write(config_options(cls).to_toml({cls: config_to_dict(config)}))
+            return 0
         import torch
 
         from mvld.train.distributed import setup_distributed, teardown_distributed
@@ -89,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(config.threads)
         ctx = setup_distributed(config.device)
         try:
-            path = _train(stage, config, ctx)
+            path = _train(stage, config, ctx, config_file)
         finally:
             teardown_distributed()
     except MVLDError as exc:

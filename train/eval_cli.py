@@ -2,7 +2,8 @@
 
 For every missing-view pattern: coherence, FID (real Inception weights), a Fréchet distance on
 the classifier's features, PSNR/SSIM, NFE and seconds per frame set, for each sampler and the
-baselines; then bytes per frame set against quality next to JPEG and WebP. Writes
+baselines; then bytes per frame set against quality next to JPEG and WebP. A dataset without
+labels is evaluated on PSNR/SSIM/FID only (coherence is skipped, and the outputs say so). Writes
 ``summary.json`` (docs/EVAL.md), ``summary.md``, PNG plots and image grids into ``--out``.
 Progress goes to stderr. torch is imported after parsing, so ``--help`` works without it and a
 missing extra is named in one line (exit codes: :mod:`mvld.common.exits`).
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mvld.common.config_flags import add_gpu_flag, add_logging_flags, device_of, log_level_of
 from mvld.common.errors import MVLDError
 from mvld.common.exits import EXIT_USAGE, OPTIONAL_MODULES, command, output_folder
 
@@ -45,30 +47,47 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate imputation on the held-out scenes of a dataset for every "
         "missing-view pattern (coherence, FID, Fréchet distance on classifier features, "
         "PSNR/SSIM, baselines, NFE and time) and the bandwidth trade-off against JPEG/WebP, "
-        "e.g. `mvld-eval --data DIR --model M --classifier C --out runs/eval`.")
-    parser.add_argument("--data", required=True, help="dataset folder (docs/DATASETS.md)")
-    parser.add_argument("--model", help="MVLD checkpoint (default: the packaged model)")
-    parser.add_argument("--classifier",
+        "e.g. `mvld-eval --data DIR --model M --classifier C --out runs/eval`. Without "
+        "labels.csv, coherence is skipped: PSNR/SSIM/FID only.")
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="dataset folder in the format of docs/DATASETS.md (required)")
+    parser.add_argument("--model", metavar="CKPT",
+                        help="MVLD checkpoint (default: the packaged model)")
+    parser.add_argument("--classifier", metavar="CKPT",
                         help="classifier checkpoint from `mvld-train classifier` "
-                        "(default: the packaged classifier)")
+                        "(default: the packaged classifier; unused without labels)")
     parser.add_argument("--samplers", default=None,
                         help=f"comma-separated name:steps; the first is the fast sampler the "
-                        f"baselines and the trade-off use (default {_default_samplers()})")
+                        f"baselines and the trade-off use (default: {_default_samplers()})")
     parser.add_argument("--fid-samples", type=int, default=None,
                         help="imputed views per method and pattern fed to Inception for FID "
-                        "(~0.3-0.8 s per view on a CPU; 0 skips FID; default 100)")
+                        "(~0.3-0.8 s per view on a CPU; 0 skips FID) (default: 100)")
     parser.add_argument("--frames", type=int, default=None,
-                        help="held-out frame sets evaluated, evenly spaced (default 400)")
+                        help="held-out frame sets evaluated, evenly spaced (default: 400)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="held-out tail of the dataset, as in training (default 0.1)")
-    parser.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", default=None,
-                        help="also write the 'Imputation (issue 5)' section of this markdown "
-                        "file (e.g. docs/RESULTS.md), replacing an earlier one")
+                        help="held-out tail of the dataset, as in training (default: 0.1)")
+    parser.add_argument("--fit-data", default=None, metavar="DIR",
+                        help="dataset the baselines are fitted on (e.g. the model's training "
+                        "data); then every frame set of --data is held out (default: the "
+                        "training part of --data)")
+    parser.add_argument("--fit-frames", type=int, default=10_000,
+                        help="at most this many frame sets of --fit-data, evenly spaced "
+                        "(default: 10000)")
+    parser.add_argument("--out", default="runs/eval", metavar="DIR",
+                        help="output folder (default: runs/eval)")
+    parser.add_argument("--device", default=None,
+                        help="torch device: cpu, cuda or cuda:N (default: cpu)")
+    add_gpu_flag(parser)
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="random seed (default: 0)")
+    parser.add_argument("--results", default=None, metavar="FILE.md",
+                        help="also write the imputation section of this markdown file (e.g. "
+                        "docs/RESULTS.md), replacing an earlier one")
     parser.add_argument("--quick", action="store_true",
-                        help=f"small run for a smoke check: {QUICK} unless given")
+                        help="small run for a smoke check: " + ", ".join(
+                            f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+                        + " unless given")
+    add_logging_flags(parser, json_lines=False)
     return parser
 
 
@@ -86,7 +105,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       classifier=args.classifier,
                       samplers=parse_samplers(pick("samplers", DEFAULT_SAMPLERS)),
                       fid_samples=pick("fid_samples", 100), frames=pick("frames", 400),
-                      val_fraction=args.val_fraction, device=args.device, seed=args.seed,
+                      val_fraction=args.val_fraction, fit_data=args.fit_data,
+                      fit_frames=args.fit_frames, device=device_of(args.gpu, args.device),
+                      seed=args.seed,
                       throughput_batch=preset.get("throughput_batch", 64), quick=args.quick)
 
 
@@ -98,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     package_log = logging.getLogger("mvld")
     package_log.addHandler(progress)
-    level, package_log.level = package_log.level, logging.INFO
+    level, package_log.level = package_log.level, logging.getLevelName(log_level_of(args))
     try:
         from mvld.train.eval_report import results_section, update_results, write_outputs
         from mvld.train.evaluation import evaluate
@@ -120,3 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         package_log.setLevel(level)
     print(path)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -106,11 +106,14 @@ def targets_table(targets: list[dict]) -> list[str]:
 def markdown(summary: dict) -> str:
     """The tables of one evaluation as markdown (the body of a RESULTS.md section)."""
     data, settings, speed = summary["data"], summary["settings"], summary["throughput"]
+    labelled = "labelled" if data.get("labelled", True) else "(unlabelled)"
+    skipped = ("" if data.get("labelled", True) else
+               " Coherence and the classifier's Fréchet distance are skipped: no labels.")
     lines = [f"Held-out frame sets: stems {data['held_out_stems'][0]}-{data['held_out_stems'][1]}"
              f" (last {settings['val_fraction']:.0%} of the dataset, whole scenes); "
-             f"{data['evaluated']} complete labelled frame sets evaluated; baselines fitted on "
+             f"{data['evaluated']} complete {labelled} frame sets evaluated; baselines fitted on "
              f"{data['train_complete']} complete training frame sets. FID on up to "
-             f"{settings['fid_samples']} imputed views per method and pattern.", "",
+             f"{settings['fid_samples']} imputed views per method and pattern.{skipped}", "",
              "### Targets", "", *targets_table(summary["targets"]), "",
              "### All patterns pooled", "", *methods_table(summary), "",
              f"CPU throughput ({speed['sampler']}, batch {speed['batch']}, 1 of "
@@ -205,6 +208,10 @@ def _plot_tradeoff(plt, tradeoff: dict, path: Path) -> None:
     for ax, metric, label in ((axes[0], "psnr", "PSNR of all views (dB)"),
                               (axes[1], "ssim", "SSIM of all views"),
                               (axes[2], "coherence", "coherence of all views")):
+        if all(p[metric] is None for p in tradeoff["latent"]):  # coherence without labels
+            ax.set_axis_off()
+            ax.set_title(f"{label}: not measured (no labels)", fontsize=8)
+            continue
         for dtype, marker in (("int8", "o-"), ("float16", "s--"), ("float32", "d:")):
             points = [p for p in tradeoff["latent"] if p["dtype"] == dtype]
             xs, ys = [p["bytes"] for p in points], [p[metric] for p in points]
@@ -214,7 +221,7 @@ def _plot_tradeoff(plt, tradeoff: dict, path: Path) -> None:
         for name, points in tradeoff["codecs"].items():
             ax.plot([p["bytes_per_frame_set"] for p in points], [p[metric] for p in points],
                     "x-" if "tiled" in name else "^-", label=name, alpha=0.8)
-        if metric == "coherence":
+        if metric == "coherence" and tradeoff["real_coherence"] is not None:
             ax.axhline(tradeoff["real_coherence"], color="grey", ls=":", label="real views")
         ax.set_xscale("log")
         ax.set_xlabel("bytes per frame set (wire message / coded images)")
@@ -235,9 +242,12 @@ def write_plots(summary: dict, out: Path) -> list[str]:
     except ImportError:
         log.warning("matplotlib is not installed (pip install matplotlib): no plots written")
         return []
-    _plot_coherence(plt, summary, out / "coherence.png")
+    names = ["tradeoff.png"]
+    if summary["data"].get("labelled", True):  # unlabelled data: no coherence to plot
+        _plot_coherence(plt, summary, out / "coherence.png")
+        names.insert(0, "coherence.png")
     _plot_tradeoff(plt, summary["tradeoff"], out / "tradeoff.png")
-    return ["coherence.png", "tradeoff.png"]
+    return names
 
 
 def finite(value):
@@ -264,7 +274,7 @@ def write_outputs(result: EvalResult, out: str | Path) -> Path:
     return path
 
 
-RESULTS_HEADING = "## Imputation (issue 5)"
+RESULTS_HEADING = "## Imputation (`mvld-eval`)"
 
 
 def results_section(summary: dict, out: Path, results: Path, command: str) -> str:

@@ -29,8 +29,8 @@ BASELINE_GROUPS = ("1 missing (pooled)", "2 missing (pooled)")
 class ViewScores:
     """Per-image judgements of M views (frame-major order)."""
 
-    correct: np.ndarray  # bool [M]: classifier prediction == label
-    features: np.ndarray  # [M, F] classifier penultimate features
+    correct: np.ndarray | None  # bool [M]: classifier prediction == label (None: no labels)
+    features: np.ndarray | None  # [M, F] classifier penultimate features (None: no labels)
     psnr: np.ndarray | None  # [M] dB against the true view (None for the real views)
     ssim: np.ndarray | None  # [M]
     inception: np.ndarray | None  # [min(M, fid_samples), 2048]
@@ -43,6 +43,12 @@ class Group:
     name: str
     missing_views: int | None  # number of missing views, None when patterns are mixed
     parts: list[tuple[ViewScores, ViewScores]]  # (scores, real scores) of each pattern
+
+
+def _view_count(scores: ViewScores) -> int:
+    """Views judged; unlabelled real views carry only Inception features (or nothing)."""
+    measured = (scores.correct, scores.psnr, scores.features, scores.inception)
+    return next((len(x) for x in measured if x is not None), 0)
 
 
 def _mean(values: list[np.ndarray | None]) -> float | None:
@@ -66,8 +72,9 @@ def group_row(method: str, kind: str, group: Group, compare_to_real: bool = True
     real = [r for _, r in group.parts]
     row = {"method": method, "kind": kind, "group": group.name,
            "missing_views": group.missing_views,
-           "views": int(sum(len(s.correct) for s in scores)),
-           "coherence": _mean([s.correct.astype(float) for s in scores]),
+           "views": int(sum(_view_count(s) for s in scores)),
+           "coherence": _mean([None if s.correct is None else s.correct.astype(float)
+                               for s in scores]),
            "psnr": _mean([s.psnr for s in scores]), "ssim": _mean([s.ssim for s in scores]),
            "fd_classifier": None, "fid": None,
            "fid_views": int(sum(len(s.inception) for s in scores if s.inception is not None))}
@@ -106,11 +113,13 @@ def fast_vs_reference(rows: list[dict], methods: list[dict]) -> list[dict]:
                         None, None, "not measured")]
     ref = max(em, key=lambda m: m["nfe"])
     f, r = _pooled(rows, fast["label"]), _pooled(rows, ref["label"])
-    points = 100.0 * (r["coherence"] - f["coherence"])
-    out = [_target("fast_coherence_vs_reference",
-                   f"{fast['label']} within {COHERENCE_POINTS_TARGET} coherence points of "
-                   f"{ref['label']}", points, points <= COHERENCE_POINTS_TARGET,
-                   f"{points:+.2f} points (reference minus fast)")]
+    out = []
+    if f["coherence"] is not None and r["coherence"] is not None:
+        points = 100.0 * (r["coherence"] - f["coherence"])
+        out.append(_target("fast_coherence_vs_reference",
+                           f"{fast['label']} within {COHERENCE_POINTS_TARGET} coherence points "
+                           f"of {ref['label']}", points, points <= COHERENCE_POINTS_TARGET,
+                           f"{points:+.2f} points (reference minus fast)"))
     gap_db = r["psnr"] - f["psnr"]
     out.append(_target("fast_psnr_vs_reference", f"{fast['label']} within {PSNR_DB_TARGET} dB "
                        f"PSNR of {ref['label']}", gap_db, gap_db <= PSNR_DB_TARGET,

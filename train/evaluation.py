@@ -7,7 +7,9 @@ decoder turns them into images, and each imputed view is judged against the true
 
 * coherence: the label classifier (``mvld-train classifier``) on the imputed view agrees with
   the frame-set label, next to the same classifier on the real views (the ceiling) and on the
-  reconstructed views (decoder of the true latents: what a perfect imputer could reach);
+  reconstructed views (decoder of the true latents: what a perfect imputer could reach). A
+  dataset without labels skips coherence and the classifier's Fréchet distance (``None``):
+  PSNR, SSIM and FID need no labels;
 * FID with real Inception features (``metrics_fid``) on the first ``fid_samples`` imputed
   views of a pattern, against the real views of the same frame sets and cameras;
 * a quick Fréchet distance on the classifier's penultimate features (every evaluated view);
@@ -102,6 +104,11 @@ class EvalConfig:
     fid_samples: int = 100  # imputed views per (method, pattern) for Inception FID; 0: skip
     frames: int = 400  # held-out frame sets evaluated (evenly spaced over the held-out tail)
     val_fraction: float = 0.1
+    # dataset the baselines (mean, nearest neighbour, ridge) are fitted on, e.g. the model's
+    # training data when --data holds scenes rendered from unseen seeds; None: the training
+    # part of --data. With it, every complete frame set of --data is held out.
+    fit_data: str | None = None
+    fit_frames: int = 10_000  # at most this many complete frame sets of fit_data, evenly spaced
     device: str = "cpu"
     seed: int = 0
     grid_rows: int = 4
@@ -132,12 +139,12 @@ class EvalInputs:
     """Model, judge and held-out data of one evaluation."""
 
     model: MVLDModel
-    classifier: ViewClassifier
-    classifier_preprocess: PreprocessConfig
+    classifier: ViewClassifier | None  # None: the dataset has no labels, coherence is skipped
+    classifier_preprocess: PreprocessConfig | None
     cameras: list[str]
     train_z: torch.Tensor  # standardised latents of complete training frame sets [N_train, V, D]
     images: np.ndarray  # uint8 [N, V, H, W, 3] held-out views at the model's size
-    labels: np.ndarray  # int64 [N]
+    labels: np.ndarray  # int64 [N], NO_LABEL everywhere for an unlabelled dataset
     latents: torch.Tensor  # raw latents [N, V, D] of the held-out views
     stems: list[str]
     split: dict
@@ -152,14 +159,23 @@ def _resolve(path: str | None, default: Path, what: str) -> Path:
     return default
 
 
-def _select(arrays, config: EvalConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Complete training frame sets, evaluated held-out frame sets, and the split's record."""
+def _select(arrays, config: EvalConfig, labelled: bool = True
+            ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Complete training frame sets, evaluated held-out frame sets, and the split's record.
+
+    With ``labelled`` only labelled held-out frame sets are evaluated (coherence needs them).
+    """
     train_all, test_all = split_train_val(len(arrays.stems), config.val_fraction)
+    if config.fit_data is not None:  # the baselines are fitted elsewhere: all of it is held out
+        train_all, test_all = np.arange(0), np.arange(len(arrays.stems))
     complete = arrays.present.all(1)
     train_idx = train_all[complete[train_all]]
-    test_idx = test_all[complete[test_all] & (arrays.labels[test_all] != NO_LABEL)]
-    if len(test_idx) < 2 or len(train_idx) < 2:
-        raise DatasetError(f"{config.data}: fewer than 2 complete (labelled) frame sets in the "
+    test_idx = test_all[complete[test_all]]
+    if labelled:
+        test_idx = test_idx[arrays.labels[test_idx] != NO_LABEL]
+    if len(test_idx) < 2 or (len(train_idx) < 2 and config.fit_data is None):
+        kind = "labelled " if labelled else ""
+        raise DatasetError(f"{config.data}: fewer than 2 complete {kind}frame sets in the "
                            "training or held-out split")
     chosen = evenly_spaced(test_idx, config.frames)
     split = {"val_fraction": config.val_fraction, "frame_sets": len(arrays.stems),
@@ -174,35 +190,71 @@ def load_inputs(config: EvalConfig) -> EvalInputs:
     if not Path(config.data).is_dir():
         raise DatasetError(f"{config.data}: dataset folder does not exist")
     model_path = _resolve(config.model, DEFAULT_MODEL, "model")
-    classifier_path = _resolve(config.classifier, DEFAULT_CLASSIFIER, "classifier")
     model = load_mvld_model(model_path, device=config.device)
-    classifier, classifier_preprocess = load_classifier(classifier_path)
     arrays = load_frame_arrays(config.data, model.preprocess.height, model.preprocess.width)
     if arrays.num_views != model.num_views:
         raise DatasetError(f"{config.data} has {arrays.num_views} cameras; the model was "
                            f"trained for {model.num_views}")
-    train_idx, chosen, split = _select(arrays, config)
+    labelled = bool((arrays.labels != NO_LABEL).any())
+    classifier = classifier_preprocess = classifier_path = None
+    if labelled:
+        classifier_path = _resolve(config.classifier, DEFAULT_CLASSIFIER, "classifier")
+        classifier, classifier_preprocess = load_classifier(classifier_path)
+        classifier = classifier.to(config.device)
+    else:
+        log.warning("%s has no labels: coherence and the classifier's Fréchet distance are "
+                    "skipped (PSNR, SSIM and FID only)", config.data)
+    train_idx, chosen, split = _select(arrays, config, labelled)
     log.info("encoding %d frame sets (%d complete training, %d held-out evaluated)",
              len(arrays.stems), len(train_idx), len(chosen))
     latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays)
-    split |= {"model": str(model_path), "classifier": str(classifier_path)}
-    return EvalInputs(model=model, classifier=classifier.to(config.device),
+    train_latents = latents[train_idx]
+    if config.fit_data is not None:
+        train_latents, fitted = _fit_latents(config, model)
+        split |= {"fit_data": config.fit_data, "train_complete": fitted}
+    split |= {"model": str(model_path), "labelled": labelled,
+              "classifier": None if classifier_path is None else str(classifier_path)}
+    return EvalInputs(model=model, classifier=classifier,
                       classifier_preprocess=classifier_preprocess, cameras=arrays.cameras,
-                      train_z=model.latent_stats.standardise(latents[train_idx]),
+                      train_z=model.latent_stats.standardise(train_latents),
                       images=arrays.images[chosen], labels=arrays.labels[chosen],
                       latents=latents[chosen], stems=[arrays.stems[i] for i in chosen],
                       split=split)
+
+
+def _fit_latents(config: EvalConfig, model: MVLDModel) -> tuple[torch.Tensor, int]:
+    """Raw latents of up to ``fit_frames`` complete frame sets of ``fit_data``, and their count."""
+    assert config.fit_data is not None
+    if not Path(config.fit_data).is_dir():
+        raise DatasetError(f"{config.fit_data}: baseline dataset folder does not exist")
+    log.info("loading up to %d frame sets of %s for the baselines", config.fit_frames,
+             config.fit_data)
+    arrays = load_frame_arrays(config.fit_data, model.preprocess.height, model.preprocess.width,
+                               limit=config.fit_frames)
+    if arrays.num_views != model.num_views:
+        raise DatasetError(f"{config.fit_data} has {arrays.num_views} cameras; the model was "
+                           f"trained for {model.num_views}")
+    complete = np.flatnonzero(arrays.present.all(1))
+    if len(complete) < 2:
+        raise DatasetError(f"{config.fit_data}: fewer than 2 complete frame sets to fit the "
+                           "baselines on")
+    latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays)
+    return latents[complete], len(complete)
 
 
 # ---------------------------------------------------------------- judging views
 
 
 class Judge:
-    """Classifier, Inception and the true views: scores any set of views."""
+    """Classifier, Inception and the true views: scores any set of views.
 
-    def __init__(self, classifier: ViewClassifier, preprocess: PreprocessConfig,
+    Without a classifier (unlabelled data) ``correct`` and ``features`` stay ``None``.
+    """
+
+    def __init__(self, classifier: ViewClassifier | None, preprocess: PreprocessConfig | None,
                  inception: InceptionFeatures | None, fid_samples: int, batch: int = 256) -> None:
-        self.classifier, self.preprocess = classifier.eval(), preprocess
+        self.classifier = None if classifier is None else classifier.eval()
+        self.preprocess = preprocess
         self.inception, self.fid_samples, self.batch = inception, fid_samples, batch
 
     @torch.inference_mode()
@@ -225,12 +277,15 @@ class Judge:
         Inception features are taken for the first ``inception_count`` views (default:
         ``fid_samples``); none without an Inception network.
         """
-        predictions, features = self.classify(images)
+        correct = features = None
+        if self.classifier is not None:
+            predictions, features = self.classify(images)
+            correct = predictions == labels
         count = self.fid_samples if inception_count is None else inception_count
         inception = None
         if self.inception is not None and count:
             inception = self.inception(images[:count])
-        return ViewScores(correct=predictions == labels, features=features,
+        return ViewScores(correct=correct, features=features,
                           psnr=None if truth is None else psnr(images, truth),
                           ssim=None if truth is None else ssim(images, truth),
                           inception=inception)
@@ -313,7 +368,8 @@ def subset(scores: ViewScores, index: np.ndarray, fid_samples: int) -> ViewScore
         if head.max() >= len(scores.inception):
             raise ValueError("reference Inception features do not cover the subset")
         inception = scores.inception[head]
-    return ViewScores(correct=scores.correct[index], features=scores.features[index],
+    return ViewScores(correct=None if scores.correct is None else scores.correct[index],
+                      features=None if scores.features is None else scores.features[index],
                       psnr=None if scores.psnr is None else scores.psnr[index],
                       ssim=None if scores.ssim is None else scores.ssim[index],
                       inception=inception)
@@ -485,8 +541,9 @@ def _tradeoff_quality(inputs: EvalInputs, judge: Judge, real: ViewScores):
             frames = np.arange(fid_frames)  # frame set n from pattern n mod P: each set once
             picks = decoded[frames % repeats, frames].reshape(-1, *inputs.images.shape[2:])
             fid = frechet_distance(judge.inception(picks), real.inception[:fid_frames * views])
+        coherence = None if scores.correct is None else float(scores.correct.mean())
         return {"psnr": float(scores.psnr.mean()), "ssim": float(scores.ssim.mean()),
-                "coherence": float(scores.correct.mean()), "fid": fid}
+                "coherence": coherence, "fid": fid}
 
     return quality
 
@@ -525,7 +582,8 @@ def build_tradeoff(inputs: EvalInputs, judge: Judge, spec: SamplerSpec, real: Vi
     latent = latent_points(inputs, spec, seed, quality)
     codecs = codec_sweeps(inputs.images, quality)
     matched = matched_budgets(latent, codecs, inputs.images, quality)
-    return {"method": spec.label, "real_coherence": float(real.correct.mean()),
+    real_coherence = None if real.correct is None else float(real.correct.mean())
+    return {"method": spec.label, "real_coherence": real_coherence,
             "latent": latent, "codecs": codecs, "matched": matched,
             "curve_above": [curve_above(matched, "psnr"), curve_above(matched, "ssim"),
                             curve_above(matched, "fid", higher_is_better=False)]}
@@ -546,7 +604,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     """The full evaluation of docs/EVAL.md; progress goes to the ``logging`` INFO level."""
     inputs = load_inputs(config)
     inception = InceptionFeatures(device=config.device) if config.fid_samples else None
-    judge = Judge(inputs.classifier, inputs.classifier_preprocess, inception, config.fid_samples)
+    judge = Judge(inputs.classifier, inputs.classifier_preprocess, inception,
+                  config.fid_samples)
     patterns = missing_patterns(len(inputs.cameras))
     real, recon = score_references(inputs, judge)
     runs = run_methods(inputs, config, patterns)

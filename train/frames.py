@@ -36,17 +36,23 @@ class FrameArrays:
         return len(self.cameras)
 
 
-def load_frame_arrays(root: str | Path, height: int, width: int, skip_bad: bool = False
-                      ) -> FrameArrays:
-    """Decode every frame set of ``root`` and resize its views to ``height x width``."""
+def load_frame_arrays(root: str | Path, height: int, width: int, skip_bad: bool = False,
+                      limit: int | None = None) -> FrameArrays:
+    """Decode the frame sets of ``root`` and resize their views to ``height x width``.
+
+    With ``limit``, only that many frame sets, evenly spaced over the folder, are decoded.
+    """
     folder = FrameSetFolder(root, skip_bad=skip_bad)
     try:
-        count, views = len(folder), len(folder.cameras)
+        chosen = np.arange(len(folder))
+        if limit is not None:
+            chosen = evenly_spaced(chosen, limit)
+        count, views = len(chosen), len(folder.cameras)
         images = np.zeros((count, views, height, width, 3), dtype=np.uint8)
         present = np.zeros((count, views), dtype=bool)
         labels = np.full(count, NO_LABEL, dtype=np.int64)
-        for i in range(count):
-            frame_set = folder[i]
+        for i, index in enumerate(chosen):
+            frame_set = folder[int(index)]
             for v, image in enumerate(frame_set.views):
                 if image is not None:
                     images[i, v] = resize_frame(image, height, width)
@@ -55,7 +61,8 @@ def load_frame_arrays(root: str | Path, height: int, width: int, skip_bad: bool 
                 labels[i] = frame_set.label
         for path, reason in folder.skipped:
             log.warning("skipped %s: %s", path, reason)
-        arrays = FrameArrays(images, present, labels, list(folder.cameras), list(folder.stems))
+        stems = [folder.stems[int(index)] for index in chosen]
+        arrays = FrameArrays(images, present, labels, list(folder.cameras), stems)
     finally:
         folder.close()
     if not present.any():

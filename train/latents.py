@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from mvld.common.errors import DatasetError
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
@@ -25,13 +26,20 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def encode_frame_arrays(autoencoder: Autoencoder, preprocess: PreprocessConfig,
-                        arrays: FrameArrays, batch: int = 512) -> torch.Tensor:
-    """Latents ``[N, V, D]`` of every present view (zeros where a view is missing)."""
+                        arrays: FrameArrays, batch: int = 512, progress: bool = True
+                        ) -> torch.Tensor:
+    """Latents ``[N, V, D]`` of every present view (zeros where a view is missing).
+
+    A progress bar (stderr) when there is more than one batch: at 128x128 a dataset of
+    tens of thousands of frame sets takes minutes to encode on a CPU.
+    """
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
     frames, views = np.nonzero(arrays.present)
     latents = torch.zeros(len(arrays.stems), arrays.num_views, autoencoder.config.latent_dim)
-    for start in range(0, len(frames), batch):
+    starts = range(0, len(frames), batch)
+    for start in tqdm(starts, desc="encode", unit="batch",
+                      disable=not progress or len(starts) < 2, leave=False):
         rows, cols = frames[start:start + batch], views[start:start + batch]
         images = torch.from_numpy(preprocess_images(arrays.images[rows, cols], preprocess))
         latents[rows, cols] = autoencoder.encoder(images.to(device)).float().cpu()

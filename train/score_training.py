@@ -85,7 +85,8 @@ def score_net_config_for(config: ScoreTrainConfig, views: int, ae: AutoencoderCo
     return ScoreNetConfig(
         num_views=views, latent_dim=ae.latent_dim, widths=config.widths or SCORE_WIDTHS[kind],
         time_dim=config.time_dim, kind=kind,
-        latent_shape=ae.latent_shape if kind == "conv" else (), blocks=config.blocks)
+        latent_shape=ae.latent_shape if kind == "conv" else (), blocks=config.blocks,
+        attention_heads=config.attention_heads if kind == "conv" else 0)
 
 
 def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext
@@ -117,8 +118,32 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext
     shell = MVLDModel(preprocess=preprocess, autoencoder=autoencoder.cpu(),
                       score_net=make_score_net(arch), sde=sde, latent_stats=stats,
                       fingerprint=fingerprint)
-    z = stats.standardise(latents)
+    if config.init:
+        _warm_start(config.init, shell)
+    z = shell.latent_stats.standardise(latents)
     return shell, z[train_idx], z[val_idx]
+
+
+def _warm_start(path: str, shell: MVLDModel) -> None:
+    """Copy the score network and latent statistics of checkpoint ``path`` into ``shell``.
+
+    Only layers the new network adds may be missing from the checkpoint, and none may differ
+    in shape: anything else is a different network and a ConfigError.
+    """
+    previous = load_mvld_model(path)
+    if previous.fingerprint != shell.fingerprint:
+        raise ConfigError(f"--init {path}: trained on another autoencoder")
+    try:
+        missing, unexpected = shell.score_net.load_state_dict(
+            previous.score_net.state_dict(), strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        raise ConfigError(f"--init {path}: another score network: {exc}") from exc
+    if unexpected:
+        raise ConfigError(f"--init {path}: layers the new score network lacks: "
+                          f"{sorted(unexpected)[:5]}")
+    shell.latent_stats = previous.latent_stats
+    log.info("warm start from %s (%d new tensors keep their initialisation)", path,
+             len(missing))
 
 
 @torch.no_grad()

@@ -3,6 +3,10 @@
 Schemes register a factory ``(uri, **options) -> FrameSource``; a URI without a scheme is a
 file path. Registered here: ``file`` (video or image folder) and ``sim`` (the simulated rig).
 Camera devices (``0``, ``v4l2://``, ``csi://``, ``rtsp://``) come from ``camera.py``.
+
+``sim`` is loaded only when a ``sim://`` URI is used: the rig needs pybullet, which an
+edge-only install (``pip install "mvld[edge]"``) lacks, and importing it costs a second.
+:func:`prepare_scheme` loads it at start-up, or names the missing extra there.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ __all__ = [
     "FrameSource",
     "SourceError",
     "open_source",
+    "prepare_scheme",
     "register_source",
     "registered_schemes",
     "scheme_of",
@@ -63,13 +68,39 @@ def open_source(uri: str, **options: object) -> FrameSource:
     return factory(uri, **options)
 
 
+SIM_EXTRA_ADVICE = 'sim:// needs pybullet, which is not installed: pip install "mvld[sim]"'
+
+
+def prepare_scheme(scheme: str) -> None:
+    """Load what ``scheme`` needs now, at start-up; ConfigError when the scheme is unknown or
+    its extra is not installed. A camera's open runs under the capture watchdog, so a second
+    spent importing the simulated rig there would count as a stuck camera."""
+    _FACTORIES.get(scheme)
+    if scheme == "sim":
+        _sim_opener()
+
+
+def _sim_opener() -> SourceFactory:
+    try:
+        from mvld.sim.source import open_sim
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "pybullet":
+            raise
+        raise ConfigError(SIM_EXTRA_ADVICE) from None
+    return open_sim
+
+
+def _open_sim(uri: str, **options: object) -> FrameSource:
+    """``sim://N``: imports the simulated rig (and pybullet) on first use."""
+    return _sim_opener()(uri, **options)
+
+
 def _register_builtin() -> None:
     from mvld.edge.sources.camera import CAMERA_SCHEMES, open_camera
     from mvld.edge.sources.files import FileSource
-    from mvld.sim.source import open_sim
 
     register_source("file", FileSource)
-    register_source("sim", open_sim)
+    register_source("sim", _open_sim)
     for scheme in CAMERA_SCHEMES:
         register_source(scheme, open_camera)
 

@@ -53,6 +53,27 @@ def option(help: str, **how: Any) -> dict[str, Option]:
     return {_METADATA_KEY: Option(help, **how)}
 
 
+# Options both services have: one definition, so edge and receiver spell and explain them
+# alike. Functions, because a dataclass takes ownership of the field object it is given.
+def metrics_port_field() -> Any:
+    """``metrics_port``: the Prometheus endpoint's port, off by default."""
+    return field(default=None, metadata=option(
+        "serve Prometheus metrics on this port", default_text="off", metavar="PORT"))
+
+
+def metrics_host_field() -> Any:
+    """``metrics_host``: where the metrics endpoint listens, this machine only by default."""
+    return field(default="127.0.0.1", metadata=option(
+        "address the metrics endpoint listens on (0.0.0.0: every interface)",
+        metavar="ADDRESS"))
+
+
+def status_every_field() -> Any:
+    """``status_every_s``: the cadence of the one-line status log."""
+    return field(default=10.0, metadata=option(
+        "seconds between status lines", flag="--status-every", metavar="S"))
+
+
 @dataclass(frozen=True)
 class Section:
     """A config dataclass whose options go to one table of the TOML file (None: top level)."""

@@ -28,7 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mvld.common.config_flags import option
+from mvld.common.config_flags import (
+    metrics_host_field,
+    metrics_port_field,
+    option,
+    status_every_field,
+)
 from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError
 from mvld.common.metrics import MetricsRegistry, MetricsServer
@@ -107,13 +112,9 @@ class EdgeConfig:
     send_hwm: int = field(default=2, metadata=option(
         "messages queued per receiver while it is slow or away; older ones are dropped",
         metavar="N"))
-    metrics_port: int | None = field(default=None, metadata=option(
-        "serve Prometheus metrics on this port", default_text="off", metavar="PORT"))
-    metrics_host: str = field(default="127.0.0.1", metadata=option(
-        "address the metrics endpoint listens on (0.0.0.0: every interface)",
-        metavar="ADDRESS"))
-    status_every_s: float = field(default=10.0, metadata=option(
-        "seconds between status lines", flag="--status-every", metavar="S"))
+    metrics_port: int | None = metrics_port_field()
+    metrics_host: str = metrics_host_field()
+    status_every_s: float = status_every_field()
     max_framesets: int | None = field(default=None, metadata=option(
         "stop after N frame sets", flag="--frames", default_text="run until stopped",
         metavar="N"))

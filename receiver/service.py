@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mvld.common.config_flags import option
+from mvld.common.config_flags import (
+    metrics_host_field,
+    metrics_port_field,
+    option,
+    status_every_field,
+)
 from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError
 from mvld.common.metrics import MetricsServer
@@ -113,13 +118,9 @@ class ReceiverConfig:
     cameras: tuple[str, ...] = field(default=(), metadata=option(
         "comma-separated camera id of each model view", default_text="cam0,cam1,...",
         metavar="ID,..."))
-    metrics_port: int | None = field(default=None, metadata=option(
-        "serve Prometheus metrics on this port", default_text="off", metavar="PORT"))
-    metrics_host: str = field(default="127.0.0.1", metadata=option(
-        "address the metrics endpoint listens on (0.0.0.0: every interface)",
-        metavar="ADDRESS"))
-    status_every_s: float = field(default=10.0, metadata=option(
-        "seconds between status lines", flag="--status-every", metavar="S"))
+    metrics_port: int | None = metrics_port_field()
+    metrics_host: str = metrics_host_field()
+    status_every_s: float = status_every_field()
     threads: int | None = field(default=None, metadata=option(
         "torch CPU threads (on a busy CPU 1 is often faster)", default_text="all cores",
         metavar="N"))

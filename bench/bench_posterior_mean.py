@@ -27,9 +27,8 @@ from mvld.hardware import cpu_name
 from mvld.model.checkpoint import load_mvld_model
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import Imputer
-from mvld.train.frames import load_frame_arrays
 from mvld.train.image_quality import psnr, ssim
-from mvld.train.latents import encode_frame_arrays
+from mvld.train.latents import encode_complete_frame_sets
 
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
@@ -80,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     model = load_mvld_model(args.model)
-    arrays = load_frame_arrays(args.data, model.preprocess.height, model.preprocess.width,
-                               limit=args.frames)
-    complete = arrays.present.all(1)
-    latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays)[complete]
-    images = arrays.images[complete]
+    latents, images = encode_complete_frame_sets(model, args.data, args.frames)
     decode = LatentDecoder.from_model(model)
     start = time.perf_counter()
     rows = score(model, decode, latents, images, args.samples)

@@ -25,9 +25,8 @@ from mvld.hardware import cpu_name
 from mvld.model.checkpoint import load_mvld_model
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import Imputer
-from mvld.train.frames import load_frame_arrays
 from mvld.train.image_quality import psnr
-from mvld.train.latents import encode_frame_arrays
+from mvld.train.latents import encode_complete_frame_sets
 
 SWEEP = {"dpmpp_2m_sde": (3, 4, 5, 6, 8, 10, 20), "dpmpp_2m": (3, 4, 5, 6, 8, 10, 20),
          "heun": (2, 3, 4, 5, 6, 10), "euler_maruyama": (10, 50, 200)}
@@ -62,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     model = load_mvld_model(args.model)
-    arrays = load_frame_arrays(args.data, model.preprocess.height, model.preprocess.width,
-                               limit=args.frames)
-    complete = arrays.present.all(1)
-    latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays)[complete]
-    images = arrays.images[complete]
+    latents, images = encode_complete_frame_sets(model, args.data, args.frames)
     decode = LatentDecoder.from_model(model)
     sweep = {**SWEEP, "euler_maruyama": (*SWEEP["euler_maruyama"], args.reference_steps)}
     rows, start = [], time.perf_counter()

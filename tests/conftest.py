@@ -37,3 +37,15 @@ def source_modules() -> list[str]:
             parts = [p for p in relative.parts if p != "__init__"]
             modules.append(".".join([package, *parts]))
     return modules
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small tensors: one torch thread avoids contention on shared CPUs (and keeps timings
+    stable). Test modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

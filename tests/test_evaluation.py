@@ -37,13 +37,7 @@ from mvld.train.tradeoff import CODEC_SWEEPS, code_frames, curve_above, over_the
 SIZE, DIM, CLASSES = 32, 8, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

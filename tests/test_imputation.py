@@ -17,13 +17,7 @@ VIEWS, DIM = 3, 8
 SDE = VPSDE()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_stats(views: int, dim: int, seed: int = 0) -> LatentStats:

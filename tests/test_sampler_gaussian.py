@@ -43,13 +43,7 @@ MEAN_TOL, COV_TOL = 0.15, 0.35  # whitened; sampling noise alone is ~0.03 and ~0
 STEPS = {"euler_maruyama": 200, "heun": 20, "dpmpp_2m": 20, "dpmpp_2m_sde": 20, "adaptive": 200}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids contention on shared CPUs (and keeps timings stable)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -206,8 +206,9 @@ def load_inputs(config: EvalConfig) -> EvalInputs:
                     "skipped (PSNR, SSIM and FID only)", config.data)
     train_idx, chosen, split = _select(arrays, config, labelled)
     log.info("encoding %d frame sets (%d complete training, %d held-out evaluated)",
-             len(arrays.stems), len(train_idx), len(chosen))
-    latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays)
+             len(train_idx) + len(chosen), len(train_idx), len(chosen))
+    latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays,
+                                  rows=np.concatenate([train_idx, chosen]))
     train_latents = latents[train_idx]
     if config.fit_data is not None:
         train_latents, fitted = _fit_latents(config, model)
@@ -238,7 +239,7 @@ def _fit_latents(config: EvalConfig, model: MVLDModel) -> tuple[torch.Tensor, in
     if len(complete) < 2:
         raise DatasetError(f"{config.fit_data}: fewer than 2 complete frame sets to fit the "
                            "baselines on")
-    latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays)
+    latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays, rows=complete)
     return latents[complete], len(complete)
 
 

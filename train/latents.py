@@ -18,24 +18,29 @@ from tqdm import tqdm
 from mvld.common.errors import DatasetError
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
 from mvld.model.autoencoder import Autoencoder
-from mvld.model.checkpoint import LatentStats
-from mvld.train.frames import FrameArrays
+from mvld.model.checkpoint import LatentStats, MVLDModel
+from mvld.train.frames import FrameArrays, load_frame_arrays
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def encode_frame_arrays(autoencoder: Autoencoder, preprocess: PreprocessConfig,
-                        arrays: FrameArrays, batch: int = 512, progress: bool = True
-                        ) -> torch.Tensor:
+                        arrays: FrameArrays, batch: int = 512, progress: bool = True,
+                        rows: np.ndarray | None = None) -> torch.Tensor:
     """Latents ``[N, V, D]`` of every present view (zeros where a view is missing).
 
-    A progress bar (stderr) when there is more than one batch: at 128x128 a dataset of
-    tens of thousands of frame sets takes minutes to encode on a CPU.
+    With ``rows`` only those frame sets are encoded (the others stay zero). A progress bar
+    (stderr) when there is more than one batch: at 128x128 a dataset of tens of thousands of
+    frame sets takes minutes to encode on a CPU.
     """
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
-    frames, views = np.nonzero(arrays.present)
+    present = arrays.present
+    if rows is not None:
+        present = np.zeros_like(present)
+        present[rows] = arrays.present[rows]
+    frames, views = np.nonzero(present)
     latents = torch.zeros(len(arrays.stems), arrays.num_views, autoencoder.config.latent_dim)
     starts = range(0, len(frames), batch)
     for start in tqdm(starts, desc="encode", unit="batch",
@@ -45,6 +50,17 @@ def encode_frame_arrays(autoencoder: Autoencoder, preprocess: PreprocessConfig,
         latents[rows, cols] = autoencoder.encoder(images.to(device)).float().cpu()
     return latents
 
+
+
+def encode_complete_frame_sets(model: MVLDModel, data: str | Path, limit: int | None = None
+                               ) -> tuple[torch.Tensor, np.ndarray]:
+    """Raw latents ``[N, V, D]`` and uint8 views ``[N, V, H, W, 3]`` of the complete frame
+    sets among up to ``limit`` evenly spaced ones of ``data``, at the model's size."""
+    arrays = load_frame_arrays(data, model.preprocess.height, model.preprocess.width,
+                               limit=limit)
+    complete = np.flatnonzero(arrays.present.all(1))
+    latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays, rows=complete)
+    return latents[complete], arrays.images[complete]
 
 def latent_stats(latents: torch.Tensor, present: torch.Tensor, min_std: float = 1e-4
                  ) -> LatentStats:

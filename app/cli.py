@@ -7,7 +7,7 @@ import platform
 import sys
 
 from mvld import __version__
-from mvld.common.config_flags import add_logging_flags, log_level_of
+from mvld.common.config_flags import add_logging_flags, setup_logging_of
 from mvld.common.exits import EXIT_USAGE, command, output_folder
 
 _OPTIONAL_PACKAGES = ("torch", "onnxruntime", "onnx", "pybullet", "tensorrt", "cuda")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("name", help="key name, e.g. node1 or receiver")
     keys.add_argument("--dir", default="keys", help="output folder (default: ./keys)")
-    add_logging_flags(keys, json_lines=False)
+    add_logging_flags(keys)
     keys.set_defaults(func=_cmd_keys)
 
     demo = sub.add_parser(
@@ -88,14 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
         "part-way. Writes OUT/index.html with figures (views over time, health timeline, "
         "latency, bandwidth). No camera or GPU needed.",
     )
-    demo.add_argument("--out", default="mvld-demo", help="report folder (default ./mvld-demo)")
-    demo.add_argument("--seconds", type=float, default=40.0,
+    demo.add_argument("--out", default="mvld-demo", metavar="DIR",
+                      help="report folder (default ./mvld-demo)")
+    demo.add_argument("--seconds", type=float, default=40.0, metavar="S",
                       help="seconds of streaming (default: 40)")
-    demo.add_argument("--fps", type=float, default=10.0,
+    demo.add_argument("--fps", type=float, default=10.0, metavar="F",
                       help="frame sets per second (default: 10)")
-    demo.add_argument("--model", help="model folder with last.json, last.safetensors and "
-                      "encoder.onnx (default: the shipped default model)")
-    add_logging_flags(demo, json_lines=False)
+    demo.add_argument("--model", metavar="DIR",
+                      help="model folder with last.json, last.safetensors and encoder.onnx "
+                      "(default: the shipped default model)")
+    add_logging_flags(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld`` (exit codes: :mod:`mvld.common.exits`)."""
     args = build_parser().parse_args(argv)
-    level = log_level_of(args) if hasattr(args, "log_level") else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "log_level"):
+        setup_logging_of(args, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:  # mvld version: its -v means "list the backends"
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -1,25 +1,26 @@
-"""``mvld-data``: render a simulated multi-camera dataset, record one from sources, check one.
+"""``mvld-data``: render, record or check a multi-camera dataset, or replay one end to end.
 
 A thin layer: parse flags into a job dataclass, call the library (``mvld.sim.rig``,
-``mvld.edge.sources.record``, ``mvld.common.dataset``), print results. Bad input gives a
-one-line error and exit status 1 (2 for bad flags), never a traceback.
+``mvld.edge.sources.record``, ``mvld.common.dataset``, ``mvld.replay``), print results. Bad
+input gives a one-line error and exit status 1 (2 for bad flags), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mvld.common.config_flags import add_logging_flags, log_level_of
+from mvld.common.config_flags import add_logging_flags, setup_logging_of
 from mvld.common.errors import MVLDError
 from mvld.common.exits import command
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+# mvld.replay's IMPUTERS and HEALTH_CHOICES, spelled here so --help needs no import of it
+REPLAY_IMPUTERS, REPLAY_HEALTH = ("diffusion", "ridge"), ("off", "default")
 
 
 class _LineProgress:
@@ -116,6 +117,22 @@ def _cmd_record(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from mvld.replay import ReplayConfig, format_summary, run_replay
+
+    missing = tuple(name.strip() for part in args.missing for name in part.split(",")
+                    if name.strip())
+    config = ReplayConfig(
+        dataset=Path(args.dataset), out=Path(args.out),
+        model=Path(args.model) if args.model else None, missing=missing,
+        missing_random=args.missing_random, seed=args.seed, fps=args.fps, frames=args.frames,
+        imputer=args.imputer, steps=args.steps, gpu=args.gpu, threads=args.threads,
+        health=args.health, drain_timeout_s=args.drain_timeout)
+    summary = run_replay(config, lambda total: _progress_bar(total, "replay", not args.quiet))
+    print(format_summary(summary))
+    return EXIT_OK
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from mvld.common.dataset import FrameSetFolder
 
@@ -198,36 +215,38 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mvld-data`` and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="mvld-data",
-        description="Render a simulated multi-camera dataset, record one from cameras, or check "
-        "a dataset folder (format: docs/DATASETS.md).",
+        description="Render a simulated multi-camera dataset, record one from cameras, check "
+        "a dataset folder (format: docs/DATASETS.md), or replay one through the real edge and "
+        "receiver.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     render = sub.add_parser("render", help="render a labelled dataset with the simulated rig")
-    render.add_argument("--cameras", type=int, default=3, help="number of cameras V (default: 3)")
-    render.add_argument("--frames", type=int, required=True,
+    render.add_argument("--cameras", type=int, default=3, metavar="V",
+                        help="number of cameras V (default: 3)")
+    render.add_argument("--frames", type=int, required=True, metavar="N",
                         help="number of frame sets (required)")
-    render.add_argument("--out", required=True,
+    render.add_argument("--out", required=True, metavar="DIR",
                         help="output folder, empty or new (required)")
-    render.add_argument("--size", type=_size, default=(64, 64),
+    render.add_argument("--size", type=_size, default=(64, 64), metavar="N|HxW",
                         help="view size, N or HxW (default: 64)")
-    render.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    render.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    render.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
+    render.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="parallel processes; the output is the same "
                         "for any value (default: all cores)")
-    render.add_argument("--episode-frames", type=int, default=20,
+    render.add_argument("--episode-frames", type=int, default=20, metavar="N",
                         help="consecutive frame sets of one scene before a new one (default: 20)")
-    render.add_argument("--fps", type=float, default=10.0,
+    render.add_argument("--fps", type=float, default=10.0, metavar="F",
                         help="scene frame sets per second (default: 10)")
-    render.add_argument("--elevation", type=float, default=30.0,
+    render.add_argument("--elevation", type=float, default=30.0, metavar="DEG",
                         help="camera elevation in degrees (default: 30)")
-    render.add_argument("--distance", type=float, default=0.5,
+    render.add_argument("--distance", type=float, default=0.5, metavar="M",
                         help="camera distance in metres (default: 0.5)")
-    render.add_argument("--fov", type=float, default=40.0,
+    render.add_argument("--fov", type=float, default=40.0, metavar="DEG",
                         help="vertical field of view in degrees (default: 40)")
     render.add_argument("--shadows", action="store_true",
                         help="cast shadows (about 1.5x slower per view)")
-    add_logging_flags(render, json_lines=False, default="WARNING",
+    add_logging_flags(render, default="WARNING",
                       quiet_also="hides the progress bar")
     render.set_defaults(func=_cmd_render)
 
@@ -235,20 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
                             description="URIs: a video file or image folder (path or file://), "
                             "sim://N (simulated rig camera N; options as a query, e.g. "
                             "sim://0?fps=15&size=128).")
-    record.add_argument("--cams", required=True,
+    record.add_argument("--cams", required=True, metavar="URI,...",
                         help="comma-separated source URIs, one per camera (required)")
-    record.add_argument("--out", required=True,
+    record.add_argument("--out", required=True, metavar="DIR",
                         help="output folder, empty or new (required)")
-    record.add_argument("--frames", type=int, required=True,
+    record.add_argument("--frames", type=int, required=True, metavar="N",
                         help="number of frame sets (required)")
-    record.add_argument("--fps", type=float, default=None,
+    record.add_argument("--fps", type=float, default=None, metavar="F",
                         help="frame sets per second (default: as fast as the sources deliver)")
-    record.add_argument("--timeout", type=float, default=1.0,
+    record.add_argument("--timeout", type=float, default=1.0, metavar="S",
                         help="seconds to wait for a camera before its view counts as missing "
                         "(default: 1)")
-    record.add_argument("--size", type=_size, default=None,
+    record.add_argument("--size", type=_size, default=None, metavar="N|HxW",
                         help="resize views to N or HxW (default: as read)")
-    add_logging_flags(record, json_lines=False, default="WARNING",
+    add_logging_flags(record, default="WARNING",
                       quiet_also="hides the progress bar")
     record.set_defaults(func=_cmd_record)
 
@@ -257,10 +276,58 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--all-problems", action="store_true",
                        help="list every bad file instead of stopping at the first")
     check.add_argument("--grid", metavar="PNG", help="also write a PNG grid of sample frame sets")
-    check.add_argument("--grid-rows", type=int, default=8,
+    check.add_argument("--grid-rows", type=int, default=8, metavar="N",
                        help="frame sets in the grid (default: 8)")
-    add_logging_flags(check, json_lines=False, default="WARNING")
+    add_logging_flags(check, default="WARNING")
     check.set_defaults(func=_cmd_check)
+
+    replay = sub.add_parser(
+        "replay", help="push a dataset through the real mvld-edge and mvld-receiver",
+        description="Replay a dataset's complete frame sets through a real mvld-edge and "
+        "mvld-receiver on loopback, with chosen cameras missing, and write the decoded views "
+        "(OUT/received, a dataset folder), per frame set and view the provenance and PSNR "
+        "(OUT/framesets.jsonl) and a summary (OUT/summary.json): docs/DATASETS.md, "
+        "'Evaluating on your own recordings'.")
+    replay.add_argument("dataset", help="dataset folder (docs/DATASETS.md)")
+    replay.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder, empty or new (required)")
+    replay.add_argument("--model", metavar="DIR", default=None,
+                        help="model folder holding last.json, last.safetensors and "
+                        "encoder.onnx, or an mvld-train all run folder (score/best and "
+                        "export/) (default: the shipped default model)")
+    replay.add_argument("--missing", action="append", default=[], metavar="CAM,...",
+                        help="cameras withheld in every frame set, by dataset name, wire id "
+                        "(cam1) or number; repeatable (default: none)")
+    replay.add_argument("--missing-random", type=int, default=0, metavar="K",
+                        help="withhold K more cameras per frame set, drawn at random with "
+                        "--seed (default: 0)")
+    replay.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of --missing-random (default: 0)")
+    replay.add_argument("--frames", type=int, default=None, metavar="N",
+                        help="replay the first N complete frame sets (default: all)")
+    replay.add_argument("--fps", type=float, default=10.0, metavar="F",
+                        help="frame sets per second the edge sends; 0: as fast as it can, "
+                        "the receiver keeps what it has not imputed yet (default: 10)")
+    replay.add_argument("--imputer", choices=REPLAY_IMPUTERS, default="diffusion",
+                        metavar="diffusion|ridge",
+                        help="how the receiver fills missing views (default: diffusion)")
+    replay.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="diffusion sampler steps (default: the receiver's, 20)")
+    replay.add_argument("--health", choices=REPLAY_HEALTH, default="off",
+                        metavar="off|default",
+                        help="the edge's camera health checks: off takes the dataset's views "
+                        "as they are; default may judge views failed or obstructed "
+                        "(default: off)")
+    replay.add_argument("--gpu", type=int, default=-1, metavar="N",
+                        help="receiver GPU; -1: the CPU (default: -1)")
+    replay.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads of the edge's encoder and the receiver (default: 1)")
+    replay.add_argument("--drain-timeout", type=float, default=120.0, metavar="S",
+                        help="seconds the receiver may go without finishing a frame set "
+                        "before the rest count as lost (default: 120)")
+    add_logging_flags(replay, default="INFO",
+                      quiet_also="hides the progress bar")
+    replay.set_defaults(func=_cmd_replay)
     return parser
 
 
@@ -272,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    logging.basicConfig(level=log_level_of(args), format="%(levelname)s %(name)s: %(message)s")
+    setup_logging_of(args, "%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except MVLDError as exc:

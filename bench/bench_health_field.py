@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter, defaultdict
@@ -140,6 +141,90 @@ def run_healthy(plan: Plan, scenes: dict[str, np.ndarray], config: HealthConfig,
                        "reasons": dict(reasons)}
         logging.info("healthy %-9s %d frames, %d false alarms", kind, frames, alarms)
     return table
+
+
+def run_healthy_long(hours: float, chunk_frames: int, config: HealthConfig, timing: Timing,
+                     seed: int, kinds: tuple[str, ...], out: Path, wall_limit_s: float | None,
+                     report: dict) -> dict[str, dict]:
+    """Hours of healthy moving video, written to ``out`` after every chunk (a partial run counts).
+
+    Rounds over every motion kind and both canvases, ``chunk_frames`` frames per camera, each
+    chunk a fresh camera (new motion parameters, new passers-by, a fresh monitor that warms
+    up), each round new canvases; until ``hours`` of video (all kinds but ``cuts``) are judged
+    or ``wall_limit_s`` has passed. Frames are judged as fast as they are rendered.
+    """
+    counted = tuple(kind for kind in kinds if kind != "cuts")
+    table = {kind: {"frames": 0, "hours": 0.0, "false_alarms": 0, "per_hour": 0.0,
+                    "withheld_share": 0.0, "reasons": {}, "chunks": 0} for kind in kinds}
+    withheld: Counter = Counter()
+    started = time.perf_counter()
+    round_index = 0
+    while True:
+        scenes = canvases(seed + 7919 * round_index)
+        for kind in kinds:
+            for canvas_index, (name, canvas) in enumerate(scenes.items()):
+                camera_seed = (seed + 100_000 * round_index + 1000 * canvas_index
+                               + HEALTHY_KINDS.index(kind))
+                camera = (CutCamera(canvas, camera_seed) if kind == "cuts"
+                          else MovingCamera(canvas, kind, seed=camera_seed))
+                monitor = HealthMonitor(config, camera=f"{name}-{kind}-{round_index}")
+                row, was_ok = table[kind], True
+                for frame_index in range(chunk_frames):
+                    health = timing.judge(monitor, camera.read(), frame_index / FPS)
+                    ok = health.state == OK
+                    if was_ok and not ok:
+                        row["false_alarms"] += 1
+                        key = f"{name}:{health.reason}"
+                        row["reasons"][key] = row["reasons"].get(key, 0) + 1
+                        logging.warning("false alarm: %s %s round %d frame %d: %s", name, kind,
+                                        round_index, frame_index, health.reason)
+                    withheld[kind] += not ok
+                    was_ok = ok
+                row["frames"] += chunk_frames
+                row["chunks"] += 1
+                row["hours"] = round(row["frames"] / FPS / 3600, 4)
+                row["per_hour"] = row["false_alarms"] / (row["frames"] / FPS / 3600)
+                row["withheld_share"] = withheld[kind] / row["frames"]
+            total_hours = sum(table[k]["frames"] for k in counted) / FPS / 3600
+            wall = time.perf_counter() - started
+            _write_long_report(out, report, table, counted, timing, wall)
+            logging.info("round %d %-9s done: %.2f h of healthy video in %.0f s, %d false alarms",
+                         round_index, kind, total_hours, wall,
+                         sum(table[k]["false_alarms"] for k in counted))
+            if total_hours >= hours or (wall_limit_s is not None and wall >= wall_limit_s):
+                return table
+        round_index += 1
+
+
+def _write_long_report(out: Path, report: dict, table: dict[str, dict], counted: tuple[str, ...],
+                       timing: Timing, wall_s: float) -> None:
+    """The long healthy run so far, with the false-alarm rate's 95% upper bound."""
+    frames = sum(table[kind]["frames"] for kind in counted)
+    alarms = sum(table[kind]["false_alarms"] for kind in counted)
+    hours = frames / FPS / 3600
+    cpu = np.asarray(timing.cpu_ms)
+    report = {**report, "healthy": table, "wall_s": wall_s,
+              "summary": {
+                  "healthy_hours": round(hours, 3), "healthy_false_alarms": alarms,
+                  "false_alarms_per_10h": 10 * alarms / hours if hours else None,
+                  "false_alarm_rate_95_upper_per_10h": (
+                      10 * _poisson_upper_95(alarms) / hours if hours else None),
+                  "hours_needed_for_1_per_10h_with_no_alarm": 30.0,
+                  "cpu_mean_ms": float(cpu.mean()) if cpu.size else None,
+                  "cpu_p99_ms": float(np.percentile(cpu, 99)) if cpu.size else None,
+                  "updates": int(cpu.size)}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    partial.write_text(json.dumps(report, indent=2))
+    partial.replace(out)  # a reader never sees half a file
+
+
+def _poisson_upper_95(count: int) -> float:
+    """One-sided 95% upper bound of a Poisson mean after ``count`` events (3.0 for none)."""
+    bounds = (3.0, 4.74, 6.30, 7.75, 9.15, 10.51, 11.84, 13.15, 14.43, 15.71, 16.96)
+    if count < len(bounds):
+        return bounds[count]
+    return count + 1.645 * math.sqrt(count) + 1.0  # normal approximation beyond ten
 
 
 def run_faults(plan: Plan, scenes: dict[str, np.ndarray], config: HealthConfig,
@@ -268,7 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-faults", action="store_true", help="the healthy set only")
     parser.add_argument("--healthy-frames", type=int,
                         help="frames per motion kind and canvas (overrides the plan)")
+    parser.add_argument("--healthy-hours", type=float,
+                        help="a long healthy run instead: this many hours of video over all "
+                        "motion kinds, fresh cameras every --chunk-frames, JSON rewritten after "
+                        "every chunk (no fault streams)")
+    parser.add_argument("--chunk-frames", type=int, default=9000,
+                        help="frames per camera in a --healthy-hours run (default 9000: 5 min)")
+    parser.add_argument("--max-wall-s", type=float,
+                        help="stop a --healthy-hours run after this many seconds (the JSON "
+                        "then holds what was judged)")
     args = parser.parse_args(argv)
+    if args.healthy_hours is not None and (args.healthy_hours <= 0 or args.chunk_frames < 1):
+        parser.error("--healthy-hours and --chunk-frames must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("mvld.edge.health").setLevel(logging.ERROR)
     cv2.setNumThreads(1)
@@ -285,6 +381,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_faults:
         plan = replace(plan, fault_motions=())
     config = load_health_configs(args.health, ("bench",))["bench"]
+    if args.healthy_hours is not None:
+        out = args.out if args.out != parser.get_default("out") else Path(
+            "bench/results/health_field_long.json")
+        base = {"command": "python bench/bench_health_field.py " + " ".join(argv or sys.argv[1:]),
+                "seed": args.seed, "chunk_frames": args.chunk_frames,
+                "target_hours": args.healthy_hours, "config": config.__dict__}
+        timing = Timing([])
+        table = run_healthy_long(args.healthy_hours, args.chunk_frames, config, timing,
+                                 args.seed, kinds, out, args.max_wall_s, base)
+        summary = json.loads(out.read_text())["summary"]
+        for kind, row in table.items():
+            print(f"healthy {kind:9s}: {row['false_alarms']} false alarms in {row['hours']:.2f} h "
+                  f"{row['reasons'] or ''}")
+        print("summary:", json.dumps(summary))
+        print(f"wrote {out}")
+        return 0
     started = time.perf_counter()
     scenes = canvases(args.seed)
     timing = Timing([])

@@ -1,7 +1,11 @@
 """Receiver benchmark: edge (3 simulated cameras at 30 FPS, one failing) -> receiver -> hook.
 
-Two runs against an in-process ``ReceiverService`` (the same code ``mvld-receiver`` runs) with
-the default 20-evaluation sampler (DPM-Solver++(2M), 20 steps) on ``--gpu`` (-1 = CPU):
+Runs against an in-process ``ReceiverService`` (the same code ``mvld-receiver`` runs) with the
+default 20-evaluation sampler (DPM-Solver++(2M) SDE, 20 steps) on ``--gpu`` (-1 = CPU), each
+at the receiver's defaults and ``tuned`` (``--tuned-budget-ms``, a larger latency budget that
+buys throughput with latency). Every frame-set rate counts the whole path: imputation,
+decoding of all three views and the hook. Achieved GFLOP/s = frame sets/s x (NFE x score
+FLOP + views x decoder FLOP), against ``torch.mm`` fp32 measured here (``bench_cpu_peak.py``):
 
 - ``latency``: the real ``mvld-edge`` in a child process, cameras ``sim://0``, a missing video
   file (camera 1 fails: the edge reports it failed and keeps trying to reopen it) and
@@ -13,12 +17,16 @@ the default 20-evaluation sampler (DPM-Solver++(2M), 20 steps) on ``--gpu`` (-1 
   fast as ``--node-rate`` allows; reported: completed frame sets per second, views per second,
   mean batch size, drops by reason, latency at saturation.
 
+- ``kernels``: one batch-64 imputation and decode outside the service (the ceiling of the
+  arithmetic itself), and the quality and speed of each precision (PSNR of the decoded views
+  against plain fp32; bf16 is emulated, so slow, on CPUs without AVX512-BF16/AMX).
+
 The model is ``--model`` or the packaged default; without either, a randomly initialised model
 of the default architecture (64x64, 3 views x 64 dims, score widths 512/256/128) is used: the
 timing depends on the architecture, not the weights. The machine may be shared: the load
 average is recorded. JSON goes to ``--out``; a table is printed.
 
-    python bench/bench_receiver.py                     # about 1 minute
+    python bench/bench_receiver.py                     # about 3 minutes
     python bench/bench_receiver.py --gpu 0 --out bench/results/receiver_gpu.json
 """
 
@@ -35,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_cpu_peak import bench_mm
+from torch.utils.flop_counter import FlopCounterMode
 
 from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.preprocess import PreprocessConfig, preprocess_images
@@ -52,7 +62,9 @@ from mvld.model.checkpoint import (
 )
 from mvld.model.score_net import ScoreNet, ScoreNetConfig
 from mvld.model.sde import VPSDE
+from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import Imputer
+from mvld.receiver.precision import choose_threads, resolve_precision
 from mvld.receiver.results import FrameSetResult
 from mvld.receiver.service import ReceiverConfig, ReceiverService
 
@@ -85,6 +97,63 @@ def sampler_nfe(checkpoint: Path) -> int:
     imputer = Imputer.from_model(model, sampler=ReceiverConfig.sampler,
                                  steps=ReceiverConfig.steps)
     return imputer(torch.zeros(1, views, dims), torch.tensor([[True, False, True]])).nfe
+
+
+def model_flops(checkpoint: Path) -> dict[str, float]:
+    """FLOP of one score evaluation per frame set and of decoding one view (FLOP counter)."""
+    model = load_mvld_model(checkpoint, "cpu")
+    views, dims = model.latent_stats.mean.shape
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as score:
+            model.score_net(torch.zeros(1, views, dims), torch.zeros(1, views))
+        with FlopCounterMode(display=False) as decode:
+            model.autoencoder.decoder(torch.zeros(1, dims))
+    return {"score_eval": float(score.get_total_flops()),
+            "decode_view": float(decode.get_total_flops()), "views": float(views)}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of uint8 images ``a`` against ``b``."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def run_kernels(checkpoint: Path, gpu: int, batch: int, quality_batch: int
+                ) -> dict[str, object]:
+    """Batch-``batch`` imputation and decoding outside the service, per precision, with the
+    PSNR of each precision's decoded views against the network run as stored (fp32, NCHW)."""
+    device = torch.device("cuda", gpu) if gpu >= 0 and torch.cuda.is_available() else (
+        torch.device("cpu"))
+    model = load_mvld_model(checkpoint, device)
+    views, dims = model.latent_stats.mean.shape
+    present = torch.tensor([[True, False, True]]).repeat(batch, 1).to(device)
+    latents = torch.from_numpy(np.stack([f for f, _ in flood_frame_sets(checkpoint, batch)])
+                               ).reshape(batch, views, dims).float().to(device)
+    choices = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    auto = str(resolve_precision("auto", device)).removeprefix("torch.")
+    reference = None
+    rows: dict[str, dict[str, object]] = {}
+    for name in ["as stored", *choices]:
+        precision = None if name == "as stored" else name
+        imputer = Imputer.from_model(model, precision=precision)
+        decoder = LatentDecoder.from_model(model, precision=precision)
+        fast = name == "as stored" or name == "fp32" or name == auto
+        size = batch if fast else quality_batch  # emulated bf16: a small batch suffices
+        imputer(latents[:size], present[:size])  # warm-up
+        start = time.perf_counter()
+        imputation = imputer(latents[:size], present[:size])
+        impute_s = time.perf_counter() - start
+        decoder(imputation.latents[:1])
+        start = time.perf_counter()
+        images = decoder(imputation.latents)
+        decode_s = time.perf_counter() - start
+        rows[name] = {"batch": size, "impute_s": impute_s, "decode_s": decode_s,
+                      "framesets_per_s": size / (impute_s + decode_s),
+                      "psnr_vs_stored_db": None if reference is None
+                      else psnr(images, reference[:size])}
+        if reference is None:
+            reference = images
+    return {"device": str(device), "auto": auto, "precisions": rows}
 
 
 def export_encoder(checkpoint: Path, work: Path) -> Path:
@@ -158,10 +227,11 @@ def measure(service: ReceiverService, recorder: LatencyRecorder, warmup_s: float
             "latency": percentiles(recorder.latencies), "provenance": recorder.provenance}
 
 
-def run_latency(checkpoint: Path, onnx: Path, gpu: int, seconds: float) -> dict[str, object]:
+def run_latency(checkpoint: Path, onnx: Path, gpu: int, seconds: float, **config: object
+                ) -> dict[str, object]:
     """The real edge node, 3 sim cameras at 30 FPS with camera 1 failing, into the receiver."""
     recorder = LatencyRecorder()
-    service = receiver(checkpoint, gpu, recorder)
+    service = receiver(checkpoint, gpu, recorder, **config)
     scene = f"fps={FPS}&episode_frames=100000"
     cams = f"sim://0?{scene},/nonexistent/camera1.mp4,sim://2?{scene}"
     edge = subprocess.Popen(
@@ -181,7 +251,7 @@ def run_latency(checkpoint: Path, onnx: Path, gpu: int, seconds: float) -> dict[
         edge.wait(timeout=20)
         service.close()
     return {"edge": "mvld-edge, cams sim://0, missing file (fails), sim://2; onnxruntime, "
-                    "1 thread", "fps": FPS, **result}
+                    "1 thread", "fps": FPS, "config": config, **result}
 
 
 def flood_frame_sets(checkpoint: Path, count: int = 32) -> list[tuple[np.ndarray, str]]:
@@ -223,10 +293,10 @@ def flood(endpoint: str, checkpoint: Path, nodes: int, node_rate: float, seconds
 
 
 def run_saturation(checkpoint: Path, gpu: int, seconds: float, nodes: int, node_rate: float,
-                   max_batch: int) -> dict[str, object]:
+                   **config: object) -> dict[str, object]:
     """Offer more frame sets than the receiver can impute; measure what it completes."""
     recorder = LatencyRecorder()
-    service = receiver(checkpoint, gpu, recorder, max_batch=max_batch)
+    service = receiver(checkpoint, gpu, recorder, **config)
     child = subprocess.Popen(
         [sys.executable, __file__, "--flood", service.endpoints[0], "--model", str(checkpoint),
          "--nodes", str(nodes), "--node-rate", str(node_rate), "--seconds",
@@ -242,23 +312,44 @@ def run_saturation(checkpoint: Path, gpu: int, seconds: float, nodes: int, node_
         child.terminate()
         child.wait(timeout=20)
         service.close()
-    return {"nodes": nodes, "offered_framesets_per_s": nodes * node_rate,
-            "max_batch": max_batch, **result}
+    return {"nodes": nodes, "offered_framesets_per_s": nodes * node_rate, "config": config,
+            **result}
+
+
+def add_flops(run: dict, flops_per_frameset: float, peak_gflops: float) -> None:
+    """Achieved GFLOP/s of a run and its fraction of the measured matmul peak."""
+    run["gflops"] = run["framesets_per_s"] * flops_per_frameset / 1e9
+    run["fraction_of_mm_peak"] = run["gflops"] / peak_gflops
+
+
+RUNS = ("latency_defaults", "latency_tuned", "saturation_defaults", "saturation_tuned")
 
 
 def print_table(report: dict) -> None:
-    print(f"device: {report['device']}; model: {report['model']}; sampler "
-          f"{report['sampler']} {report['steps']} steps ({report['nfe']} NFE)")
-    print(f"{'run':<11}{'frame sets/s':>13}{'views/s':>9}{'batch':>7}{'p50 ms':>8}"
-          f"{'p99 ms':>8}{'max ms':>8}  drops")
-    for name in ("latency", "saturation"):
+    print(f"device: {report['device']}, {report['torch_threads']} torch thread(s), load "
+          f"{report['load_average_1m_at_end']:.1f}; model: {report['model']}; sampler "
+          f"{report['sampler']} {report['steps']} steps ({report['nfe']} NFE); "
+          f"{report['gflop_per_frameset']:.2f} GFLOP per frame set; torch.mm fp32 peak "
+          f"{report['mm_peak_fp32_gflops']:.1f} GFLOP/s")
+    print(f"{'run':<21}{'frame sets/s':>13}{'batch':>7}{'p50 ms':>8}{'p99 ms':>9}"
+          f"{'GFLOP/s':>9}{'of peak':>8}  drops")
+    for name in RUNS:
         run = report[name]
         latency = run["latency"]
-        print(f"{name:<11}{run['framesets_per_s']:>13.1f}{run['views_per_s']:>9.1f}"
-              f"{run['mean_batch']:>7.1f}{latency.get('p50_ms', 0):>8.1f}"
-              f"{latency.get('p99_ms', 0):>8.1f}{latency.get('max_ms', 0):>8.1f}  "
+        print(f"{name:<21}{run['framesets_per_s']:>13.1f}{run['mean_batch']:>7.1f}"
+              f"{latency.get('p50_ms', 0):>8.0f}{latency.get('p99_ms', 0):>9.0f}"
+              f"{run['gflops']:>9.1f}{run['fraction_of_mm_peak']:>8.0%}  "
               f"{run['drops'] or 'none'}")
-    print(f"latency run provenance: {report['latency']['provenance']}")
+    kernels = report["kernels"]
+    print(f"batch-{report['kernel_batch']} kernels on {kernels['device']} (auto = "
+          f"{kernels['auto']}):")
+    for name, row in kernels["precisions"].items():
+        psnr_db = row["psnr_vs_stored_db"]
+        print(f"  {name:<10} batch {row['batch']:>3}: impute {row['impute_s']:7.2f} s"
+              f" ({row.get('impute_gflops', 0):5.1f} GFLOP/s, {row.get('impute_of_peak', 0):4.0%}"
+              f" of peak), decode {row['decode_s']:6.2f} s ({row.get('decode_gflops', 0):5.1f}"
+              f" GFLOP/s), {row['framesets_per_s']:5.1f} frame sets/s, PSNR vs stored "
+              f"{'-' if psnr_db is None else f'{psnr_db:.1f} dB'}")
 
 
 def main() -> int:
@@ -268,29 +359,54 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per run")
     parser.add_argument("--nodes", type=int, default=16, help="saturation: publishers")
     parser.add_argument("--node-rate", type=float, default=60.0, help="saturation: Hz each")
-    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--tuned-budget-ms", type=float, default=1000.0,
+                        help="the tuned runs' --latency-budget-ms")
+    parser.add_argument("--kernel-batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every run (default: the receiver's choice)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/receiver.json"))
     parser.add_argument("--flood", metavar="ENDPOINT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flood:
         flood(args.flood, Path(args.model), args.nodes, args.node_rate, args.seconds)
         return 0
+    threads = choose_threads(args.threads)
+    torch.set_num_threads(threads)
+    peak = max(row["gflops"] for row in bench_mm(torch.float32, repeats=5))
+    common = {} if args.threads is None else {"threads": args.threads}
+    tuned = {**common, "latency_budget_ms": args.tuned_budget_ms}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         checkpoint, model_source = model_checkpoint(args.model, work)
         onnx = export_encoder(checkpoint, work)
         nfe = sampler_nfe(checkpoint)
-        latency = run_latency(checkpoint, onnx, args.gpu, args.seconds)
-        saturation = run_saturation(checkpoint, args.gpu, args.seconds, args.nodes,
-                                    args.node_rate, args.max_batch)
+        flops = model_flops(checkpoint)
+        per_frameset = nfe * flops["score_eval"] + flops["views"] * flops["decode_view"]
+        runs = {
+            "latency_defaults": run_latency(checkpoint, onnx, args.gpu, args.seconds, **common),
+            "latency_tuned": run_latency(checkpoint, onnx, args.gpu, args.seconds, **tuned),
+            "saturation_defaults": run_saturation(checkpoint, args.gpu, args.seconds,
+                                                  args.nodes, args.node_rate, **common),
+            "saturation_tuned": run_saturation(checkpoint, args.gpu, args.seconds, args.nodes,
+                                               args.node_rate, **tuned),
+        }
+        kernels = run_kernels(checkpoint, args.gpu, args.kernel_batch, quality_batch=2)
+    for run in runs.values():
+        add_flops(run, per_frameset, peak)
+    for row in kernels["precisions"].values():
+        row["impute_gflops"] = row["batch"] * nfe * flops["score_eval"] / row["impute_s"] / 1e9
+        row["impute_of_peak"] = row["impute_gflops"] / peak
+        row["decode_gflops"] = (row["batch"] * flops["views"] * flops["decode_view"]
+                                / row["decode_s"] / 1e9)
     cuda = args.gpu >= 0 and torch.cuda.is_available()
     report = {
         "device": torch.cuda.get_device_name(args.gpu) if cuda else f"CPU ({cpu_name()})",
         "torch_threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
         "load_average_1m_at_end": os.getloadavg()[0], "model": model_source,
-        "sampler": ReceiverConfig.sampler, "steps": ReceiverConfig.steps,
-        "nfe": nfe, "latency": latency, "saturation": saturation,
-        "command": " ".join(sys.argv),
+        "sampler": ReceiverConfig.sampler, "steps": ReceiverConfig.steps, "nfe": nfe,
+        "flops": flops, "gflop_per_frameset": per_frameset / 1e9,
+        "mm_peak_fp32_gflops": peak, "kernel_batch": args.kernel_batch, **runs,
+        "kernels": kernels, "command": " ".join(sys.argv),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -366,6 +366,21 @@ def log_level_of(args: argparse.Namespace) -> str:
     return "DEBUG" if args.verbose else args.log_level
 
 
+def setup_logging_of(args: argparse.Namespace, text_format: str) -> None:
+    """Logging as the logging flags ask: their level, and JSON lines with ``--log-json``.
+
+    ``text_format`` is the command's own text layout otherwise (short jobs leave out times).
+    """
+    import logging
+
+    from mvld.common.logs import JsonLogFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if getattr(args, "log_json", False)
+                         else logging.Formatter(text_format))
+    logging.basicConfig(level=log_level_of(args), handlers=[handler], force=True)
+
+
 def add_gpu_flag(parser: argparse.ArgumentParser) -> None:
     """``--gpu N`` on a command whose ``--device`` takes a torch device (see :func:`device_of`)."""
     parser.add_argument("--gpu", type=int, metavar="N", default=None,

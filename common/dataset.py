@@ -28,6 +28,7 @@ view counts as missing, and ``(file, reason)`` is appended to ``skipped``.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 import struct
@@ -573,3 +574,79 @@ class FrameSetWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------ sequences (video order)
+
+METADATA_FILE = "dataset.json"  # optional facts the folders cannot show (docs/DATASETS.md)
+RENDER_FILE = "render.json"  # written by `mvld-data render`
+
+
+@dataclass(frozen=True)
+class Scenes:
+    """Which frame sets are consecutive video frames: the scene of each, and the frame rate.
+
+    Frame sets are in natural stem order; consecutive frame sets of one scene are
+    ``1 / fps`` seconds apart, and a *cut* (a new scene) starts a new, unrelated sequence.
+    Video-aware training pairs a frame set only with earlier frame sets of its own scene.
+    """
+
+    fps: float
+    scene: np.ndarray  # int64 [N]: scene index of each frame set, non-decreasing
+
+    def position(self) -> np.ndarray:
+        """int64 ``[N]``: frames since the start of each frame set's scene."""
+        starts = np.r_[True, self.scene[1:] != self.scene[:-1]]
+        first = np.maximum.accumulate(np.where(starts, np.arange(len(self.scene)), 0))
+        return np.arange(len(self.scene)) - first
+
+
+def read_scenes(root: str | Path, stems: list[str]) -> Scenes | None:
+    """The scenes of a dataset whose frame sets are ``stems`` (in order); None if unknown.
+
+    From ``dataset.json``'s ``"sequence": {"fps": F, "scene_starts": [stem, ...]}`` (a new
+    scene at each listed stem; the first frame set always starts one), else from the
+    ``render.json`` of ``mvld-data render`` (its episodes are the scenes). A dataset with
+    neither is a set of unordered frame sets. A malformed ``sequence`` is a DatasetError.
+    """
+    root = Path(root)
+    metadata = _read_json(root / METADATA_FILE)
+    if isinstance(metadata, dict) and "sequence" in metadata:
+        return _declared_scenes(root, metadata["sequence"], stems)
+    render = _read_json(root / RENDER_FILE)
+    rig = render.get("rig") if isinstance(render, dict) else None
+    if isinstance(rig, dict) and "fps" in rig and "frames_per_episode" in rig:
+        per = int(rig["frames_per_episode"])
+        index = np.array([int(stem) if stem.isdigit() else -1 for stem in stems])
+        if (index < 0).any() or per < 1:
+            raise DatasetError(f"{root}: render.json describes episodes, but the stems are not "
+                               f"the frame numbers mvld-data render writes")
+        return Scenes(float(rig["fps"]), index // per)
+    return None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: unreadable JSON: {exc}") from exc
+
+
+def _declared_scenes(root: Path, sequence: object, stems: list[str]) -> Scenes:
+    where = f"{root / METADATA_FILE}: \"sequence\""
+    if not isinstance(sequence, dict) or not isinstance(sequence.get("fps"), int | float) \
+            or not sequence["fps"] > 0:
+        raise DatasetError(f"{where} must be an object with a positive \"fps\"")
+    starts = sequence.get("scene_starts", [])
+    if not isinstance(starts, list) or not all(isinstance(s, str) for s in starts):
+        raise DatasetError(f"{where}: \"scene_starts\" must be a list of stems")
+    row = {stem: i for i, stem in enumerate(stems)}
+    unknown = [s for s in starts if s not in row]
+    if unknown:
+        raise DatasetError(f"{where}: scene_starts names no frame set: {unknown[:3]}")
+    cut = np.zeros(len(stems), dtype=np.int64)
+    cut[[row[s] for s in starts if row[s] > 0]] = 1
+    return Scenes(float(sequence["fps"]), np.cumsum(cut))
+

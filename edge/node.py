@@ -49,7 +49,14 @@ from mvld.common.wire import (
     latent_nbytes,
     quantize_latent,
 )
-from mvld.edge.capture import ENDED, STREAMING, CameraSnapshot, Capture, CaptureConfig
+from mvld.edge.capture import (
+    ENDED,
+    OPENING,
+    STREAMING,
+    CameraSnapshot,
+    Capture,
+    CaptureConfig,
+)
 from mvld.edge.encoder import (
     EncoderBackend,
     EncoderError,
@@ -62,6 +69,10 @@ from mvld.edge.policy import TransmitPolicy, TransmitPolicyConfig
 from mvld.edge.sources import Frame
 
 log = logging.getLogger(__name__)
+
+LOCKSTEP_POLL_S = 0.002  # --lockstep: how often the loop looks for every camera's next frame
+LOCKSTEP_DRAIN_S = 1.0  # --lockstep: time the last messages get to leave before sockets close
+
 
 def default_model_path() -> Path:
     """The shipped default model's export folder; ConfigError when it is not installed."""
@@ -122,6 +133,14 @@ class EdgeConfig:
     latent_dtype: str = field(default=DEFAULT_LATENT_DTYPE, metadata=option(
         "latent precision on the wire: int8 (1 byte per value plus a per-view scale), "
         "float16 or float32", choices=sorted(LATENT_DTYPES)))
+    withhold: tuple[str, ...] = field(default=(), metadata=option(
+        "cameras never sent, by id or number (cam1 or 1): reported withheld/policy, so the "
+        "receiver imputes them (e.g. a replayed dataset with a camera missing)",
+        default_text="none", metavar="CAM,..."))
+    lockstep: bool = field(default=False, metadata=option(
+        "replaying files: the first frame set waits for a receiver and each one waits for "
+        "every camera's next frame, so frame set i holds frame i of every file (with "
+        "--no-realtime, at most --fps)"))
 
     def __post_init__(self) -> None:
         if not self.cameras:
@@ -137,11 +156,32 @@ class EdgeConfig:
         if self.latent_dtype not in LATENT_DTYPES:
             raise ConfigError(f"--latent-dtype must be one of {sorted(LATENT_DTYPES)}, got "
                               f"{self.latent_dtype!r}")
+        unknown = [cam for cam in self.withhold if _camera_id_of(cam, self.camera_ids) is None]
+        if unknown:
+            raise ConfigError(f"--withhold: unknown camera {', '.join(unknown)}; this node has "
+                              f"{', '.join(self.camera_ids)} (or their numbers 0-"
+                              f"{len(self.camera_ids) - 1})")
+        if len(self.withheld_ids) == len(self.camera_ids):
+            raise ConfigError("--withhold names every camera; at least one must be sent")
+
+    @property
+    def withheld_ids(self) -> frozenset[str]:
+        """Camera ids ``--withhold`` names (validated)."""
+        return frozenset(_camera_id_of(cam, self.camera_ids) or cam for cam in self.withhold)
 
     @property
     def camera_ids(self) -> tuple[str, ...]:
         """Wire camera ids: ``cam0``, ``cam1``, ... (URIs may be long or hold passwords)."""
         return tuple(f"cam{i}" for i in range(len(self.cameras)))
+
+
+def _camera_id_of(name: str, camera_ids: tuple[str, ...]) -> str | None:
+    """``cam1`` or ``1`` -> ``cam1`` when the node has that camera, else None."""
+    if name in camera_ids:
+        return name
+    if name.isdigit() and int(name) < len(camera_ids):
+        return camera_ids[int(name)]
+    return None
 
 
 @dataclass(frozen=True)
@@ -291,6 +331,8 @@ class EdgeNode:
                                          camera_ids=config.camera_ids)
         self.server: MetricsServer | None = None
         self.summary = RunSummary()
+        self._lockstep_started = False  # a receiver subscribed once (--lockstep)
+        self._lockstep_taken: dict[str, int] = {}  # camera id -> frames count last taken
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -338,7 +380,10 @@ class EdgeNode:
         latent is reused, so only frames not encoded before go into the call.
         """
         usable = [i for i, judged in enumerate(views) if judged.health.usable]
-        sent, withheld = self.policy.select(usable, self.bytes_per_view)
+        forced = self.config.withheld_ids
+        sent, withheld = self.policy.select(
+            [i for i in usable if views[i].view.camera_id not in forced], self.bytes_per_view)
+        withheld = sorted(withheld + [i for i in usable if views[i].view.camera_id in forced])
         cache = self._latent_cache
         fresh = [i for i in sent if cache.get(views[i].view.camera_id, (None,))[0]
                  is not views[i].view.frame]
@@ -417,6 +462,8 @@ class EdgeNode:
                  config.latent_dtype)
         try:
             while ticker.wait(stop):
+                if config.lockstep and not self._wait_for_lockstep(stop):
+                    break
                 message = self.step()
                 self.metrics.observe_capture(self.capture.snapshots(), ticker.skipped,
                                              self.publisher.has_subscriber)
@@ -427,6 +474,8 @@ class EdgeNode:
                     next_status = now + config.status_every_s
                 if (config.max_framesets is not None
                         and self.summary.framesets >= config.max_framesets):
+                    if config.lockstep:  # sockets close with LINGER 0: let the queue drain
+                        stop.wait(LOCKSTEP_DRAIN_S)
                     break
                 if message is not None and self._all_ended(message):
                     log.info("every source has ended or cannot be opened (files without "
@@ -436,6 +485,36 @@ class EdgeNode:
             self.summary.seconds = time.monotonic() - started
             self.close()
         return self.summary
+
+    def _wait_for_lockstep(self, stop: threading.Event) -> bool:
+        """``--lockstep``: wait for a receiver (first frame set only), then until every camera
+        has a frame no frame set took yet or cannot deliver one (ended, failed); False on stop.
+
+        A camera that delivers nothing within the watchdog's time is not waited for longer: the
+        frame set goes out with that camera's problem, and the delay is logged.
+        """
+        if not self._lockstep_started:
+            log.info("--lockstep: waiting for a receiver to subscribe")
+            while not self.publisher.has_subscriber:
+                if stop.wait(LOCKSTEP_POLL_S * 10):
+                    return False
+            self._lockstep_started = True
+        deadline = time.monotonic() + self.config.capture.watchdog_s
+        while True:
+            snapshots = self.capture.snapshots()
+            waiting = [s.camera_id for s in snapshots
+                       if s.state in (OPENING, STREAMING)
+                       and s.frames <= self._lockstep_taken.get(s.camera_id, 0)]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                log.warning("--lockstep: no next frame from %s within %.1f s; sending without",
+                            ", ".join(waiting), self.config.capture.watchdog_s)
+                break
+            if stop.wait(LOCKSTEP_POLL_S):
+                return False
+        self._lockstep_taken = {s.camera_id: s.frames for s in snapshots}
+        return True
 
     def _all_ended(self, message: FrameSetMessage) -> bool:
         """Every reader is done (a file ended or cannot be opened) and the message says so."""

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from mvld.common.config_flags import add_logging_flags, log_level_of
+from mvld.common.config_flags import add_logging_flags, setup_logging_of
 from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import MVLDError
 
@@ -35,7 +34,7 @@ def _positive(text: str) -> int:
 def _verbosity() -> argparse.ArgumentParser:
     """The logging flags every command spells alike; ``-q`` also hides the progress lines."""
     shared = argparse.ArgumentParser(add_help=False)
-    add_logging_flags(shared, json_lines=False, default="WARNING",
+    add_logging_flags(shared, default="WARNING",
                       quiet_also="hides the progress lines")
     return shared
 
@@ -53,16 +52,17 @@ def _add_onnx(commands: argparse._SubParsersAction) -> None:
                            "(default: the shipped default model)")
     onnx.add_argument("--out", required=True, type=Path, metavar="DIR",
                       help="output folder (required)")
-    onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+    onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
                       help=f"ONNX opset (default: {DEFAULT_OPSET})")
-    onnx.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    onnx.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="X",
                       help=f"max abs error ORT vs torch (default: {DEFAULT_TOLERANCE:g})")
     onnx.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                       help="torch.onnx exporter (default: dynamo)")
-    onnx.add_argument("--frames", type=Path, default=None,
+    onnx.add_argument("--frames", type=Path, default=None, metavar="DIR",
                       help="dataset folder for the parity frames (default: the simulated rig)")
     onnx.add_argument("--parts", nargs="+", choices=list(GRAPHS), default=list(GRAPHS),
-                      help="which graphs to export (default: all)")
+                      metavar="PART",
+                      help=f"which graphs to export: {', '.join(GRAPHS)} (default: all)")
     onnx.set_defaults(func=_run_onnx)
 
 
@@ -79,17 +79,21 @@ def _add_trt(commands: argparse._SubParsersAction) -> None:
                      help="an ONNX file from mvld-export onnx (required)")
     trt.add_argument("--precision", choices=PRECISIONS, default="fp16",
                      help="engine precision (default: fp16)")
-    trt.add_argument("--min", dest="min_batch", type=_positive, help="minimum batch (default: 1)")
-    trt.add_argument("--opt", dest="opt_batch", type=_positive, help="optimal batch (default: V)")
-    trt.add_argument("--max", dest="max_batch", type=_positive, help="maximum batch (default: 2V)")
-    trt.add_argument("--views", type=_positive, help="V (default: from the ONNX metadata)")
-    trt.add_argument("--workspace", type=_positive, default=DEFAULT_WORKSPACE_MIB,
+    trt.add_argument("--min", dest="min_batch", type=_positive, metavar="N",
+                     help="minimum batch (default: 1)")
+    trt.add_argument("--opt", dest="opt_batch", type=_positive, metavar="N",
+                     help="optimal batch (default: V)")
+    trt.add_argument("--max", dest="max_batch", type=_positive, metavar="N",
+                     help="maximum batch (default: 2V)")
+    trt.add_argument("--views", type=_positive, metavar="V",
+                     help="camera views V (default: from the ONNX metadata)")
+    trt.add_argument("--workspace", type=_positive, default=DEFAULT_WORKSPACE_MIB, metavar="MIB",
                      help=f"builder workspace limit in MiB (default: {DEFAULT_WORKSPACE_MIB})")
-    trt.add_argument("--cache", type=Path, default=None,
+    trt.add_argument("--cache", type=Path, default=None, metavar="DIR",
                      help="engine cache folder (default: engines/ beside the ONNX)")
-    trt.add_argument("--tolerance", type=float, default=None,
+    trt.add_argument("--tolerance", type=float, default=None, metavar="X",
                      help="relative max error vs ORT (default: 1e-3 fp32, 2e-2 fp16)")
-    trt.add_argument("--frames", type=Path, default=None,
+    trt.add_argument("--frames", type=Path, default=None, metavar="DIR",
                      help="dataset folder for the parity frames (default: the simulated rig)")
     trt.add_argument("--gpu", type=int, metavar="N", default=0,
                      help="CUDA device index (default: 0)")
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    logging.basicConfig(level=log_level_of(args), format="%(levelname)s %(name)s: %(message)s")
+    setup_logging_of(args, "%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except MVLDError as exc:

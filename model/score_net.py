@@ -11,6 +11,9 @@ Linear -> GELU -> Linear, added in every block; no separate mask input is needed
   (``[C, h, w]`` per view): the views' grids are stacked as channels, with each view's time
   as one more constant channel, so every cell sees what all cameras hold at that place;
   optional self-attention over the coarsest grid relates places that differ between cameras.
+  With ``memory`` it also takes each camera's last observed latent and its age (video-aware
+  imputation, :func:`memory_features`): zero-initialised layers add them to the input and to
+  the time embedding, so a memoryless network warm-starts one with memory unchanged.
 
 :func:`make_score_net` builds either from its config.
 """
@@ -41,6 +44,7 @@ class ScoreNetConfig:
     latent_shape: tuple[int, ...] = ()  # conv: (C, h, w) of one view's latent
     blocks: int = 2  # conv: residual blocks per level on the way down (and up)
     attention_heads: int = 0  # conv: self-attention heads over the coarsest grid; 0: none
+    memory: bool = False  # conv: also conditioned on each camera's last observed latent + age
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -63,6 +67,8 @@ class ScoreNetConfig:
                                             and self.widths[-1] % self.attention_heads):
                 raise ConfigError(f"attention_heads {self.attention_heads} must be >= 0 and "
                                   f"divide the coarsest width {self.widths[-1]}")
+        if self.memory and self.kind != "conv":
+            raise ConfigError("memory conditioning needs the conv score network")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -181,6 +187,22 @@ class GridAttention(nn.Module):
         return h + self.proj(out.transpose(-1, -2).reshape(batch, width, height, cols))
 
 
+MEMORY_HORIZON_S = 60.0  # ages are felt on a log scale up to this; older counts as this old
+
+
+def memory_features(memory_age: torch.Tensor) -> torch.Tensor:
+    """``[B, V, 2]``: (has memory, age on a log scale in [0, 1]) per camera.
+
+    ``memory_age`` holds seconds since the camera's memory was observed; ``inf`` or NaN means
+    no memory. Age 0 maps to 0 and ``MEMORY_HORIZON_S`` or older to 1, so a long-dead camera
+    looks alike whatever its exact age.
+    """
+    has = torch.isfinite(memory_age)
+    age = torch.where(has, memory_age, torch.zeros_like(memory_age)).clamp(0, MEMORY_HORIZON_S)
+    scaled = torch.log1p(age) / torch.log1p(torch.tensor(MEMORY_HORIZON_S))
+    return torch.stack([has.to(scaled.dtype), torch.where(has, scaled, 1.0)], dim=-1)
+
+
 class ConvScoreNet(nn.Module):
     """A convolutional U-Net over the stacked latent grids of all views."""
 
@@ -192,6 +214,12 @@ class ConvScoreNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(views, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
         self.input = nn.Conv2d(views * channels + views, widths[0], 3, padding=1)
+        if config.memory:  # memory latents + (has, age) per camera; zero: starts memoryless
+            self.memory_input = nn.Conv2d(views * channels + 2 * views, widths[0], 3, padding=1)
+            self.memory_embed = nn.Linear(2 * views, time_dim)
+            for layer in (self.memory_input, self.memory_embed):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.down = nn.ModuleList(
             nn.ModuleList(ConvResBlock(w, w, time_dim, groups) for _ in range(config.blocks))
             for w in widths)
@@ -213,13 +241,19 @@ class ConvScoreNet(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
-    def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tau: torch.Tensor, memory: torch.Tensor | None = None,
+                memory_age: torch.Tensor | None = None) -> torch.Tensor:
+        """``memory [B, V, D]`` (standardised, any value where there is none) and
+        ``memory_age [B, V]`` (seconds; inf = none) are used by a network with ``memory``;
+        left out, every camera has no memory."""
         batch, views, dim = x.shape  # [B, V, D]
         channels, height, width = self.config.latent_shape
         emb = self.time_embed(tau.to(x.dtype))  # [B, time_dim]
         grid = x.reshape(batch, views * channels, height, width)
         times = tau.to(x.dtype)[:, :, None, None].expand(batch, views, height, width)
         h = self.input(torch.cat([grid, times], dim=1))
+        if self.config.memory:
+            h, emb = self._add_memory(h, emb, x, memory, memory_age)
         skips = []
         for level, blocks in enumerate(self.down):
             for block in blocks:
@@ -238,6 +272,22 @@ class ConvScoreNet(nn.Module):
                 h = self.upsample[level](h)
         out = self.output(nn.functional.silu(self.out_norm(h)))
         return out.reshape(batch, views, dim)
+
+    def _add_memory(self, h: torch.Tensor, emb: torch.Tensor, x: torch.Tensor,
+                    memory: torch.Tensor | None, memory_age: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, views, _ = x.shape
+        channels, height, width = self.config.latent_shape
+        if memory is None or memory_age is None:
+            memory = torch.zeros_like(x)
+            memory_age = torch.full((batch, views), float("inf"), device=x.device)
+        features = memory_features(memory_age.float()).to(x.dtype)  # [B, V, 2]
+        has = features[..., 0, None]
+        memory = torch.where(has > 0, memory.to(x.dtype), torch.zeros_like(x))  # NaN-safe
+        planes = features.permute(0, 2, 1).reshape(batch, 2 * views, 1, 1)
+        stacked = torch.cat([memory.reshape(batch, views * channels, height, width),
+                             planes.expand(batch, 2 * views, height, width)], dim=1)
+        return h + self.memory_input(stacked), emb + self.memory_embed(features.flatten(1))
 
 
 def make_score_net(config: ScoreNetConfig) -> nn.Module:

@@ -28,12 +28,14 @@ from mvld.common.exits import stop_event_on_signals
 from mvld.common.logs import setup_logging
 
 if TYPE_CHECKING:
-    from mvld.receiver.service import ReceiverConfig
+    from mvld.receiver.cluster import ClusterReceiverService
+    from mvld.receiver.config import ReceiverConfig
+    from mvld.receiver.service import ReceiverService
 
 
 def config_options() -> ConfigOptions:
     """The options of ``mvld-receiver``: the fields of :class:`ReceiverConfig` (imports torch)."""
-    from mvld.receiver.service import ReceiverConfig
+    from mvld.receiver.config import ReceiverConfig
 
     return ConfigOptions([Section(ReceiverConfig)])
 
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_values(values: Values) -> ReceiverConfig:
     """Options -> validated config."""
-    from mvld.receiver.service import ReceiverConfig
+    from mvld.receiver.config import ReceiverConfig
 
     return ReceiverConfig(**values[ReceiverConfig])
 
@@ -66,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
 
 def print_config(config: ReceiverConfig) -> None:
     """The effective options as TOML, the resolved default bind included."""
-    from mvld.receiver.service import ReceiverConfig
+    from mvld.receiver.config import ReceiverConfig
 
     values = {ReceiverConfig: {name: getattr(config, name)
                                for name in ReceiverConfig.__dataclass_fields__}}
@@ -88,9 +90,14 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
             return 0
         if stop.is_set():
             return 0
-        from mvld.receiver.service import ReceiverService
+        if config.workers > 0 or config.ray_address is not None:  # the stage on Ray
+            from mvld.receiver.cluster import ClusterReceiverService
 
-        service = ReceiverService(config)
+            service: ReceiverService | ClusterReceiverService = ClusterReceiverService(config)
+        else:
+            from mvld.receiver.service import ReceiverService
+
+            service = ReceiverService(config)
         if stop.is_set():
             service.close()
             return 0

@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,8 @@ from torch import nn
 from mvld.common.errors import ConfigError
 from mvld.model.checkpoint import LatentStats, MVLDModel, checkpoint_paths
 from mvld.model.sde import VPSDE
-from mvld.receiver.sampler import EpsModel, sampler_info
+from mvld.receiver.precision import inference_context, prepare_module, resolve_precision
+from mvld.receiver.sampler import EpsModel, RowGenerators, sampler_info
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +79,31 @@ class Imputation:
 
 
 class ScoreNetEps:
-    """Adapts a ScoreNet to the sampler's eps contract: inference mode, the net's dtype."""
+    """Adapts a ScoreNet to the sampler's eps contract: inference mode, the net's dtype.
 
-    def __init__(self, score_net: nn.Module) -> None:
+    ``compute_dtype`` (bf16/fp16) runs the network under autocast on its device; the sampler's
+    arithmetic between evaluations stays float32 either way.
+    """
+
+    def __init__(self, score_net: nn.Module, *, compute_dtype: torch.dtype | None = None
+                 ) -> None:
         self.score_net = score_net.eval()
-        self.dtype = next(score_net.parameters()).dtype
+        parameter = next(score_net.parameters())
+        self.dtype, self.device = parameter.dtype, parameter.device
+        self.compute_dtype = compute_dtype or self.dtype
 
-    def __call__(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.score_net(x.to(self.dtype), tau.to(self.dtype)).to(x.dtype)
+    @property
+    def uses_memory(self) -> bool:
+        """Whether the network is video-aware (takes camera memories)."""
+        return bool(getattr(getattr(self.score_net, "config", None), "memory", False))
+
+    def __call__(self, x: torch.Tensor, tau: torch.Tensor, memory: torch.Tensor | None = None,
+                 memory_age: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.inference_mode(), inference_context(self.device, self.compute_dtype):
+            if memory is None:
+                return self.score_net(x.to(self.dtype), tau.to(self.dtype)).to(x.dtype)
+            return self.score_net(x.to(self.dtype), tau.to(self.dtype), memory.to(self.dtype),
+                                  memory_age).to(x.dtype)
 
 
 class Imputer:
@@ -105,11 +124,22 @@ class Imputer:
                                  latent_stats.std.to(self.device))
 
     @classmethod
-    def from_model(cls, model: MVLDModel, **kwargs: Any) -> Imputer:
-        """An imputer on the device of the model's score network."""
+    def from_model(cls, model: MVLDModel, *, precision: str | None = None,
+                   **kwargs: Any) -> Imputer:
+        """An imputer on the device of the model's score network.
+
+        ``precision`` (``mvld.receiver.precision.PRECISIONS``) serves a tuned inference copy of
+        the network (channels-last on the CPU, autocast where the hardware has bf16/fp16);
+        None uses the network as it is.
+        """
         device = next(model.score_net.parameters()).device
-        return cls(ScoreNetEps(model.score_net), model.latent_stats, model.sde, device=device,
-                   **kwargs)
+        if precision is None:
+            eps_model = ScoreNetEps(model.score_net)
+        else:
+            dtype = resolve_precision(precision, device)
+            eps_model = ScoreNetEps(prepare_module(model.score_net), compute_dtype=dtype)
+            log.info("score network: %s on %s", str(dtype).removeprefix("torch."), device)
+        return cls(eps_model, model.latent_stats, model.sde, device=device, **kwargs)
 
     def _check(self, latents: torch.Tensor, present: torch.Tensor, samples: int) -> None:
         shape = tuple(self.stats.mean.shape)
@@ -122,10 +152,25 @@ class Imputer:
         if samples < 1:
             raise ConfigError(f"samples must be >= 1; got {samples}")
 
+    @property
+    def uses_memory(self) -> bool:
+        """Whether the score network takes camera memories (a video-aware model)."""
+        return bool(getattr(self.eps_model, "uses_memory", False))
+
     def __call__(self, latents: torch.Tensor, present: torch.Tensor, *, samples: int = 1,
-                 seed: int = 0) -> Imputation:
-        """Impute the views with ``present == False``; deterministic for a ``seed``."""
+                 seed: int | Sequence[int] = 0, memory: torch.Tensor | None = None,
+                 memory_age: torch.Tensor | None = None) -> Imputation:
+        """Impute the views with ``present == False``; deterministic for a ``seed``.
+
+        A sequence of seeds gives each frame set its own noise (:class:`RowGenerators`):
+        the receiver seeds by node, so a camera's consecutive imputations stay steady.
+
+        ``memory [B, V, D]`` (raw latents) and ``memory_age [B, V]`` (seconds, inf = none):
+        each camera's last observed latent, used by a video-aware model and ignored otherwise.
+        """
         self._check(latents, present, samples)
+        if not self.uses_memory or memory is None or memory_age is None:
+            memory = memory_age = None
         start = time.perf_counter()
         batch, views, _ = latents.shape
         out = latents[:, None].repeat(1, samples, 1, 1)  # [B, K, V, D]
@@ -133,7 +178,11 @@ class Imputer:
         rows = (~present).any(1).nonzero().squeeze(1)  # frame sets with a missing view
         nfe = 0
         if len(rows):
-            drawn, nfe = self._sample(latents[rows], present[rows], samples, seed)  # standardised
+            remembered = None if memory is None or memory_age is None else (
+                memory[rows], memory_age[rows])
+            row_seed = seed if isinstance(seed, int) else [seed[r] for r in rows.tolist()]
+            drawn, nfe = self._sample(latents[rows], present[rows], samples, row_seed,
+                                      remembered)  # standardised
             if uncertainty is not None:
                 spread = drawn.std(dim=1).mean(-1).float().cpu()  # [R, V]
                 uncertainty[rows.cpu()] = torch.where(present[rows].cpu(), 0.0, spread)
@@ -145,15 +194,27 @@ class Imputer:
         log.debug("imputed %d of %d frame sets, %d NFE, %.3f s", len(rows), batch, nfe, seconds)
         return Imputation(out[:, 0], out, provenance, uncertainty, nfe, seconds)
 
-    def _sample(self, latents: torch.Tensor, present: torch.Tensor, samples: int, seed: int
+    def _sample(self, latents: torch.Tensor, present: torch.Tensor, samples: int,
+                seed: int | list[int],
+                memory: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, int]:
         """``[R, K, V, D]`` standardised samples of the rows given, and the NFE spent."""
         present = present.to(self.device)
         z = self.stats.standardise(latents.to(self.device, torch.float32))
         z = torch.where(present[..., None], z, torch.zeros_like(z))  # missing: any value, even NaN
         z, present_k = z.repeat_interleave(samples, 0), present.repeat_interleave(samples, 0)
-        generator = torch.Generator(self.device).manual_seed(seed)
-        result = self.sample(self.eps_model, z, present_k, sde=self.sde, steps=self.steps,
+        generator: torch.Generator | RowGenerators = (
+            torch.Generator(self.device).manual_seed(seed) if isinstance(seed, int)
+            else RowGenerators([s * samples + k for s in seed for k in range(samples)],
+                               self.device))
+        eps_model = self.eps_model
+        if memory is not None:
+            known = torch.isfinite(memory[1]).to(self.device)[..., None]
+            recalled = self.stats.standardise(memory[0].to(self.device, torch.float32))
+            recalled = torch.where(known, recalled, torch.zeros_like(recalled))
+            eps_model = partial(self.eps_model, memory=recalled.repeat_interleave(samples, 0),
+                                memory_age=memory[1].to(self.device).repeat_interleave(samples, 0))
+        result = self.sample(eps_model, z, present_k, sde=self.sde, steps=self.steps,
                              generator=generator, **self.options)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

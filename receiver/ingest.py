@@ -181,7 +181,7 @@ class NodeBacklog:
             node.queue.append(item)
             self._size += 1
             self._publish_sizes()
-            self._ready.notify()
+            self._ready.notify_all()  # cluster dispatchers each wait for their own nodes
         return True
 
     def _add_node(self, node_id: str, seq: int) -> _Node | None:
@@ -201,26 +201,43 @@ class NodeBacklog:
         self.metrics.backlog.set(self._size)
         self.metrics.nodes.set(len(self._nodes))
 
-    def wait(self, timeout_s: float) -> bool:
-        """Block until something is queued or ``timeout_s`` passes; True if non-empty."""
+    def pending(self, accept: Callable[[str], bool] | None = None) -> int:
+        """Frame sets queued for the nodes ``accept(node_id)`` is true for (all without one)."""
         with self._ready:
-            return self._ready.wait_for(lambda: self._size > 0, timeout_s)
+            return self._pending(accept)
 
-    def take(self, max_items: int, now: float | None = None) -> list[PendingFrameSet]:
-        """Up to ``max_items`` chosen newest first per node, nodes in turn; too-old ones dropped."""
+    def _pending(self, accept: Callable[[str], bool] | None) -> int:
+        if accept is None:
+            return self._size
+        return sum(len(node.queue) for name, node in self._nodes.items() if accept(name))
+
+    def wait(self, timeout_s: float, accept: Callable[[str], bool] | None = None) -> bool:
+        """Block until something is queued (for the nodes ``accept`` is true for, if given) or
+        ``timeout_s`` passes; True if there is."""
+        with self._ready:
+            return self._ready.wait_for(lambda: self._pending(accept) > 0, timeout_s)
+
+    def take(self, max_items: int, now: float | None = None,
+             accept: Callable[[str], bool] | None = None) -> list[PendingFrameSet]:
+        """Up to ``max_items`` chosen newest first per node, nodes in turn; too-old ones dropped.
+
+        With ``accept``, only nodes it is true for are taken from (a cluster worker's nodes).
+        """
         now = time.time() if now is None else now
         taken: list[PendingFrameSet] = []
         with self._ready:
             self._drop_stale(now)
-            names = list(self._nodes)
+            names = [name for name in self._nodes if accept is None or accept(name)]
             start = self._next_node % max(len(names), 1)
             order = names[start:] + names[:start]
-            while len(taken) < max_items and self._size:
+            available = sum(len(self._nodes[name].queue) for name in order)
+            while len(taken) < max_items and available:
                 for name in order:
                     queue = self._nodes[name].queue
                     if queue and len(taken) < max_items:
                         taken.append(queue.pop())
                         self._size -= 1
+                        available -= 1
             self._next_node += 1
             self._publish_sizes()
         taken.sort(key=lambda item: item.receive_time)  # chosen newest first, handed on in order

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ class RidgeImputer:
         return cls(fits, model.latent_stats, device)
 
     def __call__(self, latents: torch.Tensor, present: torch.Tensor, *, samples: int = 1,
-                 seed: int = 0) -> Imputation:
+                 seed: int | Sequence[int] = 0) -> Imputation:
         """Fill the views with ``present == False``; ``seed`` is ignored (nothing is drawn)."""
         if samples != 1:
             raise ConfigError("the ridge imputer is deterministic: use --samples 1")

@@ -22,7 +22,7 @@ Jolicoeur-Martineau et al. 2021, "Gotta go fast"). docs/SAMPLERS.md has the equa
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,7 +48,7 @@ class Sampler(Protocol):
     """The shared sampler signature."""
 
     def __call__(self, eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                 sde: VPSDE, steps: int, generator: torch.Generator | None,
+                 sde: VPSDE, steps: int, generator: Generator | None,
                  callback: Callback | None = None, **options: Any) -> SamplerOutput: ...
 
 
@@ -185,10 +185,38 @@ def _check_inputs(x_obs: torch.Tensor, observed: torch.Tensor, steps: int, t_eps
         raise ConfigError(f"need steps >= 2 and 0 < t_eps < 1; got steps={steps}, t_eps={t_eps}")
 
 
+class RowGenerators:
+    """One random generator per batch row, usable wherever a sampler takes ``generator``.
+
+    Each row's noise then depends on its own seed only, not on the batch it lands in: a
+    camera imputed in consecutive frame sets with the same seed gets the same noise, so its
+    imputed video changes only as much as the evidence does, instead of flickering between
+    independent samples.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % 2**63)
+                           for seed in seeds]
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+              ) -> torch.Tensor:
+        """``torch.randn(shape)``, row ``b`` from generator ``b``."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} row generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype, device=device)
+                            for g in self.generators])
+
+
+Generator = torch.Generator | RowGenerators
+
+
 def prior_state(x_obs: torch.Tensor, observed: torch.Tensor, sde: VPSDE,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generator: Generator | None) -> torch.Tensor:
     """Start of every sampler: missing views drawn from the prior, observed views clean."""
-    noise = sde.prior_sample(tuple(x_obs.shape), generator, x_obs.dtype, x_obs.device)
+    if isinstance(generator, RowGenerators):
+        noise = generator.randn(tuple(x_obs.shape), x_obs.dtype, x_obs.device)
+    else:
+        noise = sde.prior_sample(tuple(x_obs.shape), generator, x_obs.dtype, x_obs.device)
     return clamp_observed(noise, x_obs, observed)
 
 
@@ -199,7 +227,9 @@ def tweedie_denoise(x: torch.Tensor, eps: torch.Tensor, sde: VPSDE, t: torch.Ten
     return (x - _coeff(sigma, x) * eps) / _coeff(alpha, x)
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _noise(x: torch.Tensor, generator: Generator | None) -> torch.Tensor:
+    if isinstance(generator, RowGenerators):
+        return generator.randn(tuple(x.shape), x.dtype, x.device)
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
@@ -218,7 +248,7 @@ def reverse_sde_drift(x: torch.Tensor, eps: torch.Tensor, sde: VPSDE, t: torch.T
 
 @register_sampler("euler_maruyama", nfe=lambda steps: steps, min_steps=2)
 def sample_euler_maruyama(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                          sde: VPSDE, steps: int = 1000, generator: torch.Generator | None = None,
+                          sde: VPSDE, steps: int = 1000, generator: Generator | None = None,
                           callback: Callback | None = None, t_eps: float = 1e-3,
                           spacing: str = "uniform") -> SamplerOutput:
     """Euler-Maruyama on the reverse SDE (MLD's and score_sde's reference); NFE = steps."""
@@ -240,7 +270,7 @@ def sample_euler_maruyama(eps_model: EpsModel, x_obs: torch.Tensor, observed: to
 
 @register_sampler("heun", nfe=lambda steps: 2 * steps - 1, min_steps=HEUN_MIN_STEPS)
 def sample_heun(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                sde: VPSDE, steps: int = 10, generator: torch.Generator | None = None,
+                sde: VPSDE, steps: int = 10, generator: Generator | None = None,
                 callback: Callback | None = None, t_eps: float = 1e-3,
                 spacing: str = "logsnr") -> SamplerOutput:
     """Heun on the probability-flow ODE, written as dy/ds = eps with y = x/alpha, s = sigma/alpha.
@@ -268,7 +298,7 @@ def sample_heun(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor
 
 @register_sampler("dpmpp_2m", nfe=lambda steps: steps, min_steps=DPMPP_MIN_STEPS)
 def sample_dpmpp_2m(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                    sde: VPSDE, steps: int = 20, generator: torch.Generator | None = None,
+                    sde: VPSDE, steps: int = 20, generator: Generator | None = None,
                     callback: Callback | None = None, t_eps: float = 1e-3,
                     spacing: str = "logsnr") -> SamplerOutput:
     """DPM-Solver++(2M): multistep 2nd-order exponential integrator on x0 predictions; NFE = steps.
@@ -285,7 +315,7 @@ def sample_dpmpp_2m(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Te
 
 @register_sampler("dpmpp_2m_sde", nfe=lambda steps: steps, min_steps=DPMPP_MIN_STEPS)
 def sample_dpmpp_2m_sde(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                        sde: VPSDE, steps: int = 20, generator: torch.Generator | None = None,
+                        sde: VPSDE, steps: int = 20, generator: Generator | None = None,
                         callback: Callback | None = None, t_eps: float = 1e-3,
                         spacing: str = "logsnr", eta: float = 1.0) -> SamplerOutput:
     """DPM-Solver++(2M) SDE (k-diffusion's midpoint form): the reverse SDE, 2nd order; NFE = steps.
@@ -338,7 +368,7 @@ def _euler_heun_pair(eps_fn: ConditionedEps, x: torch.Tensor, t: torch.Tensor,
 
 @register_sampler("adaptive", nfe=lambda steps: None, min_steps=2)
 def sample_adaptive(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                    sde: VPSDE, steps: int = 200, generator: torch.Generator | None = None,
+                    sde: VPSDE, steps: int = 200, generator: Generator | None = None,
                     callback: Callback | None = None, t_eps: float = 1e-3, eps_abs: float = 0.01,
                     eps_rel: float = 0.02, h_init: float = 0.1, safety: float = 0.9,
                     exponent: float = 0.9) -> SamplerOutput:

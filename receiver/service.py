@@ -12,152 +12,40 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from mvld.common.config_flags import (
-    metrics_host_field,
-    metrics_port_field,
-    option,
-    status_every_field,
-)
-from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError
 from mvld.common.metrics import MetricsServer
 from mvld.common.transport import CurveServerKeys, LatentSubscriber
 from mvld.common.wire import wire_fingerprint
-from mvld.model.checkpoint import MVLDModel, load_mvld_model
-from mvld.receiver.batcher import Batch, MicroBatcher
-from mvld.receiver.decoder import LatentDecoder
-from mvld.receiver.hooks import Hook, HookRunner, build_hooks
+from mvld.model.checkpoint import MVLDModel
+from mvld.receiver.batcher import MicroBatcher
+from mvld.receiver.config import ReceiverConfig
+from mvld.receiver.hooks import Hook, HookRunner
 from mvld.receiver.imputation import (
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    IMPUTERS,
     Imputer,
     Provenance,
-    log_model_verdict,
 )
 from mvld.receiver.ingest import (
-    CLOCK_WINDOW_S,
     Ingest,
     NodeBacklog,
     PendingFrameSet,
-    camera_layout,
 )
 from mvld.receiver.observability import ReceiverMetrics
+from mvld.receiver.precision import choose_threads
 from mvld.receiver.rate_limit import RateLimiter
 from mvld.receiver.results import FrameSetResult
 from mvld.receiver.ridge_imputer import RidgeImputer
-from mvld.receiver.sampler import sampler_info, sampler_names
+from mvld.receiver.stage import ImputeStage
 
 __all__ = ["ReceiverConfig", "ReceiverService", "format_status", "is_local_endpoint",
            "select_device"]
 
 log = logging.getLogger(__name__)
-
-
-LOOPBACK_BIND = "tcp://127.0.0.1:5555"  # the default without CurveZMQ
-PUBLIC_BIND = "tcp://*:5555"  # the default with --keys/--allow
-
-
-@dataclass(frozen=True)
-class ReceiverConfig:
-    """Everything ``mvld-receiver`` is configured with, validated once."""
-
-    bind: tuple[str, ...] = field(default=(), metadata=option(
-        "ZeroMQ endpoint to bind; repeatable or comma-separated. Without --keys the default "
-        "lets only this machine connect; another address must be bound explicitly, and is "
-        "warned about while CurveZMQ is off", metavar="ENDPOINT",
-        default_text=f"{LOOPBACK_BIND}; {PUBLIC_BIND} with --keys"))
-    model: str | None = field(default=None, metadata=option(
-        "model checkpoint (P, P.json or a run folder)", default_text="the packaged model",
-        metavar="PATH"))
-    gpu: int = field(default=0, metadata=option(
-        "CUDA device index; -1 = CPU (no CUDA: the CPU, with a warning)", metavar="N"))
-    keys: str | None = field(default=None, metadata=option(
-        "CurveZMQ secret key of this receiver (with --allow)",
-        default_text="off, no CurveZMQ", metavar="RECEIVER.key_secret"))
-    allow: str | None = field(default=None, metadata=option(
-        "folder of allowed edge public keys (*.key) (with --keys)",
-        default_text="off, no CurveZMQ", metavar="DIR"))
-    tasks: tuple[str, ...] = field(default=(), metadata=option(
-        "downstream task, repeatable: save, classify, jsonl, publish, an installed mvld.tasks "
-        "entry point or a dotted path module:Name", flag="--task", split=False,
-        metavar="NAME[:key=value,...]"))
-    sampler: str = field(default=DEFAULT_SAMPLER, metadata=option(
-        "imputation sampler (docs/SAMPLERS.md)", choices=sampler_names))
-    steps: int = field(default=DEFAULT_STEPS, metadata=option("sampler steps", metavar="N"))
-    imputer: str = field(default="diffusion", metadata=option(
-        "how missing views are filled: diffusion (the score network with --sampler) or ridge "
-        "(deterministic regression on the observed views, fitted by mvld-train all and saved "
-        "beside the checkpoint; see the model verdict logged at start-up)", choices=IMPUTERS))
-    samples: int = field(default=1, metadata=option(
-        "samples per frame set; more than 1 gives per-view uncertainty", metavar="K"))
-    posterior_mean: bool = field(default=False, metadata=option(
-        "deliver the mean of the --samples K samples for imputed views instead of the first "
-        "sample: higher PSNR/SSIM, blurrier images (docs/RECEIVER.md, Posterior means)"))
-    deliver_unconditioned: bool = field(default=False, metadata=option(
-        "hand frame sets with no observed view (every view generated from nothing) to the "
-        "tasks; off: they are withheld and counted, except for tasks that ask for them"))
-    max_batch: int = field(default=64, metadata=option(
-        "frame sets per imputation call at most", metavar="N"))
-    max_wait_ms: float = field(default=10.0, metadata=option(
-        "longest wait to fill a batch", metavar="MS"))
-    backlog_per_node: int = field(default=4, metadata=option(
-        "frame sets kept per node, newest first", flag="--backlog", metavar="N"))
-    max_age_ms: float = field(default=1000.0, metadata=option(
-        "older frame sets are dropped and counted", metavar="MS"))
-    max_nodes: int = field(default=256, metadata=option(
-        "edge nodes tracked at once", metavar="N"))
-    cameras: tuple[str, ...] = field(default=(), metadata=option(
-        "comma-separated camera id of each model view", default_text="cam0,cam1,...",
-        metavar="ID,..."))
-    metrics_port: int | None = metrics_port_field()
-    metrics_host: str = metrics_host_field()
-    status_every_s: float = status_every_field()
-    threads: int | None = field(default=None, metadata=option(
-        "torch CPU threads (on a busy CPU 1 is often faster)", default_text="all cores",
-        metavar="N"))
-    max_rate: float = field(default=120.0, metadata=option(
-        "frame sets per second accepted from one node (its CurveZMQ key, else its node id); "
-        "faster ones are dropped and counted; 0 = no limit", metavar="PER_S"))
-    clock_window_s: float = field(default=CLOCK_WINDOW_S, metadata=option(
-        "frame sets whose send or capture times are more than S seconds off this machine's "
-        "clock are counted and kept out of the latency figures", flag="--clock-window",
-        metavar="S"))
-
-    def __post_init__(self) -> None:
-        if (self.keys is None) != (self.allow is None):
-            raise ConfigError("--keys and --allow go together (CurveZMQ needs both)")
-        if not self.bind:  # safe by default: unauthenticated means this machine only
-            default = PUBLIC_BIND if self.keys is not None else LOOPBACK_BIND
-            object.__setattr__(self, "bind", (default,))
-        positive = {"--steps": self.steps, "--samples": self.samples,
-                    "--max-batch": self.max_batch, "--backlog": self.backlog_per_node,
-                    "--max-age-ms": self.max_age_ms, "--max-nodes": self.max_nodes,
-                    "--status-every": self.status_every_s}
-        if self.threads is not None:
-            positive["--threads"] = self.threads
-        if self.max_rate < 0:
-            raise ConfigError(f"--max-rate must be >= 0 (0 = no limit), got {self.max_rate}")
-        for flag, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{flag} must be > 0, got {value}")
-        if self.max_wait_ms < 0:
-            raise ConfigError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
-        if not self.clock_window_s > 0:
-            raise ConfigError(f"--clock-window must be > 0, got {self.clock_window_s}")
-        sampler_info(self.sampler).check_steps(self.steps)
-        if self.imputer == "ridge" and self.samples != 1:
-            raise ConfigError("--imputer ridge is deterministic: --samples must be 1")
-        if self.posterior_mean and self.samples < 2:
-            raise ConfigError("--posterior-mean averages samples: give --samples K with K >= 2")
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -186,40 +74,40 @@ def select_device(gpu: int) -> torch.device:
 
 
 class ReceiverService:
-    """Owns the sockets, the model on its device, the hooks and the worker threads."""
+    """Owns the sockets, the ingest and worker threads and one :class:`ImputeStage`."""
 
     def __init__(self, config: ReceiverConfig, *, model: MVLDModel | None = None,
                  extra_hooks: Sequence[tuple[str, Hook]] = ()) -> None:
         self.config = config
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        threads = choose_threads(config.threads)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        log.info("torch threads: %d (%s)", threads, "--threads" if config.threads is not None
+                 else "usable cores minus the load average")
         self.metrics = ReceiverMetrics()
         self.device = select_device(config.gpu)
-        self.model_source = str(config.model or DEFAULT_MODEL) if model is None else "in memory"
-        if model is None:
-            model = load_mvld_model(config.model, self.device)
-            log_model_verdict(config.model or DEFAULT_MODEL)
-        else:
-            model.autoencoder.to(self.device)
-            model.score_net.to(self.device)
-        self.model = model
-        self.layout = camera_layout(config.cameras, self.model.num_views,
-                                    self.model.autoencoder.config.latent_dim,
-                                    self.model.autoencoder.config.latent_shape)
-        self.imputer = self._build_imputer(in_memory=self.model_source == "in memory")
-        self.decoder = LatentDecoder.from_model(self.model)
-        self.hooks = build_hooks(config.tasks, self.metrics, extra_hooks)
-        self._unconditioned_hooks = self._hooks_taking_unconditioned()
+        self.stage = ImputeStage(config, self.device, self.metrics, model=model,
+                                 extra_hooks=extra_hooks)
+        self.model, self.layout = self.stage.model, self.stage.layout
+        self.model_source = self.stage.model_source
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._metrics_server: MetricsServer | None = None
-        self._batches = 0
-        self._recent_latency: deque[float] = deque(maxlen=2048)  # for the status line
         try:
             self._open_sockets()
         except BaseException:
-            self.hooks.close()
+            self.stage.close()
             raise
+
+    @property
+    def imputer(self) -> Imputer | RidgeImputer:
+        """The stage's imputer (diffusion or ridge)."""
+        return self.stage.imputer
+
+    @property
+    def hooks(self) -> HookRunner:
+        """The stage's task hooks."""
+        return self.stage.hooks
 
     def _open_sockets(self) -> None:
         config = self.config
@@ -243,7 +131,9 @@ class ReceiverService:
                              self.metrics, rate_limiter=limiter,
                              clock_window_s=config.clock_window_s)
         self.batcher = MicroBatcher(self.backlog, max_batch=config.max_batch,
-                                    max_wait_s=config.max_wait_ms / 1000.0)
+                                    max_wait_s=config.max_wait_ms / 1000.0,
+                                    latency_budget_s=config.latency_budget_ms / 1000.0
+                                    if config.latency_budget_ms > 0 else None)
         if config.metrics_port is not None:
             try:
                 self._metrics_server = MetricsServer(self.metrics.registry, config.metrics_port,
@@ -257,84 +147,18 @@ class ReceiverService:
         """The bound endpoints (with the real port when bound to port 0 or ``*``)."""
         return self.subscriber.endpoints
 
-    def _build_imputer(self, *, in_memory: bool) -> Imputer | RidgeImputer:
-        config = self.config
-        if config.imputer != "ridge":
-            return Imputer.from_model(self.model, sampler=config.sampler, steps=config.steps)
-        if in_memory and config.model is None:  # the packaged model's weights would not fit
-            raise ConfigError("--imputer ridge with a model given in memory needs --model: the "
-                              "checkpoint whose folder holds its ridge weights")
-        return RidgeImputer.beside(config.model or DEFAULT_MODEL, self.model)
-
-    def _hooks_taking_unconditioned(self) -> HookRunner:
-        """The tasks that get frame sets with no observed view: all with the flag, else those
-        whose hook sets ``accepts_unconditioned = True``."""
-        if self.config.deliver_unconditioned:
-            return self.hooks
-        return HookRunner([(name, hook) for name, hook in self.hooks.hooks
-                           if getattr(hook, "accepts_unconditioned", False)], self.metrics)
-
-    def _withhold(self, count: int) -> None:
-        if count:
-            self.metrics.withheld.inc(count, reason="no_observed_view")
-
     def process(self, items: list[PendingFrameSet]) -> list[FrameSetResult]:
-        """Impute and decode one micro-batch into complete frame sets."""
-        batch = Batch.stack(items, self.device)
-        imputation = self.imputer(batch.latents, batch.present, samples=self.config.samples,
-                                  seed=self._batches)
-        self._batches += 1
-        chosen = imputation.posterior_mean() if self.config.posterior_mean else imputation.latents
-        start = time.perf_counter()
-        images = self.decoder(chosen)  # [B, V, H, W, 3]
-        self.metrics.decode_seconds.observe(time.perf_counter() - start)
-        done = time.time()
-        latents = chosen.float().cpu().numpy()
-        uncertainty = None if imputation.uncertainty is None else imputation.uncertainty.numpy()
-        results = [FrameSetResult.complete(item, self.layout, latents[b], images[b],
-                                           imputation.provenance[b],
-                                           None if uncertainty is None else uncertainty[b], done)
-                   for b, item in enumerate(items)]
-        self._count(results, imputation.seconds)
-        return results
-
-    def _count(self, results: list[FrameSetResult], impute_seconds: float) -> None:
-        metrics = self.metrics
-        metrics.batch_size.observe(len(results))
-        metrics.impute_seconds.observe(impute_seconds)
-        for result in results:
-            metrics.completed.inc()
-            if result.clock_ok:  # an edge clock far off would poison the figures
-                metrics.latency.observe(result.latency)
-                self._recent_latency.append(result.latency)
-            for provenance in Provenance:
-                count = sum(v.provenance is provenance for v in result.views)
-                if count:
-                    metrics.views.inc(count, provenance=provenance.value)
+        """Impute and decode one micro-batch into complete frame sets (the stage's)."""
+        return self.stage.process(items)
 
     def step(self) -> int:
         """Process one micro-batch if one arrives soon; return its size (0 if none)."""
         items = self.batcher.next_items(self._stop)
-        if not items:
-            return 0
-        taken = len(items)
-        if not self._unconditioned_hooks.hooks:  # no task wants them: not even imputed
-            items = [item for item in items if item.present.any()]
-            self._withhold(taken - len(items))
-            if not items:
-                return taken
-        try:
-            results = self.process(items)
-        except Exception:  # a receiver bug must not kill the worker; count what it cost
-            self.metrics.drop("internal_error", len(items))
-            log.exception("imputation or decoding failed for a batch of %d; dropped", len(items))
-            return 0
-        for result in results:
-            if result.observed_views:
-                self.hooks(result)
-            else:
-                self._unconditioned_hooks(result)
-        return taken
+        if items:
+            start = self.batcher.clock()
+            self.stage.handle(items)
+            self.batcher.observe(len(items), self.batcher.clock() - start)
+        return len(items)
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -381,7 +205,7 @@ class ReceiverService:
         """Numbers of the status line: rate since the last one, totals, drops, latency."""
         metrics = self.metrics
         completed = metrics.completed.value()
-        recent = np.array(self._recent_latency)
+        recent = np.array(self.stage.recent_latency)
         return {
             "framesets_per_s": round((completed - completed_before) / max(elapsed_s, 1e-9), 2),
             "completed": int(completed),
@@ -396,8 +220,7 @@ class ReceiverService:
             if len(recent) else None,
             "latency_p99_ms": round(float(np.percentile(recent, 99)) * 1e3, 1)
             if len(recent) else None,
-            "hook_errors": int(sum(metrics.hook_errors.value(task=name)
-                                   for name in self.hooks.names)),
+            "hook_errors": self.stage.hook_errors(),
         }
 
     def run(self, stop: threading.Event) -> None:
@@ -419,9 +242,7 @@ class ReceiverService:
         for thread in self._threads:
             thread.join(timeout=10.0)
         self._threads = []
-        self.hooks.close()
-        self.hooks = HookRunner([], self.metrics)
-        self._unconditioned_hooks = self.hooks
+        self.stage.close()
         self.subscriber.close()
         if self._metrics_server is not None:
             self._metrics_server.close()

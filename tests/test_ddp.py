@@ -48,6 +48,9 @@ def _flags(config) -> list[str]:
     for name, value in vars(config).items():
         if name in ("progress", "resume", "skip_bad"):
             continue
+        if isinstance(value, bool):  # a switch: --name or --no-name
+            flags.append(("--" if value else "--no-") + name.replace("_", "-"))
+            continue
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
         flags += ["--" + name.replace("_", "-"), shown]
     return [*flags, "--no-progress"]

@@ -86,7 +86,9 @@ def test_an_unauthenticated_public_bind_is_warned_about(caplog: pytest.LogCaptur
 def test_help_gives_every_option_a_line_and_its_default() -> None:
     text = " ".join(build_parser().format_help().split())
     for shown in ("--steps N sampler steps (default: 20)", "--backlog N frame sets kept per "
-                  "node, newest first (default: 4)", "--max-batch N frame sets per imputation "
+                  "node, newest first; deep enough for one node to fill a batch within the "
+                  "latency budget (default: --max-rate x budget, 4 to --max-batch)",
+                  "--max-batch N frame sets per imputation "
                   "call at most (default: 64)", "(default: tcp://127.0.0.1:5555; tcp://*:5555 "
                   "with --keys)", "-v, --verbose", "--log-level"):
         assert shown in text, shown

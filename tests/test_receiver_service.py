@@ -38,6 +38,7 @@ from mvld.receiver.ingest import assemble
 from mvld.receiver.results import FrameSetResult, Provenance
 from mvld.receiver.ridge_imputer import ridge_path, save_ridge_weights
 from mvld.receiver.service import ReceiverConfig, ReceiverService, format_status
+from mvld.receiver.stage import node_seed
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,8 @@ def test_posterior_mean_delivers_the_mean_of_the_samples(model) -> None:
     sent = np.stack([v.latent for v in result.views])
     sent[1] = 0.0
     present = torch.tensor([[True, False, True]])
-    again = service.imputer(torch.from_numpy(sent)[None], present, samples=3, seed=0)  # batch 0
+    again = service.imputer(torch.from_numpy(sent)[None], present, samples=3,
+                            seed=[node_seed("edge-1")])  # the receiver seeds by node
     assert np.allclose(result.view("cam1").latent, again.samples[0, :, 1].mean(0).numpy(),
                        atol=1e-5)
     assert not np.allclose(result.view("cam1").latent, again.latents[0, 1].numpy(), atol=1e-3)

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mvld.common.dataset import METADATA_FILE, RENDER_FILE
+
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "dataset.json"  # optional, top level of a dataset: {"mirror_invariant": true}
-RENDER_FILE = "render.json"  # written by `mvld-data render`: the rig's classes survive a mirror
 MIRROR_PROB = 0.5
 
 

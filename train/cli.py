@@ -89,6 +89,25 @@ def _train(stage: str, config: CommonTrainConfig | TrainAllConfig, ctx: Distribu
     return train_classifier(config, ctx)
 
 
+def _stage_tables_toml(config: TrainAllConfig, config_file: str | None) -> str:
+    """The effective options of every stage of ``all``, as the ``[ae]``, ``[score]`` and
+    ``[classifier]`` tables its ``--config`` reads (the run's own options win over them)."""
+    from mvld.common.config_flags import ConfigOptions, Section
+    from mvld.train.pipeline import stage_configs
+
+    shared = ", ".join(("data", "device", "seed", "val_fraction", "threads", "skip_bad",
+                        "progress"))
+    text = ""
+    for name, stage_config in stage_configs(config, stage_tables(config_file)).items():
+        stage_cls = type(stage_config)
+        from_run = shared + (", ae" if name == "score" else "") + ", out and resume"
+        text += (f"\n# the {name} stage, as `mvld-train all` runs it: {from_run} come from the "
+                 "run" + (", steps from --budget" if config.budget else "") + "\n")
+        text += ConfigOptions([Section(stage_cls, name)]).to_toml(
+            {stage_cls: config_to_dict(stage_config)})
+    return text
+
+
 @command("mvld-train", extras="train")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-train``."""
@@ -103,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(cls, stage, config_file, flags)
         if args.print_config:
             sys.stdout.write(config_options(cls).to_toml({cls: config_to_dict(config)}))
+            if stage == "all":
+                sys.stdout.write(_stage_tables_toml(config, config_file))
             return 0
         import torch
 

@@ -119,6 +119,16 @@ class ScoreTrainConfig(CommonTrainConfig):
         default_text="none: a fresh network"))
     time_dim: int = field(default=128, metadata=option(
         "size of the diffusion-time embedding", metavar="N"))
+    memory: bool = field(default=False, metadata=option(
+        "video-aware: also condition on each camera's last observed latent and its age, drawn "
+        "from earlier frame sets of the same scene (needs a sequence dataset, "
+        "docs/DATASETS.md); conv networks only"))
+    memory_drop: float = field(default=0.25, metadata=option(
+        "with --memory: probability that a view has no memory in a training sample",
+        metavar="P"))
+    memory_max_age_s: float = field(default=30.0, metadata=option(
+        "with --memory: oldest memory drawn, in seconds of the dataset's frame rate",
+        metavar="S"))
     cond_prob: float = field(default=0.5, metadata=option(
         "probability that a training sample is conditional (d in MLD)", metavar="P"))
     t_min: float = field(default=1e-3, metadata=option(

@@ -56,26 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classifier", metavar="CKPT",
                         help="classifier checkpoint from `mvld-train classifier` "
                         "(default: the packaged classifier; unused without labels)")
-    parser.add_argument("--samplers", default=None,
+    parser.add_argument("--samplers", default=None, metavar="NAME:STEPS,...",
                         help=f"comma-separated name:steps; the first is the fast sampler the "
                         f"baselines and the trade-off use (default: {_default_samplers()})")
-    parser.add_argument("--fid-samples", type=int, default=None,
+    parser.add_argument("--fid-samples", type=int, default=None, metavar="N",
                         help="imputed views per method and pattern fed to Inception for FID "
                         "(~0.3-0.8 s per view on a CPU; 0 skips FID) (default: 100)")
-    parser.add_argument("--frames", type=int, default=None,
+    parser.add_argument("--frames", type=int, default=None, metavar="N",
                         help="held-out frame sets evaluated, evenly spaced (default: 400)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
+    parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                         help="held-out tail of the dataset, as in training (default: 0.1)")
     parser.add_argument("--fit-data", default=None, metavar="DIR",
                         help="dataset the baselines are fitted on (e.g. the model's training "
                         "data); then every frame set of --data is held out (default: the "
                         "training part of --data)")
-    parser.add_argument("--fit-frames", type=int, default=10_000,
+    parser.add_argument("--fit-frames", type=int, default=10_000, metavar="N",
                         help="at most this many frame sets of --fit-data, evenly spaced "
                         "(default: 10000)")
     parser.add_argument("--out", default="runs/eval", metavar="DIR",
                         help="output folder (default: runs/eval)")
-    parser.add_argument("--device", default=None,
+    parser.add_argument("--device", default=None, metavar="DEVICE",
                         help="torch device: cpu, cuda or cuda:N (default: cpu)")
     add_gpu_flag(parser)
     parser.add_argument("--seed", type=int, default=0, metavar="N",
@@ -83,11 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=None, metavar="FILE.md",
                         help="also write the imputation section of this markdown file (e.g. "
                         "docs/RESULTS.md), replacing an earlier one")
+    outages = parser.add_argument_group(
+        "camera outages (video-aware models, sequence datasets; docs/EVAL.md)")
+    outages.add_argument("--outages", default=None, metavar="S,S,...",
+                         help="instead of the per-pattern evaluation: fail one or two cameras "
+                         "for each of these many seconds on every held-out scene and compare "
+                         "imputation with the cameras' memory against without, e.g. 1,5,30 "
+                         "(default: off)")
+    outages.add_argument("--reference", default=None, metavar="CKPT",
+                         help="memoryless model the outages compare with (default: the "
+                         "packaged model)")
+    outages.add_argument("--window", type=int, default=4, metavar="N",
+                         help="consecutive frames imputed at the end of each outage, for the "
+                         "flicker measure (default: 4)")
+    outages.add_argument("--starts-per-scene", type=int, default=2, metavar="N",
+                         help="outage starts per scene, 1 s apart (default: 2)")
     parser.add_argument("--quick", action="store_true",
                         help="small run for a smoke check: " + ", ".join(
                             f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
                         + " unless given")
-    add_logging_flags(parser, json_lines=False)
+    add_logging_flags(parser)
     return parser
 
 
@@ -111,12 +126,37 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       throughput_batch=preset.get("throughput_batch", 64), quick=args.quick)
 
 
+def run_outages(args: argparse.Namespace) -> Path:
+    """The camera-outage evaluation of ``--outages``; returns the summary's path."""
+    from mvld.common.errors import ConfigError
+    from mvld.train.evaluation import parse_samplers
+    from mvld.train.outage_eval import OutageConfig, evaluate_outages, write_outage_outputs
+
+    if args.model is None:
+        raise ConfigError("--outages needs --model: a video-aware checkpoint")
+    try:
+        seconds = tuple(float(x) for x in args.outages.split(",") if x.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--outages {args.outages!r}: write seconds, e.g. 1,5,30") from exc
+    config = OutageConfig(
+        data=args.data, model=args.model, reference=args.reference, classifier=args.classifier,
+        outages_s=seconds, starts_per_scene=args.starts_per_scene, window=args.window,
+        sampler=parse_samplers(args.samplers or "dpmpp_2m_sde:20")[0],
+        fid_samples=100 if args.fid_samples is None else args.fid_samples,
+        device=device_of(args.gpu, args.device), seed=args.seed)
+    output_folder(args.out)
+    return write_outage_outputs(*evaluate_outages(config), args.out)
+
+
 @command("mvld-eval", extras="train,eval")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mvld-eval``."""
+    from mvld.common.logs import JsonLogFormatter
+
     args = build_parser().parse_args(argv)
     progress = logging.StreamHandler(sys.stderr)
-    progress.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    progress.setFormatter(JsonLogFormatter() if args.log_json
+                          else logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     package_log = logging.getLogger("mvld")
     package_log.addHandler(progress)
     level, package_log.level = package_log.level, logging.getLevelName(log_level_of(args))
@@ -124,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         from mvld.train.eval_report import results_section, update_results, write_outputs
         from mvld.train.evaluation import evaluate
 
+        if args.outages is not None:
+            print(run_outages(args))
+            return 0
         config = config_from_args(args)
         output_folder(config.out)
         result = evaluate(config)

@@ -7,11 +7,13 @@ missing dimensions, rescaled by D / D_missing, i.e. the mean over the missing di
 """
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mvld.common.dataset import read_scenes
 from mvld.common.errors import ConfigError, DatasetError
 from mvld.model.autoencoder import AutoencoderConfig
 from mvld.model.checkpoint import (
@@ -40,6 +42,7 @@ from mvld.train.loop import (
     set_learning_rate,
     step_generator,
 )
+from mvld.train.memory import MemoryDraw, SceneMemory
 from mvld.train.state import (
     TrainingState,
     load_training_state,
@@ -60,17 +63,20 @@ def draw_observed_masks(batch: int, views: int, cond_prob: float, generator: tor
 
 
 def multi_time_loss(score_net: nn.Module, sde: VPSDE, z0: torch.Tensor, observed: torch.Tensor,
-                    t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+                    t: torch.Tensor, noise: torch.Tensor, memory: MemoryDraw | None = None
+                    ) -> torch.Tensor:
     """Per-sample loss ``[B]``: mean squared epsilon error over the missing dimensions only.
 
     ``z0 [B, V, D]`` clean latents, ``observed [B, V]`` bool, ``t [B]`` time of the missing
-    views, ``noise [B, V, D]``. Observed views stay clean with tau = 0.
+    views, ``noise [B, V, D]``. Observed views stay clean with tau = 0. ``memory`` conditions
+    a video-aware network on the cameras' earlier latents.
     """
     tau = torch.where(observed, torch.zeros_like(t)[:, None], t[:, None])  # [B, V]
     mean, std = sde.marginal(z0, tau)
     keep = observed[..., None]  # [B, V, 1]
     zt = torch.where(keep, z0, mean + std * noise)
-    eps = score_net(zt, tau)
+    eps = score_net(zt, tau) if memory is None else score_net(zt, tau, memory.latents,
+                                                                memory.age)
     missing = (~keep).to(z0.dtype).expand_as(z0)  # [B, V, D]
     squared = (eps - noise) ** 2 * missing
     return squared.flatten(1).sum(1) / missing.flatten(1).sum(1)
@@ -86,12 +92,23 @@ def score_net_config_for(config: ScoreTrainConfig, views: int, ae: AutoencoderCo
         num_views=views, latent_dim=ae.latent_dim, widths=config.widths or SCORE_WIDTHS[kind],
         time_dim=config.time_dim, kind=kind,
         latent_shape=ae.latent_shape if kind == "conv" else (), blocks=config.blocks,
-        attention_heads=config.attention_heads if kind == "conv" else 0)
+        attention_heads=config.attention_heads if kind == "conv" else 0, memory=config.memory)
 
 
-def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext
-                     ) -> tuple[MVLDModel, torch.Tensor, torch.Tensor]:
-    """Encode (or load cached) latents; ``(model shell, train z [N, V, D], val z)``."""
+@dataclass
+class PreparedLatents:
+    """What stage 2 trains on: standardised latents of the complete frame sets, split."""
+
+    shell: MVLDModel
+    z_train: torch.Tensor  # [N, V, D]
+    z_val: torch.Tensor
+    train_rows: torch.Tensor  # int64 [N]: rows of the whole dataset (for memories)
+    val_rows: torch.Tensor
+    memory: SceneMemory | None  # video-aware training only
+
+
+def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext) -> PreparedLatents:
+    """Encode (or load cached) latents, split them and, with --memory, index the scenes."""
     autoencoder, preprocess, fingerprint = load_autoencoder(config.ae)
     autoencoder.to(ctx.device)
     arrays = load_frame_arrays(config.data, preprocess.height, preprocess.width, config.skip_bad)
@@ -121,7 +138,19 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext
     if config.init:
         _warm_start(config.init, shell)
     z = shell.latent_stats.standardise(latents)
-    return shell, z[train_idx], z[val_idx]
+    memory = None
+    if config.memory:
+        scenes = read_scenes(config.data, arrays.stems)
+        if scenes is None:
+            raise DatasetError(f"{config.data}: --memory needs a sequence dataset (frame order "
+                               f"and scene cuts in dataset.json or render.json, "
+                               f"docs/DATASETS.md)")
+        memory = SceneMemory(z, present, scenes, drop=config.memory_drop,
+                             max_age_s=config.memory_max_age_s)
+        log.info("score: video-aware, %d scenes at %.3g fps, memories up to %.3g s",
+                 int(scenes.scene.max()) + 1, scenes.fps, config.memory_max_age_s)
+    train_rows, val_rows = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    return PreparedLatents(shell, z[train_rows], z[val_rows], train_rows, val_rows, memory)
 
 
 def _warm_start(path: str, shell: MVLDModel) -> None:
@@ -148,18 +177,28 @@ def _warm_start(path: str, shell: MVLDModel) -> None:
 
 @torch.no_grad()
 def validation_losses(score_net: nn.Module, sde: VPSDE, z: torch.Tensor, t_min: float,
-                      seed: int) -> dict[str, float]:
-    """Joint and conditional (one random observed subset per sample) losses, fixed noise."""
+                      seed: int, memory: MemoryDraw | None = None) -> dict[str, float]:
+    """Joint and conditional (one random observed subset per sample) losses, fixed noise.
+
+    With ``memory`` (one draw per sample) the conditional loss is also measured without it
+    (``val_cond_no_memory``): the gap is what the cameras' past is worth.
+    """
     generator = torch.Generator().manual_seed(seed)
     device = next(score_net.parameters()).device
     z = z.to(device)
     batch, views = z.shape[:2]
+    if memory is not None:
+        memory = MemoryDraw(memory.latents.to(device), memory.age.to(device))
     results = {}
     for name, prob in (("val_joint", 0.0), ("val_cond", 1.0)):
         observed = draw_observed_masks(batch, views, prob, generator).to(device)
         t = (t_min + (1 - t_min) * torch.rand(batch, generator=generator)).to(device)
         noise = torch.randn(z.shape, generator=generator).to(device)
-        results[name] = multi_time_loss(score_net, sde, z, observed, t, noise).mean().item()
+        results[name] = multi_time_loss(score_net, sde, z, observed, t, noise,
+                                        memory).mean().item()
+        if memory is not None and name == "val_cond":
+            results["val_cond_no_memory"] = multi_time_loss(
+                score_net, sde, z, observed, t, noise).mean().item()
     return results
 
 
@@ -167,7 +206,11 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
     """Train stage 2 into ``config.out``; returns the path of the last (complete) checkpoint."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, z_train, z_val = _prepare_latents(config, ctx)
+    prepared = _prepare_latents(config, ctx)
+    model, z_train, z_val, memory = (prepared.shell, prepared.z_train, prepared.z_val,
+                                     prepared.memory)
+    val_memory = None if memory is None else memory.draw(
+        prepared.val_rows, torch.Generator().manual_seed(config.seed + 1))
     sampler = EpochSampler(len(z_train), config.batch_size, config.seed)
     if sampler.steps_per_epoch == 0:
         raise DatasetError(f"{len(z_train)} complete frame sets are fewer than one batch of "
@@ -183,13 +226,19 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
         set_learning_rate(optimizer, config.lr, config.lr_schedule, step, config.steps)
         # Draw the whole global batch on every rank, then keep this rank's slice.
         generator = step_generator(config.seed, step)
-        z0 = z_train[sampler.batch(step - 1)]
+        rows = sampler.batch(step - 1)
+        z0 = z_train[rows]
         observed = draw_observed_masks(len(z0), views, config.cond_prob, generator)
         t = config.t_min + (1 - config.t_min) * torch.rand(len(z0), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         z0, observed, t, noise = (ctx.shard(x).to(ctx.device) for x in (z0, observed, t, noise))
+        drawn = None
+        if memory is not None:
+            full = memory.draw(prepared.train_rows[rows], generator)
+            drawn = MemoryDraw(ctx.shard(full.latents).to(ctx.device),
+                               ctx.shard(full.age).to(ctx.device))
         with autocast(ctx.device, config.precision):
-            loss = multi_time_loss(trained, sde, z0, observed, t, noise).mean()
+            loss = multi_time_loss(trained, sde, z0, observed, t, noise, drawn).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -197,7 +246,7 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
         return ctx.mean(loss.item())
 
     def validate(step: int) -> dict[str, float]:
-        return validation_losses(ema.shadow, sde, z_val, config.t_min, config.seed)
+        return validation_losses(ema.shadow, sde, z_val, config.t_min, config.seed, val_memory)
 
     def save(step: int, metrics: dict[str, float]) -> None:
         nonlocal best

@@ -42,15 +42,13 @@ from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError, MVLDError
 from mvld.common.logs import setup_logging
 from mvld.common.metrics import Counter, Gauge, Histogram, MetricsRegistry, MetricsServer
-from mvld.common.transport import CurveServerKeys, LatentSubscriber
 from mvld.model.checkpoint import load_mvld_model
 from mvld.receiver.batcher import MicroBatcher
 from mvld.receiver.config import ReceiverConfig
 from mvld.receiver.imputation import Provenance
-from mvld.receiver.ingest import Ingest, NodeBacklog, PendingFrameSet, camera_layout
+from mvld.receiver.ingest import PendingFrameSet, camera_layout
 from mvld.receiver.observability import ReceiverMetrics
-from mvld.receiver.rate_limit import RateLimiter
-from mvld.receiver.service import format_status, is_local_endpoint
+from mvld.receiver.service import format_status, open_front_door
 from mvld.receiver.stage import ImputeStage
 
 __all__ = ["OBJECT_STORE_BYTES", "BatchReport", "ClusterError", "ClusterMetrics",
@@ -444,25 +442,8 @@ class ClusterReceiverService:
     def _open_sockets(self) -> None:
         """The front door, as in the single-process receiver: socket, backlog, ingest."""
         config = self.config
-        curve = None
-        if config.keys is not None and config.allow is not None:
-            curve = CurveServerKeys.from_files(config.keys, config.allow)
-            log.info("CurveZMQ on: %d allowed edge key(s)", len(curve.allowed_clients))
-        else:
-            for endpoint in config.bind:
-                if not is_local_endpoint(endpoint):
-                    log.warning("binding %s without CurveZMQ: anyone who can reach it can send "
-                                "frame sets; use --keys/--allow (docs/SECURITY.md)", endpoint)
-        self.subscriber = LatentSubscriber(config.bind, curve=curve,
-                                           fingerprint=self.model.fingerprint,
-                                           camera_ids=self.layout.camera_ids)
-        self.backlog = NodeBacklog(self.metrics, per_node=config.backlog_per_node,
-                                   max_nodes=config.max_nodes,
-                                   max_age_s=config.max_age_ms / 1000.0)
-        limiter = RateLimiter(config.max_rate) if config.max_rate > 0 else None
-        self.ingest = Ingest(self.subscriber, self.layout, self.model.fingerprint, self.backlog,
-                             self.metrics, rate_limiter=limiter,
-                             clock_window_s=config.clock_window_s)
+        self.subscriber, self.backlog, self.ingest = open_front_door(
+            config, self.model.fingerprint, self.layout, self.metrics)
         if config.metrics_port is not None:
             try:
                 self._metrics_server = MetricsServer(self.metrics.registry, config.metrics_port,

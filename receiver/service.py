@@ -31,6 +31,7 @@ from mvld.receiver.imputation import (
     Provenance,
 )
 from mvld.receiver.ingest import (
+    CameraLayout,
     Ingest,
     NodeBacklog,
     PendingFrameSet,
@@ -73,6 +74,29 @@ def select_device(gpu: int) -> torch.device:
     return torch.device("cuda", gpu)
 
 
+def open_front_door(config: ReceiverConfig, fingerprint: str, layout: CameraLayout,
+                    metrics: ReceiverMetrics) -> tuple[LatentSubscriber, NodeBacklog, Ingest]:
+    """The socket (CurveZMQ when keys are given, a warning for an open public bind), the
+    per-node backlog and the ingest that fills it: shared by both receivers."""
+    curve = None
+    if config.keys is not None and config.allow is not None:
+        curve = CurveServerKeys.from_files(config.keys, config.allow)
+        log.info("CurveZMQ on: %d allowed edge key(s)", len(curve.allowed_clients))
+    else:
+        for endpoint in config.bind:
+            if not is_local_endpoint(endpoint):
+                log.warning("binding %s without CurveZMQ: anyone who can reach it can send "
+                            "frame sets; use --keys/--allow (docs/SECURITY.md)", endpoint)
+    subscriber = LatentSubscriber(config.bind, curve=curve, fingerprint=fingerprint,
+                                  camera_ids=layout.camera_ids)
+    backlog = NodeBacklog(metrics, per_node=config.backlog_per_node, max_nodes=config.max_nodes,
+                          max_age_s=config.max_age_ms / 1000.0)
+    limiter = RateLimiter(config.max_rate) if config.max_rate > 0 else None
+    ingest = Ingest(subscriber, layout, fingerprint, backlog, metrics, rate_limiter=limiter,
+                    clock_window_s=config.clock_window_s)
+    return subscriber, backlog, ingest
+
+
 class ReceiverService:
     """Owns the sockets, the ingest and worker threads and one :class:`ImputeStage`."""
 
@@ -111,25 +135,8 @@ class ReceiverService:
 
     def _open_sockets(self) -> None:
         config = self.config
-        curve = None
-        if config.keys is not None and config.allow is not None:
-            curve = CurveServerKeys.from_files(config.keys, config.allow)
-            log.info("CurveZMQ on: %d allowed edge key(s)", len(curve.allowed_clients))
-        else:
-            for endpoint in config.bind:
-                if not is_local_endpoint(endpoint):
-                    log.warning("binding %s without CurveZMQ: anyone who can reach it can send "
-                                "frame sets; use --keys/--allow (docs/SECURITY.md)", endpoint)
-        self.subscriber = LatentSubscriber(config.bind, curve=curve,
-                                           fingerprint=self.model.fingerprint,
-                                           camera_ids=self.layout.camera_ids)
-        self.backlog = NodeBacklog(self.metrics, per_node=config.backlog_per_node,
-                                   max_nodes=config.max_nodes,
-                                   max_age_s=config.max_age_ms / 1000.0)
-        limiter = RateLimiter(config.max_rate) if config.max_rate > 0 else None
-        self.ingest = Ingest(self.subscriber, self.layout, self.model.fingerprint, self.backlog,
-                             self.metrics, rate_limiter=limiter,
-                             clock_window_s=config.clock_window_s)
+        self.subscriber, self.backlog, self.ingest = open_front_door(
+            config, self.model.fingerprint, self.layout, self.metrics)
         self.batcher = MicroBatcher(self.backlog, max_batch=config.max_batch,
                                     max_wait_s=config.max_wait_ms / 1000.0,
                                     latency_budget_s=config.latency_budget_ms / 1000.0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_fixtures import tiny_ae_config, tiny_score_config, write_tiny_rig
 
 from mvld.common.errors import DatasetError
 from mvld.model.checkpoint import load_mvld_model
@@ -14,7 +15,6 @@ from mvld.train.autoencoder_training import train_autoencoder
 from mvld.train.distributed import DistributedContext
 from mvld.train.eval_cli import main as eval_main
 from mvld.train.score_training import train_score
-from model_fixtures import tiny_ae_config, tiny_score_config, write_tiny_rig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = DistributedContext(device=torch.device("cpu"))

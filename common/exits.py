@@ -68,22 +68,64 @@ def stop_exception(signum: int) -> BaseException:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
-    raise Terminated()
+_IMPORT_MACHINERY = frozenset({"<frozen importlib._bootstrap>",
+                               "<frozen importlib._bootstrap_external>"})
+_RETRY_S = 0.02  # how often a stop held back by an import looks again
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside an ``import`` (importlib's frames are on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename in _IMPORT_MACHINERY:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _RaiseWhenSafe:
+    """Signal handler that raises the stop exception, but never inside an import.
+
+    An exception raised while a C extension initialises (torch's pybind11 modules call back
+    into Python) does not unwind: the interpreter aborts with "terminate called after throwing
+    an instance of 'pybind11::error_already_set'". So a stop that arrives during an import is
+    held, and SIGALRM looks again every ``_RETRY_S`` until the import is done.
+    """
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+
+    def on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.pending = signum
+        self.on_alarm(signal.SIGALRM, frame)
+
+    def on_alarm(self, _signum: int, frame: FrameType | None) -> None:
+        if self.pending is None:
+            return
+        if _importing(frame):
+            signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+            return
+        signum, self.pending = self.pending, None
+        raise stop_exception(signum)
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Inside: SIGTERM raises :class:`Terminated`, so ``finally`` blocks (children stopped,
-    files closed) run as they do for Ctrl-C. Only the main thread can own signals."""
+def stop_signals_raise() -> Iterator[None]:
+    """Inside: SIGINT raises KeyboardInterrupt and SIGTERM :class:`Terminated`, once no import
+    is running, so ``finally`` blocks (children stopped, files closed) run for both. Only the
+    main thread can own signals."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    handler = _RaiseWhenSafe()
+    previous = {signum: signal.signal(signum, handler.on_stop)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, handler.on_alarm)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def stop_event_on_signals() -> threading.Event:
@@ -187,7 +229,7 @@ def command(prog: str, extras: str) -> Callable[[Main], Main]:
         @functools.wraps(main)
         def guarded(argv: list[str] | None = None) -> int:
             try:
-                with sigterm_raises():
+                with stop_signals_raise():
                     return main(argv)
             except STOP_EXCEPTIONS as stop:
                 how = "stopped (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"

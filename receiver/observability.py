@@ -28,6 +28,7 @@ DROP_REASONS = (
     "superseded",  # pushed out of a full per-node backlog by a newer frame set
     "stale",  # older than the maximum age when its turn came
     "internal_error",  # a bug on the receiver side; logged with its traceback
+    "worker_lost",  # in flight on a Ray worker that died or stopped answering (--workers)
 )
 """Every value of the ``reason`` label of ``mvld_receiver_dropped_total``."""
 
@@ -85,7 +86,9 @@ class ReceiverMetrics:
         self._lock = threading.Lock()
 
     def drop(self, reason: str, count: int = 1) -> None:
-        """Count ``count`` dropped messages or frame sets for ``reason``."""
+        """Count ``count`` dropped messages or frame sets for ``reason`` (one of DROP_REASONS)."""
+        if reason not in DROP_REASONS:
+            raise ValueError(f"unknown drop reason {reason!r}; add it to DROP_REASONS")
         self.dropped.inc(count, reason=reason)
         with self._lock:
             self._drops[reason] = self._drops.get(reason, 0) + count

@@ -55,6 +55,60 @@ def test_sigterm_and_ctrl_c_become_exit_codes_with_one_line(capsys: pytest.Captu
     assert capsys.readouterr().err.strip() == "mvld-x: interrupted"
 
 
+def test_a_stop_during_an_import_is_held_until_the_import_is_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Raised inside an import, a stop can abort the interpreter (a C extension that calls back
+    into Python cannot unwind it), so it waits for the import to finish, then stops."""
+    (tmp_path / "slow_to_import.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.2)  # the signal arrives here, inside the import\n"
+        "FINISHED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    @command("mvld-x", extras="train")
+    def importing(argv: list[str] | None = None) -> int:
+        import slow_to_import  # noqa: F401
+
+        time.sleep(5)  # the held stop is raised before this returns
+        return 0
+
+    started = time.monotonic()
+    assert importing([]) == EXIT_SIGTERM
+    assert time.monotonic() - started < 4
+    assert sys.modules["slow_to_import"].FINISHED, "the import was cut short"
+    assert capsys.readouterr().err.strip() == "mvld-x: stopped (SIGTERM)"
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+
+@pytest.mark.slow  # a dozen interpreters importing torch
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, EXIT_SIGTERM),
+                                                (signal.SIGINT, EXIT_SIGINT)])
+def test_a_stop_while_torch_imports_ends_in_one_line_never_an_abort(signum: int, status: int
+                                                                    ) -> None:
+    """Signals spread over ``mvld-eval``'s start (torch's import): each ends with the stop's
+    status and one line; before the fix some aborted in pybind11 ("terminate called")."""
+    runs = []
+    for delay in (0.0, 0.15, 0.3, 0.45, 0.6, 0.8):  # after main is entered, before torch is in
+        process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from mvld.train.eval_cli import main; "
+             "print('main', flush=True); sys.exit(main())",
+             "--model", str(DEFAULT_MODEL), "--data", "/nonexistent"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert process.stdout is not None and process.stdout.readline() == "main\n"
+        runs.append((delay, process))
+        time.sleep(delay)
+        process.send_signal(signum)
+    for delay, process in runs:
+        _, stderr = process.communicate(timeout=120)
+        assert "terminate called" not in stderr and "Traceback" not in stderr, (delay, stderr)
+        if "dataset folder does not exist" in stderr:
+            continue  # the command had already finished its work when the signal came
+        assert process.returncode == status, (delay, process.returncode, stderr)
+        assert len(stderr.strip().splitlines()) == 1, (delay, stderr)
+
+
 def test_a_missing_optional_module_is_named_other_import_errors_are_not_hidden(
         capsys: pytest.CaptureFixture[str]) -> None:
     @command("mvld-x", extras="train,eval")

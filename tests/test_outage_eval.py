@@ -85,13 +85,13 @@ def test_the_receiver_imputes_a_failed_camera_from_its_memory(trained) -> None:
     import time
 
     import numpy as np
+    from receiver_fixtures import connected_publisher, wait_until
 
     from mvld.common.dataset import FrameSetFolder
     from mvld.common.preprocess import preprocess_images
     from mvld.common.wire import FrameSetMessage, ViewRecord, encode_frameset
     from mvld.receiver.service import ReceiverConfig, ReceiverService
     from mvld.receiver.stage import node_seed
-    from tests.receiver_fixtures import connected_publisher, wait_until
 
     data, score = trained
     model = load_mvld_model(score)

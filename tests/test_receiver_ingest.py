@@ -32,7 +32,7 @@ from mvld.receiver.ingest import (
     RejectionError,
     assemble,
 )
-from mvld.receiver.observability import ReceiverMetrics
+from mvld.receiver.observability import DROP_REASONS, ReceiverMetrics
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +334,14 @@ def test_a_mutated_field_is_dropped_or_accepted_never_raised(ingest: Ingest, mod
     accepted = ingest.metrics.accepted.value() - accepted_before
     assert accepted + refused() - drops_before == 1
     assert ingest.metrics.drops().get("internal_error", 0) == 0
+
+
+def test_drop_reasons_are_one_closed_vocabulary() -> None:
+    """Every drop is counted under a reason from DROP_REASONS, so dashboards and docs can list
+    them all; an unlisted reason is a bug and says so instead of inventing a label."""
+    metrics = ReceiverMetrics()
+    for reason in DROP_REASONS:
+        metrics.drop(reason)
+    assert metrics.drops() == dict.fromkeys(DROP_REASONS, 1)
+    with pytest.raises(ValueError, match="DROP_REASONS"):
+        metrics.drop("worker_gone")

@@ -7,7 +7,7 @@ DEMO_OUT ?= runs/demo
 STAMP := $(VENV)/.mvld-setup
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint typecheck
 .DEFAULT_GOAL := demo
 
 setup: $(STAMP)
@@ -23,9 +23,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	PATH="$(BIN):$$PATH" ruff check .
 
-# The whole test suite, as CI runs it: lint, then exactly the README's `pytest`. pytest exits
-# 5 when it collected no test: that is a failure too.
-test: lint
+# mypy over the installed layout (mvld.common, mvld.edge, ...), pyproject.toml's [tool.mypy].
+typecheck: $(STAMP)
+	"$(BIN)/python" scripts/typecheck
+
+# The whole test suite, as CI runs it: lint and type check, then exactly the README's `pytest`.
+# pytest exits 5 when it collected no test: that is a failure too.
+test: lint typecheck
 	PATH="$(BIN):$$PATH" pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status

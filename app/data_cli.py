@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from mvld.common.config_flags import add_logging_flags, setup_logging_of
 from mvld.common.errors import MVLDError
@@ -21,6 +22,7 @@ from mvld.common.exits import command
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 # mvld.replay's IMPUTERS and HEALTH_CHOICES, spelled here so --help needs no import of it
 REPLAY_IMPUTERS, REPLAY_HEALTH = ("diffusion", "ridge"), ("off", "default")
+ResultT = TypeVar("ResultT")
 
 
 class _LineProgress:
@@ -54,7 +56,8 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="frame set", file=sys.stderr)
 
 
-def _run_with_progress(total: int, desc: str, enabled: bool, work: Callable) -> object:
+def _run_with_progress(total: int, desc: str, enabled: bool,
+                       work: Callable[[Callable[[int], None] | None], ResultT]) -> ResultT:
     bar = _progress_bar(total, desc, enabled)
     try:
         return work(bar.update if bar else None)

@@ -35,7 +35,7 @@ from mvld.common.errors import ConfigError, MVLDError
 from mvld.common.exits import output_folder
 from mvld.demo_record import DemoConfig, DemoRecord, FaultPlan, scene_tick
 from mvld.report import write_report
-from mvld.sim.demo_source import DEMO_SCHEME, open_demo_fault
+from mvld.sim.demo_source import DEMO_SCHEME, open_demo_fault, write_fault_epoch
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ SIM_OPTIONS = {"episode_frames": 1_000_000, "seed": 0}  # one continuous scene, 
 MIN_SCENE_SIZE = 64
 RECEIVER_START_TIMEOUT_S = 150.0
 RESULT_HWM = 10_000
+FAULT_CLOCK_DELAY_S = 1.0  # after the edge is up: its first frame sets arrive before any fault
 # torch's intra-op threads spin-wait; on a small machine shared by the edge, the demo and other
 # jobs, more than one thread made the receiver 2-3x slower (measured: 4.4 vs 10 frame sets/s)
 RECEIVER_THREADS = os.environ.get("OMP_NUM_THREADS", "1")
@@ -197,14 +198,15 @@ def scene_size(model: Path | None) -> int:
 class DemoProcesses:
     """The receiver and edge processes of one demo run, their ports and logs."""
 
-    def __init__(self, config: DemoConfig, plan: FaultPlan, start_wall: float) -> None:
-        self.config, self.plan, self.start_wall = config, plan, start_wall
+    def __init__(self, config: DemoConfig, plan: FaultPlan) -> None:
+        self.config, self.plan = config, plan
         self.size = scene_size(config.model)
         self.logs = config.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.data_port, self.result_port = free_port(), free_port()
         self.receiver_metrics_port, self.edge_metrics_port = free_port(), free_port()
         self.clock_path = self.logs / "scene_clock.json"
+        self.epoch_path = self.logs / "fault_clock.json"  # written once the edge is up
         self.receiver: subprocess.Popen | None = None
         self.edge: subprocess.Popen | None = None
 
@@ -225,15 +227,18 @@ class DemoProcesses:
                           "mvld-receiver", RECEIVER_START_TIMEOUT_S)
 
     def camera_uris(self) -> list[str]:
-        """``demofault://`` URIs: camera 1 stops, camera 2 gets covered, camera 0 stays healthy."""
+        """``demofault://`` URIs: camera 1 stops, camera 2 gets covered, camera 0 stays healthy;
+        the fault windows count from the fault clock :meth:`start_fault_clock` starts."""
         fps = self.config.fps
         uris = []
         for camera in range(3):
-            query = {**SIM_OPTIONS, "fps": fps, "size": self.size}
+            query: dict[str, object] = {**SIM_OPTIONS, "fps": fps, "size": self.size}
             if camera == self.plan.stop_camera:
-                query["stop"] = "-".join(f"{self.start_wall + s:.3f}" for s in self.plan.stop)
+                query["stop"] = "-".join(f"{s:.3f}" for s in self.plan.stop)
+                query["epoch"] = str(self.epoch_path)
             if camera == self.plan.cover_camera:
-                query["cover"] = "-".join(f"{self.start_wall + s:.3f}" for s in self.plan.cover)
+                query["cover"] = "-".join(f"{s:.3f}" for s in self.plan.cover)
+                query["epoch"] = str(self.epoch_path)
             if camera == 0:
                 query["clock"] = str(self.clock_path)
             uris.append(f"{DEMO_SCHEME}://{camera}?{urlencode(query)}")
@@ -250,6 +255,12 @@ class DemoProcesses:
             "--status-every", "5", *model), "edge")
         _wait_for_metrics(self.edge, self.edge_metrics_port, self.logs / "edge.log",
                           "mvld-edge", 60.0)
+
+    def start_fault_clock(self, delay_s: float) -> float:
+        """Start the fault schedule ``delay_s`` from now (the edge is up); its POSIX time."""
+        start_wall = time.time() + delay_s
+        write_fault_epoch(self.epoch_path, start_wall)
+        return start_wall
 
     def stop(self) -> None:
         """Stop the edge first (so the receiver sees the stream's end), then the receiver."""
@@ -295,8 +306,8 @@ def replay_truth(record: DemoRecord, ticks: list[int], size: int) -> None:
     from mvld.sim.rig import SimRig
     from mvld.sim.source import SimOptions
 
-    options = SimOptions(fps=record.config.fps, size=size,
-                         **SIM_OPTIONS)  # type: ignore[arg-type]
+    options = SimOptions(fps=record.config.fps, size=size, seed=SIM_OPTIONS["seed"],
+                         episode_frames=SIM_OPTIONS["episode_frames"])
     wanted = set(ticks)
     with SimRig(options.rig_config()) as rig:
         rig.reset(options.seed, 0)
@@ -314,18 +325,18 @@ def run_demo(config: DemoConfig, progress: Progress = log.info) -> Path:
     check_report_dependencies()
     plan = FaultPlan.for_duration(config.seconds)
     progress("starting mvld-receiver (loads the model; CPU) ...")
-    processes = DemoProcesses(config, plan, start_wall=0.0)
+    processes = DemoProcesses(config, plan)
     collector: ResultCollector | None = None
     try:
         processes.start_receiver()
         collector = ResultCollector(f"tcp://127.0.0.1:{processes.result_port}")
-        processes.start_wall = time.time() + 3.0  # the fault clock starts once the edge is up
-        record = DemoRecord(config, plan, processes.start_wall)
         progress(f"starting mvld-edge: 3 simulated cameras at {config.fps:g} FPS; cam1 stops "
                  f"at {plan.stop[0]:.0f}-{plan.stop[1]:.0f} s, cam2 is covered at "
                  f"{plan.cover[0]:.0f}-{plan.cover[1]:.0f} s")
         processes.start_edge()
-        time.sleep(max(0.0, processes.start_wall - time.time()))
+        # the clock starts once the edge is up, however long its start took on a busy machine
+        record = DemoRecord(config, plan, processes.start_fault_clock(FAULT_CLOCK_DELAY_S))
+        time.sleep(max(0.0, record.start_wall - time.time()))
         _stream(processes, record, collector, progress)
         record.edge_metrics = read_metrics(processes.edge_metrics_port) or {}
         _finish(processes, record, collector)

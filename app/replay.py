@@ -458,8 +458,15 @@ def collect(folder: FrameSetFolder, plan: ReplayPlan, processes: ReplayProcesses
                          "psnr_db": None}
                 if raw.exists():
                     raw.replace(target)
-                    image = cv2.cvtColor(cv2.imread(str(target)), cv2.COLOR_BGR2RGB)
-                    value = float(psnr(image[None], truth[v][None])[0])
+                    decoded = cv2.imread(str(target))
+                    if decoded is None:
+                        raise MVLDError(f"{target}: the receiver's PNG cannot be read back")
+                    expected = truth[v]
+                    if expected is None:  # the dataset lacks this view: nothing to score against
+                        record["views"].append(entry)
+                        continue
+                    image = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+                    value = float(psnr(image[None], expected[None])[0])
                     entry["psnr_db"] = round(value, 3)
                     kind = "observed" if view["provenance"] == "observed" else "imputed"
                     scores["all"][kind].append(value)

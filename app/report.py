@@ -113,13 +113,14 @@ def _column(record: DemoRecord, result: dict, truth: list[np.ndarray]) -> np.nda
 
 def views_figure(record: DemoRecord, path: Path) -> None:
     """Grid: columns = time points, rows = (true, delivered, received) for every camera."""
-    usable = [r for r in drawn_results(record) if scene_tick(record, r) in record.truth]
+    usable = [(r, tick) for r in drawn_results(record)
+              if (tick := scene_tick(record, r)) is not None and tick in record.truth]
     if not usable:
         return
     picks = [usable[i] for i in np.linspace(0, len(usable) - 1, COLUMNS).astype(int)]
     columns = []
-    for result in picks:
-        column = _column(record, result, record.truth[scene_tick(record, result)])
+    for result, tick in picks:
+        column = _column(record, result, record.truth[tick])
         header = np.zeros((22, TILE, 3), np.uint8)
         cv2.putText(header, f"t = {since_start(record, result):.1f} s", (4, 16),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)

@@ -33,6 +33,7 @@ import logging
 import re
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -528,7 +529,8 @@ class FrameSetWriter:
         self._stems: set[str] = set()
         self._closed = False
 
-    def write(self, stem: str, views: list[np.ndarray | None], label: int | None = None) -> None:
+    def write(self, stem: str, views: Sequence[np.ndarray | None],
+              label: int | None = None) -> None:
         """Write one frame set; None views are left out (missing)."""
         if self._closed:
             raise DatasetError(f"{self.root}: writer is closed")

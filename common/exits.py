@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from mvld.common.errors import ConfigError
 
@@ -47,7 +48,12 @@ PROVIDED_BY = {
 }
 OPTIONAL_MODULES = frozenset(PROVIDED_BY)
 
-Main = Callable[[list[str] | None], int]
+
+class Main(Protocol):
+    """A command's ``main(argv=None) -> int``: the argument list (None: the process's), the
+    exit status back."""
+
+    def __call__(self, argv: list[str] | None = None) -> int: ...
 
 
 class Terminated(BaseException):

@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TypeVar
 
 from mvld.common.errors import ConfigError
 
@@ -92,6 +93,9 @@ class _Metric:
 
     def samples(self) -> list[str]:
         raise NotImplementedError
+
+
+MetricT = TypeVar("MetricT", bound=_Metric)
 
 
 class Counter(_Metric):
@@ -197,7 +201,7 @@ class MetricsRegistry:
         self._metrics: dict[str, _Metric] = {}
         self._lock = threading.Lock()
 
-    def _add(self, metric: _Metric) -> _Metric:
+    def _add(self, metric: MetricT) -> MetricT:
         with self._lock:
             if metric.name in self._metrics:
                 raise ConfigError(f"metric {metric.name!r} is already registered")
@@ -206,16 +210,16 @@ class MetricsRegistry:
 
     def counter(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Counter:
         """Register and return a counter."""
-        return self._add(Counter(name, help_text, labels))  # type: ignore[return-value]
+        return self._add(Counter(name, help_text, labels))
 
     def gauge(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Gauge:
         """Register and return a gauge."""
-        return self._add(Gauge(name, help_text, labels))  # type: ignore[return-value]
+        return self._add(Gauge(name, help_text, labels))
 
     def histogram(self, name: str, help_text: str, labels: Sequence[str] = (),
                   buckets: Iterable[float] = DEFAULT_BUCKETS) -> Histogram:
         """Register and return a histogram."""
-        return self._add(Histogram(name, help_text, labels, buckets))  # type: ignore[return-value]
+        return self._add(Histogram(name, help_text, labels, buckets))
 
     def get(self, name: str) -> _Metric:
         """A registered metric by name."""

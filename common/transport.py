@@ -145,9 +145,17 @@ def _wire_form(fingerprint: str) -> str:
 def _property(frame: zmq.Frame, name: str) -> str | None:
     """A ZMTP handshake property of the peer that sent ``frame``; None if it has none."""
     try:
-        return frame.get(name)
+        return frame.get(name.encode())  # a bytes name is always a (text) message property
     except (zmq.ZMQError, UnicodeDecodeError):
         return None
+
+
+def _readable(socket: zmq.Socket) -> bool:
+    """Whether ``socket`` has a message waiting (its ZMQ_EVENTS, an integer option)."""
+    events = socket.getsockopt(zmq.EVENTS)
+    if not isinstance(events, int):
+        raise TypeError(f"ZMQ_EVENTS is not an integer: {events!r}")
+    return bool(events & zmq.POLLIN)
 
 
 def _announcement(frame: zmq.Frame) -> tuple[str | None, tuple[str, ...] | None]:
@@ -282,7 +290,10 @@ class LatentPublisher:
         self._poll_subscriptions()
         if b"" in self._topics:
             reasons = {self._refused_by(*announced) for announced in self._announced}
-            state = "up" if not reasons or None in reasons else f"refused({min(reasons)})"
+            if not reasons or None in reasons:
+                state = "up"
+            else:
+                state = f"refused({min(reason for reason in reasons if reason is not None)})"
         elif self._refusal is not None:
             state = "refused(auth)" if self._refusal.startswith("auth") else "refused(handshake)"
         else:
@@ -316,7 +327,7 @@ class LatentPublisher:
         With XPUB_VERBOSE every receiver's subscription is reported (each carrying its
         handshake properties), an unsubscription only when the topic's last subscriber left.
         """
-        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than zmq.Again
+        while _readable(self._socket):  # cheaper than zmq.Again
             note = self._socket.recv(zmq.NOBLOCK, copy=False)
             body = note.bytes
             if not body:
@@ -332,7 +343,7 @@ class LatentPublisher:
         self._poll_monitor()
 
     def _poll_monitor(self) -> None:
-        while self._monitor is not None and self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while self._monitor is not None and _readable(self._monitor):
             event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             kind, value = event["event"], event["value"]
             endpoint = event["endpoint"].decode("utf-8", "replace")
@@ -474,7 +485,7 @@ class LatentSubscriber:
         except zmq.Again:
             return None
         self.received += 1
-        client_key = frame.get("User-Id") if self._curve else None
+        client_key = frame.get(b"User-Id") if self._curve else None  # bytes: a text property
         parts = 1
         while frame.more:  # without CONFLATE every part arrives: take them all, report them
             frame = self._socket.recv(copy=False)

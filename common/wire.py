@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 from string import hexdigits
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 import numpy as np
@@ -75,9 +75,10 @@ V1_LATENT_DTYPES = ("float32", "float16")
 DEFAULT_LATENT_DTYPE = "int8"
 """What the edge sends unless told otherwise (``mvld-edge --latent-dtype``)."""
 
+_BYTE_ORDERS: tuple[Literal["<", ">", "="], ...] = ("<", ">", "=")
 _FLOAT_WIRE_NAMES: dict[np.dtype, str] = {
     LATENT_DTYPES[name].newbyteorder(order): name
-    for name in V1_LATENT_DTYPES for order in "<>="
+    for name in V1_LATENT_DTYPES for order in _BYTE_ORDERS
 }  # dtype.name is slow; a dict lookup of either byte order is not
 
 _MAX_SEQ = 2**64 - 1

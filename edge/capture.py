@@ -30,7 +30,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
+from mvld.common.clock import MONOTONIC, Clock
 from mvld.common.config_flags import option
 from mvld.common.errors import ConfigError, MVLDError
 from mvld.edge.sources import (
@@ -47,6 +49,7 @@ from mvld.edge.sources.base import reads_on_demand
 from mvld.edge.sources.camera import redact
 
 log = logging.getLogger(__name__)
+ResultT = TypeVar("ResultT")
 
 # Reader states (for status lines and metrics).
 OPENING = "opening"
@@ -111,7 +114,7 @@ class CameraSnapshot:
 
     camera_id: str
     frame: Frame | None  # newest frame (None before the first one)
-    received: float | None  # time.monotonic() when ``frame`` arrived
+    received: float | None  # the reader's clock (Clock.now) when ``frame`` arrived
     state: str  # opening | streaming | waiting | ended | stopped
     reason: str | None  # the last failure (timeout, disconnected, ...); None once frames flow
     frames: int  # frames captured since start
@@ -125,7 +128,7 @@ class CameraSnapshot:
 class _Call:
     generation: int
     what: str  # "open" | "read"
-    started: float  # time.monotonic()
+    started: float  # the reader's clock
 
 
 class CameraReader:
@@ -133,8 +136,9 @@ class CameraReader:
 
     def __init__(self, camera_id: str, opener: Callable[[], FrameSource],
                  config: CaptureConfig | None = None, description: str = "",
-                 finite: bool = False) -> None:
+                 finite: bool = False, clock: Clock = MONOTONIC) -> None:
         self.camera_id = camera_id
+        self.clock = clock  # back-off, stall and frame ages; a test may pass a fake one
         # A finite source (a file) that cannot be opened will not appear by waiting: without
         # reopen_ended it is given up like one that ended, so a node of files can stop.
         self.finite = finite
@@ -155,7 +159,7 @@ class CameraReader:
         self._reason: str | None = None
         self._failures = 0  # consecutive, reset by a frame
         self._retry_at: float | None = None
-        self._stall_since = time.monotonic()  # last frame, or the last open
+        self._stall_since = clock.now()  # last frame, or the last open
         self._frames = self._dropped = self._reopens = self._abandoned = self._opens = 0
 
     # -- control ---------------------------------------------------------------------------
@@ -193,7 +197,7 @@ class CameraReader:
 
     def snapshot(self, take: bool = False) -> CameraSnapshot:
         """The camera's state and newest frame; ``take`` marks that frame as used."""
-        now = time.monotonic()
+        now = self.clock.now()
         with self._lock:
             frame, received = self._frame, self._received
             if (frame is not None and self._on_demand and not self._taken
@@ -230,10 +234,10 @@ class CameraReader:
     def _current(self, generation: int) -> bool:
         return generation == self._generation and not self._stop.is_set()
 
-    def _guarded(self, generation: int, what: str, call: Callable[[], object]) -> object:
+    def _guarded(self, generation: int, what: str, call: Callable[[], ResultT]) -> ResultT:
         """Run ``call`` with its start time visible to the watchdog."""
         with self._lock:
-            self._call = _Call(generation, what, time.monotonic())
+            self._call = _Call(generation, what, self.clock.now())
         try:
             return call()
         finally:
@@ -246,7 +250,7 @@ class CameraReader:
         self._failures += 1
         self._reason = reason
         delay = self.config.backoff(self._failures)
-        self._retry_at = time.monotonic() + delay
+        self._retry_at = self.clock.now() + delay
         self._state = WAITING
 
     def _fail(self, generation: int, reason: str, error: BaseException | str) -> None:
@@ -287,8 +291,8 @@ class CameraReader:
     def _open(self, generation: int) -> FrameSource | None:
         """Wait out the back-off (no CPU), then open the source; None on failure."""
         with self._lock:
-            delay = 0.0 if self._retry_at is None else self._retry_at - time.monotonic()
-        if delay > 0 and self._stop.wait(delay):
+            delay = 0.0 if self._retry_at is None else self._retry_at - self.clock.now()
+        if delay > 0 and self.clock.wait(self._stop, delay):
             return None
         with self._lock:
             stuck = sum(t.is_alive() for t in self._threads) - 1  # all but this thread
@@ -316,13 +320,13 @@ class CameraReader:
             self._fail(generation, DISCONNECTED, exc)
             return None
         if not self._current(generation):
-            _close_quietly(source, self.description)  # type: ignore[arg-type]
+            _close_quietly(source, self.description)
             return None
         with self._lock:
             self._state = STREAMING
-            self._stall_since = time.monotonic()
+            self._stall_since = self.clock.now()
             self._on_demand = reads_on_demand(source)
-        return source  # type: ignore[return-value]
+        return source
 
     def _wait_until_taken(self, generation: int) -> bool:
         """On-demand sources: sleep (no CPU) until the newest frame was taken; False on stop.
@@ -331,7 +335,7 @@ class CameraReader:
         with self._lock:
             while not self._taken and self._current(generation):
                 self._taken_changed.wait(self.config.read_timeout_s)
-            self._stall_since = time.monotonic()
+            self._stall_since = self.clock.now()
         return self._current(generation)
 
     def _read(self, generation: int, source: FrameSource) -> bool:
@@ -356,13 +360,13 @@ class CameraReader:
             log.exception("camera %s: unexpected error from the source", self.description)
             self._fail(generation, READ_ERROR, exc)
             return False
-        now = time.monotonic()
+        now = self.clock.now()
         if frame is None:
             if now - self._stall_since > self.config.stall_s:
                 self._fail(generation, TIMEOUT, f"no frame for {self.config.stall_s:.1f} s")
                 return False
             return True
-        self._publish(generation, frame, now)  # type: ignore[arg-type]
+        self._publish(generation, frame, now)
         return True
 
     def _publish(self, generation: int, frame: Frame, now: float) -> None:
@@ -397,6 +401,9 @@ class Capture:
         if len(set(ids)) != len(ids):
             raise ConfigError(f"camera ids must be unique, got {ids}")
         self.readers = list(readers)
+        self.clock = readers[0].clock
+        if any(r.clock is not self.clock for r in readers):
+            raise ConfigError("the cameras of one capture must share one clock")
         watchdog = min(r.config.watchdog_s for r in readers)
         self.poll_s = poll_s or min(0.1, watchdog / 4)
         self._stop = threading.Event()
@@ -406,7 +413,8 @@ class Capture:
     @classmethod
     def from_uris(cls, uris: Sequence[str], config: CaptureConfig | None = None,
                   camera_ids: Sequence[str] | None = None,
-                  scheme_options: Mapping[str, Mapping[str, object]] | None = None) -> Capture:
+                  scheme_options: Mapping[str, Mapping[str, object]] | None = None,
+                  clock: Clock = MONOTONIC) -> Capture:
         """One reader per URI, opening ``open_source(uri, **scheme_options[scheme])``.
 
         Unknown schemes, and schemes whose extra is not installed, are refused here, at
@@ -423,7 +431,8 @@ class Capture:
             prepare_scheme(scheme)
             options = dict((scheme_options or {}).get(scheme, {}))
             readers.append(CameraReader(cid, _opener(uri, options), config,
-                                        f"{cid} ({redact(uri)})", finite=scheme == "file"))
+                                        f"{cid} ({redact(uri)})", finite=scheme == "file",
+                                        clock=clock))
         return cls(readers)
 
     def start(self) -> Capture:
@@ -434,8 +443,8 @@ class Capture:
         return self
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            now = time.monotonic()
+        while not self._stop.wait(self.poll_s):  # polls in real time, whatever the clock
+            now = self.clock.now()
             for reader in self.readers:
                 reader.check_watchdog(now)
 

@@ -15,7 +15,10 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
 
 from mvld.common.config_flags import (
     ConfigOptions,
@@ -101,7 +104,11 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def install_stop_signals(stop: threading.Event) -> dict[int, object]:
+# What signal.signal and signal.getsignal return (None: a handler not installed from Python).
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def install_stop_signals(stop: threading.Event) -> dict[int, SignalHandler]:
     """SIGINT and SIGTERM end the node cleanly (cameras released, sockets closed).
 
     Returns the handlers they replace, so :func:`main` can put them back: called in-process
@@ -135,8 +142,8 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
     try:
         return _run(argv, stop)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+        for sig, handler in previous.items():  # None: one not set from Python, not restorable
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _run(argv: list[str] | None, stop: threading.Event) -> int:

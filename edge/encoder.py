@@ -75,9 +75,9 @@ class EncoderBackend(ABC):
         self.info = info
 
     @classmethod
+    @abstractmethod
     def open(cls, path: Path, *, threads: int = 1, gpu: int = 0) -> EncoderBackend:
         """Open this backend for the model at ``path`` (what ``open_encoder`` calls)."""
-        return cls(path, threads=threads)  # type: ignore[call-arg]
 
     @property
     def fingerprint(self) -> str:
@@ -219,6 +219,10 @@ class OnnxRuntimeEncoder(EncoderBackend):
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
 
+    @classmethod
+    def open(cls, path: Path, *, threads: int = 1, gpu: int = 0) -> EncoderBackend:
+        return cls(path, threads=threads)
+
     def encode_preprocessed(self, images: np.ndarray) -> np.ndarray:
         try:
             (latents,) = self.session.run([self._output], {self._input: images})
@@ -278,6 +282,10 @@ class TorchEncoder(EncoderBackend):
             torch.set_num_threads(threads)
         self._torch = torch
         self.module = autoencoder.encoder.eval()
+
+    @classmethod
+    def open(cls, path: Path, *, threads: int = 1, gpu: int = 0) -> EncoderBackend:
+        return cls(path, threads=threads)
 
     def encode_preprocessed(self, images: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():

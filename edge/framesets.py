@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from mvld.common.clock import MONOTONIC, Clock
 from mvld.common.errors import ConfigError
 from mvld.common.wire import ReasonCode
 from mvld.edge.capture import CameraSnapshot, Capture
@@ -40,6 +41,12 @@ class CapturedView:
         """POSIX seconds of the frame, None without one."""
         return None if self.frame is None else self.frame.timestamp
 
+    def require_frame(self) -> Frame:
+        """The frame of a view that has one (``problem is None``); a view without is a bug."""
+        if self.frame is None:
+            raise ValueError(f"camera {self.camera_id} has no frame ({self.problem})")
+        return self.frame
+
 
 @dataclass(frozen=True)
 class FrameSet:
@@ -63,7 +70,7 @@ class FrameSetAssembler:
 
     def assemble(self) -> FrameSet:
         """The next frame set (sequence numbers count from 0)."""
-        now = time.monotonic()
+        now = self.capture.clock.now()
         views = tuple(self._view(snapshot, now) for snapshot in self.capture.snapshots(True))
         frame_set = FrameSet(self._seq, time.time(), views)
         self._seq += 1
@@ -86,22 +93,23 @@ class FrameSetAssembler:
 
 
 class Ticker:
-    """A fixed-rate schedule on the monotonic clock; late ticks are skipped, not queued."""
+    """A fixed-rate schedule on ``clock``; late ticks are skipped, not queued."""
 
-    def __init__(self, fps: float) -> None:
+    def __init__(self, fps: float, clock: Clock = MONOTONIC) -> None:
         if fps <= 0:
             raise ConfigError(f"--fps must be positive, got {fps}")
         self.period = 1.0 / fps
+        self.clock = clock
         self.skipped = 0
         self._next: float | None = None
 
     def wait(self, stop: threading.Event) -> bool:
         """Sleep (no CPU) until the next tick; False when ``stop`` was set meanwhile."""
-        now = time.monotonic()
+        now = self.clock.now()
         if self._next is None:
             self._next = now
         delay = self._next - now
-        if delay > 0 and stop.wait(delay):
+        if delay > 0 and self.clock.wait(stop, delay):
             return False
         if delay < -self.period:  # fell behind: skip the missed ticks instead of bursting
             missed = int(-delay / self.period)

@@ -43,6 +43,7 @@ import math
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -188,7 +189,7 @@ class HealthConfig:
         if unknown:
             raise ConfigError(f"{origin}: unknown health setting(s) {unknown}; valid: "
                               f"{', '.join(known)}")
-        checked: dict[str, object] = {}
+        checked: dict[str, Any] = {}  # each value's type is checked against its field's
         for name, value in values.items():
             default = getattr(cls(), name)
             if isinstance(default, bool):
@@ -200,8 +201,10 @@ class HealthConfig:
             if not ok:
                 raise ConfigError(f"{origin}: {name} must be a {type(default).__name__}, got "
                                   f"{value!r}")
-            checked[name] = float(value) if isinstance(default, float) else value
-        return cls(**checked)  # type: ignore[arg-type]
+            if isinstance(default, float) and isinstance(value, int):
+                value = float(value)  # a whole number given for a float setting
+            checked[name] = value
+        return cls(**checked)
 
 
 def load_health_configs(spec: str, cameras: tuple[str, ...]) -> dict[str, HealthConfig]:
@@ -584,7 +587,7 @@ def shift_picture(picture: np.ndarray, shift: tuple[float, float],
         # getRectSubPix), at a fraction of warpAffine's fixed cost on small pictures.
         return cv2.getRectSubPix(picture, (width, height), ((width - 1) / 2 + float(shift[0]),
                                                             (height - 1) / 2 + float(shift[1])))
-    matrix = np.float32([[1, 0, shift[0]], [0, 1, shift[1]]])
+    matrix = np.array([[1, 0, shift[0]], [0, 1, shift[1]]], np.float32)
     return cv2.warpAffine(picture, matrix, (picture.shape[1], picture.shape[0]),
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=border)
 
@@ -596,7 +599,8 @@ class HealthMonitor:
         self.config = config or HealthConfig()
         self.camera = camera
         self.reference: Reference | None = None
-        self._state, self._reason, self._since = OK, None, 0.0
+        self._state, self._since = OK, 0.0
+        self._reason: str | None = None
         self._run: Counter[str] = Counter()  # verdicts of the current run of faulty frames
         self._run_length = 0
         self._clear_count = 0
@@ -846,7 +850,7 @@ class HealthMonitor:
         short_kept = self._short_texture / (around * ratio + 1e-3)
         degraded = (textured & (np.maximum(short_kept, kept) < config.dirty_ratio)
                     & (changed > config.dirty_changed_level) & ~region)
-        degraded_fraction = np.count_nonzero(degraded) / max(np.count_nonzero(textured), 1)
+        degraded_fraction = np.count_nonzero(degraded) / max(int(np.count_nonzero(textured)), 1)
         coarse_kept = features.coarse / max(features.mean, 1.0) / (reference.coarse + 1e-6)
         # A cover is bare (featureless); dirt lets some texture through.
         bare_cells = covered & ((kept < config.cover_flat_ratio) | (texture < config.texture_floor))
@@ -935,7 +939,7 @@ class HealthMonitor:
         reference.offset = reference.offset + np.asarray(shift, float)
         whole = np.trunc(reference.offset / CELL).astype(int)
         if whole.any():  # moved by a whole cell or more: move the anchor with it
-            moved = tuple(int(v) for v in whole * CELL)
+            moved = (int(whole[0]) * CELL, int(whole[1]) * CELL)
             exposed = np.ones_like(reference.signature)
             exposed = shift_picture(exposed, moved, cv2.BORDER_CONSTANT) < 0.5
             reference.signature = shift_picture(reference.signature, moved)
@@ -1147,7 +1151,8 @@ def _largest_region(mask: np.ndarray) -> tuple[np.ndarray, float]:
     """The largest 8-connected region of ``mask`` and its share of all cells."""
     if not mask.any():
         return mask, 0.0
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), None, 8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
+                                                           connectivity=8)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     return labels == largest, float(stats[largest, cv2.CC_STAT_AREA]) / mask.size
 
@@ -1156,7 +1161,9 @@ def _cells_to_blocks(cells: np.ndarray) -> np.ndarray:
     """Blocks (BLOCKS) holding at least one marked cell (GRID)."""
     rows, columns = cells.shape
     step = CELLS_PER_BLOCK
-    return cells.reshape(rows // step, step, columns // step, step).any(axis=(1, 3))
+    blocks = cells.reshape(rows // step, step, columns // step, step).any(axis=(1, 3))
+    assert isinstance(blocks, np.ndarray)  # 2 of 4 axes reduced: never a scalar
+    return blocks
 
 
 def _blocks_to_pixels(blocks: np.ndarray) -> np.ndarray:

@@ -360,7 +360,8 @@ class EdgeNode:
             if view.camera_id in relearn:
                 monitor.relearn()
             if view.problem is None and view.new:
-                health = monitor.update(view.frame.image, view.frame.timestamp)  # type: ignore[union-attr]
+                frame = view.require_frame()
+                health = monitor.update(frame.image, frame.timestamp)
             elif view.problem is None:
                 health = monitor.health()  # the same frame as last time: verdict unchanged
             elif view.ever_delivered:
@@ -387,7 +388,7 @@ class EdgeNode:
         cache = self._latent_cache
         fresh = [i for i in sent if cache.get(views[i].view.camera_id, (None,))[0]
                  is not views[i].view.frame]
-        images = [views[i].view.frame.image for i in fresh]  # type: ignore[union-attr]
+        images = [views[i].view.require_frame().image for i in fresh]
         started = time.perf_counter()
         new_latents = self.encoder.encode(images)
         encode_s = time.perf_counter() - started

@@ -201,7 +201,7 @@ class CudaPython:
         nbytes = max(1, count * dtype.itemsize)
         pointer = self._check(self.rt.cudaMallocHost(nbytes))
         raw = (ctypes.c_byte * nbytes).from_address(int(pointer))
-        return np.frombuffer(raw, dtype=dtype, count=count)
+        return np.frombuffer(memoryview(raw), dtype=dtype, count=count)
 
     def device_alloc(self, nbytes: int) -> int:
         return int(self._check(self.rt.cudaMalloc(max(1, nbytes))))

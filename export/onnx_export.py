@@ -20,10 +20,10 @@ torch 2.9, needs onnxscript) by default; the legacy TorchScript exporter stays s
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -141,21 +141,25 @@ def _to_onnx_bytes(module: nn.Module, example: tuple[torch.Tensor, ...], spec: G
                    opset: int, exporter: str) -> bytes:
     """Trace ``module`` into an in-memory ONNX model with a dynamic batch axis."""
     names = (*spec.inputs, *spec.outputs)
-    buffer = io.BytesIO()
-    with _quiet_exporter(), _export_errors(spec.part, opset, exporter):
+    # both exporters write to a path (torch documents no file objects); the bytes are read back
+    with tempfile.TemporaryDirectory(prefix="mvld-export-") as tmp, _quiet_exporter(), \
+            _export_errors(spec.part, opset, exporter):
+        path = Path(tmp) / f"{spec.part}.onnx"
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
             program = torch.onnx.export(
                 module, example, input_names=list(spec.inputs), output_names=list(spec.outputs),
                 dynamic_shapes=tuple({0: batch} for _ in spec.inputs), opset_version=opset,
                 dynamo=True, external_data=False, verbose=False)
-            program.save(buffer)
+            if program is None:
+                raise ExportError(f"{spec.part}: the dynamo exporter returned no program")
+            program.save(path, external_data=False)
         else:
             torch.onnx.export(
-                module, example, buffer, input_names=list(spec.inputs),
+                module, example, path, input_names=list(spec.inputs),
                 output_names=list(spec.outputs), dynamic_axes={n: {0: "batch"} for n in names},
                 opset_version=opset, dynamo=False)
-    return buffer.getvalue()
+        return path.read_bytes()
 
 
 def check_parity(model_bytes: bytes, module: nn.Module, inputs: list[tuple[np.ndarray, ...]],
@@ -282,6 +286,8 @@ def _part_arrays(part: str, inputs: ParityInputs) -> tuple[np.ndarray, ...]:
         return (inputs.images,)
     if part == "decoder":
         return (inputs.latents,)
+    if inputs.noisy is None or inputs.tau is None:
+        raise ExportError(f"{part}: this checkpoint holds no score network to feed")
     return (inputs.noisy, inputs.tau)
 
 
@@ -297,6 +303,9 @@ def export_part(loaded: _LoadedModel, part: str, inputs: ParityInputs, out_dir: 
     spec = GRAPHS[part]
     module = {"encoder": loaded.encoder, "decoder": loaded.decoder,
               "score_net": loaded.score_net}[part]
+    if module is None:
+        raise ExportError(f"{part}: the checkpoint has none (an autoencoder checkpoint holds "
+                          "only the encoder and the decoder)")
     arrays = _part_arrays(part, inputs)
     example = tuple(torch.from_numpy(a[:2]) for a in arrays)
     proto = onnx.load_model_from_string(

@@ -21,9 +21,9 @@ def frames_from_dataset(path: Path, count: int, views: int) -> list[np.ndarray]:
         if len(dataset.cameras) != views:
             raise ConfigError(f"{path} has {len(dataset.cameras)} cameras; the model has {views}")
         for index in range(len(dataset)):
-            frame_set = dataset[index]
-            if all(v is not None for v in frame_set.views):
-                frames.extend(frame_set.views)
+            views_seen = [v for v in dataset[index].views if v is not None]
+            if len(views_seen) == views:
+                frames.extend(views_seen)
             if len(frames) >= count * views:
                 break
     if not frames:

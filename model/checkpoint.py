@@ -24,7 +24,7 @@ from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError
 from mvld.common.preprocess import PreprocessConfig
 from mvld.model.autoencoder import Autoencoder, AutoencoderConfig
-from mvld.model.score_net import ScoreNetConfig, make_score_net
+from mvld.model.score_net import ScoreNetConfig, ScoreNetwork, make_score_net
 from mvld.model.sde import VPSDE
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class MVLDModel:
 
     preprocess: PreprocessConfig
     autoencoder: Autoencoder
-    score_net: nn.Module  # the EMA weights (ScoreNet or ConvScoreNet)
+    score_net: ScoreNetwork  # the EMA weights
     sde: VPSDE
     latent_stats: LatentStats
     fingerprint: str

@@ -20,7 +20,7 @@ Linear -> GELU -> Linear, added in every block; no separate mask input is needed
 
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
@@ -85,6 +85,13 @@ class ScoreNetConfig:
         return cls(**data)
 
 
+def zero_init(layer: nn.Linear | nn.Conv2d) -> None:
+    """Zero ``layer``'s weight and bias (if it has one), so it starts out adding nothing."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 class ResidualBlock(nn.Module):
     """x + Linear(SiLU(GN(Linear(SiLU(GN(x))) + time))): MLD's MLP ResNet block."""
 
@@ -122,8 +129,7 @@ class ScoreNet(nn.Module):
         self.up_blocks = nn.ModuleList(ResidualBlock(w, time_dim, groups) for w in ups)
         self.out_norm = nn.GroupNorm(groups, widths[0])
         self.output = nn.Linear(widths[0], config.num_views * config.latent_dim)
-        nn.init.zeros_(self.output.weight)
-        nn.init.zeros_(self.output.bias)
+        zero_init(self.output)
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         batch, views, dim = x.shape  # [B, V, D]
@@ -162,6 +168,15 @@ class ConvResBlock(nn.Module):
         return self.skip(h) + self.conv2(self.act(self.norm2(out)))
 
 
+class ConvLevel(nn.ModuleList):
+    """The residual blocks of one resolution level, run in order on ``(h, time)``."""
+
+    def forward(self, h: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            h = block(h, time_embedding)
+        return h
+
+
 class GridAttention(nn.Module):
     """x + self-attention between the cells of a grid.
 
@@ -175,8 +190,7 @@ class GridAttention(nn.Module):
         self.norm = nn.GroupNorm(groups, width)
         self.qkv = nn.Conv2d(width, 3 * width, 1)
         self.proj = nn.Conv2d(width, width, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        zero_init(self.proj)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         batch, width, height, cols = h.shape
@@ -217,11 +231,10 @@ class ConvScoreNet(nn.Module):
         if config.memory:  # memory latents + (has, age) per camera; zero: starts memoryless
             self.memory_input = nn.Conv2d(views * channels + 2 * views, widths[0], 3, padding=1)
             self.memory_embed = nn.Linear(2 * views, time_dim)
-            for layer in (self.memory_input, self.memory_embed):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+            zero_init(self.memory_input)
+            zero_init(self.memory_embed)
         self.down = nn.ModuleList(
-            nn.ModuleList(ConvResBlock(w, w, time_dim, groups) for _ in range(config.blocks))
+            ConvLevel(ConvResBlock(w, w, time_dim, groups) for _ in range(config.blocks))
             for w in widths)
         self.downsample = nn.ModuleList(
             nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in pairwise(widths))
@@ -229,8 +242,8 @@ class ConvScoreNet(nn.Module):
         self.attention = (GridAttention(widths[-1], config.attention_heads, groups)
                           if config.attention_heads else None)
         self.up = nn.ModuleList(
-            nn.ModuleList(ConvResBlock(2 * w if i == 0 else w, w, time_dim, groups)
-                          for i in range(config.blocks))
+            ConvLevel(ConvResBlock(2 * w if i == 0 else w, w, time_dim, groups)
+                      for i in range(config.blocks))
             for w in reversed(widths))
         self.upsample = nn.ModuleList(
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
@@ -238,8 +251,7 @@ class ConvScoreNet(nn.Module):
             for a, b in pairwise(reversed(widths)))
         self.out_norm = nn.GroupNorm(groups, widths[0])
         self.output = nn.Conv2d(widths[0], views * channels, 3, padding=1)
-        nn.init.zeros_(self.output.weight)
-        nn.init.zeros_(self.output.bias)
+        zero_init(self.output)
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor, memory: torch.Tensor | None = None,
                 memory_age: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,8 +268,7 @@ class ConvScoreNet(nn.Module):
             h, emb = self._add_memory(h, emb, x, memory, memory_age)
         skips = []
         for level, blocks in enumerate(self.down):
-            for block in blocks:
-                h = block(h, emb)
+            h = blocks(h, emb)
             skips.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)
@@ -265,9 +276,7 @@ class ConvScoreNet(nn.Module):
         if self.attention is not None:
             h = self.attention(h)
         for level, blocks in enumerate(self.up):
-            h = torch.cat([h, skips.pop()], dim=1)
-            for block in blocks:
-                h = block(h, emb)
+            h = blocks(torch.cat([h, skips.pop()], dim=1), emb)
             if level < len(self.upsample):
                 h = self.upsample[level](h)
         out = self.output(nn.functional.silu(self.out_norm(h)))
@@ -290,6 +299,9 @@ class ConvScoreNet(nn.Module):
         return h + self.memory_input(stacked), emb + self.memory_embed(features.flatten(1))
 
 
-def make_score_net(config: ScoreNetConfig) -> nn.Module:
+ScoreNetwork: TypeAlias = ScoreNet | ConvScoreNet
+
+
+def make_score_net(config: ScoreNetConfig) -> ScoreNetwork:
     """The score network ``config.kind`` names."""
     return ConvScoreNet(config) if config.kind == "conv" else ScoreNet(config)

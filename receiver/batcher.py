@@ -18,7 +18,8 @@ Two policies:
   most ``max_wait_s`` after the first one arrives.
 
 Waiting is on the backlog's condition variable (woken by every arrival), not a sleep loop.
-The clock is injected so the policy can be tested deterministically.
+The clock (:class:`mvld.common.clock.Clock`, read for ages and windows) is injected so the
+policy can be tested deterministically.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from mvld.common.clock import MONOTONIC, Clock
 from mvld.common.errors import ConfigError
 from mvld.receiver.ingest import PendingFrameSet
 
@@ -41,7 +42,6 @@ __all__ = ["Batch", "BatchCostModel", "BatchPolicy", "FrameSetQueue", "MicroBatc
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 IDLE_POLL_S = 0.05  # longest single wait, so a stop request is seen within this time
 POLL_S = 0.001  # arrival polling of a queue without a condition variable
 
@@ -186,7 +186,7 @@ class MicroBatcher:
     """
 
     def __init__(self, backlog: FrameSetQueue, *, max_batch: int = 64, max_wait_s: float = 0.010,
-                 latency_budget_s: float | None = None, clock: Clock = time.monotonic,
+                 latency_budget_s: float | None = None, clock: Clock = MONOTONIC,
                  arrival_decay: float = 0.8) -> None:
         if max_batch < 1:
             raise ConfigError(f"max batch must be >= 1, got {max_batch}")
@@ -214,7 +214,7 @@ class MicroBatcher:
 
     def next_items(self, stop: threading.Event, idle_s: float = 0.1) -> list[PendingFrameSet]:
         """The next batch's frame sets; empty if nothing arrived within ``idle_s`` or on stop."""
-        entered, was_empty = self.clock(), len(self.backlog) == 0
+        entered, was_empty = self.clock.now(), len(self.backlog) == 0
         if not self.backlog.wait(idle_s) or stop.is_set():
             return []
         if self.policy is None or not self.cost.observed:  # fixed window until a cost is known
@@ -239,9 +239,9 @@ class MicroBatcher:
 
     def _wait_fixed_window(self, stop: threading.Event) -> None:
         """Wait up to ``max_wait_s`` for ``max_batch`` frame sets."""
-        deadline = self.clock() + self.max_wait_s
+        deadline = self.clock.now() + self.max_wait_s
         while not stop.is_set():
-            remaining = deadline - self.clock()
+            remaining = deadline - self.clock.now()
             if remaining <= 0:
                 break
             if self._wait_for_size(self.max_batch, min(remaining, IDLE_POLL_S)) >= self.max_batch:
@@ -251,7 +251,7 @@ class MicroBatcher:
                             stop: threading.Event) -> list[PendingFrameSet]:
         waiting = len(self.backlog)
         while not stop.is_set():
-            wait_s = policy.wait_s(waiting=waiting, oldest_age_s=self.clock() - pending_since,
+            wait_s = policy.wait_s(waiting=waiting, oldest_age_s=self.clock.now() - pending_since,
                                    arrivals_per_s=self.arrivals_per_s, cost=self.cost)
             if wait_s <= 0:
                 break
@@ -261,7 +261,7 @@ class MicroBatcher:
         return self._take(policy.batch_limit(self.cost))
 
     def _take(self, limit: int) -> list[PendingFrameSet]:
-        now = self.clock()
+        now = self.clock.now()
         before = len(self.backlog)
         items = self.backlog.take(limit)
         left = len(self.backlog)

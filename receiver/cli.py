@@ -70,7 +70,7 @@ def print_config(config: ReceiverConfig) -> None:
     """The effective options as TOML, the resolved default bind included."""
     from mvld.receiver.config import ReceiverConfig
 
-    values = {ReceiverConfig: {name: getattr(config, name)
+    values: Values = {ReceiverConfig: {name: getattr(config, name)
                                for name in ReceiverConfig.__dataclass_fields__}}
     sys.stdout.write(config_options().to_toml(values))
 

@@ -31,13 +31,14 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from mvld.common.clock import MONOTONIC, Clock
 from mvld.common.default_model import DEFAULT_MODEL
 from mvld.common.errors import ConfigError, MVLDError
 from mvld.common.logs import setup_logging
@@ -176,10 +177,14 @@ class _RecordedMetric:
         self._attribute, self._metric, self._tape = attribute, metric, tape
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
+        if not isinstance(self._metric, Counter):
+            raise TypeError(f"metric {self._attribute} is a histogram: it has no inc()")
         self._metric.inc(amount, **labels)
         self._tape.append((self._attribute, "inc", float(amount), labels))
 
     def observe(self, value: float, **labels: str) -> None:
+        if not isinstance(self._metric, Histogram):
+            raise TypeError(f"metric {self._attribute} is a counter: it has no observe()")
         self._metric.observe(value, **labels)
         self._tape.append((self._attribute, "observe", float(value), labels))
 
@@ -306,12 +311,12 @@ class ClusterReceiverService:
 
     ``heartbeat_s``: an idle worker is pinged this often, so a dead one is noticed without
     traffic; ``call_timeout_s``: a worker that does not answer a batch or ping in this time is
-    treated as lost (killed, its batch counted); ``clock``: monotonic seconds (tests).
+    treated as lost (killed, its batch counted); ``clock``: heartbeat time (tests).
     """
 
     def __init__(self, config: ReceiverConfig, *, heartbeat_s: float = 0.5,
                  call_timeout_s: float = 60.0, start_timeout_s: float = 180.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Clock = MONOTONIC) -> None:
         if config.workers == 0 and config.ray_address is None:
             raise ConfigError("the cluster receiver needs --workers N or --ray ADDRESS")
         self.ray = import_ray()
@@ -429,7 +434,7 @@ class ClusterReceiverService:
             raise ClusterError(f"a Ray worker failed to start: {lines[-1] if lines else exc}"
                                ) from exc
         for worker, info in zip(workers, infos, strict=True):
-            worker.info, worker.last_contact = info, self.clock()
+            worker.info, worker.last_contact = info, self.clock.now()
             log.info("%s ready on %s (pid %d), %s, %d torch thread(s), tasks: %s", worker.name,
                      info["host"], info["pid"], info["device"], info["threads"],
                      ", ".join(info["tasks"]) or "none")
@@ -507,13 +512,13 @@ class ClusterReceiverService:
     def _dispatch(self, worker: _Worker) -> None:
         """One worker's loop: a batch of its nodes, one call in flight, its report counted."""
         config = self.config
-        batcher = MicroBatcher(_WorkerQueue(self, worker.name),  # type: ignore[arg-type]
+        batcher = MicroBatcher(_WorkerQueue(self, worker.name),
                                max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000)
         while worker.alive and not self._stop.is_set():
             items = batcher.next_items(self._stop)
             if items:
                 self._run_batch(worker, items)
-            elif self.clock() - worker.last_contact >= self.heartbeat_s:
+            elif self.clock.now() - worker.last_contact >= self.heartbeat_s:
                 self._heartbeat(worker)
 
     def _call(self, worker: _Worker, ref: Any) -> Any:
@@ -527,7 +532,7 @@ class ClusterReceiverService:
             raise  # the actor is alive; the method raised
         except ray.exceptions.RayError as exc:  # died, unavailable, its node gone
             raise _WorkerLostError(type(exc).__name__) from exc
-        worker.last_contact = self.clock()
+        worker.last_contact = self.clock.now()
         return answer
 
     def _heartbeat(self, worker: _Worker) -> None:
@@ -574,7 +579,7 @@ class ClusterReceiverService:
             elif attribute == "hook_errors":
                 self._hook_errors += int(value)
         self.cluster_metrics.batches.inc(worker=name)
-        now = self.clock()
+        now = self.clock.now()
         with self._lock:
             for node_id, seq in report.delivered:
                 self._node_seen[node_id] = (name, seq, now)
@@ -617,7 +622,7 @@ class ClusterReceiverService:
         metrics = self.metrics
         completed = metrics.completed.value()
         recent = np.array(self.recent_latency)
-        now = self.clock()
+        now = self.clock.now()
         with self._lock:
             for node in [n for n, (_, _, seen) in self._node_seen.items() if now - seen > 60]:
                 del self._node_seen[node]
@@ -626,8 +631,11 @@ class ClusterReceiverService:
         workers = {}
         for name, worker in list(self._workers.items()):
             owned = sum(owner == name for owner in owners)
-            queued = self.backlog.pending(lambda n, w=name: self.ring.owner(n) == w
-                                          ) if worker.alive else 0
+
+            def owned_by(node: str, owner: str = name) -> bool:
+                return self.ring.owner(node) == owner
+
+            queued = self.backlog.pending(owned_by) if worker.alive else 0
             self.cluster_metrics.nodes.set(owned, worker=name)
             self.cluster_metrics.backlog.set(queued, worker=name)
             workers[name] = {"alive": worker.alive, "host": worker.info.get("host"),

@@ -127,6 +127,13 @@ class ReceiverConfig:
         "per GPU of the cluster", flag="--ray", default_text="off; a local Ray with --workers",
         metavar="ADDRESS"))
 
+    @property
+    def backlog(self) -> int:
+        """Frame sets kept per node: ``--backlog``, or the depth derived from the budget."""
+        if self.backlog_per_node is None:
+            return backlog_depth(self.max_batch, self.max_rate, self.latency_budget_ms)
+        return self.backlog_per_node
+
     def __post_init__(self) -> None:
         if (self.keys is None) != (self.allow is None):
             raise ConfigError("--keys and --allow go together (CurveZMQ needs both)")
@@ -140,7 +147,7 @@ class ReceiverConfig:
             raise ConfigError(f"--latency-budget-ms must be >= 0 (0 = fixed window), got "
                               f"{self.latency_budget_ms}")
         positive = {"--steps": self.steps, "--samples": self.samples,
-                    "--max-batch": self.max_batch, "--backlog": self.backlog_per_node,
+                    "--max-batch": self.max_batch, "--backlog": self.backlog,
                     "--max-age-ms": self.max_age_ms, "--max-nodes": self.max_nodes,
                     "--status-every": self.status_every_s}
         if self.threads is not None:

@@ -119,6 +119,8 @@ class Imputer:
                               f"valid: {', '.join(sorted(info.options))}")
         self.sample = info.sample
         self.eps_model, self.sde, self.steps = eps_model, sde, steps
+        self._memory_model = (eps_model if isinstance(eps_model, ScoreNetEps)
+                              and eps_model.uses_memory else None)
         self.name, self.options, self.device = sampler, sampler_options, torch.device(device)
         self.stats = LatentStats(latent_stats.mean.to(self.device),
                                  latent_stats.std.to(self.device))
@@ -155,7 +157,7 @@ class Imputer:
     @property
     def uses_memory(self) -> bool:
         """Whether the score network takes camera memories (a video-aware model)."""
-        return bool(getattr(self.eps_model, "uses_memory", False))
+        return self._memory_model is not None
 
     def __call__(self, latents: torch.Tensor, present: torch.Tensor, *, samples: int = 1,
                  seed: int | Sequence[int] = 0, memory: torch.Tensor | None = None,
@@ -208,11 +210,11 @@ class Imputer:
             else RowGenerators([s * samples + k for s in seed for k in range(samples)],
                                self.device))
         eps_model = self.eps_model
-        if memory is not None:
+        if memory is not None and self._memory_model is not None:
             known = torch.isfinite(memory[1]).to(self.device)[..., None]
             recalled = self.stats.standardise(memory[0].to(self.device, torch.float32))
             recalled = torch.where(known, recalled, torch.zeros_like(recalled))
-            eps_model = partial(self.eps_model, memory=recalled.repeat_interleave(samples, 0),
+            eps_model = partial(self._memory_model, memory=recalled.repeat_interleave(samples, 0),
                                 memory_age=memory[1].to(self.device).repeat_interleave(samples, 0))
         result = self.sample(eps_model, z, present_k, sde=self.sde, steps=self.steps,
                              generator=generator, **self.options)

@@ -24,6 +24,7 @@ from mvld.common.errors import ConfigError, ProtocolError
 from mvld.common.transport import LatentSubscriber
 from mvld.common.wire import (
     FrameSetMessage,
+    QuantizedLatent,
     ViewRecord,
     WireLimits,
     decode_frameset,
@@ -122,7 +123,10 @@ def assemble(message: FrameSetMessage, layout: CameraLayout, receive_time: float
             raise RejectionError("latent_shape", f"camera {view.camera_id!r}: latent shape "
                                            f"{list(view.latent.shape)}, the model's is "
                                            f"{list(shape)} (version {message.version})")
-        latents[slot] = view.latent.reshape(-1)
+        latent = view.latent
+        if isinstance(latent, QuantizedLatent):  # decoding gives float32; a built message may not
+            latent = latent.dequantize()
+        latents[slot] = latent.reshape(-1)
         present[slot] = True
     return PendingFrameSet(message, receive_time, client_key, latents, present, tuple(records))
 

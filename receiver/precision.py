@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -76,7 +78,7 @@ def inference_context(device: torch.device, dtype: torch.dtype
     return torch.autocast(device.type, dtype=dtype)
 
 
-def prepare_module(module: nn.Module) -> nn.Module:
+def prepare_module(module: ModuleT) -> ModuleT:
     """An inference copy of ``module``: eval mode, channels-last convolutions on the CPU.
 
     A copy, so the caller's model (its tensors' layout) is left as it was.
@@ -84,7 +86,8 @@ def prepare_module(module: nn.Module) -> nn.Module:
     parameter = next(module.parameters())
     prepared = copy.deepcopy(module).eval()
     if parameter.device.type == "cpu" and any(p.ndim == 4 for p in prepared.parameters()):
-        prepared = prepared.to(memory_format=torch.channels_last)
+        # torch's stubs omit Module.to's memory_format keyword, which it documents and takes
+        prepared.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return prepared
 
 

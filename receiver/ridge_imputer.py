@@ -43,7 +43,7 @@ def save_ridge_weights(path: str | Path, fits: dict[Pattern, Fit], fingerprint: 
                        alpha: float) -> Path:
     """Write one ``(x_mean, y_mean, W)`` per presence pattern, atomically."""
     path = Path(path)
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for mask, (x_mean, y_mean, weights) in fits.items():
         key = _key(mask)
         tensors |= {f"{key}.x_mean": x_mean, f"{key}.y_mean": y_mean, f"{key}.weights": weights}

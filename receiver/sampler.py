@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -45,13 +45,15 @@ class SamplerOutput:
 
 
 class Sampler(Protocol):
-    """The shared sampler signature."""
+    """The shared sampler signature; a sampler adds its own keyword options with defaults
+    (``SamplerInfo.options`` lists them, the imputer checks them by name)."""
 
     def __call__(self, eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
                  sde: VPSDE, steps: int, generator: Generator | None,
-                 callback: Callback | None = None, **options: Any) -> SamplerOutput: ...
+                 callback: Callback | None = None) -> SamplerOutput: ...
 
 
+SamplerT = TypeVar("SamplerT", bound=Sampler)
 _SHARED_ARGUMENTS = ("eps_model", "x_obs", "observed", "sde", "steps", "generator", "callback")
 
 
@@ -82,9 +84,9 @@ _SAMPLERS: Registry[SamplerInfo] = Registry("sampler")
 
 
 def register_sampler(name: str, *, nfe: Callable[[int], int | None], min_steps: int
-                     ) -> Callable[[Sampler], Sampler]:
+                     ) -> Callable[[SamplerT], SamplerT]:
     """Decorator adding a sampler, its NFE rule and its step floor to the registry."""
-    def add(sample: Sampler) -> Sampler:
+    def add(sample: SamplerT) -> SamplerT:
         _SAMPLERS.register(name)(SamplerInfo(name, sample, nfe, min_steps))
         return sample
     return add
@@ -342,7 +344,7 @@ def sample_dpmpp_2m_sde(eps_model: EpsModel, x_obs: torch.Tensor, observed: torc
             decay = sigma[i + 1] / sigma[i] * torch.exp(-eta * h)
             gain = -alpha[i + 1] * torch.expm1(-(1 + eta) * h)
             x = _coeff(decay, x) * x + _coeff(gain, x) * x0
-            if x0_prev is not None:
+            if x0_prev is not None and h_prev is not None:
                 x = x + _coeff(gain * h / (2 * h_prev), x) * (x0 - x0_prev)
             if eta > 0:
                 spread = sigma[i + 1] * torch.sqrt(-torch.expm1(-2 * eta * h))

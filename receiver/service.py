@@ -89,7 +89,7 @@ def open_front_door(config: ReceiverConfig, fingerprint: str, layout: CameraLayo
                             "frame sets; use --keys/--allow (docs/SECURITY.md)", endpoint)
     subscriber = LatentSubscriber(config.bind, curve=curve, fingerprint=fingerprint,
                                   camera_ids=layout.camera_ids)
-    backlog = NodeBacklog(metrics, per_node=config.backlog_per_node, max_nodes=config.max_nodes,
+    backlog = NodeBacklog(metrics, per_node=config.backlog, max_nodes=config.max_nodes,
                           max_age_s=config.max_age_ms / 1000.0)
     limiter = RateLimiter(config.max_rate) if config.max_rate > 0 else None
     ingest = Ingest(subscriber, layout, fingerprint, backlog, metrics, rate_limiter=limiter,
@@ -162,9 +162,9 @@ class ReceiverService:
         """Process one micro-batch if one arrives soon; return its size (0 if none)."""
         items = self.batcher.next_items(self._stop)
         if items:
-            start = self.batcher.clock()
+            start = self.batcher.clock.now()
             self.stage.handle(items)
-            self.batcher.observe(len(items), self.batcher.clock() - start)
+            self.batcher.observe(len(items), self.batcher.clock.now() - start)
         return len(items)
 
     def _work(self) -> None:

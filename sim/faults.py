@@ -32,7 +32,8 @@ def add_sensor_noise(frame: Frame, rng: np.random.Generator, sigma: float = 2.0)
     """
     noise = np.empty(frame.shape, np.int16)
     cv2.setRNGSeed(int(rng.integers(2**31)))
-    cv2.randn(noise.reshape(frame.shape[0], -1), 0.0, sigma)  # one channel: sigma everywhere
+    # One channel: sigma everywhere (mean and stddev as one-element arrays, as cv2 types them).
+    cv2.randn(noise.reshape(frame.shape[0], -1), np.array([0.0]), np.array([sigma]))
     return cv2.add(frame, noise, dtype=cv2.CV_8U)
 
 
@@ -120,9 +121,9 @@ class Occlusion(FaultInjector):
         self.mask: np.ndarray | None = None
         self.patch: np.ndarray | None = None
 
-    def _build(self, height: int, width: int) -> None:
-        """Fix the covering patch and its soft mask for this episode."""
-        mask = np.zeros((height, width), np.float32)
+    def _build(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fix the covering patch and its soft mask for this episode; returns (mask, patch)."""
+        mask: np.ndarray = np.zeros((height, width), np.float32)
         side = int(self.rng.integers(4))
         if side in (0, 1):  # enters from the left or right
             extent = round(self.fraction * width)
@@ -141,11 +142,14 @@ class Occlusion(FaultInjector):
         patch = np.broadcast_to(colour * ramp, (height, width, 3))
         self.mask = mask[:, :, None]
         self.patch = np.clip(patch, 0, 255).astype(np.float32)
+        return self.mask, self.patch
 
     def apply(self, frame: Frame) -> Frame:
-        if self.mask is None:
-            self._build(*frame.shape[:2])
-        covered = frame * (1.0 - self.mask) + self.patch * self.mask
+        if self.mask is None or self.patch is None:
+            mask, patch = self._build(*frame.shape[:2])
+        else:
+            mask, patch = self.mask, self.patch
+        covered = frame * (1.0 - mask) + patch * mask
         return add_sensor_noise(covered.astype(np.uint8), self.rng)
 
 
@@ -171,11 +175,12 @@ class Dirt(FaultInjector):
         super().__init__(rng)
         self.blobs = blobs
         self.alpha: np.ndarray | None = None
-        self.colour = rng.uniform(40, 110, size=3).astype(np.float32) * np.float32([1, 0.85, 0.6])
+        self.colour = (rng.uniform(40, 110, size=3).astype(np.float32)
+                       * np.array([1, 0.85, 0.6], np.float32))
 
-    def _build(self, height: int, width: int) -> None:
-        """Draw this episode's blobs into an opacity map."""
-        alpha = np.zeros((height, width), np.float32)
+    def _build(self, height: int, width: int) -> np.ndarray:
+        """Draw this episode's blobs into an opacity map (returned and kept)."""
+        alpha: np.ndarray = np.zeros((height, width), np.float32)
         for _ in range(self.blobs):
             centre = (int(self.rng.integers(width)), int(self.rng.integers(height)))
             axes = tuple(int(a) for a in self.rng.uniform(0.04, 0.11, size=2) * width)
@@ -184,13 +189,13 @@ class Dirt(FaultInjector):
             cv2.ellipse(alpha, centre, axes, angle, 0, 360, opacity, -1)
         alpha = cv2.GaussianBlur(alpha, (0, 0), 0.015 * width)
         self.alpha = np.minimum(alpha, 0.95)[:, :, None]
+        return self.alpha
 
     def apply(self, frame: Frame) -> Frame:
-        if self.alpha is None:
-            self._build(*frame.shape[:2])
+        alpha = self._build(*frame.shape[:2]) if self.alpha is None else self.alpha
         soft = cv2.GaussianBlur(frame, (0, 0), 3.0)
-        dirty = soft * self.alpha * 0.3 + self.colour * self.alpha * 0.7
-        dirty += frame * (1.0 - self.alpha)
+        dirty = soft * alpha * 0.3 + self.colour * alpha * 0.7
+        dirty += frame * (1.0 - alpha)
         return add_sensor_noise(np.clip(dirty, 0, 255).astype(np.uint8), self.rng)
 
 
@@ -207,7 +212,9 @@ class Shift(FaultInjector):
 
     def apply(self, frame: Frame) -> Frame:
         height, width = frame.shape[:2]
-        matrix = cv2.getRotationMatrix2D((width / 2, height / 2), self.angle, 1.0)
+        # A 2x3 float64 matrix (OpenCV's stubs allow any dtype); asarray does not copy it.
+        matrix = np.asarray(cv2.getRotationMatrix2D((width / 2, height / 2), self.angle, 1.0),
+                            np.float64)
         matrix[:, 2] += self.offset * (width, height)
         return cv2.warpAffine(frame, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101)
 
@@ -260,7 +267,7 @@ def expected_reason(name: str) -> str:
 
 def textured_scene(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A still RGB scene: shapes, lines, text and fine texture, lightly softened."""
-    scene = np.empty((height, width, 3), np.uint8)
+    scene: np.ndarray = np.empty((height, width, 3), np.uint8)
     top, bottom = rng.uniform(60, 200, size=(2, 3))
     ramp = np.linspace(0, 1, height)[:, None, None]
     scene[:] = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)
@@ -280,8 +287,8 @@ def textured_scene(rng: np.random.Generator, height: int, width: int) -> np.ndar
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         org = (int(rng.integers(max(1, width - 100))), int(rng.integers(height)))
         cv2.putText(scene, "MVLD 0123", org, cv2.FONT_HERSHEY_SIMPLEX, 0.8, colour, 2)
-    grain = rng.integers(0, 60, size=(height // 4, width // 4, 1), dtype=np.uint8)
-    grain = cv2.resize(grain, (width, height), interpolation=cv2.INTER_LINEAR)[:, :, None]
+    coarse_grain = rng.integers(0, 60, size=(height // 4, width // 4, 1), dtype=np.uint8)
+    grain = cv2.resize(coarse_grain, (width, height), interpolation=cv2.INTER_LINEAR)[:, :, None]
     scene = cv2.add(scene, np.repeat(grain, 3, axis=2))
     return cv2.GaussianBlur(scene, (0, 0), 0.8)
 
@@ -322,7 +329,7 @@ class SyntheticCamera:
         # Noise windows cut at random offsets from a bank twice the frame: fresh-looking noise
         # every frame at the cost of one add.
         self.noise_bank = np.empty((2 * self.height, 2 * self.width * 3), np.int16)
-        cv2.randn(self.noise_bank, 0.0, self.noise_sigma)
+        cv2.randn(self.noise_bank, np.array([0.0]), np.array([self.noise_sigma]))
         self.background = self._textured_scene(self.height, self.width)
         self.sprites = [self._sprite() for _ in range(self.moving_objects)]
         self.phase = float(self.rng.uniform(0, 2 * np.pi))

@@ -99,7 +99,7 @@ class MovingCamera:
         rng = self.rng
         self._noise = np.empty((2 * self.height, 2 * self.width * 3), np.int16)
         cv2.setRNGSeed(int(rng.integers(2**31)))
-        cv2.randn(self._noise, 0.0, self.noise_sigma)
+        cv2.randn(self._noise, np.array([0.0]), np.array([self.noise_sigma]))
         self.geometry = _GEOMETRY.get(self.motion, "static")
         self.photometry = _PHOTOMETRY.get(self.motion, "none")
         width = self.width
@@ -150,9 +150,9 @@ class MovingCamera:
             jitter = rng.normal(0, 0.0015 * width, 2)
             return x + float(jitter[0]), y + float(jitter[1]), 0.2 * math.sin(13 * t), 1.0
         if self.geometry == "vehicle":
-            zoom_period, yaw_period, phase = self._vehicle
+            zoom_period, yaw_period, yaw_phase = self._vehicle
             zoom = 1.0 + 0.08 * (1 - math.cos(2 * np.pi * t / zoom_period))
-            yaw = 0.12 * width * math.sin(2 * np.pi * t / yaw_period + phase)
+            yaw = 0.12 * width * math.sin(2 * np.pi * t / yaw_period + yaw_phase)
             jitter = rng.normal(0, 0.002 * width, 2)
             return (yaw + float(jitter[0]), 0.02 * width * math.sin(t) + float(jitter[1]),
                     0.3 * math.sin(2 * np.pi * t / 7.0), zoom)

@@ -22,6 +22,7 @@ from mvld.demo import DemoConfig, check_model, open_demo_fault, scene_tick
 from mvld.edge.sources.base import SourceError
 from mvld.export.onnx_export import ExportOptions, export_model
 from mvld.model.checkpoint import checkpoint_paths, save_mvld_model
+from mvld.sim.demo_source import write_fault_epoch
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,23 @@ def test_fault_source_stops_inside_its_window_and_returns_after(tmp_path: Path) 
         assert returned.read(2.0) is not None
     finally:
         returned.close()
+
+
+def test_fault_windows_count_from_the_fault_clock_once_it_is_started(tmp_path: Path) -> None:
+    epoch = tmp_path / "fault_clock.json"
+    source = open_demo_fault(f"demofault://1?stop=0-60&realtime=0&epoch={epoch}")
+    try:
+        assert source.read(2.0) is not None  # inside 0-60 s of wall time, but no clock yet
+        write_fault_epoch(epoch, time.time() + 30)
+        assert source.read(2.0) is not None  # the clock started, the window is 30 s away
+    finally:
+        source.close()
+    write_fault_epoch(epoch, time.time() - 1)
+    with pytest.raises(SourceError, match="stopped"):  # a reopen inside the window fails
+        open_demo_fault(f"demofault://1?stop=0-60&realtime=0&epoch={epoch}")
+    epoch.write_text("{")
+    with pytest.raises(ConfigError, match="fault clock"):
+        open_demo_fault(f"demofault://1?stop=0-60&realtime=0&epoch={epoch}")
 
 
 def test_fault_source_covers_the_view_inside_its_window() -> None:

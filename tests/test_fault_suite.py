@@ -309,7 +309,8 @@ def test_tenfold_overload_is_bounded_and_counted(tmp_path: Path) -> None:
     assert metrics[ACCEPTED] == received
     assert metrics[COMPLETED] + superseded + stale == received
     # kept: the newest frame sets, with bounded latency and memory
-    assert len(lines) == metrics[COMPLETED] and len(lines) >= 20
+    # (about 20 complete in the 6 s on an idle 2-core machine; fewer when it is shared)
+    assert len(lines) == metrics[COMPLETED] and len(lines) >= 8
     assert np.percentile(latency, 99) < 1.5, f"p99 latency {np.percentile(latency, 99):.2f} s"
     # the first sample precedes the first batches (torch's allocator warms up within a second,
     # e.g. 335 -> 379 MiB); from then on memory must stay flat whatever the load

@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
+from fake_clock import FakeClock
 from test_capture import FAST, Opener, ScriptedCamera, wait_for
 
 from mvld.common.errors import ConfigError
@@ -94,20 +96,26 @@ def test_sim_cameras_in_one_frame_set_show_the_same_moment() -> None:
 
 
 def test_ticker_keeps_the_rate_and_skips_instead_of_bursting() -> None:
-    stop = threading.Event()
-    ticker = Ticker(50.0)
+    stop, clock = threading.Event(), FakeClock()
+    ticker = Ticker(50.0, clock)
+    ticks = [clock.now() for _ in range(20) if ticker.wait(stop)]
+    assert np.diff(ticks) == pytest.approx([0.02] * 19)  # on the grid, every period
+    clock.advance(0.2 + 0.005)  # the loop fell ten ticks behind
+    late = clock.now()
+    assert ticker.wait(stop) and clock.now() == late  # the late tick at once ...
+    assert ticker.skipped == 9  # ... and the other nine dropped, not burst
+    assert ticker.wait(stop)
+    assert clock.now() - ticks[0] == pytest.approx(0.60)  # back on the grid
+    assert clock.now() - late == pytest.approx(0.015)
+
+
+def test_ticker_waits_without_cpu_on_the_real_clock() -> None:
+    stop, ticker = threading.Event(), Ticker(50.0)
     cpu, started = time.process_time(), time.monotonic()
-    ticks = 0
-    while time.monotonic() - started < 0.4:
+    for _ in range(10):
         assert ticker.wait(stop)
-        ticks += 1
-    assert 18 <= ticks <= 22
+    assert time.monotonic() - started >= 0.17  # nine periods of real time went by
     assert time.process_time() - cpu < 0.1  # waiting costs no CPU
-    time.sleep(0.2)  # the loop fell 10 ticks behind
-    before = time.monotonic()
-    assert ticker.wait(stop) and ticker.wait(stop)
-    assert ticker.skipped >= 8
-    assert time.monotonic() - before >= 0.01  # the next tick is on the grid, not a burst
 
 
 def test_ticker_returns_false_once_stopped_and_bad_rates_are_refused() -> None:

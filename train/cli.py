@@ -68,25 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(stage: str, config: CommonTrainConfig | TrainAllConfig, ctx: DistributedContext,
+def _train(config: CommonTrainConfig | TrainAllConfig, ctx: DistributedContext,
            config_file: str | None) -> Path:
-    if stage == "all":
-        from mvld.train.pipeline import run_pipeline
+    """Run the stage ``config`` belongs to (its class names it, as in ``STAGES``)."""
+    from mvld.train.pipeline import run_pipeline, train_stage
 
+    if isinstance(config, TrainAllConfig):
         result = run_pipeline(config, ctx, stage_tables(config_file))
         print(result.report)
         return result.model
-    if stage == "ae":
-        from mvld.train.autoencoder_training import train_autoencoder
-
-        return train_autoencoder(config, ctx)
-    if stage == "score":
-        from mvld.train.score_training import train_score
-
-        return train_score(config, ctx)
-    from mvld.train.classifier_training import train_classifier
-
-    return train_classifier(config, ctx)
+    return train_stage(config, ctx)
 
 
 def _stage_tables_toml(config: TrainAllConfig, config_file: str | None) -> str:
@@ -122,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(cls, stage, config_file, flags)
         if args.print_config:
             sys.stdout.write(config_options(cls).to_toml({cls: config_to_dict(config)}))
-            if stage == "all":
+            if isinstance(config, TrainAllConfig):
                 sys.stdout.write(_stage_tables_toml(config, config_file))
             return 0
         import torch
@@ -135,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(config.threads)
         ctx = setup_distributed(config.device)
         try:
-            path = _train(stage, config, ctx, config_file)
+            path = _train(config, ctx, config_file)
         finally:
             teardown_distributed()
     except MVLDError as exc:

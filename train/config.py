@@ -12,7 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mvld.common.config_flags import ConfigOptions, Section, option, tomllib
 from mvld.common.errors import ConfigError
@@ -294,9 +294,11 @@ def flags_given(cls: type[CommonTrainConfig] | type[TrainAllConfig],
     return config_options(cls).given(args)[cls]
 
 
-def load_config(cls: type[CommonTrainConfig] | type[TrainAllConfig], section: str,
-                config_file: str | None, flags: dict[str, Any]
-                ) -> CommonTrainConfig | TrainAllConfig:
+ConfigT = TypeVar("ConfigT", bound=CommonTrainConfig | TrainAllConfig)
+
+
+def load_config(cls: type[ConfigT], section: str, config_file: str | None,
+                flags: dict[str, Any]) -> ConfigT:
     """Defaults < TOML file (top level or ``[section]``) < flags; validated."""
     values: dict[str, Any] = {}
     if config_file:

@@ -15,8 +15,9 @@ import argparse
 import logging
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from mvld.common.config_flags import add_gpu_flag, add_logging_flags, device_of, log_level_of
 from mvld.common.errors import MVLDError
@@ -25,8 +26,19 @@ from mvld.common.exits import EXIT_USAGE, OPTIONAL_MODULES, command, output_fold
 if TYPE_CHECKING:
     from mvld.train.evaluation import EvalConfig
 
-QUICK = {"frames": 24, "fid_samples": 2,
-         "samplers": "dpmpp_2m_sde:20,dpmpp_2m:20,euler_maruyama:250", "throughput_batch": 64}
+
+class QuickPreset(TypedDict):
+    """The ``--quick`` defaults."""
+
+    frames: int
+    fid_samples: int
+    samplers: str
+    throughput_batch: int
+
+
+QUICK: QuickPreset = {"frames": 24, "fid_samples": 2,
+                      "samplers": "dpmpp_2m_sde:20,dpmpp_2m:20,euler_maruyama:250",
+                      "throughput_batch": 64}
 
 
 def _default_samplers() -> str:
@@ -110,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """Flags over the quick or full defaults, validated."""
     from mvld.train.evaluation import DEFAULT_SAMPLERS, EvalConfig, parse_samplers
 
-    preset = QUICK if args.quick else {}
+    preset: Mapping[str, object] = QUICK if args.quick else {}
 
     def pick(name: str, full):
         given = getattr(args, name)
@@ -123,7 +135,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       val_fraction=args.val_fraction, fit_data=args.fit_data,
                       fit_frames=args.fit_frames, device=device_of(args.gpu, args.device),
                       seed=args.seed,
-                      throughput_batch=preset.get("throughput_batch", 64), quick=args.quick)
+                      throughput_batch=QUICK["throughput_batch"] if args.quick else 64,
+                      quick=args.quick)
 
 
 def run_outages(args: argparse.Namespace) -> Path:

@@ -167,9 +167,9 @@ def grid_image(example: GridExample) -> np.ndarray:
     cv2.putText(header, f"observed | true ({example.pattern}) | samples", (2, HEADER - 5),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
     spacer = np.full((GAP, width, 3), 255, np.uint8)
-    parts = [header]
-    for row in rows:
-        parts += [row, spacer]
+    parts: list[np.ndarray] = [header]
+    for row_image in rows:
+        parts += [row_image, spacer]
     return np.concatenate(parts[:-1], 0)
 
 

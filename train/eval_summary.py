@@ -51,16 +51,24 @@ def _view_count(scores: ViewScores) -> int:
     return next((len(x) for x in measured if x is not None), 0)
 
 
+def _all_present(values: list[np.ndarray | None]) -> list[np.ndarray] | None:
+    """``values`` when none is missing, else None."""
+    present = [v for v in values if v is not None]
+    return present if len(present) == len(values) else None
+
+
 def _mean(values: list[np.ndarray | None]) -> float | None:
-    if any(v is None for v in values):
+    present = _all_present(values)
+    if present is None:
         return None
-    return float(np.concatenate(values).mean())
+    return float(np.concatenate(present).mean())
 
 
 def _frechet(first: list[np.ndarray | None], second: list[np.ndarray | None]) -> float | None:
-    if any(v is None for v in first + second):
+    present_first, present_second = _all_present(first), _all_present(second)
+    if present_first is None or present_second is None:
         return None
-    a, b = np.concatenate(first), np.concatenate(second)
+    a, b = np.concatenate(present_first), np.concatenate(present_second)
     if len(a) < 2 or len(b) < 2:
         return None
     return frechet_distance(a, b)
@@ -113,6 +121,8 @@ def fast_vs_reference(rows: list[dict], methods: list[dict]) -> list[dict]:
                         None, None, "not measured")]
     ref = max(em, key=lambda m: m["nfe"])
     f, r = _pooled(rows, fast["label"]), _pooled(rows, ref["label"])
+    if f is None or r is None:
+        raise ValueError(f"no pooled summary row for {fast['label']!r} or {ref['label']!r}")
     out = []
     if f["coherence"] is not None and r["coherence"] is not None:
         points = 100.0 * (r["coherence"] - f["coherence"])

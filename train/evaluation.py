@@ -261,13 +261,16 @@ class Judge:
     @torch.inference_mode()
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(predictions [M], penultimate features [M, F])`` of uint8 views."""
-        device = next(self.classifier.parameters()).device
+        classifier, preprocess = self.classifier, self.preprocess
+        if classifier is None or preprocess is None:
+            raise ValueError("classifying views needs a classifier and its preprocessing")
+        device = next(classifier.parameters()).device
         predictions, features = [], []
         for start in range(0, len(images), self.batch):
             x = torch.from_numpy(preprocess_images(images[start:start + self.batch],
-                                                   self.preprocess)).to(device)
-            feats = self.classifier.features(x)
-            predictions.append(self.classifier.head(feats).argmax(1).cpu().numpy())
+                                                   preprocess)).to(device)
+            feats = classifier.features(x)
+            predictions.append(classifier.head(feats).argmax(1).cpu().numpy())
             features.append(feats.double().cpu().numpy())
         return np.concatenate(predictions), np.concatenate(features)
 
@@ -542,6 +545,8 @@ def _tradeoff_quality(inputs: EvalInputs, judge: Judge, real: ViewScores):
             frames = np.arange(fid_frames)  # frame set n from pattern n mod P: each set once
             picks = decoded[frames % repeats, frames].reshape(-1, *inputs.images.shape[2:])
             fid = frechet_distance(judge.inception(picks), real.inception[:fid_frames * views])
+        if scores.psnr is None or scores.ssim is None:
+            raise RuntimeError("views judged against their true views must have PSNR and SSIM")
         coherence = None if scores.correct is None else float(scores.correct.mean())
         return {"psnr": float(scores.psnr.mean()), "ssim": float(scores.ssim.mean()),
                 "coherence": coherence, "fid": fid}

@@ -108,11 +108,11 @@ class _FrameCache:
             views = []
             for row in chunk:
                 frame_set = self.folder[row]
-                if any(view is None for view in frame_set.views):
+                complete = [view for view in frame_set.views if view is not None]
+                if len(complete) != len(frame_set.views):
                     raise DatasetError(f"frame set {self.folder.stems[row]} misses a view: "
                                        f"outages are played on complete frame sets")
-                views.append(np.stack([resize_frame(v, height, width)
-                                       for v in frame_set.views]))
+                views.append(np.stack([resize_frame(v, height, width) for v in complete]))
             stacked = np.stack(views)  # [n, V, H, W, 3]
             x = torch.from_numpy(preprocess_images(stacked.reshape(-1, *stacked.shape[2:]),
                                                    self.model.preprocess))
@@ -199,13 +199,14 @@ def evaluate_outages(config: OutageConfig) -> tuple[dict, dict[float, np.ndarray
             "hold last": torch.where(missing[..., None], memory, latents),
         }
         seeded = [config.seed * 1_000_003 + s for s in seeds]
-        remembered = {"memory": memory, "memory_age": age}
         for name, imputer in imputers.items():
-            extra = remembered if name == "memory" else {}
-            outputs[name] = imputer(latents, present, seed=seeded, **extra).latents
+            remembers = name == "memory"
+            outputs[name] = imputer(latents, present, seed=seeded,
+                                    memory=memory if remembers else None,
+                                    memory_age=age if remembers else None).latents
         fresh = list(range(len(rows)))  # every frame its own noise: what seeding by node avoids
         outputs["memory, new noise every frame"] = imputers["memory"](
-            latents, present, seed=fresh, **remembered).latents
+            latents, present, seed=fresh, memory=memory, memory_age=age).latents
         first = int(missing[0].sum())  # failed cameras of the first case
         strip = [truth[:config.window * first:first]]  # its first failed camera, in a row
         for name, z in outputs.items():
@@ -233,9 +234,15 @@ def _score(judge: Judge, images: np.ndarray, truth: np.ndarray, labels: np.ndarr
            window: int, cases: int, missing: torch.Tensor) -> dict:
     """PSNR, SSIM, coherence, FID and flicker of the imputed views of one method."""
     scores = judge.score(images, labels if labels is not None else np.zeros(len(images)), truth)
+    if scores.psnr is None or scores.ssim is None:
+        raise RuntimeError("views judged against their true views must have PSNR and SSIM")
+    if labels is not None and scores.correct is None:
+        raise RuntimeError("labelled views must be judged with a classifier")
+    coherence = (None if labels is None or scores.correct is None
+                 else float(np.mean(scores.correct)))
     result = {"psnr": float(np.mean(scores.psnr)), "ssim": float(np.mean(scores.ssim)),
-              "coherence": None if labels is None else float(np.mean(scores.correct))}
-    if judge.inception is not None and len(images) >= 2:
+              "coherence": coherence}
+    if judge.inception is not None and scores.inception is not None and len(images) >= 2:
         count = min(judge.fid_samples, len(images))
         real = judge.inception(truth[:count])
         result["fid"] = frechet_distance(scores.inception[:count], real)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -77,6 +77,8 @@ STAGE_SHARES = {"ae": 0.4, "score": 0.45, "classifier": 0.15}  # of the training
 MIN_STEPS = 20  # the fewest steps a budget gives a stage
 VALIDATIONS = 8  # validations (and checkpoints) per training stage, unless a table sets them
 PROBE_STEPS = 3  # timed synthetic steps per stage (after one warm-up step)
+
+StageConfigT = TypeVar("StageConfigT", bound=CommonTrainConfig)
 
 
 # ---------------------------------------------------------------- stage markers
@@ -209,6 +211,7 @@ def measure_step_seconds(stage: str, config: CommonTrainConfig, views: int,
     generator = torch.Generator().manual_seed(0)
     batch = config.batch_size
     ae_arch = autoencoder_config_for(ae_config)
+    model: nn.Module
     if stage == "ae":
         model = Autoencoder(ae_arch).to(device)
         preprocess = PreprocessConfig(height=ae_config.image_size, width=ae_config.image_size)
@@ -250,6 +253,16 @@ def measure_step_seconds(stage: str, config: CommonTrainConfig, views: int,
 # ---------------------------------------------------------------- stage configurations
 
 
+def _config_as(configs: dict[str, CommonTrainConfig], stage: str,
+              cls: type[StageConfigT]) -> StageConfigT:
+    """``configs[stage]``, checked to be of the stage's own config class ``cls``."""
+    config = configs[stage]
+    if not isinstance(config, cls):
+        raise TypeError(f"the {stage} stage's config is a {type(config).__name__}, "
+                        f"not a {cls.__name__}")
+    return config
+
+
 def _cadence(table: dict[str, Any], steps: int) -> dict[str, int]:
     """``VALIDATIONS`` validations and checkpoints per stage, unless the table sets them."""
     every = max(1, steps // VALIDATIONS)
@@ -272,7 +285,7 @@ def stage_configs(config: TrainAllConfig, tables: dict[str, dict[str, Any]],
         if stage == "score":
             values["ae"] = str(stage_folder(run, "ae") / "best")
         if stage == "classifier" and "image_size" not in table:
-            values["image_size"] = built["ae"].image_size
+            values["image_size"] = _config_as(built, "ae", AETrainConfig).image_size
         if stage in steps:
             values["steps"] = steps[stage]
         stage_steps = int(values.get("steps", cls().steps))
@@ -283,7 +296,8 @@ def stage_configs(config: TrainAllConfig, tables: dict[str, dict[str, Any]],
 
 def _views_and_labels(config: TrainAllConfig) -> tuple[int, bool]:
     with FrameSetFolder(config.data, skip_bad=config.skip_bad) as folder:
-        labelled = bool(folder.labels) and any(v is not None for v in folder.labels.values())
+        labels = folder.labels
+        labelled = labels is not None and any(v is not None for v in labels.values())
         return len(folder.cameras), labelled
 
 
@@ -308,8 +322,8 @@ def load_or_make_plan(config: TrainAllConfig, tables: dict[str, dict[str, Any]],
     stages = [s for s in TRAINING_STAGES if s != "classifier" or labelled]
     seconds = {}
     for stage in stages:
-        seconds[stage] = measure_step_seconds(stage, configs[stage], views, configs["ae"],
-                                              device)
+        seconds[stage] = measure_step_seconds(stage, configs[stage], views,
+                                              _config_as(configs, "ae", AETrainConfig), device)
         log.info("budget: %s step %.3f s (batch %d)", stage, seconds[stage],
                  configs[stage].batch_size)
     plan = BudgetPlan(config.budget, plan_steps(budget_s, seconds), seconds)
@@ -363,18 +377,21 @@ def _resume_flag(config: TrainAllConfig, stage: str) -> bool:
     return interrupted and stage != "classifier"  # the classifier has no --resume
 
 
-def _train_stage(stage: str, stage_config: CommonTrainConfig, ctx: DistributedContext) -> Path:
-    if stage == "ae":
+def train_stage(config: CommonTrainConfig, ctx: DistributedContext) -> Path:
+    """Train the stage ``config`` belongs to (its class names it)."""
+    if isinstance(config, AETrainConfig):
         from mvld.train.autoencoder_training import train_autoencoder
 
-        return train_autoencoder(stage_config, ctx)
-    if stage == "score":
+        return train_autoencoder(config, ctx)
+    if isinstance(config, ScoreTrainConfig):
         from mvld.train.score_training import train_score
 
-        return train_score(stage_config, ctx)
-    from mvld.train.classifier_training import train_classifier
+        return train_score(config, ctx)
+    if isinstance(config, ClassifierTrainConfig):
+        from mvld.train.classifier_training import train_classifier
 
-    return train_classifier(stage_config, ctx)
+        return train_classifier(config, ctx)
+    raise TypeError(f"no training stage takes a {type(config).__name__}")
 
 
 def _model_files(folder: Path, name: str) -> list[Path]:
@@ -450,6 +467,9 @@ def evaluate_run(config: TrainAllConfig, model: Path, classifier: Path | None,
     runs = run_methods(inputs, eval_config, patterns)
     per_method = {run.label: score_method(inputs, judge, run) for run in runs}
     rows = build_rows(inputs, patterns, runs, per_method, real, recon, 0)
+    if recon.psnr is None or recon.ssim is None:
+        raise RuntimeError("reconstructed views are judged against the true views: "
+                           "they must have PSNR and SSIM")
     evidence = TrainingEvidence(
         reconstruction_psnr=float(recon.psnr.mean()),
         reconstruction_ssim=float(recon.ssim.mean()),
@@ -505,7 +525,7 @@ def run_pipeline(config: TrainAllConfig, ctx: DistributedContext,
             stage_config = configs[stage]
             stage_config.resume = resume
             began = time.monotonic()
-            _train_stage(stage, stage_config, ctx)
+            train_stage(stage_config, ctx)
             name = "last" if stage == "classifier" else "best"
             mark_complete(run, stage, _model_files(folder, name),
                           {"steps": stage_config.steps, "seconds": time.monotonic() - began})

@@ -121,11 +121,11 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext) -> Prepa
             save_latent_cache(cache, latents, present, fingerprint, config.data)
     else:
         latents, present = cached
-    train_idx, val_idx = split_train_val(len(arrays.stems), config.val_fraction)
-    stats = latent_stats(latents[train_idx], present[train_idx])
+    split_train, split_val = split_train_val(len(arrays.stems), config.val_fraction)
+    stats = latent_stats(latents[split_train], present[split_train])
     complete = present.all(1)
-    train_idx = [i for i in train_idx if complete[i]]
-    val_idx = [i for i in val_idx if complete[i]] or train_idx[-256:]
+    train_idx = [i for i in split_train if complete[i]]
+    val_idx = [i for i in split_val if complete[i]] or train_idx[-256:]
     if not train_idx:
         raise DatasetError(f"{config.data}: no complete frame set (every view present) to train on")
     log.info("score: %d complete training frame sets, %d validation", len(train_idx), len(val_idx))

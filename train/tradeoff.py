@@ -126,7 +126,10 @@ def _code_image(rgb: np.ndarray, sweep: CodecSweep, quality: int) -> tuple[np.nd
     ok, data = cv2.imencode(suffix, cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [flag, int(quality)])
     if not ok:
         raise ConfigError(f"OpenCV cannot encode {sweep.codec} at quality {quality}")
-    decoded = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ConfigError(f"OpenCV cannot decode its own {sweep.codec} output at quality {quality}")
+    decoded = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     if sweep.downscale != 1:
         decoded = cv2.resize(decoded, (width, height), interpolation=cv2.INTER_LINEAR)
     return decoded, len(data)

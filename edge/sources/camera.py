@@ -88,10 +88,12 @@ def _int_options(uri: str, options: dict[str, object]) -> dict[str, int]:
     if unknown:
         raise ConfigError(
             f"{redact(uri)}: unknown option(s) {unknown}; valid: {list(OPTION_NAMES)}")
-    values = {}
+    values: dict[str, int] = {}
     for name, value in options.items():
         try:
-            values[name] = int(value)  # type: ignore[call-overload]
+            if not isinstance(value, (str, int, float)):
+                raise TypeError(type(value).__name__)
+            values[name] = int(value)
         except (TypeError, ValueError) as exc:
             raise ConfigError(
                 f"{redact(uri)}: option {name} must be an int, got {value!r}") from exc

@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml setup.py scripts/setup-env
 demo: $(STAMP)
 	PATH="$(BIN):$$PATH" mvld demo --out "$(DEMO_OUT)"
 
+# Lint and the house format (`ruff format .` applies it).
 lint: $(STAMP)
 	PATH="$(BIN):$$PATH" ruff check .
+	PATH="$(BIN):$$PATH" ruff format --check .
 
 # mypy over the installed layout (mvld.common, mvld.edge, ...), pyproject.toml's [tool.mypy].
 typecheck: $(STAMP)

@@ -44,8 +44,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from mvld.demo import DemoConfig, run_demo
 
     try:
-        config = DemoConfig(out=Path(args.out), seconds=args.seconds, fps=args.fps,
-                            model=Path(args.model) if args.model else None)
+        config = DemoConfig(
+            out=Path(args.out),
+            seconds=args.seconds,
+            fps=args.fps,
+            model=Path(args.model) if args.model else None,
+        )
         index = run_demo(config, progress=print)
     except MVLDError as exc:
         sys.stderr.write(f"mvld demo: error: {exc}\n")
@@ -64,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     version = sub.add_parser("version", help="print the version (and optional backends with -v)")
-    version.add_argument("-v", "--verbose", action="store_true",
-                         help="also list the optional packages and whether they are installed")
+    version.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also list the optional packages and whether they are installed",
+    )
     version.set_defaults(func=_cmd_version)
 
     keys = sub.add_parser(
@@ -88,15 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
         "part-way. Writes OUT/index.html with figures (views over time, health timeline, "
         "latency, bandwidth). No camera or GPU needed.",
     )
-    demo.add_argument("--out", default="mvld-demo", metavar="DIR",
-                      help="report folder (default ./mvld-demo)")
-    demo.add_argument("--seconds", type=float, default=40.0, metavar="S",
-                      help="seconds of streaming (default: 40)")
-    demo.add_argument("--fps", type=float, default=10.0, metavar="F",
-                      help="frame sets per second (default: 10)")
-    demo.add_argument("--model", metavar="DIR",
-                      help="model folder with last.json, last.safetensors and encoder.onnx "
-                      "(default: the shipped default model)")
+    demo.add_argument(
+        "--out", default="mvld-demo", metavar="DIR", help="report folder (default ./mvld-demo)"
+    )
+    demo.add_argument(
+        "--seconds",
+        type=float,
+        default=40.0,
+        metavar="S",
+        help="seconds of streaming (default: 40)",
+    )
+    demo.add_argument(
+        "--fps", type=float, default=10.0, metavar="F", help="frame sets per second (default: 10)"
+    )
+    demo.add_argument(
+        "--model",
+        metavar="DIR",
+        help="model folder with last.json, last.safetensors and encoder.onnx "
+        "(default: the shipped default model)",
+    )
     add_logging_flags(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
@@ -109,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "log_level"):
         setup_logging_of(args, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:  # mvld version: its -v means "list the backends"
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     return args.func(args)

@@ -57,6 +57,7 @@ Progress = Callable[[str], None]
 
 # -- the edge process --------------------------------------------------------------------------
 
+
 def edge_main(argv: list[str]) -> int:
     """``mvld-edge`` with the ``demofault://`` scheme registered (the demo's edge process)."""
     from mvld.edge.cli import main as edge_cli_main
@@ -137,8 +138,9 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return text[-chars:]
 
 
-def _wait_for_metrics(process: subprocess.Popen, port: int, log_path: Path, what: str,
-                      timeout_s: float) -> None:
+def _wait_for_metrics(
+    process: subprocess.Popen, port: int, log_path: Path, what: str, timeout_s: float
+) -> None:
     """Block until ``process`` serves metrics; MVLDError with its log if it exits or hangs."""
     deadline = time.monotonic() + timeout_s
     while read_metrics(port, 0.5) is None:
@@ -165,8 +167,7 @@ def check_report_dependencies() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("mvld demo draws its report with matplotlib: "
-                          'pip install "mvld[eval]"')
+        raise ConfigError('mvld demo draws its report with matplotlib: pip install "mvld[eval]"')
 
 
 def check_model(model: Path | None) -> None:
@@ -175,14 +176,18 @@ def check_model(model: Path | None) -> None:
     from mvld.model.checkpoint import checkpoint_paths
 
     folder = model if model is not None else DEFAULT_MODEL
-    missing = [path for path in (checkpoint_paths(folder)[0], folder / "encoder.onnx")
-               if not path.is_file()]
+    missing = [
+        path
+        for path in (checkpoint_paths(folder)[0], folder / "encoder.onnx")
+        if not path.is_file()
+    ]
     if missing:
         where = "the shipped default model" if model is None else f"model folder {folder}"
         raise ConfigError(
             f"{where} is incomplete: missing {', '.join(str(p) for p in missing)}. "
             "Pass --model DIR (a folder holding last.json, last.safetensors and encoder.onnx, "
-            "e.g. an mvld-train score run exported with mvld-export onnx into the same folder).")
+            "e.g. an mvld-train score run exported with mvld-export onnx into the same folder)."
+        )
 
 
 def scene_size(model: Path | None) -> int:
@@ -190,8 +195,9 @@ def scene_size(model: Path | None) -> int:
     from mvld.common.default_model import DEFAULT_MODEL
     from mvld.model.checkpoint import checkpoint_paths
 
-    meta = json.loads(checkpoint_paths(model if model is not None else DEFAULT_MODEL)[0]
-                      .read_text())
+    meta = json.loads(
+        checkpoint_paths(model if model is not None else DEFAULT_MODEL)[0].read_text()
+    )
     return max(MIN_SCENE_SIZE, int(meta["preprocess"]["height"]))
 
 
@@ -218,13 +224,33 @@ class DemoProcesses:
     def start_receiver(self) -> None:
         """The real mvld-receiver on the CPU, publishing its results with images."""
         model = ["--model", str(self.config.model)] if self.config.model else []
-        self.receiver = self._spawn(_python_command(
-            "mvld.receiver.cli", "--gpu", "-1", "--bind", f"tcp://127.0.0.1:{self.data_port}",
-            "--task", f"publish:bind=tcp://127.0.0.1:{self.result_port},hwm={RESULT_HWM}",
-            "--metrics-port", str(self.receiver_metrics_port), "--status-every", "5",
-            "--max-age-ms", "3000", *model), "receiver", OMP_NUM_THREADS=RECEIVER_THREADS)
-        _wait_for_metrics(self.receiver, self.receiver_metrics_port, self.logs / "receiver.log",
-                          "mvld-receiver", RECEIVER_START_TIMEOUT_S)
+        self.receiver = self._spawn(
+            _python_command(
+                "mvld.receiver.cli",
+                "--gpu",
+                "-1",
+                "--bind",
+                f"tcp://127.0.0.1:{self.data_port}",
+                "--task",
+                f"publish:bind=tcp://127.0.0.1:{self.result_port},hwm={RESULT_HWM}",
+                "--metrics-port",
+                str(self.receiver_metrics_port),
+                "--status-every",
+                "5",
+                "--max-age-ms",
+                "3000",
+                *model,
+            ),
+            "receiver",
+            OMP_NUM_THREADS=RECEIVER_THREADS,
+        )
+        _wait_for_metrics(
+            self.receiver,
+            self.receiver_metrics_port,
+            self.logs / "receiver.log",
+            "mvld-receiver",
+            RECEIVER_START_TIMEOUT_S,
+        )
 
     def camera_uris(self) -> list[str]:
         """``demofault://`` URIs: camera 1 stops, camera 2 gets covered, camera 0 stays healthy;
@@ -247,14 +273,32 @@ class DemoProcesses:
     def start_edge(self) -> None:
         """The real mvld-edge code (via ``python -m mvld.demo``) streaming to the receiver."""
         model = ["--model", str(self.config.model)] if self.config.model else []
-        self.edge = self._spawn(_python_command(
-            "mvld.demo", "--cams", ",".join(self.camera_uris()),
-            "--connect", f"tcp://127.0.0.1:{self.data_port}", "--node-id", NODE_ID,
-            "--fps", str(self.config.fps), "--max-age", str(max(0.25, 2.5 / self.config.fps)),
-            "--metrics-port", str(self.edge_metrics_port), "--backoff-max", "1",
-            "--status-every", "5", *model), "edge")
-        _wait_for_metrics(self.edge, self.edge_metrics_port, self.logs / "edge.log",
-                          "mvld-edge", 60.0)
+        self.edge = self._spawn(
+            _python_command(
+                "mvld.demo",
+                "--cams",
+                ",".join(self.camera_uris()),
+                "--connect",
+                f"tcp://127.0.0.1:{self.data_port}",
+                "--node-id",
+                NODE_ID,
+                "--fps",
+                str(self.config.fps),
+                "--max-age",
+                str(max(0.25, 2.5 / self.config.fps)),
+                "--metrics-port",
+                str(self.edge_metrics_port),
+                "--backoff-max",
+                "1",
+                "--status-every",
+                "5",
+                *model,
+            ),
+            "edge",
+        )
+        _wait_for_metrics(
+            self.edge, self.edge_metrics_port, self.logs / "edge.log", "mvld-edge", 60.0
+        )
 
     def start_fault_clock(self, delay_s: float) -> float:
         """Start the fault schedule ``delay_s`` from now (the edge is up); its POSIX time."""
@@ -274,15 +318,19 @@ def _progress_line(elapsed: float, seconds: float, results: list[dict]) -> str:
     line = f"[{elapsed:5.1f}/{seconds:.0f} s] {len(results)} frame sets"
     if results:
         last = results[-1]
-        views = " ".join(f"{v['cam']}={v['status']}"
-                         f"{'(' + v['reason'] + ')' if v['status'] != 'ok' else ''}"
-                         f"->{v['provenance']}" for v in last["views"])
+        views = " ".join(
+            f"{v['cam']}={v['status']}"
+            f"{'(' + v['reason'] + ')' if v['status'] != 'ok' else ''}"
+            f"->{v['provenance']}"
+            for v in last["views"]
+        )
         line += f" | {views} | latency {1000 * last['latency_s']:.0f} ms"
     return line
 
 
-def _stream(processes: DemoProcesses, record: DemoRecord, collector: ResultCollector,
-            progress: Progress) -> None:
+def _stream(
+    processes: DemoProcesses, record: DemoRecord, collector: ResultCollector, progress: Progress
+) -> None:
     """Let the stream run for the configured time, polling metrics and reporting progress."""
     seconds = record.config.seconds
     next_line = 0.0
@@ -290,8 +338,10 @@ def _stream(processes: DemoProcesses, record: DemoRecord, collector: ResultColle
         assert processes.edge is not None and processes.receiver is not None
         for process, name in ((processes.edge, "edge"), (processes.receiver, "receiver")):
             if process.poll() is not None:
-                raise MVLDError(f"mvld-{name} exited early with status {process.returncode}:\n"
-                                + _tail(processes.logs / f"{name}.log"))
+                raise MVLDError(
+                    f"mvld-{name} exited early with status {process.returncode}:\n"
+                    + _tail(processes.logs / f"{name}.log")
+                )
         metrics = read_metrics(processes.edge_metrics_port)
         if metrics is not None:
             record.edge_bytes.append((time.time(), metrics.get("mvld_edge_bytes_sent_total", 0)))
@@ -306,8 +356,12 @@ def replay_truth(record: DemoRecord, ticks: list[int], size: int) -> None:
     from mvld.sim.rig import SimRig
     from mvld.sim.source import SimOptions
 
-    options = SimOptions(fps=record.config.fps, size=size, seed=SIM_OPTIONS["seed"],
-                         episode_frames=SIM_OPTIONS["episode_frames"])
+    options = SimOptions(
+        fps=record.config.fps,
+        size=size,
+        seed=SIM_OPTIONS["seed"],
+        episode_frames=SIM_OPTIONS["episode_frames"],
+    )
     wanted = set(ticks)
     with SimRig(options.rig_config()) as rig:
         rig.reset(options.seed, 0)
@@ -330,9 +384,11 @@ def run_demo(config: DemoConfig, progress: Progress = log.info) -> Path:
     try:
         processes.start_receiver()
         collector = ResultCollector(f"tcp://127.0.0.1:{processes.result_port}")
-        progress(f"starting mvld-edge: 3 simulated cameras at {config.fps:g} FPS; cam1 stops "
-                 f"at {plan.stop[0]:.0f}-{plan.stop[1]:.0f} s, cam2 is covered at "
-                 f"{plan.cover[0]:.0f}-{plan.cover[1]:.0f} s")
+        progress(
+            f"starting mvld-edge: 3 simulated cameras at {config.fps:g} FPS; cam1 stops "
+            f"at {plan.stop[0]:.0f}-{plan.stop[1]:.0f} s, cam2 is covered at "
+            f"{plan.cover[0]:.0f}-{plan.cover[1]:.0f} s"
+        )
         processes.start_edge()
         # the clock starts once the edge is up, however long its start took on a busy machine
         record = DemoRecord(config, plan, processes.start_fault_clock(FAULT_CLOCK_DELAY_S))

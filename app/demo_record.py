@@ -60,8 +60,6 @@ class DemoRecord:
     truth: dict[int, list[np.ndarray]] = field(default_factory=dict)  # tick -> true views
 
 
-
-
 def scene_tick(record: DemoRecord, result: dict) -> int | None:
     """The simulated scene's tick a result shows (from its views' capture times)."""
     times = [v["capture_time"] for v in result["views"] if v["capture_time"] is not None]

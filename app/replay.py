@@ -105,11 +105,13 @@ class ReplayConfig:
         if not self.drain_timeout_s > 0:
             raise ConfigError(f"--drain-timeout must be > 0, got {self.drain_timeout_s}")
         if self.imputer not in IMPUTERS:
-            raise ConfigError(f"--imputer must be one of {', '.join(IMPUTERS)}, got "
-                              f"{self.imputer!r}")
+            raise ConfigError(
+                f"--imputer must be one of {', '.join(IMPUTERS)}, got {self.imputer!r}"
+            )
         if self.health not in HEALTH_CHOICES:
-            raise ConfigError(f"--health must be one of {', '.join(HEALTH_CHOICES)}, got "
-                              f"{self.health!r}")
+            raise ConfigError(
+                f"--health must be one of {', '.join(HEALTH_CHOICES)}, got {self.health!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -183,10 +185,13 @@ def model_shape(model: Path | None) -> tuple[int, tuple[int, int]]:
     from mvld.common.default_model import DEFAULT_MODEL
     from mvld.model.checkpoint import checkpoint_paths
 
-    meta = json.loads(checkpoint_paths(model if model is not None else DEFAULT_MODEL)[0]
-                      .read_text())
-    return (int(meta["score_net"]["num_views"]),
-            (int(meta["preprocess"]["height"]), int(meta["preprocess"]["width"])))
+    meta = json.loads(
+        checkpoint_paths(model if model is not None else DEFAULT_MODEL)[0].read_text()
+    )
+    return (
+        int(meta["score_net"]["num_views"]),
+        (int(meta["preprocess"]["height"]), int(meta["preprocess"]["width"])),
+    )
 
 
 def plan_replay(config: ReplayConfig, folder: FrameSetFolder) -> ReplayPlan:
@@ -194,48 +199,68 @@ def plan_replay(config: ReplayConfig, folder: FrameSetFolder) -> ReplayPlan:
     cameras = tuple(folder.cameras)
     views, size = model_shape(ReplayModel.of(config.model).checkpoint)
     if views != len(cameras):
-        raise ConfigError(f"the model works on {views} cameras, the dataset {folder.root} has "
-                          f"{len(cameras)} ({', '.join(cameras)})")
+        raise ConfigError(
+            f"the model works on {views} cameras, the dataset {folder.root} has "
+            f"{len(cameras)} ({', '.join(cameras)})"
+        )
     if tuple(folder.image_size) != size:
         h, w = folder.image_size
         raise ConfigError(
             f"the model works on {size[0]}x{size[1]} views, the dataset's are {h}x{w} (HxW); "
             f"resize it first, e.g. mvld-data record --cams {folder.root}/{cameras[0]},... "
-            f"--size {size[0]}x{size[1]} --out DIR --frames N")
+            f"--size {size[0]}x{size[1]} --out DIR --frames N"
+        )
     numbers = []
     for name in config.missing:
         number = _camera_number(name, cameras)
         if number is None:
-            raise ConfigError(f"--missing: unknown camera {name!r}; the dataset's cameras are "
-                              f"{', '.join(cameras)} (or cam0-cam{len(cameras) - 1}, "
-                              f"0-{len(cameras) - 1})")
+            raise ConfigError(
+                f"--missing: unknown camera {name!r}; the dataset's cameras are "
+                f"{', '.join(cameras)} (or cam0-cam{len(cameras) - 1}, "
+                f"0-{len(cameras) - 1})"
+            )
         numbers.append(number)
     withheld = tuple(f"cam{n}" for n in sorted(set(numbers)))
     if len(withheld) + config.missing_random >= len(cameras):
-        raise ConfigError(f"--missing and --missing-random leave no camera to send: "
-                          f"{len(withheld)} + {config.missing_random} of {len(cameras)}")
+        raise ConfigError(
+            f"--missing and --missing-random leave no camera to send: "
+            f"{len(withheld)} + {config.missing_random} of {len(cameras)}"
+        )
     complete = np.flatnonzero(folder.presence().all(axis=1))
     if not len(complete):
-        raise ConfigError(f"{folder.root}: no frame set has every view; a replay compares "
-                          "decoded views with the dataset's and needs complete frame sets")
-    rows = complete if config.frames is None else complete[:config.frames]
+        raise ConfigError(
+            f"{folder.root}: no frame set has every view; a replay compares "
+            "decoded views with the dataset's and needs complete frame sets"
+        )
+    rows = complete if config.frames is None else complete[: config.frames]
     if config.frames is not None and len(rows) < config.frames:
-        log.warning("%s has %d complete frame sets; replaying those, not %d", folder.root,
-                    len(rows), config.frames)
+        log.warning(
+            "%s has %d complete frame sets; replaying those, not %d",
+            folder.root,
+            len(rows),
+            config.frames,
+        )
     if folder.form == "videos" and len(rows) and rows[-1] != len(rows) - 1:
         raise ConfigError(f"{folder.root}: video datasets replay from frame 0 on")
-    return ReplayPlan(cameras=cameras, rows=tuple(int(r) for r in rows),
-                      stems=tuple(folder.stems[int(r)] for r in rows),
-                      skipped_incomplete=int(len(folder) - len(complete)),
-                      withheld=withheld, image_size=size)
+    return ReplayPlan(
+        cameras=cameras,
+        rows=tuple(int(r) for r in rows),
+        stems=tuple(folder.stems[int(r)] for r in rows),
+        skipped_incomplete=int(len(folder) - len(complete)),
+        withheld=withheld,
+        image_size=size,
+    )
 
 
 def _camera_files(root: Path, camera: str) -> dict[str, Path]:
     """stem -> image file of one camera folder."""
     from mvld.common.dataset import IMAGE_SUFFIXES
 
-    return {p.stem: p for p in (root / camera).iterdir()
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+    return {
+        p.stem: p
+        for p in (root / camera).iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    }
 
 
 def stage_sources(folder: FrameSetFolder, plan: ReplayPlan, staging: Path) -> list[str]:
@@ -248,9 +273,16 @@ def stage_sources(folder: FrameSetFolder, plan: ReplayPlan, staging: Path) -> li
 
     root = folder.root.resolve()
     if folder.form == "videos":
-        return [str(next(p for p in sorted(root.iterdir(), key=lambda p: natural_key(p.name))
-                         if p.stem == camera and p.suffix.lower() in VIDEO_SUFFIXES))
-                for camera in plan.cameras]
+        return [
+            str(
+                next(
+                    p
+                    for p in sorted(root.iterdir(), key=lambda p: natural_key(p.name))
+                    if p.stem == camera and p.suffix.lower() in VIDEO_SUFFIXES
+                )
+            )
+            for camera in plan.cameras
+        ]
     uris = []
     for camera in plan.cameras:
         files = _camera_files(root, camera)
@@ -290,17 +322,42 @@ class ReplayProcesses:
         extra = ["--model", str(checkpoint.resolve())] if checkpoint else []
         if config.steps is not None:
             extra += ["--steps", str(config.steps)]
-        self.receiver = self._spawn(_python_command(
-            "mvld.receiver.cli", "--gpu", str(config.gpu),
-            "--bind", f"tcp://127.0.0.1:{self.data_port}",
-            "--task", f"save:dir={self.raw.resolve()}",
-            "--task", f"jsonl:path={self.results.resolve()}",
-            "--metrics-port", str(self.metrics_port), "--status-every", "5",
-            "--imputer", config.imputer, "--threads", str(config.threads),
-            "--backlog", str(max(4, sent)), "--max-age-ms", str(365 * 86400e3),
-            "--max-rate", "0", *extra), "receiver")
-        _wait_for_metrics(self.receiver, self.metrics_port, self.logs / "receiver.log",
-                          "mvld-receiver", RECEIVER_START_TIMEOUT_S)
+        self.receiver = self._spawn(
+            _python_command(
+                "mvld.receiver.cli",
+                "--gpu",
+                str(config.gpu),
+                "--bind",
+                f"tcp://127.0.0.1:{self.data_port}",
+                "--task",
+                f"save:dir={self.raw.resolve()}",
+                "--task",
+                f"jsonl:path={self.results.resolve()}",
+                "--metrics-port",
+                str(self.metrics_port),
+                "--status-every",
+                "5",
+                "--imputer",
+                config.imputer,
+                "--threads",
+                str(config.threads),
+                "--backlog",
+                str(max(4, sent)),
+                "--max-age-ms",
+                str(365 * 86400e3),
+                "--max-rate",
+                "0",
+                *extra,
+            ),
+            "receiver",
+        )
+        _wait_for_metrics(
+            self.receiver,
+            self.metrics_port,
+            self.logs / "receiver.log",
+            "mvld-receiver",
+            RECEIVER_START_TIMEOUT_S,
+        )
 
     def start_edge(self, uris: list[str]) -> None:
         """The real mvld-edge reading the staged folders in lockstep, one frame set per row."""
@@ -311,15 +368,41 @@ class ReplayProcesses:
         if plan.withheld:
             extra += ["--withhold", ",".join(plan.withheld)]
         if config.missing_random:
-            extra += ["--max-views", str(len(plan.cameras) - len(plan.withheld)
-                                         - config.missing_random),
-                      "--withhold-rule", "random", "--withhold-seed", str(config.seed)]
-        self.edge = self._spawn(_python_command(
-            "mvld.edge.cli", "--cams", ",".join(uris),
-            "--connect", f"tcp://127.0.0.1:{self.data_port}", "--node-id", NODE_ID,
-            "--fps", str(fps), "--frames", str(len(plan.rows)), "--lockstep", "--no-realtime",
-            "--health", config.health, "--send-hwm", str(max(2, len(plan.rows))),
-            "--threads", str(config.threads), "--status-every", "5", *extra), "edge")
+            extra += [
+                "--max-views",
+                str(len(plan.cameras) - len(plan.withheld) - config.missing_random),
+                "--withhold-rule",
+                "random",
+                "--withhold-seed",
+                str(config.seed),
+            ]
+        self.edge = self._spawn(
+            _python_command(
+                "mvld.edge.cli",
+                "--cams",
+                ",".join(uris),
+                "--connect",
+                f"tcp://127.0.0.1:{self.data_port}",
+                "--node-id",
+                NODE_ID,
+                "--fps",
+                str(fps),
+                "--frames",
+                str(len(plan.rows)),
+                "--lockstep",
+                "--no-realtime",
+                "--health",
+                config.health,
+                "--send-hwm",
+                str(max(2, len(plan.rows))),
+                "--threads",
+                str(config.threads),
+                "--status-every",
+                "5",
+                *extra,
+            ),
+            "edge",
+        )
 
     def stop(self) -> None:
         """Stop the edge first, then the receiver (SIGTERM, SIGKILL if it hangs)."""
@@ -341,8 +424,10 @@ class ReceiverCounts:
     def of(cls, metrics: dict[str, float], delivered: int) -> ReceiverCounts:
         counts = cls(int(metrics.get("mvld_receiver_framesets_completed_total", 0)), delivered)
         for name, value in metrics.items():
-            for pattern, into in ((DROP_METRIC, counts.dropped), (WITHHELD_METRIC,
-                                                                  counts.withheld)):
+            for pattern, into in (
+                (DROP_METRIC, counts.dropped),
+                (WITHHELD_METRIC, counts.withheld),
+            ):
                 match = pattern.match(name)
                 if match and value:
                     into[match.group(1)] = int(value)
@@ -371,12 +456,17 @@ def _check_running(processes: ReplayProcesses, edge_done: bool) -> None:
         if process is None or (name == "edge" and edge_done):
             continue
         if process.poll() is not None and (name == "receiver" or process.returncode != 0):
-            raise MVLDError(f"mvld-{name} exited with status {process.returncode}:\n"
-                            + _tail(processes.logs / f"{name}.log"))
+            raise MVLDError(
+                f"mvld-{name} exited with status {process.returncode}:\n"
+                + _tail(processes.logs / f"{name}.log")
+            )
 
 
-def stream(processes: ReplayProcesses, progress: Progress | None,
-           clock: Callable[[], float] = time.monotonic) -> tuple[int, int, ReceiverCounts]:
+def stream(
+    processes: ReplayProcesses,
+    progress: Progress | None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[int, int, ReceiverCounts]:
     """Wait for the edge to finish and the receiver to drain; ``(made, edge_dropped, counts)``.
 
     The receiver has drained once it delivered or counted every frame set the edge queued, or
@@ -401,15 +491,22 @@ def stream(processes: ReplayProcesses, progress: Progress | None,
             edge_done = True
             lines = EDGE_LINE.findall(_tail(processes.logs / "edge.log", 20000))
             if not lines:
-                raise MVLDError("mvld-edge ended without its summary line:\n"
-                                + _tail(processes.logs / "edge.log"))
+                raise MVLDError(
+                    "mvld-edge ended without its summary line:\n"
+                    + _tail(processes.logs / "edge.log")
+                )
             made, queued, edge_dropped = (int(g) for g in lines[-1])
             last_change = clock()
-        if edge_done and (counts.accounted >= queued
-                          or clock() - last_change > processes.config.drain_timeout_s):
+        if edge_done and (
+            counts.accounted >= queued or clock() - last_change > processes.config.drain_timeout_s
+        ):
             if counts.accounted < queued:
-                log.warning("the receiver accounted for %d of %d frame sets in time; the rest "
-                            "count as lost", counts.accounted, queued)
+                log.warning(
+                    "the receiver accounted for %d of %d frame sets in time; the rest "
+                    "count as lost",
+                    counts.accounted,
+                    queued,
+                )
             return made, edge_dropped, counts
         time.sleep(POLL_S)
 
@@ -429,8 +526,9 @@ def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 3) if values else None
 
 
-def collect(folder: FrameSetFolder, plan: ReplayPlan, processes: ReplayProcesses,
-            results: dict[int, dict]) -> tuple[list[dict], dict[str, dict]]:
+def collect(
+    folder: FrameSetFolder, plan: ReplayPlan, processes: ReplayProcesses, results: dict[int, dict]
+) -> tuple[list[dict], dict[str, dict]]:
     """Move the decoded views to ``OUT/received/CAMERA/STEM.png`` and score them.
 
     Returns one record per frame set sent (for ``framesets.jsonl``) and the PSNR table.
@@ -441,7 +539,8 @@ def collect(folder: FrameSetFolder, plan: ReplayPlan, processes: ReplayProcesses
 
     received = processes.out / "received"
     scores: dict[str, dict[str, list[float]]] = {
-        name: {"observed": [], "imputed": []} for name in ("all", *plan.cameras)}
+        name: {"observed": [], "imputed": []} for name in ("all", *plan.cameras)
+    }
     records = []
     for seq, (row, stem) in enumerate(zip(plan.rows, plan.stems, strict=True)):
         result = results.get(seq)
@@ -453,9 +552,14 @@ def collect(folder: FrameSetFolder, plan: ReplayPlan, processes: ReplayProcesses
                 raw = processes.raw / NODE_ID / view["cam"] / f"{seq:08d}.png"
                 target = received / camera / f"{stem}.png"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                entry = {"camera": camera, "cam": view["cam"], "status": view["status"],
-                         "reason": view["reason"], "provenance": view["provenance"],
-                         "psnr_db": None}
+                entry = {
+                    "camera": camera,
+                    "cam": view["cam"],
+                    "status": view["status"],
+                    "reason": view["reason"],
+                    "provenance": view["provenance"],
+                    "psnr_db": None,
+                }
                 if raw.exists():
                     raw.replace(target)
                     decoded = cv2.imread(str(target))
@@ -473,9 +577,15 @@ def collect(folder: FrameSetFolder, plan: ReplayPlan, processes: ReplayProcesses
                     scores[camera][kind].append(value)
                 record["views"].append(entry)
         records.append(record)
-    table = {name: {"observed": _mean(s["observed"]), "observed_views": len(s["observed"]),
-                    "imputed": _mean(s["imputed"]), "imputed_views": len(s["imputed"])}
-             for name, s in scores.items()}
+    table = {
+        name: {
+            "observed": _mean(s["observed"]),
+            "observed_views": len(s["observed"]),
+            "imputed": _mean(s["imputed"]),
+            "imputed_views": len(s["imputed"]),
+        }
+        for name, s in scores.items()
+    }
     return records, table
 
 
@@ -486,9 +596,9 @@ def _empty_output(out: Path) -> Path:
     return folder
 
 
-def run_replay(config: ReplayConfig,
-               progress_bar: Callable[[int], ProgressBar | None] | None = None
-               ) -> ReplaySummary:
+def run_replay(
+    config: ReplayConfig, progress_bar: Callable[[int], ProgressBar | None] | None = None
+) -> ReplaySummary:
     """Replay ``config.dataset`` through the real edge and receiver; write and return the
     summary. ``progress_bar(total)`` makes an object with ``update(n)`` and ``close()``."""
     if not config.dataset.is_dir():
@@ -505,9 +615,13 @@ def run_replay(config: ReplayConfig,
             uris = stage_sources(folder, plan, staging)
             log.info("starting mvld-receiver (loads the model) ...")
             processes.start_receiver()
-            log.info("starting mvld-edge: %d frame sets of %s, withheld %s, %d random",
-                     len(plan.rows), ", ".join(plan.cameras),
-                     ", ".join(plan.withheld) or "none", config.missing_random)
+            log.info(
+                "starting mvld-edge: %d frame sets of %s, withheld %s, %d random",
+                len(plan.rows),
+                ", ".join(plan.cameras),
+                ", ".join(plan.withheld) or "none",
+                config.missing_random,
+            )
             processes.start_edge(uris)
             bar = progress_bar(len(plan.rows)) if progress_bar else None  # None: no bar
             made, edge_dropped, counts = stream(processes, bar.update if bar else None)
@@ -524,10 +638,14 @@ def run_replay(config: ReplayConfig,
         results = _read_results(processes.results)
         records, table = collect(folder, plan, processes, results)
         shutil.rmtree(processes.raw, ignore_errors=True)
-    summary = _summary(config, plan, made, edge_dropped, counts, records, table,
-                       time.monotonic() - started)
-    summary.outputs = {"received": str(out / "received"), "framesets": str(out /
-                       "framesets.jsonl"), "logs": str(processes.logs)}
+    summary = _summary(
+        config, plan, made, edge_dropped, counts, records, table, time.monotonic() - started
+    )
+    summary.outputs = {
+        "received": str(out / "received"),
+        "framesets": str(out / "framesets.jsonl"),
+        "logs": str(processes.logs),
+    }
     with open(out / "framesets.jsonl", "w", encoding="utf-8") as lines:
         for record in records:
             lines.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -539,13 +657,22 @@ def _check_stopped(processes: ReplayProcesses) -> None:
     """A receiver that failed while stopping may not have written its last results."""
     for process, name in ((processes.edge, "edge"), (processes.receiver, "receiver")):
         if process is not None and process.returncode not in (0, None):
-            raise MVLDError(f"mvld-{name} exited with status {process.returncode}:\n"
-                            + _tail(processes.logs / f"{name}.log"))
+            raise MVLDError(
+                f"mvld-{name} exited with status {process.returncode}:\n"
+                + _tail(processes.logs / f"{name}.log")
+            )
 
 
-def _summary(config: ReplayConfig, plan: ReplayPlan, made: int, edge_dropped: int,
-             counts: ReceiverCounts, records: list[dict], table: dict, seconds: float
-             ) -> ReplaySummary:
+def _summary(
+    config: ReplayConfig,
+    plan: ReplayPlan,
+    made: int,
+    edge_dropped: int,
+    counts: ReceiverCounts,
+    records: list[dict],
+    table: dict,
+    seconds: float,
+) -> ReplaySummary:
     """Every frame set sent is received or has a drop reason; ``lost`` is what no counter
     explains (a message lost between the processes, or one still in the receiver)."""
     sent = len(plan.rows)
@@ -560,35 +687,48 @@ def _summary(config: ReplayConfig, plan: ReplayPlan, made: int, edge_dropped: in
     if unexplained > 0:
         dropped["lost"] = unexplained
     elif unexplained < 0:  # a frame set counted by the receiver yet delivered: trust delivery
-        log.warning("the receiver's drop counters exceed the frame sets missing by %d",
-                    -unexplained)
+        log.warning(
+            "the receiver's drop counters exceed the frame sets missing by %d", -unexplained
+        )
     views = Counter(view["provenance"] for record in records for view in record["views"])
     return ReplaySummary(
-        dataset=str(config.dataset), model=str(config.model or "the shipped default model"),
+        dataset=str(config.dataset),
+        model=str(config.model or "the shipped default model"),
         cameras=list(plan.cameras),
         missing=[plan.cameras[int(cam[3:])] for cam in plan.withheld],
-        missing_random=config.missing_random, seed=config.seed, imputer=config.imputer,
-        sent=sent, received=received, dropped=dropped,
-        skipped_incomplete=plan.skipped_incomplete, views=dict(sorted(views.items())),
-        imputed_views=sum(n for p, n in views.items() if p != "observed"), psnr_db=table,
-        seconds=round(seconds, 1))
+        missing_random=config.missing_random,
+        seed=config.seed,
+        imputer=config.imputer,
+        sent=sent,
+        received=received,
+        dropped=dropped,
+        skipped_incomplete=plan.skipped_incomplete,
+        views=dict(sorted(views.items())),
+        imputed_views=sum(n for p, n in views.items() if p != "observed"),
+        psnr_db=table,
+        seconds=round(seconds, 1),
+    )
 
 
 def format_summary(summary: ReplaySummary) -> str:
     """The lines ``mvld-data replay`` prints."""
     dropped = ", ".join(f"{reason} {n}" for reason, n in summary.dropped.items()) or "none"
-    lines = [f"replayed {summary.sent} frame sets of {summary.dataset} in {summary.seconds} s: "
-             f"{summary.received} received, dropped: {dropped}",
-             f"views: {', '.join(f'{p} {n}' for p, n in summary.views.items()) or 'none'}"]
+    lines = [
+        f"replayed {summary.sent} frame sets of {summary.dataset} in {summary.seconds} s: "
+        f"{summary.received} received, dropped: {dropped}",
+        f"views: {', '.join(f'{p} {n}' for p, n in summary.views.items()) or 'none'}",
+    ]
     if summary.skipped_incomplete:
-        lines.append(f"skipped {summary.skipped_incomplete} frame sets with a view missing in "
-                     "the dataset")
+        lines.append(
+            f"skipped {summary.skipped_incomplete} frame sets with a view missing in the dataset"
+        )
     lines.append("PSNR (dB)     observed   imputed")
     for name, row in summary.psnr_db.items():
         observed = "-" if row["observed"] is None else f"{row['observed']:.2f}"
         imputed = "-" if row["imputed"] is None else f"{row['imputed']:.2f}"
         lines.append(f"  {name:10s} {observed:>9s} {imputed:>9s}")
-    lines.append(f"written: {summary.outputs.get('received')}, "
-                 f"{Path(summary.outputs.get('framesets', '')).parent / 'summary.json'}")
+    lines.append(
+        f"written: {summary.outputs.get('received')}, "
+        f"{Path(summary.outputs.get('framesets', '')).parent / 'summary.json'}"
+    )
     return "\n".join(lines)
-

@@ -63,17 +63,24 @@ def percentiles(seconds: list[float]) -> dict[str, float | int]:
     if not seconds:
         return {"count": 0}
     ms = np.array(seconds) * 1e3
-    return {"count": len(ms), "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99))}
+    return {
+        "count": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
 
 
-def measure(service: ReceiverService | ClusterReceiverService, warmup_s: float,
-            seconds: float) -> dict[str, Any]:
+def measure(
+    service: ReceiverService | ClusterReceiverService, warmup_s: float, seconds: float
+) -> dict[str, Any]:
     """Completed frame sets per second and latency over ``seconds`` after ``warmup_s``."""
     time.sleep(warmup_s)
     metrics = service.metrics
-    recent = service.recent_latency if isinstance(service, ClusterReceiverService) \
+    recent = (
+        service.recent_latency
+        if isinstance(service, ClusterReceiverService)
         else service.stage.recent_latency
+    )
     drops_before, completed_before = metrics.drops(), metrics.completed.value()
     batches_before = metrics.batch_size.count()
     recent.clear()
@@ -82,22 +89,36 @@ def measure(service: ReceiverService | ClusterReceiverService, warmup_s: float,
     elapsed = time.monotonic() - start
     completed = metrics.completed.value() - completed_before
     batches = metrics.batch_size.count() - batches_before
-    drops = {k: v - drops_before.get(k, 0) for k, v in metrics.drops().items()
-             if v - drops_before.get(k, 0)}
+    drops = {
+        k: v - drops_before.get(k, 0)
+        for k, v in metrics.drops().items()
+        if v - drops_before.get(k, 0)
+    }
     result: dict[str, Any] = {
-        "seconds": elapsed, "framesets_completed": int(completed),
+        "seconds": elapsed,
+        "framesets_completed": int(completed),
         "framesets_per_s": completed / elapsed,
-        "mean_batch": completed / batches if batches else 0.0, "drops": drops,
-        "latency": percentiles(list(recent))}
+        "mean_batch": completed / batches if batches else 0.0,
+        "drops": drops,
+        "latency": percentiles(list(recent)),
+    }
     if isinstance(service, ClusterReceiverService):
         status = service.status(elapsed, completed_before)
-        result["per_worker_completed"] = {name: w["completed"]
-                                          for name, w in status["workers"].items()}
+        result["per_worker_completed"] = {
+            name: w["completed"] for name, w in status["workers"].items()
+        }
     return result
 
 
-def run(name: str, workers: int, config: ReceiverConfig, checkpoint: Path, nodes: int,
-        node_rate: float, seconds: float) -> dict[str, Any]:
+def run(
+    name: str,
+    workers: int,
+    config: ReceiverConfig,
+    checkpoint: Path,
+    nodes: int,
+    node_rate: float,
+    seconds: float,
+) -> dict[str, Any]:
     """One saturation run: start the receiver, flood it, measure, stop."""
     service: ReceiverService | ClusterReceiverService
     if workers:
@@ -106,15 +127,31 @@ def run(name: str, workers: int, config: ReceiverConfig, checkpoint: Path, nodes
         service = ReceiverService(config)
     service.start()
     child = subprocess.Popen(
-        [sys.executable, str(FLOOD), "--flood", service.endpoints[0], "--model",
-         str(checkpoint), "--nodes", str(nodes), "--node-rate", str(node_rate), "--seconds",
-         str(seconds + 60)], stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(FLOOD),
+            "--flood",
+            service.endpoints[0],
+            "--model",
+            str(checkpoint),
+            "--nodes",
+            str(nodes),
+            "--node-rate",
+            str(node_rate),
+            "--seconds",
+            str(seconds + 60),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while service.metrics.completed.value() == 0:
             if child.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: the flood delivered nothing: "
-                                   f"{child.stderr.read()[-2000:] if child.stderr else ''}")
+                raise RuntimeError(
+                    f"{name}: the flood delivered nothing: "
+                    f"{child.stderr.read()[-2000:] if child.stderr else ''}"
+                )
             time.sleep(0.1)
         result = measure(service, warmup_s=3.0, seconds=seconds)
     finally:
@@ -138,17 +175,28 @@ def edge_message(model: Any, node: str, seq: int) -> bytes:
     rng = np.random.default_rng(seq)
     shape = model.autoencoder.config.latent_shape
     now = time.time()
-    views = tuple(ViewRecord(f"cam{i}", ViewStatus.OK, ReasonCode.NONE, now,
-                             quantize_latent(rng.standard_normal(shape).astype(np.float32)))
-                  for i in range(3))
+    views = tuple(
+        ViewRecord(
+            f"cam{i}",
+            ViewStatus.OK,
+            ReasonCode.NONE,
+            now,
+            quantize_latent(rng.standard_normal(shape).astype(np.float32)),
+        )
+        for i in range(3)
+    )
     return encode_frameset(FrameSetMessage(node, seq, now, model.fingerprint, views))
 
 
 def ingest_rate(checkpoint: Path, messages: int = 20000, nodes: int = 1000) -> dict[str, Any]:
     """Per message on one thread: decode + validate, then queueing, then batch pickling."""
     model = load_mvld_model(checkpoint, "cpu")
-    layout = camera_layout((), model.num_views, model.autoencoder.config.latent_dim,
-                           model.autoencoder.config.latent_shape)
+    layout = camera_layout(
+        (),
+        model.num_views,
+        model.autoencoder.config.latent_dim,
+        model.autoencoder.config.latent_shape,
+    )
     metrics = ReceiverMetrics()
     backlog = NodeBacklog(metrics, per_node=4, max_nodes=nodes, max_age_s=3600.0)
     with LatentSubscriber("tcp://127.0.0.1:0") as subscriber:
@@ -161,28 +209,40 @@ def ingest_rate(checkpoint: Path, messages: int = 20000, nodes: int = 1000) -> d
         for item in items:
             backlog.put(item)
         put_s = time.perf_counter() - start
-    return {"messages": messages, "message_bytes": len(data[0]),
-            "check_per_s": messages / check_s, "put_per_s": messages / put_s,
-            "driver_per_s": messages / (check_s + put_s)}
+    return {
+        "messages": messages,
+        "message_bytes": len(data[0]),
+        "check_per_s": messages / check_s,
+        "put_per_s": messages / put_s,
+        "driver_per_s": messages / (check_s + put_s),
+    }
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"CPU: {report['cpu']} ({report['logical_cpus']} logical, load "
-          f"{report['load_average_1m_at_end']:.1f}); model: {report['model']}; sampler "
-          f"{report['sampler']} {report['steps']} steps ({report['nfe']} NFE)")
-    print(f"{'run':<12}{'workers':>8}{'frame sets/s':>14}{'ratio':>7}{'batch':>7}"
-          f"{'p50 ms':>9}{'p99 ms':>9}  drops")
+    print(
+        f"CPU: {report['cpu']} ({report['logical_cpus']} logical, load "
+        f"{report['load_average_1m_at_end']:.1f}); model: {report['model']}; sampler "
+        f"{report['sampler']} {report['steps']} steps ({report['nfe']} NFE)"
+    )
+    print(
+        f"{'run':<12}{'workers':>8}{'frame sets/s':>14}{'ratio':>7}{'batch':>7}"
+        f"{'p50 ms':>9}{'p99 ms':>9}  drops"
+    )
     for name, run_ in report["runs"].items():
         latency = run_["latency"]
         ratio = run_.get("ratio_to_1_worker")
-        print(f"{name:<12}{run_['workers']:>8}{run_['framesets_per_s']:>14.2f}"
-              f"{'' if ratio is None else f'{ratio:.2f}':>7}{run_['mean_batch']:>7.1f}"
-              f"{latency.get('p50_ms', 0):>9.0f}{latency.get('p99_ms', 0):>9.0f}  "
-              f"{run_['drops'] or 'none'}")
+        print(
+            f"{name:<12}{run_['workers']:>8}{run_['framesets_per_s']:>14.2f}"
+            f"{'' if ratio is None else f'{ratio:.2f}':>7}{run_['mean_batch']:>7.1f}"
+            f"{latency.get('p50_ms', 0):>9.0f}{latency.get('p99_ms', 0):>9.0f}  "
+            f"{run_['drops'] or 'none'}"
+        )
     ingest = report["ingest"]
-    print(f"ingest, one thread: {ingest['check_per_s']:.0f} msg/s decode+validate, "
-          f"{ingest['put_per_s']:.0f} msg/s queue; {ingest['driver_per_s']:.0f} msg/s both; "
-          f"{ingest['message_bytes']} B per message")
+    print(
+        f"ingest, one thread: {ingest['check_per_s']:.0f} msg/s decode+validate, "
+        f"{ingest['put_per_s']:.0f} msg/s queue; {ingest['driver_per_s']:.0f} msg/s both; "
+        f"{ingest['message_bytes']} B per message"
+    )
 
 
 def main() -> int:
@@ -194,35 +254,57 @@ def main() -> int:
     parser.add_argument("--node-rate", type=float, default=10.0, help="Hz per publisher")
     parser.add_argument("--steps", type=int, default=ReceiverConfig.steps)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--no-in-process", action="store_true",
-                        help="skip the single-process baseline")
+    parser.add_argument(
+        "--no-in-process", action="store_true", help="skip the single-process baseline"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/cluster.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     checkpoint = Path(args.model) if args.model else DEFAULT_MODEL
-    config = ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1, model=str(checkpoint),
-                            threads=1, steps=args.steps, max_batch=args.max_batch,
-                            status_every_s=60.0)
+    config = ReceiverConfig(
+        bind=("tcp://127.0.0.1:0",),
+        gpu=-1,
+        model=str(checkpoint),
+        threads=1,
+        steps=args.steps,
+        max_batch=args.max_batch,
+        status_every_s=60.0,
+    )
     nfe = sampler_nfe(checkpoint, config)
     ingest = ingest_rate(checkpoint)
     import_ray()  # fail early, naming the extra
     runs: dict[str, dict[str, Any]] = {}
     if not args.no_in_process:
-        runs["in_process"] = run("in_process", 0, config, checkpoint, args.nodes,
-                                 args.node_rate, args.seconds)
+        runs["in_process"] = run(
+            "in_process", 0, config, checkpoint, args.nodes, args.node_rate, args.seconds
+        )
     for workers in range(1, args.workers + 1):
-        runs[f"workers_{workers}"] = run(f"workers_{workers}", workers, config, checkpoint,
-                                         args.nodes, args.node_rate, args.seconds)
+        runs[f"workers_{workers}"] = run(
+            f"workers_{workers}",
+            workers,
+            config,
+            checkpoint,
+            args.nodes,
+            args.node_rate,
+            args.seconds,
+        )
     one = runs["workers_1"]["framesets_per_s"]
     for result in runs.values():
         result["ratio_to_1_worker"] = result["framesets_per_s"] / one if one else None
     report = {
-        "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
+        "cpu": cpu_name(),
+        "logical_cpus": os.cpu_count(),
         "load_average_1m_at_end": os.getloadavg()[0],
         "model": "packaged default" if not args.model else args.model,
-        "sampler": config.sampler, "steps": config.steps, "nfe": nfe,
-        "torch_threads_per_worker": 1, "max_batch": args.max_batch, "nodes": args.nodes,
-        "node_rate_hz": args.node_rate, "runs": runs, "ingest": ingest,
+        "sampler": config.sampler,
+        "steps": config.steps,
+        "nfe": nfe,
+        "torch_threads_per_worker": 1,
+        "max_batch": args.max_batch,
+        "nodes": args.nodes,
+        "node_rate_hz": args.node_rate,
+        "runs": runs,
+        "ingest": ingest,
         "command": " ".join(sys.argv),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

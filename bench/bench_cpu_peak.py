@@ -53,27 +53,41 @@ def best_seconds(run: Callable[[], object], repeats: int, min_s: float = 0.05) -
     return best
 
 
-def bench_mm(dtype: torch.dtype, repeats: int,
-             shapes: tuple[tuple[int, int, int], ...] = MM_SHAPES) -> list[dict[str, object]]:
+def bench_mm(
+    dtype: torch.dtype, repeats: int, shapes: tuple[tuple[int, int, int], ...] = MM_SHAPES
+) -> list[dict[str, object]]:
     """GFLOP/s of ``a @ b`` for each (M, K, N) of ``shapes``."""
     rows = []
     for m, k, n in shapes:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         seconds = best_seconds(lambda a=a, b=b: torch.mm(a, b), repeats)
-        rows.append({"m": m, "k": k, "n": n, "dtype": str(dtype).removeprefix("torch."),
-                     "ms": seconds * 1e3, "gflops": 2 * m * k * n / seconds / 1e9})
+        rows.append(
+            {
+                "m": m,
+                "k": k,
+                "n": n,
+                "dtype": str(dtype).removeprefix("torch."),
+                "ms": seconds * 1e3,
+                "gflops": 2 * m * k * n / seconds / 1e9,
+            }
+        )
     return rows
 
 
-def conv_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[tuple[nn.Module,
-                                                                                   torch.Tensor]]:
+def conv_layers(
+    model: nn.Module, example: tuple[torch.Tensor, ...]
+) -> list[tuple[nn.Module, torch.Tensor]]:
     """Each distinct convolution of ``model`` with the input it gets on ``example``."""
     seen: dict[tuple, tuple[nn.Module, torch.Tensor]] = {}
     hooks = []
 
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], _: object) -> None:
-        key = (type(module).__name__, tuple(inputs[0].shape), tuple(module.weight.shape),
-               module.stride)
+        key = (
+            type(module).__name__,
+            tuple(inputs[0].shape),
+            tuple(module.weight.shape),
+            module.stride,
+        )
         seen.setdefault(key, (module, inputs[0].detach().clone()))
 
     for module in model.modules():
@@ -86,19 +100,26 @@ def conv_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[tup
     return list(seen.values())
 
 
-def bench_convs(name: str, model: nn.Module, example: tuple[torch.Tensor, ...],
-                repeats: int) -> list[dict[str, object]]:
+def bench_convs(
+    name: str, model: nn.Module, example: tuple[torch.Tensor, ...], repeats: int
+) -> list[dict[str, object]]:
     """GFLOP/s of every distinct convolution, NCHW and channels-last."""
     rows = []
     for module, x in conv_layers(model, example):
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
             module(x)
         flops = counter.get_total_flops()
-        row: dict[str, object] = {"net": name, "layer": type(module).__name__,
-                                  "input": list(x.shape), "weight": list(module.weight.shape),
-                                  "mflop": flops / 1e6}
-        for layout, fmt in (("nchw", torch.contiguous_format),
-                            ("channels_last", torch.channels_last)):
+        row: dict[str, object] = {
+            "net": name,
+            "layer": type(module).__name__,
+            "input": list(x.shape),
+            "weight": list(module.weight.shape),
+            "mflop": flops / 1e6,
+        }
+        for layout, fmt in (
+            ("nchw", torch.contiguous_format),
+            ("channels_last", torch.channels_last),
+        ):
             layer = module.to(memory_format=fmt)
             inp = x.contiguous(memory_format=fmt)
             with torch.inference_mode():
@@ -124,24 +145,41 @@ def main() -> int:
     mm = bench_mm(torch.float32, args.repeats)
     if not args.no_bf16:
         mm += bench_mm(torch.bfloat16, max(1, args.repeats // 2), BF16_SHAPES)
-    convs = bench_convs("score_net", model.score_net.eval(),
-                        (torch.randn(batch, views, dims), torch.rand(batch, views)), args.repeats)
-    convs += bench_convs("decoder", model.autoencoder.decoder.eval(),
-                         (torch.randn(batch * views, dims),), args.repeats)
+    convs = bench_convs(
+        "score_net",
+        model.score_net.eval(),
+        (torch.randn(batch, views, dims), torch.rand(batch, views)),
+        args.repeats,
+    )
+    convs += bench_convs(
+        "decoder",
+        model.autoencoder.decoder.eval(),
+        (torch.randn(batch * views, dims),),
+        args.repeats,
+    )
     fp32 = [r["gflops"] for r in mm if r["dtype"] == "float32"]
-    report = {"cpu": cpu_name(), "threads": args.threads, "logical_cpus": os.cpu_count(),
-              "load_average_1m_at_end": os.getloadavg()[0], "torch": torch.__version__,
-              "mm_peak_fp32_gflops": max(fp32), "mm": mm, "conv": convs,
-              "command": " ".join(sys.argv)}
+    report = {
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "logical_cpus": os.cpu_count(),
+        "load_average_1m_at_end": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "mm_peak_fp32_gflops": max(fp32),
+        "mm": mm,
+        "conv": convs,
+        "command": " ".join(sys.argv),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{report['cpu']}, {args.threads} thread(s), load {report['load_average_1m_at_end']:.1f}")
     for row in mm:
         print(f"mm {row['m']}x{row['k']}x{row['n']} {row['dtype']:<9} {row['gflops']:7.1f} GFLOP/s")
     for row in convs:
-        print(f"{row['net']:<10}{row['layer']:<16}{row['input']!s:<20}{row['mflop']:9.1f} MFLOP"
-              f"  nchw {row['nchw_gflops']:6.1f}  channels_last {row['channels_last_gflops']:6.1f}"
-              " GFLOP/s")
+        print(
+            f"{row['net']:<10}{row['layer']:<16}{row['input']!s:<20}{row['mflop']:9.1f} MFLOP"
+            f"  nchw {row['nchw_gflops']:6.1f}  channels_last {row['channels_last_gflops']:6.1f}"
+            " GFLOP/s"
+        )
     return 0
 
 

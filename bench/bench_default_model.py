@@ -53,15 +53,24 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "default_model.json"
 # ---------------------------------------------------------------- image metrics
 
 
-def image_scores(images: np.ndarray, reference: np.ndarray | None, labels: np.ndarray,
-                 classifier: ViewClassifier, preprocess: PreprocessConfig) -> dict[str, float]:
+def image_scores(
+    images: np.ndarray,
+    reference: np.ndarray | None,
+    labels: np.ndarray,
+    classifier: ViewClassifier,
+    preprocess: PreprocessConfig,
+) -> dict[str, float]:
     """Classifier accuracy of uint8 ``images``; PSNR and SSIM against ``reference`` if given."""
     inputs = torch.from_numpy(preprocess_images(images, preprocess))
-    scores = {"accuracy": accuracy(classifier, inputs, torch.from_numpy(labels)),
-              "count": len(images)}
+    scores = {
+        "accuracy": accuracy(classifier, inputs, torch.from_numpy(labels)),
+        "count": len(images),
+    }
     if reference is not None:
-        scores |= {"psnr_db": float(psnr(images, reference).mean()),
-                   "ssim": float(ssim(images, reference).mean())}
+        scores |= {
+            "psnr_db": float(psnr(images, reference).mean()),
+            "ssim": float(ssim(images, reference).mean()),
+        }
     return scores
 
 
@@ -79,21 +88,27 @@ class HeldOut:
     train: np.ndarray  # indices of the training frame sets
 
 
-def _scene_split(data: Path, count: int, val: np.ndarray, stems: list[str]
-                 ) -> dict[str, object]:
+def _scene_split(data: Path, count: int, val: np.ndarray, stems: list[str]) -> dict[str, object]:
     """Describe the split; whether it falls on a scene (episode) boundary of the render."""
-    info: dict[str, object] = {"frame_sets": count, "held_out_frame_sets": len(val),
-                               "first_held_out_stem": stems[val[0]]}
+    info: dict[str, object] = {
+        "frame_sets": count,
+        "held_out_frame_sets": len(val),
+        "first_held_out_stem": stems[val[0]],
+    }
     render = data / "render.json"
     if render.is_file():
         per_scene = int(json.loads(render.read_text())["rig"]["frames_per_episode"])
-        info |= {"frames_per_scene": per_scene, "held_out_scenes": len(val) / per_scene,
-                 "split_on_scene_boundary": bool(val[0] % per_scene == 0)}
+        info |= {
+            "frames_per_scene": per_scene,
+            "held_out_scenes": len(val) / per_scene,
+            "split_on_scene_boundary": bool(val[0] % per_scene == 0),
+        }
     return info
 
 
-def _read_frame_sets(folder: FrameSetFolder, indices: np.ndarray, size: tuple[int, int]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_frame_sets(
+    folder: FrameSetFolder, indices: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """uint8 views ``[N, V, H, W, 3]``, presence ``[N, V]`` and labels ``[N]`` of ``indices``."""
     views = len(folder.cameras)
     images = np.zeros((len(indices), views, *size, 3), dtype=np.uint8)
@@ -108,29 +123,38 @@ def _read_frame_sets(folder: FrameSetFolder, indices: np.ndarray, size: tuple[in
     return images, present, labels
 
 
-def training_latents(data: Path, model: MVLDModel, cache: Path | None, count: int,
-                     train: np.ndarray) -> torch.Tensor:
+def training_latents(
+    data: Path, model: MVLDModel, cache: Path | None, count: int, train: np.ndarray
+) -> torch.Tensor:
     """Latents of the complete training frame sets: from a score run's cache, else encoded."""
     cached = load_latent_cache(cache, model.fingerprint, str(data), count) if cache else None
     if cached is None:
         log.info("encoding the training split (no usable --latents cache)")
         arrays = load_frame_arrays(data, model.preprocess.height, model.preprocess.width)
-        cached = encode_frame_arrays(model.autoencoder, model.preprocess, arrays), \
-            torch.from_numpy(arrays.present)
+        cached = (
+            encode_frame_arrays(model.autoencoder, model.preprocess, arrays),
+            torch.from_numpy(arrays.present),
+        )
     latents, present = cached
     return latents[train[present[train].all(1).numpy()]]
 
 
-def load_held_out(data: Path, autoencoder: Autoencoder, preprocess: PreprocessConfig,
-                  val_fraction: float, frames: int = 0) -> HeldOut:
+def load_held_out(
+    data: Path,
+    autoencoder: Autoencoder,
+    preprocess: PreprocessConfig,
+    val_fraction: float,
+    frames: int = 0,
+) -> HeldOut:
     """Read and encode the complete labelled held-out frame sets (``frames`` of them, 0: all)."""
     folder = FrameSetFolder(data)
     try:
         count, stems = len(folder), list(folder.stems)
         train, val = split_train_val(count, val_fraction)
         chosen = evenly_spaced(val, frames or len(val))
-        images, present, labels = _read_frame_sets(folder, chosen, (preprocess.height,
-                                                                    preprocess.width))
+        images, present, labels = _read_frame_sets(
+            folder, chosen, (preprocess.height, preprocess.width)
+        )
     finally:
         folder.close()
     keep = present.all(1) & (labels != NO_LABEL)
@@ -139,16 +163,26 @@ def load_held_out(data: Path, autoencoder: Autoencoder, preprocess: PreprocessCo
     with torch.no_grad():  # in chunks: one call over tens of thousands of views needs >20 GB
         latents = torch.cat([autoencoder.encoder(chunk) for chunk in flat.split(512)])
     split = _scene_split(data, count, val, stems) | {"evaluated_frame_sets": len(images)}
-    return HeldOut(images=images, labels=labels,
-                   latents=latents.reshape(len(images), images.shape[1], -1), split=split,
-                   train=train)
+    return HeldOut(
+        images=images,
+        labels=labels,
+        latents=latents.reshape(len(images), images.shape[1], -1),
+        split=split,
+        train=train,
+    )
 
 
 # ---------------------------------------------------------------- imputation baselines
 
 
-def impute_one_missing(held: HeldOut, model: MVLDModel, train_latents: torch.Tensor,
-                       sampler: str, steps: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+def impute_one_missing(
+    held: HeldOut,
+    model: MVLDModel,
+    train_latents: torch.Tensor,
+    sampler: str,
+    steps: int,
+    seed: int,
+) -> dict[str, dict[str, torch.Tensor]]:
     """For each missing view v: ``{method: latents [N, D] of view v}`` with v dropped."""
     imputer = Imputer.from_model(model, sampler=sampler, steps=steps)
     stats = model.latent_stats
@@ -160,13 +194,21 @@ def impute_one_missing(held: HeldOut, model: MVLDModel, train_latents: torch.Ten
         present[:, v] = False
         started = time.perf_counter()
         imputed = imputer(held.latents, present, seed=seed + v)
-        log.info("view %d: %d frame sets imputed, %d NFE, %.1f s", v, len(held.latents),
-                 imputed.nfe, time.perf_counter() - started)
+        log.info(
+            "view %d: %d frame sets imputed, %d NFE, %.1f s",
+            v,
+            len(held.latents),
+            imputed.nfe,
+            time.perf_counter() - started,
+        )
         neighbour = train_latents[nearest.neighbours(stats.standardise(held.latents), present)]
         mean = model.latent_stats.mean[v].expand(len(held.latents), -1)
-        results[f"view{v}"] = {"diffusion": imputed.latents[:, v], "nearest_neighbour":
-                               neighbour[:, v], "mean_latent": mean,
-                               "reconstructed": held.latents[:, v]}
+        results[f"view{v}"] = {
+            "diffusion": imputed.latents[:, v],
+            "nearest_neighbour": neighbour[:, v],
+            "mean_latent": mean,
+            "reconstructed": held.latents[:, v],
+        }
     return results
 
 
@@ -192,52 +234,67 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     report: dict[str, object] = {
         "model": str(args.autoencoder or args.model or "packaged default"),
         "classifier": str(args.classifier),
-        "data": str(args.data), "split": held.split, "threads": torch.get_num_threads(),
+        "data": str(args.data),
+        "split": held.split,
+        "threads": torch.get_num_threads(),
         "all_views": {
             "real": image_scores(real, None, labels, classifier, classifier_preprocess),
-            "reconstructed": image_scores(recon, real, labels, classifier,
-                                          classifier_preprocess)}}
+            "reconstructed": image_scores(recon, real, labels, classifier, classifier_preprocess),
+        },
+    }
     if args.imputation and model is not None:
-        report["one_missing"] = _one_missing_report(held, model, decode, classifier,
-                                                    classifier_preprocess, args)
+        report["one_missing"] = _one_missing_report(
+            held, model, decode, classifier, classifier_preprocess, args
+        )
     report["seconds"] = time.perf_counter() - started
     return report
 
 
-def _one_missing_report(held: HeldOut, model: MVLDModel, decode: LatentDecoder,
-                        classifier: ViewClassifier, preprocess: PreprocessConfig,
-                        args: argparse.Namespace) -> dict[str, object]:
+def _one_missing_report(
+    held: HeldOut,
+    model: MVLDModel,
+    decode: LatentDecoder,
+    classifier: ViewClassifier,
+    preprocess: PreprocessConfig,
+    args: argparse.Namespace,
+) -> dict[str, object]:
     """Scores of the missing view's image per method, pooled over which view is missing."""
-    train_latents = training_latents(args.data, model, args.latents,
-                                     int(held.split["frame_sets"]), held.train)
+    train_latents = training_latents(
+        args.data, model, args.latents, int(held.split["frame_sets"]), held.train
+    )
     per_view = impute_one_missing(held, model, train_latents, args.sampler, args.steps, args.seed)
     methods = next(iter(per_view.values())).keys()
     real = np.concatenate([held.images[:, v] for v in range(len(per_view))])
     labels = np.tile(held.labels, len(per_view))
-    scores: dict[str, object] = {"sampler": args.sampler, "steps": args.steps,
-                                 "real": image_scores(real, None, labels, classifier, preprocess)}
+    scores: dict[str, object] = {
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "real": image_scores(real, None, labels, classifier, preprocess),
+    }
     stats = model.latent_stats
     for method in methods:
         latents = torch.cat([per_view[f"view{v}"][method] for v in range(len(per_view))])
         scores[method] = image_scores(decode(latents), real, labels, classifier, preprocess)
         # Error in the standardised latent space the model samples in (about 1 for the mean latent).
-        errors = [(per_view[f"view{v}"][method] - held.latents[:, v]) / stats.std[v]
-                  for v in range(len(per_view))]
+        errors = [
+            (per_view[f"view{v}"][method] - held.latents[:, v]) / stats.std[v]
+            for v in range(len(per_view))
+        ]
         scores[method]["latent_mse"] = float(torch.cat(errors).pow(2).mean())
     return scores
 
 
 def format_table(report: dict[str, object]) -> str:
     """A plain-text table of the report."""
-    lines = [f"{'views':<36}{'PSNR dB':>9}{'SSIM':>8}{'accuracy':>10}{'count':>7}"
-             f"{'latent MSE':>12}"]
+    lines = [
+        f"{'views':<36}{'PSNR dB':>9}{'SSIM':>8}{'accuracy':>10}{'count':>7}{'latent MSE':>12}"
+    ]
 
     def add(name: str, row: dict[str, float]) -> None:
         psnr = f"{row['psnr_db']:>9.2f}" if "psnr_db" in row else f"{'-':>9}"
         ssim = f"{row['ssim']:>8.3f}" if "ssim" in row else f"{'-':>8}"
         mse = f"{row['latent_mse']:>12.3f}" if "latent_mse" in row else f"{'-':>12}"
-        lines.append(f"{name:<36}{psnr}{ssim}{100 * row['accuracy']:>9.1f}%{row['count']:>7d}"
-                     f"{mse}")
+        lines.append(f"{name:<36}{psnr}{ssim}{100 * row['accuracy']:>9.1f}%{row['count']:>7d}{mse}")
 
     for name, row in report["all_views"].items():  # type: ignore[union-attr]
         add(f"all views, {name}", row)
@@ -252,23 +309,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="labelled dataset folder")
     parser.add_argument("--model", default=None, help="mvld checkpoint (default: packaged)")
-    parser.add_argument("--autoencoder", default=None,
-                        help="an autoencoder checkpoint (mvld-train ae) instead of a model: "
-                        "reconstruction and classifier accuracy only")
-    parser.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER),
-                        help="classifier checkpoint (default: the packaged one)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="held-out tail, as in training (default 0.1)")
-    parser.add_argument("--frames", type=int, default=1200,
-                        help="held-out frame sets evaluated, evenly spaced (0: all; default 1200)")
-    parser.add_argument("--latents", type=Path, default=None,
-                        help="latent cache of the score run (OUT/latents.safetensors): spares "
-                        "encoding the training split for the nearest-neighbour baseline")
+    parser.add_argument(
+        "--autoencoder",
+        default=None,
+        help="an autoencoder checkpoint (mvld-train ae) instead of a model: "
+        "reconstruction and classifier accuracy only",
+    )
+    parser.add_argument(
+        "--classifier",
+        default=str(DEFAULT_CLASSIFIER),
+        help="classifier checkpoint (default: the packaged one)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="held-out tail, as in training (default 0.1)",
+    )
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=1200,
+        help="held-out frame sets evaluated, evenly spaced (0: all; default 1200)",
+    )
+    parser.add_argument(
+        "--latents",
+        type=Path,
+        default=None,
+        help="latent cache of the score run (OUT/latents.safetensors): spares "
+        "encoding the training split for the nearest-neighbour baseline",
+    )
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-imputation", dest="imputation", action="store_false",
-                        help="only reconstruction and the classifier")
+    parser.add_argument(
+        "--no-imputation",
+        dest="imputation",
+        action="store_false",
+        help="only reconstruction and the classifier",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report")
     return parser

@@ -56,9 +56,12 @@ def model_under_test(folder: Path) -> tuple[Path, Path, int, str]:
     model = load_mvld_model(folder)
     config = model.autoencoder.config
     params = sum(p.numel() for p in model.autoencoder.encoder.parameters())
-    latent = "x".join(map(str, config.latent_shape)) if config.latent_channels else str(
-        config.latent_dim)
-    what = (f"{folder} ({model.preprocess.width}x{model.preprocess.height}, latent {latent})")
+    latent = (
+        "x".join(map(str, config.latent_shape))
+        if config.latent_channels
+        else str(config.latent_dim)
+    )
+    what = f"{folder} ({model.preprocess.width}x{model.preprocess.height}, latent {latent})"
     return checkpoint_paths(folder)[0], folder, params, what
 
 
@@ -68,8 +71,7 @@ def write_videos(work: Path, width: int, height: int, frames: int) -> list[Path]
     for cam in range(CAMERAS):
         path = work / f"cam{cam}.avi"
         camera = SyntheticCamera(height=height, width=width, seed=cam)
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS,
-                                 (width, height))
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (width, height))
         for _ in range(frames):
             writer.write(cv2.cvtColor(camera.read(), cv2.COLOR_RGB2BGR))
         writer.release()
@@ -85,8 +87,10 @@ def stage_costs(videos: list[Path], onnx_dir: Path, checkpoint: Path, sets: int 
 
     sources = [FileSource(str(path), loop=True) for path in videos]
     monitors = [HealthMonitor() for _ in videos]
-    encoders = {"onnxruntime": open_encoder(onnx_dir, "onnxruntime", threads=1),
-                "torch": open_encoder(checkpoint, "torch", threads=1)}
+    encoders = {
+        "onnxruntime": open_encoder(onnx_dir, "onnxruntime", threads=1),
+        "torch": open_encoder(checkpoint, "torch", threads=1),
+    }
     totals = dict.fromkeys(["decode", "health", *[f"encode_{n}" for n in encoders]], 0.0)
     for _ in range(sets):
         started = time.process_time()
@@ -102,8 +106,9 @@ def stage_costs(videos: list[Path], onnx_dir: Path, checkpoint: Path, sets: int 
             totals[f"encode_{name}"] += time.process_time() - started
     for source in sources:
         source.close()
-    return {f"{stage}_ms_per_frameset": round(1e3 * total / sets, 2)
-            for stage, total in totals.items()}
+    return {
+        f"{stage}_ms_per_frameset": round(1e3 * total / sets, 2) for stage, total in totals.items()
+    }
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -112,17 +117,39 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND
 
 
-def run_edge(model: Path, backend: str, videos: list[Path], *, core: int,
-             seconds: float) -> dict:
+def run_edge(model: Path, backend: str, videos: list[Path], *, core: int, seconds: float) -> dict:
     """One mvld-edge run pinned to ``core``; measured from the messages it sends."""
     frames = int(seconds * FPS)
     with LatentSubscriber("tcp://127.0.0.1:*", latest_only=False, recv_hwm=100000) as sub:
-        command = [sys.executable, "-c", RUN_CLI, "--cams", ",".join(map(str, videos)),
-                   "--connect", sub.endpoints[0], "--model", str(model), "--backend", backend,
-                   "--threads", "1", "--fps", str(FPS), "--frames", str(frames),
-                   "--status-every", "5", "--loop", "--realtime"]
-        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                                   preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+        command = [
+            sys.executable,
+            "-c",
+            RUN_CLI,
+            "--cams",
+            ",".join(map(str, videos)),
+            "--connect",
+            sub.endpoints[0],
+            "--model",
+            str(model),
+            "--backend",
+            backend,
+            "--threads",
+            "1",
+            "--fps",
+            str(FPS),
+            "--frames",
+            str(frames),
+            "--status-every",
+            "5",
+            "--loop",
+            "--realtime",
+        ]
+        process = subprocess.Popen(
+            command,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+        )
         received, cpu_marks = [], []
         deadline = time.monotonic() + seconds * 3 + 60
         while process.poll() is None and time.monotonic() < deadline:
@@ -143,11 +170,12 @@ def run_edge(model: Path, backend: str, videos: list[Path], *, core: int,
 
 def summarise(messages: list, cpu_marks: list[tuple[float, float]], frames: int) -> dict:
     """Rate, CPU and latency statistics of one run."""
-    steady = messages[len(messages) // 10:]  # leave out start-up (health warm-up, imports)
+    steady = messages[len(messages) // 10 :]  # leave out start-up (health warm-up, imports)
     times = np.array([m.send_time for m in steady])
     rate = (len(steady) - 1) / (times[-1] - times[0])
-    latencies = [m.send_time - v.capture_time for m in steady for v in m.views
-                 if v.latent is not None]
+    latencies = [
+        m.send_time - v.capture_time for m in steady for v in m.views if v.latent is not None
+    ]
     ok_views = sum(v.latent is not None for m in steady for v in m.views)
     first, last = cpu_marks[len(cpu_marks) // 10], cpu_marks[-1]
     cores = (last[1] - first[1]) / (last[0] - first[0])
@@ -168,12 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)),
-                        help="the CPU core the edge process is pinned to")
+    parser.add_argument(
+        "--core",
+        type=int,
+        default=max(os.sched_getaffinity(0)),
+        help="the CPU core the edge process is pinned to",
+    )
     parser.add_argument("--backends", default="onnxruntime,torch")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help="model folder with a checkpoint and encoder.onnx (default: the "
-                        "shipped model)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="model folder with a checkpoint and encoder.onnx (default: the shipped model)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/edge.json"))
     args = parser.parse_args(argv)
 
@@ -193,16 +228,31 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "benchmark": "bench/bench_edge.py",
-        "hardware": {"cpu": cpu_name(), "pinned_core": args.core,
-                     "cores_visible": os.cpu_count(),
-                     "load_average_1min_before_after": [round(load_before[0], 2),
-                                                        round(os.getloadavg()[0], 2)]},
-        "setup": {"cameras": CAMERAS, "camera_fps": FPS, "frame_size": [args.width, args.height],
-                  "model": model_text,
-                  "encoder_parameters": params, "encoder_threads": 1, "seconds": args.seconds,
-                  "sources": "MJPG video files, looping, paced in real time (3x30fps mode)"},
-        "versions": {"python": platform.python_version(), "opencv": cv2.__version__,
-                     "numpy": np.__version__, "torch": torch.__version__},
+        "hardware": {
+            "cpu": cpu_name(),
+            "pinned_core": args.core,
+            "cores_visible": os.cpu_count(),
+            "load_average_1min_before_after": [
+                round(load_before[0], 2),
+                round(os.getloadavg()[0], 2),
+            ],
+        },
+        "setup": {
+            "cameras": CAMERAS,
+            "camera_fps": FPS,
+            "frame_size": [args.width, args.height],
+            "model": model_text,
+            "encoder_parameters": params,
+            "encoder_threads": 1,
+            "seconds": args.seconds,
+            "sources": "MJPG video files, looping, paced in real time (3x30fps mode)",
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "opencv": cv2.__version__,
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+        },
         "results": results,
         "stage_cpu_ms_per_frameset_3_cameras": stages,
     }
@@ -216,15 +266,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: list[dict]) -> None:
     """The results as a fixed-width table."""
-    header = (f"{'backend':<12} {'mode':<9} {'sets/s':>7} {'ok views':>8} {'CPU cores':>9} "
-              f"{'headroom':>8} {'p50 ms':>7} {'p99 ms':>7}")
+    header = (
+        f"{'backend':<12} {'mode':<9} {'sets/s':>7} {'ok views':>8} {'CPU cores':>9} "
+        f"{'headroom':>8} {'p50 ms':>7} {'p99 ms':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['backend']:<12} {r['mode']:<9} {r['framesets_per_s']:>7.1f} "
-              f"{r['ok_view_fraction']:>8.2f} {r['cpu_cores']:>9.2f} "
-              f"{r['headroom_on_one_core']:>7.1f}x {r['capture_to_send_ms_p50']:>7.1f} "
-              f"{r['capture_to_send_ms_p99']:>7.1f}")
+        print(
+            f"{r['backend']:<12} {r['mode']:<9} {r['framesets_per_s']:>7.1f} "
+            f"{r['ok_view_fraction']:>8.2f} {r['cpu_cores']:>9.2f} "
+            f"{r['headroom_on_one_core']:>7.1f}x {r['capture_to_send_ms_p50']:>7.1f} "
+            f"{r['capture_to_send_ms_p99']:>7.1f}"
+        )
 
 
 if __name__ == "__main__":

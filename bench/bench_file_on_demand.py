@@ -56,7 +56,7 @@ def write_video(path: Path, frames: int, seed: int) -> Path:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (WIDTH, HEIGHT))
     for i in range(frames):
         shift = (7 * i) % WIDTH
-        writer.write(np.ascontiguousarray(texture[:, shift:shift + WIDTH]))
+        writer.write(np.ascontiguousarray(texture[:, shift : shift + WIDTH]))
     writer.release()
     return path
 
@@ -65,8 +65,10 @@ def run_mode(mode: str, videos: list[Path], fps: float, seconds: float) -> dict[
     """Read the videos for ``seconds`` at ``fps`` frame sets per second; CPU and counts."""
     kind = FlatOutFileSource if mode == "flat_out" else FileSource
     config = CaptureConfig()
-    readers = [CameraReader(f"cam{i}", lambda v=video: kind(str(v), loop=True), config,
-                            finite=True) for i, video in enumerate(videos)]
+    readers = [
+        CameraReader(f"cam{i}", lambda v=video: kind(str(v), loop=True), config, finite=True)
+        for i, video in enumerate(videos)
+    ]
     capture = Capture(readers)
     assembler = FrameSetAssembler(capture, max_age_s=0.25)
     ticker, stop = Ticker(fps), threading.Event()
@@ -81,14 +83,20 @@ def run_mode(mode: str, videos: list[Path], fps: float, seconds: float) -> dict[
             complete += all(view.frame is not None for view in frame_set.views)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
         snapshots = capture.snapshots()
-    return {"mode": mode, "cameras": len(videos), "fps": fps, "seconds": round(wall, 2),
-            "cpu_cores": round(cpu / wall, 3),
-            "cpu_ms_per_frameset": round(1e3 * cpu / max(1, framesets), 2),
-            "framesets": framesets,
-            "complete_framesets": complete,
-            "decoded_per_camera_per_s": round(sum(s.frames for s in snapshots)
-                                              / len(snapshots) / wall, 1),
-            "dropped": sum(s.dropped for s in snapshots)}
+    return {
+        "mode": mode,
+        "cameras": len(videos),
+        "fps": fps,
+        "seconds": round(wall, 2),
+        "cpu_cores": round(cpu / wall, 3),
+        "cpu_ms_per_frameset": round(1e3 * cpu / max(1, framesets), 2),
+        "framesets": framesets,
+        "complete_framesets": complete,
+        "decoded_per_camera_per_s": round(
+            sum(s.frames for s in snapshots) / len(snapshots) / wall, 1
+        ),
+        "dropped": sum(s.dropped for s in snapshots),
+    }
 
 
 def main() -> None:
@@ -101,14 +109,24 @@ def main() -> None:
     args = parser.parse_args()
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        videos = [write_video(Path(tmp) / f"cam{i}.avi", args.frames, i)
-                  for i in range(args.cameras)]
+        videos = [
+            write_video(Path(tmp) / f"cam{i}.avi", args.frames, i) for i in range(args.cameras)
+        ]
         rows = [run_mode(mode, videos, args.fps, args.seconds) for mode in MODES]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"results": rows, "frame_size": [WIDTH, HEIGHT],
-                                    "codec": "MJPG", "cpus": os.cpu_count(),
-                                    "load_avg_1min": round(os.getloadavg()[0], 2)},
-                                   indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "results": rows,
+                "frame_size": [WIDTH, HEIGHT],
+                "codec": "MJPG",
+                "cpus": os.cpu_count(),
+                "load_avg_1min": round(os.getloadavg()[0], 2),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     columns = list(rows[0])
     print(" | ".join(columns))
     print(" | ".join("---" for _ in columns))

@@ -60,10 +60,24 @@ class Plan:
     sim_healthy_sets: int
 
 
-QUICK = Plan(warmup=60, fault=40, recovery=50, video_fault_streams=2,
-             video_healthy_frames=2400, sim_fault_runs=1, sim_healthy_sets=300)
-FULL = Plan(warmup=60, fault=60, recovery=60, video_fault_streams=6,
-            video_healthy_frames=24000, sim_fault_runs=3, sim_healthy_sets=3000)
+QUICK = Plan(
+    warmup=60,
+    fault=40,
+    recovery=50,
+    video_fault_streams=2,
+    video_healthy_frames=2400,
+    sim_fault_runs=1,
+    sim_healthy_sets=300,
+)
+FULL = Plan(
+    warmup=60,
+    fault=60,
+    recovery=60,
+    video_fault_streams=6,
+    video_healthy_frames=24000,
+    sim_fault_runs=3,
+    sim_healthy_sets=3000,
+)
 
 
 def schedule(plan: Plan, rng: np.random.Generator, faults: list[str]) -> list[Label]:
@@ -133,8 +147,13 @@ class Scorer:
         self._episode = None
         if label is not None:
             self._recovering = None
-            self._episode = {"fault": label, "start": self._frame, "delay": None,
-                             "reason": None, "clear": None}
+            self._episode = {
+                "fault": label,
+                "start": self._frame,
+                "delay": None,
+                "reason": None,
+                "clear": None,
+            }
             self.episodes.append(self._episode)
         self._label = label
 
@@ -212,8 +231,7 @@ def run_sim_streams(run: Run, camera_labels: list[list[Label]], seed: int) -> No
     """Render the rig (one stream per camera), upscale with sensor noise, inject, judge."""
     from mvld.sim.rig import RigConfig, SimRig, ring_of_cameras
 
-    config = RigConfig(cameras=ring_of_cameras(len(camera_labels)), image_size=(128, 128),
-                       fps=30.0)
+    config = RigConfig(cameras=ring_of_cameras(len(camera_labels)), image_size=(128, 128), fps=30.0)
     rng = np.random.default_rng(seed)
     faulted = [FaultedCamera(labels, rng) for labels in camera_labels]
     tracked = [run.camera("sim") for _ in camera_labels]
@@ -280,8 +298,11 @@ def fault_table(cameras: list[TrackedCamera]) -> dict[str, dict]:
             "accepted_reasons": list(accepted_reasons(name)),
             "episodes": count,
             "recall": len(found) / count if count else None,
-            "reason_accuracy": (sum(e["reason"] in accepted_reasons(name) for e in found)
-                                / len(found) if found else None),
+            "reason_accuracy": (
+                sum(e["reason"] in accepted_reasons(name) for e in found) / len(found)
+                if found
+                else None
+            ),
             "reasons": dict(Counter(e["reason"] for e in found)),
             "delay_frames_mean": float(np.mean(delays)) if delays else None,
             "delay_frames_max": int(max(delays)) if delays else None,
@@ -301,19 +322,27 @@ def false_alarm_table(cameras: list[TrackedCamera]) -> dict[str, dict]:
         for tracked in chosen:
             alarms.update(tracked.scorer.false_alarms)
         total = sum(alarms.values())
-        table[kind] = {"healthy_frames": frames, "false_alarms": total,
-                       "per_10000": 1e4 * total / frames if frames else None,
-                       "by_reason": dict(alarms)}
+        table[kind] = {
+            "healthy_frames": frames,
+            "false_alarms": total,
+            "per_10000": 1e4 * total / frames if frames else None,
+            "by_reason": dict(alarms),
+        }
     return table
 
 
 def timing_table(timings: Timings) -> dict[str, float]:
     """Cost of one ``update`` at 640x480 input, OpenCV on one thread."""
     wall, cpu = np.asarray(timings.wall_ms), np.asarray(timings.cpu_ms)
-    return {"updates": int(wall.size), "input": f"{FRAME_SIZE[0]}x{FRAME_SIZE[1]}",
-            "wall_mean_ms": float(wall.mean()), "wall_p50_ms": float(np.percentile(wall, 50)),
-            "wall_p99_ms": float(np.percentile(wall, 99)), "cpu_mean_ms": float(cpu.mean()),
-            "cpu_p99_ms": float(np.percentile(cpu, 99))}
+    return {
+        "updates": int(wall.size),
+        "input": f"{FRAME_SIZE[0]}x{FRAME_SIZE[1]}",
+        "wall_mean_ms": float(wall.mean()),
+        "wall_p50_ms": float(np.percentile(wall, 50)),
+        "wall_p99_ms": float(np.percentile(wall, 99)),
+        "cpu_mean_ms": float(cpu.mean()),
+        "cpu_p99_ms": float(np.percentile(cpu, 99)),
+    }
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -323,28 +352,43 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_report(report: dict) -> None:
     """The tables of the report, human-readable."""
-    print(f"{'fault':15s} {'episodes':>8s} {'recall':>7s} {'reason':>7s} {'delay':>6s} "
-          f"{'max':>4s} {'clear':>6s}  reasons")
+    print(
+        f"{'fault':15s} {'episodes':>8s} {'recall':>7s} {'reason':>7s} {'delay':>6s} "
+        f"{'max':>4s} {'clear':>6s}  reasons"
+    )
     for name, row in report["faults"].items():
-        cells = [_fmt(row["recall"], ".2f"), _fmt(row["reason_accuracy"], ".2f"),
-                 _fmt(row["delay_frames_mean"], ".1f"), _fmt(row["delay_frames_max"], "d"),
-                 _fmt(row["clear_frames_mean"], ".1f")]
+        cells = [
+            _fmt(row["recall"], ".2f"),
+            _fmt(row["reason_accuracy"], ".2f"),
+            _fmt(row["delay_frames_mean"], ".1f"),
+            _fmt(row["delay_frames_max"], "d"),
+            _fmt(row["clear_frames_mean"], ".1f"),
+        ]
         star = "*" if row["full_fault"] else " "
-        print(f"{name + star:15s} {row['episodes']:8d} {cells[0]:>7s} {cells[1]:>7s} "
-              f"{cells[2]:>6s} {cells[3]:>4s} {cells[4]:>6s}  {row['reasons']}")
+        print(
+            f"{name + star:15s} {row['episodes']:8d} {cells[0]:>7s} {cells[1]:>7s} "
+            f"{cells[2]:>6s} {cells[3]:>4s} {cells[4]:>6s}  {row['reasons']}"
+        )
     print("* full fault (target recall >= 0.95); delays in frames")
     for kind, table in report["faults_by_stream"].items():
-        recalls = " ".join(f"{name}={_fmt(row['recall'], '.2f')}" for name, row in table.items()
-                           if row["recall"] is not None and row["recall"] < 1.0)
+        recalls = " ".join(
+            f"{name}={_fmt(row['recall'], '.2f')}"
+            for name, row in table.items()
+            if row["recall"] is not None and row["recall"] < 1.0
+        )
         print(f"recall below 1 on {kind}: {recalls or 'none'}")
     for kind, row in report["false_alarms"].items():
-        print(f"false alarms {kind:11s}: {row['false_alarms']} in {row['healthy_frames']} healthy "
-              f"frames = {_fmt(row['per_10000'], '.2f')} per 10,000 {row['by_reason']}")
+        print(
+            f"false alarms {kind:11s}: {row['false_alarms']} in {row['healthy_frames']} healthy "
+            f"frames = {_fmt(row['per_10000'], '.2f')} per 10,000 {row['by_reason']}"
+        )
     timing = report["timing"]
-    print(f"update at {timing['input']} over {timing['updates']} updates, OpenCV on 1 thread: "
-          f"wall mean {timing['wall_mean_ms']:.3f} ms, p50 {timing['wall_p50_ms']:.3f} ms, "
-          f"p99 {timing['wall_p99_ms']:.3f} ms; thread CPU mean {timing['cpu_mean_ms']:.3f} ms, "
-          f"p99 {timing['cpu_p99_ms']:.3f} ms")
+    print(
+        f"update at {timing['input']} over {timing['updates']} updates, OpenCV on 1 thread: "
+        f"wall mean {timing['wall_mean_ms']:.3f} ms, p50 {timing['wall_p50_ms']:.3f} ms, "
+        f"p99 {timing['wall_p99_ms']:.3f} ms; thread CPU mean {timing['cpu_mean_ms']:.3f} ms, "
+        f"p99 {timing['cpu_p99_ms']:.3f} ms"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,10 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     run = run_benchmark(plan, config, args.seed, sim=not args.no_sim)
     report = {
         "command": "python bench/bench_health.py" + (" --quick" if args.quick else ""),
-        "plan": plan.__dict__, "config": config.__dict__, "seed": args.seed,
-        "faults": fault_table(run.cameras), "false_alarms": false_alarm_table(run.cameras),
-        "faults_by_stream": {kind: fault_table([c for c in run.cameras if c.kind == kind])
-                             for kind in sorted({c.kind for c in run.cameras})},
+        "plan": plan.__dict__,
+        "config": config.__dict__,
+        "seed": args.seed,
+        "faults": fault_table(run.cameras),
+        "false_alarms": false_alarm_table(run.cameras),
+        "faults_by_stream": {
+            kind: fault_table([c for c in run.cameras if c.kind == kind])
+            for kind in sorted({c.kind for c in run.cameras})
+        },
         "timing": timing_table(run.timings),
         "wall_s": time.perf_counter() - started,
     }

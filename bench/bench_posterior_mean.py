@@ -40,8 +40,9 @@ def laplacian_energy(images: np.ndarray) -> float:
     return float(response.pow(2).mean())
 
 
-def score(model, decode: LatentDecoder, latents: torch.Tensor, images: np.ndarray,
-          samples: int) -> list[dict[str, float]]:
+def score(
+    model, decode: LatentDecoder, latents: torch.Tensor, images: np.ndarray, samples: int
+) -> list[dict[str, float]]:
     """Per k in 1, 2, 4, ... up to ``samples``: PSNR, SSIM and relative sharpness of the
     imputed views delivered as the mean of the first k samples (k = 1: one sample), over
     every missing pattern. One sampler run of K samples serves every k."""
@@ -60,10 +61,13 @@ def score(model, decode: LatentDecoder, latents: torch.Tensor, images: np.ndarra
                     decoded, truth = decode(chosen[:, view]), images[:, view]
                     values[k]["psnr_db"].append(float(np.mean(psnr(decoded, truth))))
                     values[k]["ssim"].append(float(np.mean(ssim(decoded, truth))))
-                    values[k]["sharpness"].append(laplacian_energy(decoded)
-                                                  / laplacian_energy(truth))
-    return [{"mean_of": k, **{name: round(float(np.mean(v)), 4) for name, v in row.items()}}
-            for k, row in values.items()]
+                    values[k]["sharpness"].append(
+                        laplacian_energy(decoded) / laplacian_energy(truth)
+                    )
+    return [
+        {"mean_of": k, **{name: round(float(np.mean(v)), 4) for name, v in row.items()}}
+        for k, row in values.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="held-out dataset folder")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--frames", type=int, default=240, help="frame sets, evenly spaced")
-    parser.add_argument("--samples", type=int, default=4,
-                        help="K; means of the first 1, 2, 4, ... samples are compared")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=4,
+        help="K; means of the first 1, 2, 4, ... samples are compared",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/posterior_mean.json"))
     args = parser.parse_args(argv)
@@ -88,11 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         name = "one sample" if row["mean_of"] == 1 else f"mean of {row['mean_of']} samples"
         print(f"{name:<22} {row['psnr_db']:>8.2f} {row['ssim']:>7.4f} {row['sharpness']:>10.3f}")
-    report = {"benchmark": "bench/bench_posterior_mean.py", "model": str(args.model),
-              "data": args.data, "frame_sets": len(latents), "hardware": cpu_name(),
-              "threads": args.threads, "sampler": "dpmpp_2m_sde, 20 steps (the default)",
-              "patterns": "every camera alone and every pair missing", "samples": args.samples,
-              "seconds": seconds, "rows": rows}
+    report = {
+        "benchmark": "bench/bench_posterior_mean.py",
+        "model": str(args.model),
+        "data": args.data,
+        "frame_sets": len(latents),
+        "hardware": cpu_name(),
+        "threads": args.threads,
+        "sampler": "dpmpp_2m_sde, 20 steps (the default)",
+        "patterns": "every camera alone and every pair missing",
+        "samples": args.samples,
+        "seconds": seconds,
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")

@@ -83,10 +83,14 @@ def model_checkpoint(path: str | None, work: Path) -> tuple[Path, str]:
     score_net = ScoreNet(ScoreNetConfig()).eval()
     torch.nn.init.normal_(score_net.output.weight, std=0.02)  # zero-initialised otherwise
     config = autoencoder.config
-    model = MVLDModel(PreprocessConfig(), autoencoder, score_net, VPSDE(),
-                      LatentStats(torch.zeros(3, config.latent_dim),
-                                  torch.ones(3, config.latent_dim)),
-                      encoder_fingerprint(autoencoder.encoder))
+    model = MVLDModel(
+        PreprocessConfig(),
+        autoencoder,
+        score_net,
+        VPSDE(),
+        LatentStats(torch.zeros(3, config.latent_dim), torch.ones(3, config.latent_dim)),
+        encoder_fingerprint(autoencoder.encoder),
+    )
     return save_mvld_model(work / "model", model), "random weights, default architecture"
 
 
@@ -94,8 +98,7 @@ def sampler_nfe(checkpoint: Path) -> int:
     """Score evaluations the receiver's default sampler spends on one frame set."""
     model = load_mvld_model(checkpoint, "cpu")
     views, dims = model.latent_stats.mean.shape
-    imputer = Imputer.from_model(model, sampler=ReceiverConfig.sampler,
-                                 steps=ReceiverConfig.steps)
+    imputer = Imputer.from_model(model, sampler=ReceiverConfig.sampler, steps=ReceiverConfig.steps)
     return imputer(torch.zeros(1, views, dims), torch.tensor([[True, False, True]])).nfe
 
 
@@ -108,8 +111,11 @@ def model_flops(checkpoint: Path) -> dict[str, float]:
             model.score_net(torch.zeros(1, views, dims), torch.zeros(1, views))
         with FlopCounterMode(display=False) as decode:
             model.autoencoder.decoder(torch.zeros(1, dims))
-    return {"score_eval": float(score.get_total_flops()),
-            "decode_view": float(decode.get_total_flops()), "views": float(views)}
+    return {
+        "score_eval": float(score.get_total_flops()),
+        "decode_view": float(decode.get_total_flops()),
+        "views": float(views),
+    }
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -118,17 +124,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def run_kernels(checkpoint: Path, gpu: int, batch: int, quality_batch: int
-                ) -> dict[str, object]:
+def run_kernels(checkpoint: Path, gpu: int, batch: int, quality_batch: int) -> dict[str, object]:
     """Batch-``batch`` imputation and decoding outside the service, per precision, with the
     PSNR of each precision's decoded views against the network run as stored (fp32, NCHW)."""
-    device = torch.device("cuda", gpu) if gpu >= 0 and torch.cuda.is_available() else (
-        torch.device("cpu"))
+    device = (
+        torch.device("cuda", gpu)
+        if gpu >= 0 and torch.cuda.is_available()
+        else (torch.device("cpu"))
+    )
     model = load_mvld_model(checkpoint, device)
     views, dims = model.latent_stats.mean.shape
     present = torch.tensor([[True, False, True]]).repeat(batch, 1).to(device)
-    latents = torch.from_numpy(np.stack([f for f, _ in flood_frame_sets(checkpoint, batch)])
-                               ).reshape(batch, views, dims).float().to(device)
+    latents = (
+        torch.from_numpy(np.stack([f for f, _ in flood_frame_sets(checkpoint, batch)]))
+        .reshape(batch, views, dims)
+        .float()
+        .to(device)
+    )
     choices = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     auto = str(resolve_precision("auto", device)).removeprefix("torch.")
     reference = None
@@ -147,10 +159,13 @@ def run_kernels(checkpoint: Path, gpu: int, batch: int, quality_batch: int
         start = time.perf_counter()
         images = decoder(imputation.latents)
         decode_s = time.perf_counter() - start
-        rows[name] = {"batch": size, "impute_s": impute_s, "decode_s": decode_s,
-                      "framesets_per_s": size / (impute_s + decode_s),
-                      "psnr_vs_stored_db": None if reference is None
-                      else psnr(images, reference[:size])}
+        rows[name] = {
+            "batch": size,
+            "impute_s": impute_s,
+            "decode_s": decode_s,
+            "framesets_per_s": size / (impute_s + decode_s),
+            "psnr_vs_stored_db": None if reference is None else psnr(images, reference[:size]),
+        }
         if reference is None:
             reference = images
     return {"device": str(device), "auto": auto, "precisions": rows}
@@ -160,8 +175,9 @@ def export_encoder(checkpoint: Path, work: Path) -> Path:
     """ONNX export of the encoder for the edge's default CPU backend."""
     from mvld.export.onnx_export import ExportOptions, export_model
 
-    export_model(checkpoint, work / "onnx", ExportOptions(exporter="torchscript",
-                                                          parts=("encoder",)))
+    export_model(
+        checkpoint, work / "onnx", ExportOptions(exporter="torchscript", parts=("encoder",))
+    )
     return work / "onnx"
 
 
@@ -179,8 +195,9 @@ class LatencyRecorder:
             return
         self.latencies.append(now - result.capture_time)
         for view in result.views:
-            self.provenance[view.provenance.value] = self.provenance.get(
-                view.provenance.value, 0) + 1
+            self.provenance[view.provenance.value] = (
+                self.provenance.get(view.provenance.value, 0) + 1
+            )
 
 
 def percentiles(seconds: list[float]) -> dict[str, float | int]:
@@ -188,24 +205,32 @@ def percentiles(seconds: list[float]) -> dict[str, float | int]:
     if not seconds:
         return {"count": 0}
     ms = np.array(seconds) * 1e3
-    return {"count": len(ms), "p50_ms": float(np.percentile(ms, 50)),
-            "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
-            "max_ms": float(ms.max())}
+    return {
+        "count": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+    }
 
 
-def receiver(checkpoint: Path, gpu: int, recorder: LatencyRecorder, **config: object
-             ) -> ReceiverService:
+def receiver(
+    checkpoint: Path, gpu: int, recorder: LatencyRecorder, **config: object
+) -> ReceiverService:
     """An in-process receiver on a free loopback port with the recorder as its only task."""
     model = load_mvld_model(checkpoint, "cpu")
-    service = ReceiverService(ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=gpu,
-                                             status_every_s=5.0, **config),
-                              model=model, extra_hooks=[("latency", recorder)])
+    service = ReceiverService(
+        ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=gpu, status_every_s=5.0, **config),
+        model=model,
+        extra_hooks=[("latency", recorder)],
+    )
     service.start()
     return service
 
 
-def measure(service: ReceiverService, recorder: LatencyRecorder, warmup_s: float,
-            seconds: float) -> dict[str, object]:
+def measure(
+    service: ReceiverService, recorder: LatencyRecorder, warmup_s: float, seconds: float
+) -> dict[str, object]:
     """Record for ``seconds`` after ``warmup_s``; rates from the completed-frame-set counter."""
     time.sleep(warmup_s)
     metrics = service.metrics
@@ -218,27 +243,57 @@ def measure(service: ReceiverService, recorder: LatencyRecorder, warmup_s: float
     elapsed = time.monotonic() - start
     completed = metrics.completed.value() - completed_before
     batches = metrics.batch_size.count() - batches_before
-    drops = {k: v - drops_before.get(k, 0) for k, v in metrics.drops().items()
-             if v - drops_before.get(k, 0)}
-    return {"seconds": elapsed, "framesets_completed": int(completed),
-            "framesets_per_s": completed / elapsed,
-            "views_per_s": completed * service.layout.num_views / elapsed,
-            "mean_batch": completed / batches if batches else 0.0, "drops": drops,
-            "latency": percentiles(recorder.latencies), "provenance": recorder.provenance}
+    drops = {
+        k: v - drops_before.get(k, 0)
+        for k, v in metrics.drops().items()
+        if v - drops_before.get(k, 0)
+    }
+    return {
+        "seconds": elapsed,
+        "framesets_completed": int(completed),
+        "framesets_per_s": completed / elapsed,
+        "views_per_s": completed * service.layout.num_views / elapsed,
+        "mean_batch": completed / batches if batches else 0.0,
+        "drops": drops,
+        "latency": percentiles(recorder.latencies),
+        "provenance": recorder.provenance,
+    }
 
 
-def run_latency(checkpoint: Path, onnx: Path, gpu: int, seconds: float, **config: object
-                ) -> dict[str, object]:
+def run_latency(
+    checkpoint: Path, onnx: Path, gpu: int, seconds: float, **config: object
+) -> dict[str, object]:
     """The real edge node, 3 sim cameras at 30 FPS with camera 1 failing, into the receiver."""
     recorder = LatencyRecorder()
     service = receiver(checkpoint, gpu, recorder, **config)
     scene = f"fps={FPS}&episode_frames=100000"
     cams = f"sim://0?{scene},/nonexistent/camera1.mp4,sim://2?{scene}"
     edge = subprocess.Popen(
-        [sys.executable, "-c", RUN_EDGE, "--cams", cams, "--connect", service.endpoints[0],
-         "--model", str(onnx), "--backend", "onnxruntime", "--threads", "1",
-         "--fps", str(FPS), "--node-id", "bench-edge", "--status-every", "5"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            RUN_EDGE,
+            "--cams",
+            cams,
+            "--connect",
+            service.endpoints[0],
+            "--model",
+            str(onnx),
+            "--backend",
+            "onnxruntime",
+            "--threads",
+            "1",
+            "--fps",
+            str(FPS),
+            "--node-id",
+            "bench-edge",
+            "--status-every",
+            "5",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while service.metrics.completed.value() == 0:
@@ -250,8 +305,12 @@ def run_latency(checkpoint: Path, onnx: Path, gpu: int, seconds: float, **config
         edge.terminate()
         edge.wait(timeout=20)
         service.close()
-    return {"edge": "mvld-edge, cams sim://0, missing file (fails), sim://2; onnxruntime, "
-                    "1 thread", "fps": FPS, "config": config, **result}
+    return {
+        "edge": "mvld-edge, cams sim://0, missing file (fails), sim://2; onnxruntime, 1 thread",
+        "fps": FPS,
+        "config": config,
+        **result,
+    }
 
 
 def flood_frame_sets(checkpoint: Path, count: int = 32) -> list[tuple[np.ndarray, str]]:
@@ -281,26 +340,44 @@ def flood(endpoint: str, checkpoint: Path, nodes: int, node_rate: float, seconds
         for node, publisher in enumerate(publishers):
             latents, fingerprint = pool[(seq + node) % len(pool)]
             now = time.time()
-            views = (ViewRecord("cam0", ViewStatus.OK, ReasonCode.NONE, now, latents[0]),
-                     ViewRecord("cam1", ViewStatus.FAILED, ReasonCode.DISCONNECTED, None),
-                     ViewRecord("cam2", ViewStatus.OK, ReasonCode.NONE, now, latents[2]))
-            publisher.send(encode_frameset(FrameSetMessage(f"flood-{node}", seq, now,
-                                                           fingerprint, views)))
+            views = (
+                ViewRecord("cam0", ViewStatus.OK, ReasonCode.NONE, now, latents[0]),
+                ViewRecord("cam1", ViewStatus.FAILED, ReasonCode.DISCONNECTED, None),
+                ViewRecord("cam2", ViewStatus.OK, ReasonCode.NONE, now, latents[2]),
+            )
+            publisher.send(
+                encode_frameset(FrameSetMessage(f"flood-{node}", seq, now, fingerprint, views))
+            )
         seq += 1
         time.sleep(max(0.0, start + seq * period - time.monotonic()))
     for publisher in publishers:
         publisher.close()
 
 
-def run_saturation(checkpoint: Path, gpu: int, seconds: float, nodes: int, node_rate: float,
-                   **config: object) -> dict[str, object]:
+def run_saturation(
+    checkpoint: Path, gpu: int, seconds: float, nodes: int, node_rate: float, **config: object
+) -> dict[str, object]:
     """Offer more frame sets than the receiver can impute; measure what it completes."""
     recorder = LatencyRecorder()
     service = receiver(checkpoint, gpu, recorder, **config)
     child = subprocess.Popen(
-        [sys.executable, __file__, "--flood", service.endpoints[0], "--model", str(checkpoint),
-         "--nodes", str(nodes), "--node-rate", str(node_rate), "--seconds",
-         str(seconds + 15)], stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            __file__,
+            "--flood",
+            service.endpoints[0],
+            "--model",
+            str(checkpoint),
+            "--nodes",
+            str(nodes),
+            "--node-rate",
+            str(node_rate),
+            "--seconds",
+            str(seconds + 15),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while service.metrics.completed.value() == 0:
@@ -312,8 +389,12 @@ def run_saturation(checkpoint: Path, gpu: int, seconds: float, nodes: int, node_
         child.terminate()
         child.wait(timeout=20)
         service.close()
-    return {"nodes": nodes, "offered_framesets_per_s": nodes * node_rate, "config": config,
-            **result}
+    return {
+        "nodes": nodes,
+        "offered_framesets_per_s": nodes * node_rate,
+        "config": config,
+        **result,
+    }
 
 
 def add_flops(run: dict, flops_per_frameset: float, peak_gflops: float) -> None:
@@ -326,30 +407,39 @@ RUNS = ("latency_defaults", "latency_tuned", "saturation_defaults", "saturation_
 
 
 def print_table(report: dict) -> None:
-    print(f"device: {report['device']}, {report['torch_threads']} torch thread(s), load "
-          f"{report['load_average_1m_at_end']:.1f}; model: {report['model']}; sampler "
-          f"{report['sampler']} {report['steps']} steps ({report['nfe']} NFE); "
-          f"{report['gflop_per_frameset']:.2f} GFLOP per frame set; torch.mm fp32 peak "
-          f"{report['mm_peak_fp32_gflops']:.1f} GFLOP/s")
-    print(f"{'run':<21}{'frame sets/s':>13}{'batch':>7}{'p50 ms':>8}{'p99 ms':>9}"
-          f"{'GFLOP/s':>9}{'of peak':>8}  drops")
+    print(
+        f"device: {report['device']}, {report['torch_threads']} torch thread(s), load "
+        f"{report['load_average_1m_at_end']:.1f}; model: {report['model']}; sampler "
+        f"{report['sampler']} {report['steps']} steps ({report['nfe']} NFE); "
+        f"{report['gflop_per_frameset']:.2f} GFLOP per frame set; torch.mm fp32 peak "
+        f"{report['mm_peak_fp32_gflops']:.1f} GFLOP/s"
+    )
+    print(
+        f"{'run':<21}{'frame sets/s':>13}{'batch':>7}{'p50 ms':>8}{'p99 ms':>9}"
+        f"{'GFLOP/s':>9}{'of peak':>8}  drops"
+    )
     for name in RUNS:
         run = report[name]
         latency = run["latency"]
-        print(f"{name:<21}{run['framesets_per_s']:>13.1f}{run['mean_batch']:>7.1f}"
-              f"{latency.get('p50_ms', 0):>8.0f}{latency.get('p99_ms', 0):>9.0f}"
-              f"{run['gflops']:>9.1f}{run['fraction_of_mm_peak']:>8.0%}  "
-              f"{run['drops'] or 'none'}")
+        print(
+            f"{name:<21}{run['framesets_per_s']:>13.1f}{run['mean_batch']:>7.1f}"
+            f"{latency.get('p50_ms', 0):>8.0f}{latency.get('p99_ms', 0):>9.0f}"
+            f"{run['gflops']:>9.1f}{run['fraction_of_mm_peak']:>8.0%}  "
+            f"{run['drops'] or 'none'}"
+        )
     kernels = report["kernels"]
-    print(f"batch-{report['kernel_batch']} kernels on {kernels['device']} (auto = "
-          f"{kernels['auto']}):")
+    print(
+        f"batch-{report['kernel_batch']} kernels on {kernels['device']} (auto = {kernels['auto']}):"
+    )
     for name, row in kernels["precisions"].items():
         psnr_db = row["psnr_vs_stored_db"]
-        print(f"  {name:<10} batch {row['batch']:>3}: impute {row['impute_s']:7.2f} s"
-              f" ({row.get('impute_gflops', 0):5.1f} GFLOP/s, {row.get('impute_of_peak', 0):4.0%}"
-              f" of peak), decode {row['decode_s']:6.2f} s ({row.get('decode_gflops', 0):5.1f}"
-              f" GFLOP/s), {row['framesets_per_s']:5.1f} frame sets/s, PSNR vs stored "
-              f"{'-' if psnr_db is None else f'{psnr_db:.1f} dB'}")
+        print(
+            f"  {name:<10} batch {row['batch']:>3}: impute {row['impute_s']:7.2f} s"
+            f" ({row.get('impute_gflops', 0):5.1f} GFLOP/s, {row.get('impute_of_peak', 0):4.0%}"
+            f" of peak), decode {row['decode_s']:6.2f} s ({row.get('decode_gflops', 0):5.1f}"
+            f" GFLOP/s), {row['framesets_per_s']:5.1f} frame sets/s, PSNR vs stored "
+            f"{'-' if psnr_db is None else f'{psnr_db:.1f} dB'}"
+        )
 
 
 def main() -> int:
@@ -359,11 +449,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per run")
     parser.add_argument("--nodes", type=int, default=16, help="saturation: publishers")
     parser.add_argument("--node-rate", type=float, default=60.0, help="saturation: Hz each")
-    parser.add_argument("--tuned-budget-ms", type=float, default=1000.0,
-                        help="the tuned runs' --latency-budget-ms")
+    parser.add_argument(
+        "--tuned-budget-ms", type=float, default=1000.0, help="the tuned runs' --latency-budget-ms"
+    )
     parser.add_argument("--kernel-batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for every run (default: the receiver's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for every run (default: the receiver's choice)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/receiver.json"))
     parser.add_argument("--flood", metavar="ENDPOINT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -385,10 +480,12 @@ def main() -> int:
         runs = {
             "latency_defaults": run_latency(checkpoint, onnx, args.gpu, args.seconds, **common),
             "latency_tuned": run_latency(checkpoint, onnx, args.gpu, args.seconds, **tuned),
-            "saturation_defaults": run_saturation(checkpoint, args.gpu, args.seconds,
-                                                  args.nodes, args.node_rate, **common),
-            "saturation_tuned": run_saturation(checkpoint, args.gpu, args.seconds, args.nodes,
-                                               args.node_rate, **tuned),
+            "saturation_defaults": run_saturation(
+                checkpoint, args.gpu, args.seconds, args.nodes, args.node_rate, **common
+            ),
+            "saturation_tuned": run_saturation(
+                checkpoint, args.gpu, args.seconds, args.nodes, args.node_rate, **tuned
+            ),
         }
         kernels = run_kernels(checkpoint, args.gpu, args.kernel_batch, quality_batch=2)
     for run in runs.values():
@@ -396,17 +493,26 @@ def main() -> int:
     for row in kernels["precisions"].values():
         row["impute_gflops"] = row["batch"] * nfe * flops["score_eval"] / row["impute_s"] / 1e9
         row["impute_of_peak"] = row["impute_gflops"] / peak
-        row["decode_gflops"] = (row["batch"] * flops["views"] * flops["decode_view"]
-                                / row["decode_s"] / 1e9)
+        row["decode_gflops"] = (
+            row["batch"] * flops["views"] * flops["decode_view"] / row["decode_s"] / 1e9
+        )
     cuda = args.gpu >= 0 and torch.cuda.is_available()
     report = {
         "device": torch.cuda.get_device_name(args.gpu) if cuda else f"CPU ({cpu_name()})",
-        "torch_threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
-        "load_average_1m_at_end": os.getloadavg()[0], "model": model_source,
-        "sampler": ReceiverConfig.sampler, "steps": ReceiverConfig.steps, "nfe": nfe,
-        "flops": flops, "gflop_per_frameset": per_frameset / 1e9,
-        "mm_peak_fp32_gflops": peak, "kernel_batch": args.kernel_batch, **runs,
-        "kernels": kernels, "command": " ".join(sys.argv),
+        "torch_threads": torch.get_num_threads(),
+        "logical_cpus": os.cpu_count(),
+        "load_average_1m_at_end": os.getloadavg()[0],
+        "model": model_source,
+        "sampler": ReceiverConfig.sampler,
+        "steps": ReceiverConfig.steps,
+        "nfe": nfe,
+        "flops": flops,
+        "gflop_per_frameset": per_frameset / 1e9,
+        "mm_peak_fp32_gflops": peak,
+        "kernel_batch": args.kernel_batch,
+        **runs,
+        "kernels": kernels,
+        "command": " ".join(sys.argv),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

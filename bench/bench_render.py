@@ -30,8 +30,10 @@ from mvld.sim.rig import RenderJob, RigConfig, SimRig, render_dataset, ring_of_c
 
 def cpu_seconds() -> float:
     """CPU time of this process plus its finished child processes."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
-        resource.RUSAGE_CHILDREN)
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -73,8 +75,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/render.json", help="JSON results path")
     args = parser.parse_args()
 
-    rig = RigConfig(cameras=ring_of_cameras(args.cameras), image_size=(args.size, args.size),
-                    shadows=args.shadows)
+    rig = RigConfig(
+        cameras=ring_of_cameras(args.cameras),
+        image_size=(args.size, args.size),
+        shadows=args.shadows,
+    )
     load_before = os.getloadavg()[0]
     results = {"render only, 1 process": time_render_only(rig, args.frames)}
     with tempfile.TemporaryDirectory() as scratch:
@@ -89,15 +94,20 @@ def main() -> None:
         "shadows": args.shadows,
         "views_per_s": {name: round(wall, 1) for name, (wall, _) in results.items()},
         "views_per_cpu_s": {name: round(cpu, 1) for name, (_, cpu) in results.items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_avg_1min_before_after": [load_before, os.getloadavg()[0]]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_avg_1min_before_after": [load_before, os.getloadavg()[0]],
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{args.frames} frame sets x {args.cameras} cameras, {args.size}x{args.size}, shadows "
-          f"{'on' if args.shadows else 'off'}, load average {load_before:.1f} on "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"{args.frames} frame sets x {args.cameras} cameras, {args.size}x{args.size}, shadows "
+        f"{'on' if args.shadows else 'off'}, load average {load_before:.1f} on "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'measurement':28s} {'views/s':>9s} {'views/CPU-s':>12s}")
     for name, (wall, cpu) in results.items():
         print(f"{name:28s} {wall:9.0f} {cpu:12.0f}")

@@ -34,9 +34,11 @@ from mvld.receiver.sampler import get_sampler
 from mvld.train.frames import FrameArrays, evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.latents import encode_frame_arrays
 
-DEFAULT_RUNS = ("euler_maruyama:200,dpmpp_2m:20,dpmpp_2m:20:spacing=uniform,"
-                "dpmpp_2m:20:t_eps=0.01,heun:10,dpmpp_2m_sde:20,dpmpp_2m_sde:10,"
-                "dpmpp_2m_sde:20:eta=0.5")
+DEFAULT_RUNS = (
+    "euler_maruyama:200,dpmpp_2m:20,dpmpp_2m:20:spacing=uniform,"
+    "dpmpp_2m:20:t_eps=0.01,heun:10,dpmpp_2m_sde:20,dpmpp_2m_sde:10,"
+    "dpmpp_2m_sde:20:eta=0.5"
+)
 
 
 def parse_run(text: str) -> tuple[str, int, dict]:
@@ -56,11 +58,16 @@ def held_out_latents(model, data: str, frames: int, val_fraction: float) -> torc
     _, val = split_train_val(len(arrays.stems), val_fraction)
     val = val[arrays.present[val].all(1)]
     val = evenly_spaced(val, frames)
-    subset = FrameArrays(images=arrays.images[val], present=arrays.present[val],
-                         labels=arrays.labels[val], cameras=arrays.cameras,
-                         stems=[arrays.stems[i] for i in val])
-    return model.latent_stats.standardise(encode_frame_arrays(model.autoencoder, preprocess,
-                                                              subset))
+    subset = FrameArrays(
+        images=arrays.images[val],
+        present=arrays.present[val],
+        labels=arrays.labels[val],
+        cameras=arrays.cameras,
+        stems=[arrays.stems[i] for i in val],
+    )
+    return model.latent_stats.standardise(
+        encode_frame_arrays(model.autoencoder, preprocess, subset)
+    )
 
 
 def measure(eps_model, sde, z: torch.Tensor, run: str, seed: int) -> dict:
@@ -80,18 +87,34 @@ def measure(eps_model, sde, z: torch.Tensor, run: str, seed: int) -> dict:
             state = info["x"][~observed]
             steps_seen.append({"t": float(info["t"]), "mean_square": state.pow(2).mean().item()})
 
-        out = get_sampler(name)(eps_model, torch.where(observed[..., None], z, 0.0), observed,
-                                sde=sde, steps=steps, generator=torch.Generator().manual_seed(seed),
-                                callback=record, **options)
+        out = get_sampler(name)(
+            eps_model,
+            torch.where(observed[..., None], z, 0.0),
+            observed,
+            sde=sde,
+            steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            callback=record,
+            **options,
+        )
         missing = out.x[~observed]
         by_missing.setdefault(views - sum(pattern), []).append(
-            (((missing - z[~observed]) ** 2).mean().item(), missing.pow(2).mean().item()))
+            (((missing - z[~observed]) ** 2).mean().item(), missing.pow(2).mean().item())
+        )
         if pattern == hardest:
             trace = steps_seen
-    rows = {str(k): {"mse": sum(m for m, _ in v) / len(v),
-                     "mean_square": sum(s for _, s in v) / len(v)} for k, v in by_missing.items()}
-    return {"run": run, "nfe": out.nfe, "seconds": time.perf_counter() - start,
-            "by_missing": rows, "trace_pattern": list(hardest), "trace": trace}
+    rows = {
+        str(k): {"mse": sum(m for m, _ in v) / len(v), "mean_square": sum(s for _, s in v) / len(v)}
+        for k, v in by_missing.items()
+    }
+    return {
+        "run": run,
+        "nfe": out.nfe,
+        "seconds": time.perf_counter() - start,
+        "by_missing": rows,
+        "trace_pattern": list(hardest),
+        "trace": trace,
+    }
 
 
 def print_tables(result: dict) -> None:
@@ -99,8 +122,10 @@ def print_tables(result: dict) -> None:
     header = " | ".join(f"{k} missing: mse / mean sq" for k in counts)
     print(f"\n{'run':38s} {'NFE':>5s} | {header}")
     for row in result["runs"]:
-        cells = " | ".join(f"{row['by_missing'][k]['mse']:9.3f} / "
-                           f"{row['by_missing'][k]['mean_square']:5.2f}" for k in counts)
+        cells = " | ".join(
+            f"{row['by_missing'][k]['mse']:9.3f} / {row['by_missing'][k]['mean_square']:5.2f}"
+            for k in counts
+        )
         print(f"{row['run']:38s} {row['nfe']:5d} | {cells}")
     print("\nmean square of the missing views along the trajectory (hardest pattern)")
     for row in result["runs"]:
@@ -113,8 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="dataset folder (held-out tail is used)")
     parser.add_argument("--model", default=None, help="MVLD checkpoint (default: packaged)")
-    parser.add_argument("--runs", default=DEFAULT_RUNS,
-                        help="name:steps[:key=value], comma-separated")
+    parser.add_argument(
+        "--runs", default=DEFAULT_RUNS, help="name:steps[:key=value], comma-separated"
+    )
     parser.add_argument("--frames", type=int, default=200, help="held-out frame sets")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
@@ -125,11 +151,16 @@ def main() -> None:
     model = load_mvld_model(args.model)
     z = held_out_latents(model, args.data, args.frames, args.val_fraction)
     eps_model = ScoreNetEps(model.score_net)
-    result = {"command": " ".join(sys.argv), "cpu": cpu_name(), "torch": torch.__version__,
-              "threads": args.threads, "model": args.model or "packaged default",
-              "data": args.data, "frame_sets": len(z),
-              "runs": [measure(eps_model, model.sde, z, run, args.seed)
-                       for run in args.runs.split(",")]}
+    result = {
+        "command": " ".join(sys.argv),
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "model": args.model or "packaged default",
+        "data": args.data,
+        "frame_sets": len(z),
+        "runs": [measure(eps_model, model.sde, z, run, args.seed) for run in args.runs.split(",")],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print_tables(result)

@@ -28,12 +28,22 @@ from mvld.receiver.imputation import Imputer
 from mvld.train.image_quality import psnr
 from mvld.train.latents import encode_complete_frame_sets
 
-SWEEP = {"dpmpp_2m_sde": (3, 4, 5, 6, 8, 10, 20), "dpmpp_2m": (3, 4, 5, 6, 8, 10, 20),
-         "heun": (2, 3, 4, 5, 6, 10), "euler_maruyama": (10, 50, 200)}
+SWEEP = {
+    "dpmpp_2m_sde": (3, 4, 5, 6, 8, 10, 20),
+    "dpmpp_2m": (3, 4, 5, 6, 8, 10, 20),
+    "heun": (2, 3, 4, 5, 6, 10),
+    "euler_maruyama": (10, 50, 200),
+}
 
 
-def imputed_psnr(model, decode: LatentDecoder, latents: torch.Tensor, images: np.ndarray,
-                 sampler: str, steps: int) -> float:
+def imputed_psnr(
+    model,
+    decode: LatentDecoder,
+    latents: torch.Tensor,
+    images: np.ndarray,
+    sampler: str,
+    steps: int,
+) -> float:
     """Mean PSNR (dB) of the decoded imputed view, one view missing, every camera in turn."""
     imputer = Imputer.from_model(model, sampler=sampler, steps=steps)
     scores = []
@@ -51,10 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="held-out dataset folder")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--frames", type=int, default=32, help="frame sets, evenly spaced")
-    parser.add_argument("--reference-steps", type=int, default=1000,
-                        help="Euler-Maruyama steps of the reference")
-    parser.add_argument("--tolerance", type=float, default=0.5,
-                        help="dB below the sampler's best that still counts as not collapsed")
+    parser.add_argument(
+        "--reference-steps", type=int, default=1000, help="Euler-Maruyama steps of the reference"
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.5,
+        help="dB below the sampler's best that still counts as not collapsed",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/sampler_floor.json"))
     args = parser.parse_args(argv)
@@ -70,27 +85,41 @@ def main(argv: list[str] | None = None) -> int:
             value = imputed_psnr(model, decode, latents, images, sampler, steps)
             rows.append({"sampler": sampler, "steps": steps, "psnr_db": round(value, 3)})
             print(f"{sampler:<15} {steps:>5} steps  {value:6.2f} dB", flush=True)
-    reference = next(r["psnr_db"] for r in rows if r["sampler"] == "euler_maruyama"
-                     and r["steps"] == args.reference_steps)
+    reference = next(
+        r["psnr_db"]
+        for r in rows
+        if r["sampler"] == "euler_maruyama" and r["steps"] == args.reference_steps
+    )
     floors = {}
     for sampler in SWEEP:
         mine = [r for r in rows if r["sampler"] == sampler]
         best = mine[-1]["psnr_db"]
         floors[sampler] = min(r["steps"] for r in mine if r["psnr_db"] >= best - args.tolerance)
-    report = {"benchmark": "bench/bench_sampler_floor.py", "model": str(args.model),
-              "data": args.data, "frame_sets": len(latents), "hardware": cpu_name(),
-              "threads": args.threads, "tolerance_db": args.tolerance,
-              "reference": {"sampler": "euler_maruyama", "steps": args.reference_steps,
-                            "psnr_db": reference},
-              "floors": floors, "rows": rows,
-              "seconds": round(time.perf_counter() - start, 1)}
+    report = {
+        "benchmark": "bench/bench_sampler_floor.py",
+        "model": str(args.model),
+        "data": args.data,
+        "frame_sets": len(latents),
+        "hardware": cpu_name(),
+        "threads": args.threads,
+        "tolerance_db": args.tolerance,
+        "reference": {
+            "sampler": "euler_maruyama",
+            "steps": args.reference_steps,
+            "psnr_db": reference,
+        },
+        "floors": floors,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{'sampler':<15} {'floor (steps)':>13}")
     for sampler, floor in floors.items():
         print(f"{sampler:<15} {floor:>13}")
-    print(f"reference euler_maruyama:{args.reference_steps} {reference:.2f} dB; "
-          f"written to {args.out}")
+    print(
+        f"reference euler_maruyama:{args.reference_steps} {reference:.2f} dB; written to {args.out}"
+    )
     return 0
 
 

@@ -47,15 +47,30 @@ from mvld.train.config import ScoreTrainConfig
 SDE = VPSDE()
 LATENT_DIM = AutoencoderConfig().latent_dim
 ACCURACY_RUNS = [  # (sampler, steps, options)
-    ("euler_maruyama", 1000, {}), ("euler_maruyama", 250, {}), ("euler_maruyama", 100, {}),
-    ("heun", 5, {}), ("heun", 10, {}), ("heun", 20, {}), ("heun", 10, {"spacing": "uniform"}),
-    ("dpmpp_2m", 10, {}), ("dpmpp_2m", 20, {}), ("dpmpp_2m", 20, {"spacing": "karras"}),
-    ("dpmpp_2m_sde", 10, {}), ("dpmpp_2m_sde", 20, {}), ("dpmpp_2m_sde", 20, {"eta": 0.5}),
-    ("adaptive", 500, {"eps_rel": 0.05}), ("adaptive", 500, {"eps_rel": 0.02}),
+    ("euler_maruyama", 1000, {}),
+    ("euler_maruyama", 250, {}),
+    ("euler_maruyama", 100, {}),
+    ("heun", 5, {}),
+    ("heun", 10, {}),
+    ("heun", 20, {}),
+    ("heun", 10, {"spacing": "uniform"}),
+    ("dpmpp_2m", 10, {}),
+    ("dpmpp_2m", 20, {}),
+    ("dpmpp_2m", 20, {"spacing": "karras"}),
+    ("dpmpp_2m_sde", 10, {}),
+    ("dpmpp_2m_sde", 20, {}),
+    ("dpmpp_2m_sde", 20, {"eta": 0.5}),
+    ("adaptive", 500, {"eps_rel": 0.05}),
+    ("adaptive", 500, {"eps_rel": 0.02}),
     ("adaptive", 500, {"eps_rel": 0.01, "eps_abs": 0.002}),
 ]
-SPEED_RUNS = [("euler_maruyama", 1000, {}), ("heun", 10, {}), ("dpmpp_2m", 20, {}),
-              ("dpmpp_2m_sde", 20, {}), ("adaptive", 500, {})]
+SPEED_RUNS = [
+    ("euler_maruyama", 1000, {}),
+    ("heun", 10, {}),
+    ("dpmpp_2m", 20, {}),
+    ("dpmpp_2m_sde", 20, {}),
+    ("adaptive", 500, {}),
+]
 
 
 def label(name: str, steps: int, options: dict) -> str:
@@ -72,55 +87,102 @@ def accuracy(samples: int) -> list[dict]:
             mask = torch.tensor(pattern)
             observed, x_obs = mask.expand(samples, -1), CLEAN.expand(samples, -1, -1)
             start = time.perf_counter()
-            out = get_sampler(name)(model, x_obs, observed, sde=SDE, steps=steps,
-                                    generator=torch.Generator().manual_seed(0), **options)
+            out = get_sampler(name)(
+                model,
+                x_obs,
+                observed,
+                sde=SDE,
+                steps=steps,
+                generator=torch.Generator().manual_seed(0),
+                **options,
+            )
             seconds = time.perf_counter() - start
             target = model.conditional(mask, CLEAN.reshape(1, -1)[:, model.dims_of(mask)])
             missing = out.x.reshape(samples, -1)[:, model.dims_of(~mask)]
-            mean_error, cov_error = moment_errors(missing, GaussianMoments(target.mean[0],
-                                                                           target.cov))
-            rows.append({"run": label(name, steps, options), "sampler": name, "steps": steps,
-                         "options": options, "pattern": pattern_name, "nfe": out.nfe,
-                         "mean_error": mean_error, "cov_error": cov_error, "seconds": seconds})
+            mean_error, cov_error = moment_errors(
+                missing, GaussianMoments(target.mean[0], target.cov)
+            )
+            rows.append(
+                {
+                    "run": label(name, steps, options),
+                    "sampler": name,
+                    "steps": steps,
+                    "options": options,
+                    "pattern": pattern_name,
+                    "nfe": out.nfe,
+                    "mean_error": mean_error,
+                    "cov_error": cov_error,
+                    "seconds": seconds,
+                }
+            )
     return rows
 
 
 def project_score_net() -> ScoreNet:
     """A randomly initialised ScoreNet of the project's default size."""
     torch.manual_seed(0)
-    net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=AutoencoderConfig().latent_dim,
-                                  widths=ScoreTrainConfig().widths))
+    net = ScoreNet(
+        ScoreNetConfig(
+            num_views=3, latent_dim=AutoencoderConfig().latent_dim, widths=ScoreTrainConfig().widths
+        )
+    )
     torch.nn.init.normal_(net.output.weight, std=0.02)
     return net.eval()
 
 
-def time_sampler(eps_model, dim: int, batch: int, name: str, steps: int, options: dict,
-                 repeats: int) -> dict:
+def time_sampler(
+    eps_model, dim: int, batch: int, name: str, steps: int, options: dict, repeats: int
+) -> dict:
     """Best-of-``repeats`` ms per frame set (1 of 3 views missing) and the NFE."""
     observed = torch.tensor([True, True, False]).expand(batch, -1)
     x_obs = torch.randn(batch, 3, dim, generator=torch.Generator().manual_seed(1))
     best, nfe = float("inf"), 0
     for _ in range(repeats):
         start = time.perf_counter()
-        out = get_sampler(name)(eps_model, x_obs, observed, sde=SDE, steps=steps,
-                                generator=torch.Generator().manual_seed(0), **options)
+        out = get_sampler(name)(
+            eps_model,
+            x_obs,
+            observed,
+            sde=SDE,
+            steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            **options,
+        )
         best, nfe = min(best, time.perf_counter() - start), out.nfe
-    return {"ms_per_frame_set": 1000 * best / batch, "nfe": nfe,
-            "ms_per_eval_per_frame_set": 1000 * best / batch / nfe}
+    return {
+        "ms_per_frame_set": 1000 * best / batch,
+        "nfe": nfe,
+        "ms_per_eval_per_frame_set": 1000 * best / batch / nfe,
+    }
 
 
 def speed(repeats: int) -> list[dict]:
     """Timings with the exact Gaussian eps and with the project-size ScoreNet."""
-    models = {"gaussian_exact": (GaussianEps(*gaussian_problem(), SDE), 2),
-              f"score_net_3x{LATENT_DIM}": (ScoreNetEps(project_score_net()), LATENT_DIM)}
+    models = {
+        "gaussian_exact": (GaussianEps(*gaussian_problem(), SDE), 2),
+        f"score_net_3x{LATENT_DIM}": (ScoreNetEps(project_score_net()), LATENT_DIM),
+    }
     rows = []
     for model_name, (eps_model, dim) in models.items():
         for name, steps, options in SPEED_RUNS:
             for batch in (1, 64):
-                timing = time_sampler(eps_model, dim, batch, name, steps, options,
-                                      1 if name == "euler_maruyama" else repeats)
-                rows.append({"model": model_name, "run": label(name, steps, options),
-                             "batch": batch, **timing})
+                timing = time_sampler(
+                    eps_model,
+                    dim,
+                    batch,
+                    name,
+                    steps,
+                    options,
+                    1 if name == "euler_maruyama" else repeats,
+                )
+                rows.append(
+                    {
+                        "model": model_name,
+                        "run": label(name, steps, options),
+                        "batch": batch,
+                        **timing,
+                    }
+                )
     return rows
 
 
@@ -128,13 +190,17 @@ def print_tables(result: dict) -> None:
     print("\naccuracy (exact Gaussian eps; whitened errors mean / cov; 0 = exact)")
     print(f"{'run':40s} {'pattern':8s} {'NFE':>5s} {'mean err':>9s} {'cov err':>9s}")
     for row in result["accuracy"]:
-        print(f"{row['run']:40s} {row['pattern']:8s} {row['nfe']:5d} "
-              f"{row['mean_error']:9.3f} {row['cov_error']:9.3f}")
+        print(
+            f"{row['run']:40s} {row['pattern']:8s} {row['nfe']:5d} "
+            f"{row['mean_error']:9.3f} {row['cov_error']:9.3f}"
+        )
     print(f"\nspeed ({result['threads']} CPU thread(s), 1 of 3 views missing)")
     print(f"{'model':16s} {'run':28s} {'batch':>5s} {'NFE':>5s} {'ms/frame set':>13s}")
     for row in result["speed"]:
-        print(f"{row['model']:16s} {row['run']:28s} {row['batch']:5d} {row['nfe']:5d} "
-              f"{row['ms_per_frame_set']:13.3f}")
+        print(
+            f"{row['model']:16s} {row['run']:28s} {row['batch']:5d} {row['nfe']:5d} "
+            f"{row['ms_per_frame_set']:13.3f}"
+        )
 
 
 def main() -> None:
@@ -145,9 +211,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/samplers.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "threads": args.threads, "samples": args.samples,
-              "accuracy": accuracy(args.samples), "speed": speed(args.repeats)}
+    result = {
+        "command": " ".join(sys.argv),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "samples": args.samples,
+        "accuracy": accuracy(args.samples),
+        "speed": speed(args.repeats),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print_tables(result)

@@ -41,12 +41,23 @@ def _time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - began) / steps
 
 
-def bench_autoencoder(device: torch.device, batch: int, image_size: int, warmup: int,
-                      steps: int, precision: str, ssim_weight: float) -> dict:
+def bench_autoencoder(
+    device: torch.device,
+    batch: int,
+    image_size: int,
+    warmup: int,
+    steps: int,
+    precision: str,
+    ssim_weight: float,
+) -> dict:
     """One reconstruction step (L1 + ssim_weight (1 - SSIM)) of the default autoencoder."""
     defaults = AETrainConfig()
-    config = AutoencoderConfig(image_size=image_size, latent_dim=defaults.latent_dim,
-                               channels=defaults.channels, res_blocks=defaults.res_blocks)
+    config = AutoencoderConfig(
+        image_size=image_size,
+        latent_dim=defaults.latent_dim,
+        channels=defaults.channels,
+        res_blocks=defaults.res_blocks,
+    )
     model = Autoencoder(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
@@ -61,18 +72,37 @@ def bench_autoencoder(device: torch.device, batch: int, image_size: int, warmup:
         optimizer.step()
 
     seconds = _time_steps(step, warmup, steps, device)
-    return {"stage": "autoencoder", "params": sum(p.numel() for p in model.parameters()),
-            "batch": batch, "precision": precision, "ssim_weight": ssim_weight,
-            "ms_per_step": seconds * 1e3, "samples_per_s": batch / seconds,
-            "shape": f"{image_size}x{image_size}"}
+    return {
+        "stage": "autoencoder",
+        "params": sum(p.numel() for p in model.parameters()),
+        "batch": batch,
+        "precision": precision,
+        "ssim_weight": ssim_weight,
+        "ms_per_step": seconds * 1e3,
+        "samples_per_s": batch / seconds,
+        "shape": f"{image_size}x{image_size}",
+    }
 
 
-def bench_score(device: torch.device, batch: int, views: int, latent_dim: int, warmup: int,
-                steps: int, precision: str) -> dict:
+def bench_score(
+    device: torch.device,
+    batch: int,
+    views: int,
+    latent_dim: int,
+    warmup: int,
+    steps: int,
+    precision: str,
+) -> dict:
     """One multi-time masked step of the default score network."""
     defaults = ScoreTrainConfig()
-    net = ScoreNet(ScoreNetConfig(num_views=views, latent_dim=latent_dim,
-                                  widths=defaults.widths, time_dim=defaults.time_dim)).to(device)
+    net = ScoreNet(
+        ScoreNetConfig(
+            num_views=views,
+            latent_dim=latent_dim,
+            widths=defaults.widths,
+            time_dim=defaults.time_dim,
+        )
+    ).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=defaults.lr)
     sde, generator = VPSDE(), torch.Generator().manual_seed(0)
     z0 = torch.randn(batch, views, latent_dim, device=device)
@@ -88,9 +118,15 @@ def bench_score(device: torch.device, batch: int, views: int, latent_dim: int, w
         optimizer.step()
 
     seconds = _time_steps(step, warmup, steps, device)
-    return {"stage": "score", "params": sum(p.numel() for p in net.parameters()),
-            "batch": batch, "precision": precision, "ms_per_step": seconds * 1e3,
-            "samples_per_s": batch / seconds, "shape": f"{views}x{latent_dim}"}
+    return {
+        "stage": "score",
+        "params": sum(p.numel() for p in net.parameters()),
+        "batch": batch,
+        "precision": precision,
+        "ms_per_step": seconds * 1e3,
+        "samples_per_s": batch / seconds,
+        "shape": f"{views}x{latent_dim}",
+    }
 
 
 def main() -> None:
@@ -103,10 +139,17 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=3)
     parser.add_argument("--ae-batch", type=int, default=AETrainConfig().batch_size)
     parser.add_argument("--score-batch", type=int, default=ScoreTrainConfig().batch_size)
-    parser.add_argument("--precision", default=",".join(PRECISIONS),
-                        help="comma-separated: fp32, bf16 (default: both)")
-    parser.add_argument("--ssim-weight", type=float, default=AETrainConfig().ssim_weight,
-                        help="the autoencoder loss's SSIM weight (0: L1 alone)")
+    parser.add_argument(
+        "--precision",
+        default=",".join(PRECISIONS),
+        help="comma-separated: fp32, bf16 (default: both)",
+    )
+    parser.add_argument(
+        "--ssim-weight",
+        type=float,
+        default=AETrainConfig().ssim_weight,
+        help="the autoencoder loss's SSIM weight (0: L1 alone)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -116,19 +159,41 @@ def main() -> None:
     results = []
     for precision in args.precision.split(","):
         results += [
-            bench_autoencoder(device, args.ae_batch, args.image_size, args.warmup, args.steps,
-                              precision, args.ssim_weight),
-            bench_score(device, args.score_batch, args.views, AETrainConfig().latent_dim,
-                        args.warmup, args.steps, precision),
+            bench_autoencoder(
+                device,
+                args.ae_batch,
+                args.image_size,
+                args.warmup,
+                args.steps,
+                precision,
+                args.ssim_weight,
+            ),
+            bench_score(
+                device,
+                args.score_batch,
+                args.views,
+                AETrainConfig().latent_dim,
+                args.warmup,
+                args.steps,
+                precision,
+            ),
         ]
-    print(f"{'stage':12s} {'params':>10s} {'input':>8s} {'batch':>6s} {'precision':>9s} "
-          f"{'ms/step':>9s} {'samples/s':>10s}")
+    print(
+        f"{'stage':12s} {'params':>10s} {'input':>8s} {'batch':>6s} {'precision':>9s} "
+        f"{'ms/step':>9s} {'samples/s':>10s}"
+    )
     for r in results:
-        print(f"{r['stage']:12s} {r['params']:10d} {r['shape']:>8s} {r['batch']:6d} "
-              f"{r['precision']:>9s} {r['ms_per_step']:9.1f} {r['samples_per_s']:10.1f}")
-    report = {"device": str(device), "threads": torch.get_num_threads(),
-              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "results": results}
+        print(
+            f"{r['stage']:12s} {r['params']:10d} {r['shape']:>8s} {r['batch']:6d} "
+            f"{r['precision']:>9s} {r['ms_per_step']:9.1f} {r['samples_per_s']:10.1f}"
+        )
+    report = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "results": results,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

@@ -58,26 +58,63 @@ class Bench:
 
 
 BENCHES = (
-    Bench("render", "bench_render.py", "Simulated rig rendering speed",
-          quick=("--frames", "100", "--workers", "1")),
-    Bench("health", "bench_health.py", "Camera health monitor: recall, delay, false alarms",
-          quick=("--quick",)),
-    Bench("backends", "bench_backends.py", "Encoder, decoder, score network: ONNX Runtime vs "
-          "torch", quick=("--seconds", "0.1", "--exporter", "torchscript")),
-    Bench("samplers", "bench_samplers.py", "Imputation samplers: accuracy and speed",
-          quick=("--samples", "500", "--repeats", "1")),
-    Bench("training", "bench_training.py", "Training throughput",
-          quick=("--steps", "3", "--warmup", "1"), out_flag="--json"),
-    Bench("edge", "bench_edge.py", "Edge node: 3 cameras at 30 FPS on one core",
-          quick=("--seconds", "5", "--backends", "onnxruntime")),
-    Bench("receiver", "bench_receiver.py", "Receiver: latency and saturation",
-          quick=("--seconds", "3")),
-    Bench("default_model", "bench_default_model.py", "The default model on held-out scenes",
-          needs_data=True, takes_latents=True),
-    Bench("sampler_drift", "bench_sampler_drift.py", "Samplers on the trained default model: "
-          "error and drift", quick=("--frames", "50", "--runs",
-                                    "dpmpp_2m_sde:20,dpmpp_2m:20,euler_maruyama:200"),
-          needs_data=True),
+    Bench(
+        "render",
+        "bench_render.py",
+        "Simulated rig rendering speed",
+        quick=("--frames", "100", "--workers", "1"),
+    ),
+    Bench(
+        "health",
+        "bench_health.py",
+        "Camera health monitor: recall, delay, false alarms",
+        quick=("--quick",),
+    ),
+    Bench(
+        "backends",
+        "bench_backends.py",
+        "Encoder, decoder, score network: ONNX Runtime vs torch",
+        quick=("--seconds", "0.1", "--exporter", "torchscript"),
+    ),
+    Bench(
+        "samplers",
+        "bench_samplers.py",
+        "Imputation samplers: accuracy and speed",
+        quick=("--samples", "500", "--repeats", "1"),
+    ),
+    Bench(
+        "training",
+        "bench_training.py",
+        "Training throughput",
+        quick=("--steps", "3", "--warmup", "1"),
+        out_flag="--json",
+    ),
+    Bench(
+        "edge",
+        "bench_edge.py",
+        "Edge node: 3 cameras at 30 FPS on one core",
+        quick=("--seconds", "5", "--backends", "onnxruntime"),
+    ),
+    Bench(
+        "receiver",
+        "bench_receiver.py",
+        "Receiver: latency and saturation",
+        quick=("--seconds", "3"),
+    ),
+    Bench(
+        "default_model",
+        "bench_default_model.py",
+        "The default model on held-out scenes",
+        needs_data=True,
+        takes_latents=True,
+    ),
+    Bench(
+        "sampler_drift",
+        "bench_sampler_drift.py",
+        "Samplers on the trained default model: error and drift",
+        quick=("--frames", "50", "--runs", "dpmpp_2m_sde:20,dpmpp_2m:20,euler_maruyama:200"),
+        needs_data=True,
+    ),
 )
 
 
@@ -93,19 +130,34 @@ def hardware() -> dict[str, Any]:
     if meminfo.exists():
         total = re.search(r"MemTotal:\s*(\d+)", meminfo.read_text())
         memory = f"{int(total.group(1)) / 2**20:.1f} GiB" if total else ""
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)), "memory": memory, "gpu": gpu,
-            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-            "platform": platform.platform(), "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "memory": memory,
+        "gpu": gpu,
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def git_commit() -> str:
     """The checked-out commit (and ``+dirty`` when files differ), or ``unknown``."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
@@ -120,8 +172,16 @@ def command_for(bench: Bench, quick: bool, out: Path, data: Path | None) -> list
         args = ["--data", str(shown), *args]
         if bench.takes_latents and resolved == TRAINING_DATA and TRAINING_LATENTS.is_file():
             args += ["--latents", str(TRAINING_LATENTS.relative_to(ROOT))]
-    return ["nice", "-n", "10", "python", f"bench/{bench.script}", *args, bench.out_flag,
-            str(out.relative_to(ROOT))]
+    return [
+        "nice",
+        "-n",
+        "10",
+        "python",
+        f"bench/{bench.script}",
+        *args,
+        bench.out_flag,
+        str(out.relative_to(ROOT)),
+    ]
 
 
 def skip_reason(bench: Bench, data: Path | None) -> str | None:
@@ -129,20 +189,26 @@ def skip_reason(bench: Bench, data: Path | None) -> str | None:
     if not bench.needs_data:
         return None
     if data is None:
-        return (f"needs the model's labelled dataset: pass --data DIR (docs/MODEL.md renders "
-                f"it to {TRAINING_DATA.relative_to(ROOT)})")
+        return (
+            f"needs the model's labelled dataset: pass --data DIR (docs/MODEL.md renders "
+            f"it to {TRAINING_DATA.relative_to(ROOT)})"
+        )
     if not (DEFAULT_MODEL / "last.json").is_file():
         return f"the default model is not installed ({DEFAULT_MODEL})"
     return None
 
 
-def run_bench(bench: Bench, quick: bool, out_dir: Path, data: Path | None,
-              timeout_s: float) -> dict[str, Any]:
+def run_bench(
+    bench: Bench, quick: bool, out_dir: Path, data: Path | None, timeout_s: float
+) -> dict[str, Any]:
     """Run one benchmark; return its record (command, status, seconds, its JSON)."""
     out = out_dir / f"{bench.name}.json"
     command = command_for(bench, quick, out, data)
-    record: dict[str, Any] = {"title": bench.title, "command": " ".join(command),
-                              "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
+    record: dict[str, Any] = {
+        "title": bench.title,
+        "command": " ".join(command),
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+    }
     reason = skip_reason(bench, data)
     if reason:
         return record | {"status": "skipped", "reason": reason}
@@ -150,12 +216,16 @@ def run_bench(bench: Bench, quick: bool, out_dir: Path, data: Path | None,
     executable = [sys.executable if part == "python" else part for part in command]
     start = time.monotonic()
     try:
-        done = subprocess.run(executable, cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout_s)
+        done = subprocess.run(
+            executable, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
         return record | {"status": "timeout", "seconds": round(time.monotonic() - start, 1)}
-    record |= {"seconds": round(time.monotonic() - start, 1), "exit_status": done.returncode,
-               "output_tail": (done.stdout + done.stderr)[-3000:]}
+    record |= {
+        "seconds": round(time.monotonic() - start, 1),
+        "exit_status": done.returncode,
+        "output_tail": (done.stdout + done.stderr)[-3000:],
+    }
     if done.returncode != 0 or not out.is_file():
         return record | {"status": "failed"}
     return record | {"status": "ok", "results": json.loads(out.read_text())}
@@ -175,8 +245,10 @@ def _cell(value: Any) -> str:
 
 def _is_scalar(value: Any) -> bool:
     return not isinstance(value, (dict, list)) or (
-        isinstance(value, list) and len(value) <= 4
-        and all(not isinstance(v, (dict, list)) for v in value))
+        isinstance(value, list)
+        and len(value) <= 4
+        and all(not isinstance(v, (dict, list)) for v in value)
+    )
 
 
 def _table(rows: list[dict[str, Any]], first: str | None = None) -> list[str]:
@@ -206,8 +278,10 @@ def _flatten(value: Any, prefix: str, depth: int) -> dict[str, Any]:
 
 def _records_table(name: str, records: dict[str, Any]) -> list[str]:
     """A map of records (e.g. one per fault) as rows; skipped when the records nest deeper."""
-    if any(isinstance(v, dict) and all(isinstance(x, dict) for x in v.values())
-           for v in records.values()):
+    if any(
+        isinstance(v, dict) and all(isinstance(x, dict) for x in v.values())
+        for v in records.values()
+    ):
         return ["", f"**{name}**: nested deeper than a table, see the JSON."]
     rows = [{"": key, **_flatten(inner, "", 1)} for key, inner in records.items()]
     return ["", f"**{name}**", "", *_table(rows, first="")]
@@ -230,17 +304,27 @@ def tables(results: dict[str, Any]) -> list[str]:
             lines += _records_table(key, value)
         elif isinstance(value, dict):
             flat = _flatten(value, "", 3)
-            lines += ["", f"**{key}**", "", "| measure | value |", "|---|---|",
-                      *[f"| {name} | {_cell(v)} |" for name, v in flat.items()]]
+            lines += [
+                "",
+                f"**{key}**",
+                "",
+                "| measure | value |",
+                "|---|---|",
+                *[f"| {name} | {_cell(v)} |" for name, v in flat.items()],
+            ]
     return lines
 
 
 def bench_section(name: str, record: dict[str, Any]) -> str:
     """The RESULTS.md block of one benchmark."""
-    lines = [f"## {record['title']} (`bench/{name}`)", "",
-             f"Command: `{record['command']}`  ", f"Status: **{record['status']}**"
-             + (f" in {record['seconds']} s" if "seconds" in record else "")
-             + f"; load average at start {record['load_average_1min_at_start']}."]
+    lines = [
+        f"## {record['title']} (`bench/{name}`)",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Status: **{record['status']}**"
+        + (f" in {record['seconds']} s" if "seconds" in record else "")
+        + f"; load average at start {record['load_average_1min_at_start']}.",
+    ]
     if record["status"] == "skipped":
         lines.append(f"Skipped: {record['reason']}.")
     elif record["status"] != "ok":
@@ -253,20 +337,33 @@ def bench_section(name: str, record: dict[str, Any]) -> str:
 def header_section(report: dict[str, Any]) -> str:
     """The RESULTS.md header: when, which commit, which hardware, and the one command."""
     hw = report["hardware"]
-    return "\n".join([
-        "# Results", "",
-        f"Generated by `{report['command']}` on {report['started']} (commit "
-        f"{report['commit']}); all numbers also in `bench/results/all.json`"
-        + (" (quick mode: short runs, results in `bench/results/quick/`)" if report["quick"]
-           else "") + ".", "",
-        f"Hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs ({hw['usable_cpus']} usable), "
-        f"{hw['memory']} memory, GPU: {hw['gpu']}; load average (1, 5, 15 min) at start "
-        f"{hw['load_average_1_5_15']} ({hw['platform']}, Python {hw['python']}). This machine "
-        "is shared with other jobs: a busy machine makes every timing pessimistic.", "",
-        "| benchmark | status | seconds | command |", "|---|---|---|---|",
-        *[f"| {name} | {r['status']} | {r.get('seconds', '')} | `{r['command']}` |"
-          for name, r in report["benchmarks"].items()],
-    ])
+    return "\n".join(
+        [
+            "# Results",
+            "",
+            f"Generated by `{report['command']}` on {report['started']} (commit "
+            f"{report['commit']}); all numbers also in `bench/results/all.json`"
+            + (
+                " (quick mode: short runs, results in `bench/results/quick/`)"
+                if report["quick"]
+                else ""
+            )
+            + ".",
+            "",
+            f"Hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs "
+            f"({hw['usable_cpus']} usable), "
+            f"{hw['memory']} memory, GPU: {hw['gpu']}; load average (1, 5, 15 min) at start "
+            f"{hw['load_average_1_5_15']} ({hw['platform']}, Python {hw['python']}). This machine "
+            "is shared with other jobs: a busy machine makes every timing pessimistic.",
+            "",
+            "| benchmark | status | seconds | command |",
+            "|---|---|---|---|",
+            *[
+                f"| {name} | {r['status']} | {r.get('seconds', '')} | `{r['command']}` |"
+                for name, r in report["benchmarks"].items()
+            ],
+        ]
+    )
 
 
 def replace_block(text: str, key: str, body: str) -> str:
@@ -278,8 +375,9 @@ def replace_block(text: str, key: str, body: str) -> str:
     begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
     first, _, rest = body.strip("\n").partition("\n")
     block = f"{first} {begin}\n{rest}\n{end}"
-    pattern = re.compile(r"^[^\n]*" + re.escape(begin) + r".*?" + re.escape(end),
-                         re.DOTALL | re.MULTILINE)
+    pattern = re.compile(
+        r"^[^\n]*" + re.escape(begin) + r".*?" + re.escape(end), re.DOTALL | re.MULTILINE
+    )
     if pattern.search(text):
         return pattern.sub(lambda _: block, text, count=1)
     if key == "run_all:header":
@@ -301,15 +399,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (under 10 minutes)")
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
-    parser.add_argument("--data", type=Path,
-                        default=TRAINING_DATA if TRAINING_DATA.is_dir() else None,
-                        help="labelled dataset for bench_default_model (default: "
-                             f"{TRAINING_DATA.relative_to(ROOT)} when it exists)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds per benchmark (default 240 quick, 3600 full)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=TRAINING_DATA if TRAINING_DATA.is_dir() else None,
+        help="labelled dataset for bench_default_model (default: "
+        f"{TRAINING_DATA.relative_to(ROOT)} when it exists)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per benchmark (default 240 quick, 3600 full)",
+    )
     parser.add_argument("--no-markdown", action="store_true", help="do not touch RESULTS.md")
-    parser.add_argument("--markdown-only", action="store_true",
-                        help="only rewrite RESULTS.md from bench/results/all.json")
+    parser.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help="only rewrite RESULTS.md from bench/results/all.json",
+    )
     args = parser.parse_args(argv)
     summary = ROOT / "bench" / "results" / "all.json"
     if args.markdown_only:
@@ -318,19 +426,24 @@ def main(argv: list[str] | None = None) -> int:
     selected = [b for b in BENCHES if not args.only or b.name in args.only.split(",")]
     out_dir = ROOT / "bench" / "results" / ("quick" if args.quick else "")
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python bench/run_all.py" + (" " + " ".join(argv if argv is not None
-                                                         else sys.argv[1:])).rstrip()
+    command = (
+        "python bench/run_all.py"
+        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    )
     report: dict[str, Any] = {
-        "command": command.strip(), "quick": args.quick, "commit": git_commit(),
+        "command": command.strip(),
+        "quick": args.quick,
+        "commit": git_commit(),
         "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "hardware": hardware(), "benchmarks": {}}
+        "hardware": hardware(),
+        "benchmarks": {},
+    }
     timeout = args.timeout or (240.0 if args.quick else 3600.0)
     start = time.monotonic()
     for bench in selected:
         record = run_bench(bench, args.quick, out_dir, args.data, timeout)
         report["benchmarks"][bench.name] = record
-        print(f"run_all: {bench.name}: {record['status']} {record.get('seconds', '')}",
-              flush=True)
+        print(f"run_all: {bench.name}: {record['status']} {record.get('seconds', '')}", flush=True)
     report["total_seconds"] = round(time.monotonic() - start, 1)
     if args.only and summary.exists():  # a partial run updates the last full one
         previous = json.loads(summary.read_text())
@@ -340,10 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     summary.write_text(json.dumps(report, indent=1))
     if not args.no_markdown:
         write_results_md(report)
-    print(f"run_all: {len(selected)} benchmarks in {report['total_seconds']} s -> "
-          f"{summary.relative_to(ROOT)}, docs/RESULTS.md")
-    return 0 if all(r["status"] in ("ok", "skipped") for r in report["benchmarks"].values()) \
-        else 1
+    print(
+        f"run_all: {len(selected)} benchmarks in {report['total_seconds']} s -> "
+        f"{summary.relative_to(ROOT)}, docs/RESULTS.md"
+    )
+    return 0 if all(r["status"] in ("ok", "skipped") for r in report["benchmarks"].values()) else 1
 
 
 if __name__ == "__main__":

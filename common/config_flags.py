@@ -57,21 +57,30 @@ def option(help: str, **how: Any) -> dict[str, Option]:
 # alike. Functions, because a dataclass takes ownership of the field object it is given.
 def metrics_port_field() -> Any:
     """``metrics_port``: the Prometheus endpoint's port, off by default."""
-    return field(default=None, metadata=option(
-        "serve Prometheus metrics on this port", default_text="off", metavar="PORT"))
+    return field(
+        default=None,
+        metadata=option(
+            "serve Prometheus metrics on this port", default_text="off", metavar="PORT"
+        ),
+    )
 
 
 def metrics_host_field() -> Any:
     """``metrics_host``: where the metrics endpoint listens, this machine only by default."""
-    return field(default="127.0.0.1", metadata=option(
-        "address the metrics endpoint listens on (0.0.0.0: every interface)",
-        metavar="ADDRESS"))
+    return field(
+        default="127.0.0.1",
+        metadata=option(
+            "address the metrics endpoint listens on (0.0.0.0: every interface)", metavar="ADDRESS"
+        ),
+    )
 
 
 def status_every_field() -> Any:
     """``status_every_s``: the cadence of the one-line status log."""
-    return field(default=10.0, metadata=option(
-        "seconds between status lines", flag="--status-every", metavar="S"))
+    return field(
+        default=10.0,
+        metadata=option("seconds between status lines", flag="--status-every", metavar="S"),
+    )
 
 
 @dataclass(frozen=True)
@@ -166,11 +175,17 @@ class ConfigOptions:
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """Add ``--config``, ``--print-config`` and one flag per option (grouped by section)."""
-        parser.add_argument("--config", metavar="FILE.toml", type=Path,
-                            help="read options from a TOML file; flags given override it")
-        parser.add_argument("--print-config", action="store_true",
-                            help="print the effective options as TOML (a file --config reads) "
-                                 "and exit")
+        parser.add_argument(
+            "--config",
+            metavar="FILE.toml",
+            type=Path,
+            help="read options from a TOML file; flags given override it",
+        )
+        parser.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the effective options as TOML (a file --config reads) and exit",
+        )
         groups: dict[int, Any] = {}
         for item in self.fields:
             index = self.sections.index(item.section)
@@ -201,8 +216,13 @@ class ConfigOptions:
             group.add_argument(item.flag, action="append", metavar=metavar, **common)
         else:
             converter = {int: int, float: float}.get(item.kind, str)
-            group.add_argument(item.flag, type=converter, metavar=metavar,
-                               choices=list(choices) if choices else None, **common)
+            group.add_argument(
+                item.flag,
+                type=converter,
+                metavar=metavar,
+                choices=list(choices) if choices else None,
+                **common,
+            )
 
     # -- defaults < file < flags -------------------------------------------------------------
 
@@ -241,8 +261,9 @@ class ConfigOptions:
         try:
             document = tomllib.loads(path.read_text())
         except OSError as exc:
-            raise ConfigError(f"cannot read the config file {path}: "
-                              f"{exc.strerror or exc}") from None
+            raise ConfigError(
+                f"cannot read the config file {path}: {exc.strerror or exc}"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         tables = {s.table for s in self.sections if s.table is not None}
@@ -260,8 +281,9 @@ class ConfigOptions:
                     valid = sorted(f.name for f in self.fields if f.section.table == table)
                     if table is None:
                         valid += [f"[{t}]" for t in sorted(tables)]
-                    raise ConfigError(f"{path}: unknown option {name!r}{found_in}; valid: "
-                                      f"{', '.join(valid)}")
+                    raise ConfigError(
+                        f"{path}: unknown option {name!r}{found_in}; valid: {', '.join(valid)}"
+                    )
                 found.append((item, self._from_toml(path, item, item_value)))
         return found
 
@@ -285,8 +307,9 @@ class ConfigOptions:
         try:
             return tuple(item.kind(p) for p in parts if p)
         except ValueError:
-            raise ConfigError(f"{item.flag} expects {item.kind.__name__} values, got "
-                              f"{','.join(value)!r}") from None
+            raise ConfigError(
+                f"{item.flag} expects {item.kind.__name__} values, got {','.join(value)!r}"
+            ) from None
 
     # -- --print-config ----------------------------------------------------------------------
 
@@ -316,8 +339,13 @@ def _element(path: Path, item: _Field, value: Any) -> Any:
         return Path(value)
     wanted = str if kind is Path else kind
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, wanted):
-        name = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-                Path: "a path (a string)"}[kind]
+        name = {
+            str: "a string",
+            int: "an integer",
+            float: "a number",
+            bool: "true or false",
+            Path: "a path (a string)",
+        }[kind]
         raise ConfigError(f"{path}: {item.key} must be {name}, got {value!r}")
     return value
 
@@ -340,23 +368,38 @@ def _toml_value(value: Any) -> str:
 # (``mvld-train``, ``mvld-eval``) also take ``--device cpu|cuda|cuda:N``, of which ``--gpu N``
 # is a short form.
 
-def add_logging_flags(parser: argparse.ArgumentParser, json_lines: bool = True,
-                      default: str = "INFO", quiet_also: str = "") -> None:
+
+def add_logging_flags(
+    parser: argparse.ArgumentParser,
+    json_lines: bool = True,
+    default: str = "INFO",
+    quiet_also: str = "",
+) -> None:
     """``--log-level``, ``-v`` / ``--verbose``, ``-q`` / ``--quiet`` and ``--log-json``.
 
     ``quiet_also`` says what else ``-q`` silences on this command (e.g. a progress bar).
     """
     group = parser.add_argument_group("logging")
-    group.add_argument("--log-level", default=default, choices=LOG_LEVELS,
-                       help=f"least severe messages logged (default: {default})")
-    group.add_argument("-v", "--verbose", action="store_true",
-                       help="debug logging, the same as --log-level DEBUG")
-    group.add_argument("-q", "--quiet", action="store_true",
-                       help="errors only, the same as --log-level ERROR (wins over -v)"
-                            + (f"; also {quiet_also}" if quiet_also else ""))
+    group.add_argument(
+        "--log-level",
+        default=default,
+        choices=LOG_LEVELS,
+        help=f"least severe messages logged (default: {default})",
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, the same as --log-level DEBUG"
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="errors only, the same as --log-level ERROR (wins over -v)"
+        + (f"; also {quiet_also}" if quiet_also else ""),
+    )
     if json_lines:
-        group.add_argument("--log-json", action="store_true",
-                           help="log one JSON object per line (with fields)")
+        group.add_argument(
+            "--log-json", action="store_true", help="log one JSON object per line (with fields)"
+        )
 
 
 def log_level_of(args: argparse.Namespace) -> str:
@@ -376,16 +419,21 @@ def setup_logging_of(args: argparse.Namespace, text_format: str) -> None:
     from mvld.common.logs import JsonLogFormatter
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if getattr(args, "log_json", False)
-                         else logging.Formatter(text_format))
+    handler.setFormatter(
+        JsonLogFormatter() if getattr(args, "log_json", False) else logging.Formatter(text_format)
+    )
     logging.basicConfig(level=log_level_of(args), handlers=[handler], force=True)
 
 
 def add_gpu_flag(parser: argparse.ArgumentParser) -> None:
     """``--gpu N`` on a command whose ``--device`` takes a torch device (see :func:`device_of`)."""
-    parser.add_argument("--gpu", type=int, metavar="N", default=None,
-                        help="CUDA device N, the same as --device cuda:N; -1: --device cpu "
-                             "(default: --device)")
+    parser.add_argument(
+        "--gpu",
+        type=int,
+        metavar="N",
+        default=None,
+        help="CUDA device N, the same as --device cuda:N; -1: --device cpu (default: --device)",
+    )
 
 
 def device_of(gpu: int | None, device: str | None, default: str = "cpu") -> str:

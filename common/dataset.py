@@ -305,8 +305,11 @@ class FrameSetFolder:
             for stem, path in list(files.items()):
                 if sizes[path] != self.image_size:
                     h, w = sizes[path]
-                    self._bad(path, f"size mismatch: {h}x{w}, the dataset's images are "
-                              f"{self.image_size[0]}x{self.image_size[1]} (HxW)")
+                    self._bad(
+                        path,
+                        f"size mismatch: {h}x{w}, the dataset's images are "
+                        f"{self.image_size[0]}x{self.image_size[1]} (HxW)",
+                    )
                     del files[stem]
 
     def _index_camera_folder(
@@ -318,8 +321,9 @@ class FrameSetFolder:
                 continue
             if not entry.is_file() or entry.suffix.lower() not in IMAGE_SUFFIXES:
                 kind = "folder" if entry.is_dir() else "non-image file"
-                self._bad(entry, f"stray {kind} in a camera folder (images: "
-                          f"{', '.join(IMAGE_SUFFIXES)})")
+                self._bad(
+                    entry, f"stray {kind} in a camera folder (images: {', '.join(IMAGE_SUFFIXES)})"
+                )
                 continue
             if entry.stem in files:
                 self._bad(entry, f"duplicate stem {entry.stem!r} (also {files[entry.stem].name})")
@@ -355,8 +359,11 @@ class FrameSetFolder:
         for v, video in enumerate(self._videos):
             if video in sizes and sizes[video] != self.image_size:
                 h, w = sizes[video]
-                self._bad(video, f"size mismatch: {h}x{w}, the other videos are "
-                          f"{self.image_size[0]}x{self.image_size[1]} (HxW)")
+                self._bad(
+                    video,
+                    f"size mismatch: {h}x{w}, the other videos are "
+                    f"{self.image_size[0]}x{self.image_size[1]} (HxW)",
+                )
                 self._video_lengths[v] = 0
 
     def _probe_video(self, video: Path) -> tuple[int, tuple[int, int] | None]:
@@ -529,8 +536,9 @@ class FrameSetWriter:
         self._stems: set[str] = set()
         self._closed = False
 
-    def write(self, stem: str, views: Sequence[np.ndarray | None],
-              label: int | None = None) -> None:
+    def write(
+        self, stem: str, views: Sequence[np.ndarray | None], label: int | None = None
+    ) -> None:
         """Write one frame set; None views are left out (missing)."""
         if self._closed:
             raise DatasetError(f"{self.root}: writer is closed")
@@ -552,8 +560,12 @@ class FrameSetWriter:
             self.labels[stem] = int(label)
 
     def _check_view(self, stem: str, cam: str, view: np.ndarray) -> None:
-        if not isinstance(view, np.ndarray) or view.dtype != np.uint8 or view.ndim != 3 \
-                or view.shape[2] != 3:
+        if (
+            not isinstance(view, np.ndarray)
+            or view.dtype != np.uint8
+            or view.ndim != 3
+            or view.shape[2] != 3
+        ):
             shape = getattr(view, "shape", None)
             raise DatasetError(f"{cam}/{stem}: expected an HxWx3 uint8 RGB array, got {shape}")
         if self.image_size is None:
@@ -621,8 +633,10 @@ def read_scenes(root: str | Path, stems: list[str]) -> Scenes | None:
         per = int(rig["frames_per_episode"])
         index = np.array([int(stem) if stem.isdigit() else -1 for stem in stems])
         if (index < 0).any() or per < 1:
-            raise DatasetError(f"{root}: render.json describes episodes, but the stems are not "
-                               f"the frame numbers mvld-data render writes")
+            raise DatasetError(
+                f"{root}: render.json describes episodes, but the stems are not "
+                f"the frame numbers mvld-data render writes"
+            )
         return Scenes(float(rig["fps"]), index // per)
     return None
 
@@ -637,13 +651,16 @@ def _read_json(path: Path) -> object:
 
 
 def _declared_scenes(root: Path, sequence: object, stems: list[str]) -> Scenes:
-    where = f"{root / METADATA_FILE}: \"sequence\""
-    if not isinstance(sequence, dict) or not isinstance(sequence.get("fps"), int | float) \
-            or not sequence["fps"] > 0:
-        raise DatasetError(f"{where} must be an object with a positive \"fps\"")
+    where = f'{root / METADATA_FILE}: "sequence"'
+    if (
+        not isinstance(sequence, dict)
+        or not isinstance(sequence.get("fps"), int | float)
+        or not sequence["fps"] > 0
+    ):
+        raise DatasetError(f'{where} must be an object with a positive "fps"')
     starts = sequence.get("scene_starts", [])
     if not isinstance(starts, list) or not all(isinstance(s, str) for s in starts):
-        raise DatasetError(f"{where}: \"scene_starts\" must be a list of stems")
+        raise DatasetError(f'{where}: "scene_starts" must be a list of stems')
     row = {stem: i for i, stem in enumerate(stems)}
     unknown = [s for s in starts if s not in row]
     if unknown:
@@ -651,4 +668,3 @@ def _declared_scenes(root: Path, sequence: object, stems: list[str]) -> Scenes:
     cut = np.zeros(len(stems), dtype=np.int64)
     cut[[row[s] for s in starts if row[s] > 0]] = 1
     return Scenes(float(sequence["fps"]), np.cumsum(cut))
-

@@ -41,10 +41,16 @@ EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 # Top-level modules that only an extra of pyproject.toml brings in, and the extras that do.
 PROVIDED_BY = {
-    "torch": ("receiver", "train"), "safetensors": ("receiver", "train"),
-    "tqdm": ("receiver", "train"), "onnxruntime": ("edge",), "pybullet": ("sim",),
-    "onnx": ("export", "trt"), "onnxscript": ("export",), "matplotlib": ("eval",),
-    "PIL": ("eval",), "cuda": ("trt",),
+    "torch": ("receiver", "train"),
+    "safetensors": ("receiver", "train"),
+    "tqdm": ("receiver", "train"),
+    "onnxruntime": ("edge",),
+    "pybullet": ("sim",),
+    "onnx": ("export", "trt"),
+    "onnxscript": ("export",),
+    "matplotlib": ("eval",),
+    "PIL": ("eval",),
+    "cuda": ("trt",),
 }
 OPTIONAL_MODULES = frozenset(PROVIDED_BY)
 
@@ -74,8 +80,9 @@ def stop_exception(signum: int) -> BaseException:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-_IMPORT_MACHINERY = frozenset({"<frozen importlib._bootstrap>",
-                               "<frozen importlib._bootstrap_external>"})
+_IMPORT_MACHINERY = frozenset(
+    {"<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>"}
+)
 _RETRY_S = 0.02  # how often a stop held back by an import looks again
 
 
@@ -123,8 +130,9 @@ def stop_signals_raise() -> Iterator[None]:
         yield
         return
     handler = _RaiseWhenSafe()
-    previous = {signum: signal.signal(signum, handler.on_stop)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        signum: signal.signal(signum, handler.on_stop) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, handler.on_alarm)
     try:
         yield
@@ -202,8 +210,7 @@ def missing_extra(exc: ModuleNotFoundError, extras: str) -> str | None:
     wanted = [extra for extra in extras.split(",") if extra]
     if not set(PROVIDED_BY[module]) & set(wanted):
         wanted.append(PROVIDED_BY[module][0])
-    return (f"{module} is not installed; this command needs "
-            f"pip install \"mvld[{','.join(wanted)}]\"")
+    return f'{module} is not installed; this command needs pip install "mvld[{",".join(wanted)}]"'
 
 
 def output_folder(path: str | Path, what: str = "output folder") -> Path:
@@ -231,6 +238,7 @@ def command(prog: str, extras: str) -> Callable[[Main], Main]:
     ``extras`` is what the command needs installed, e.g. ``"train"`` or ``"edge,sim"``; the
     heavy imports must happen inside ``main`` (after parsing, so ``--help`` works without them).
     """
+
     def decorate(main: Main) -> Main:
         @functools.wraps(main)
         def guarded(argv: list[str] | None = None) -> int:
@@ -251,5 +259,7 @@ def command(prog: str, extras: str) -> Callable[[Main], Main]:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
                 return 0
+
         return guarded
+
     return decorate

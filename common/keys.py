@@ -127,8 +127,10 @@ def _z85_key(value: str, where: str, name: str, seen: dict[str, bytes]) -> bytes
     if name in seen:
         raise ConfigError(f"{where}: a second {name} line")
     if len(value) != _Z85_KEY_CHARS + 2 or value[0] != '"' or value[-1] != '"':
-        raise ConfigError(f"{where}: {name} must be {_Z85_KEY_CHARS} Z85 characters in double "
-                          f"quotes, got {value[:60]!r}")
+        raise ConfigError(
+            f"{where}: {name} must be {_Z85_KEY_CHARS} Z85 characters in double "
+            f"quotes, got {value[:60]!r}"
+        )
     text = value[1:-1]
     if not all(c in _Z85_ALPHABET for c in text):
         raise ConfigError(f"{where}: {name} holds characters outside the Z85 alphabet")

@@ -125,8 +125,9 @@ class Counter(_Metric):
     def samples(self) -> list[str]:
         with self._lock:
             items = sorted(self._values.items())
-        return [f"{self.name}{_label_text(self.label_names, k)} {_format_value(v)}"
-                for k, v in items]
+        return [
+            f"{self.name}{_label_text(self.label_names, k)} {_format_value(v)}" for k, v in items
+        ]
 
 
 class Gauge(Counter):
@@ -152,8 +153,13 @@ class Histogram(_Metric):
 
     kind = "histogram"
 
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (),
-                 buckets: Iterable[float] = DEFAULT_BUCKETS) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: Sequence[str] = (),
+        buckets: Iterable[float] = DEFAULT_BUCKETS,
+    ) -> None:
         super().__init__(name, help_text, labels)
         bounds = sorted(float(b) for b in buckets if not math.isinf(b))
         if not bounds or len(set(bounds)) != len(bounds):
@@ -216,8 +222,13 @@ class MetricsRegistry:
         """Register and return a gauge."""
         return self._add(Gauge(name, help_text, labels))
 
-    def histogram(self, name: str, help_text: str, labels: Sequence[str] = (),
-                  buckets: Iterable[float] = DEFAULT_BUCKETS) -> Histogram:
+    def histogram(
+        self,
+        name: str,
+        help_text: str,
+        labels: Sequence[str] = (),
+        buckets: Iterable[float] = DEFAULT_BUCKETS,
+    ) -> Histogram:
         """Register and return a histogram."""
         return self._add(Histogram(name, help_text, labels, buckets))
 
@@ -266,8 +277,9 @@ class MetricsServer:
         self._server.daemon_threads = True
         self.host = host
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="metrics-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics", host, self.port)
 

@@ -59,8 +59,9 @@ def resize_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
         return image
     # INTER_AREA averages when shrinking (no aliasing); INTER_LINEAR when enlarging.
     shrinking = image.shape[0] > height or image.shape[1] > width
-    return cv2.resize(image, (width, height),
-                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return cv2.resize(
+        image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    )
 
 
 def preprocess_images(

@@ -76,9 +76,14 @@ FINGERPRINT_PROPERTY = "X-MVLD-Enc"
 CAMERAS_PROPERTY = "X-MVLD-Cameras"
 """ZMTP handshake property of the receiver's socket: the camera ids it accepts, a JSON array."""
 
-_LINK_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_LINK_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 _MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 
 
@@ -308,14 +313,22 @@ class LatentPublisher:
         self._reported = state
         if state == "refused(fingerprint)":
             theirs = ", ".join(sorted(self.receiver_fingerprints))
-            log.warning("receiver connected but it drops every frame set of this node: it "
-                        "expects encoder fingerprint %s..., this node's encoder is %s... "
-                        "(export the edge's ONNX from the receiver's model)", theirs, self._own)
+            log.warning(
+                "receiver connected but it drops every frame set of this node: it "
+                "expects encoder fingerprint %s..., this node's encoder is %s... "
+                "(export the edge's ONNX from the receiver's model)",
+                theirs,
+                self._own,
+            )
         elif state == "refused(cameras)":
             theirs = " or ".join(sorted(",".join(c) for _, c in self._announced if c))
-            log.warning("receiver connected but it drops every frame set of this node: it "
-                        "accepts the cameras %s, this node sends %s (a model view per camera; "
-                        "mvld-receiver --cameras names them)", theirs, ",".join(self._cameras))
+            log.warning(
+                "receiver connected but it drops every frame set of this node: it "
+                "accepts the cameras %s, this node sends %s (a model view per camera; "
+                "mvld-receiver --cameras names them)",
+                theirs,
+                ",".join(self._cameras),
+            )
         elif state.startswith("refused"):
             log.warning("receiver refuses this node: %s", self._refusal)
         elif state == "up":
@@ -350,23 +363,28 @@ class LatentPublisher:
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._refusal = None
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._refusal = (f"authentication failed at {endpoint}: the receiver's "
-                                 f"CurveZMQ handler answered status {value} (400: this node's "
-                                 "public key is not in the receiver's --allow folder; ZeroMQ "
-                                 "does not retry a refused handshake, so restart this node "
-                                 "once its key is allowed)")
+                self._refusal = (
+                    f"authentication failed at {endpoint}: the receiver's "
+                    f"CurveZMQ handler answered status {value} (400: this node's "
+                    "public key is not in the receiver's --allow folder; ZeroMQ "
+                    "does not retry a refused handshake, so restart this node "
+                    "once its key is allowed)"
+                )
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
-                self._refusal = (f"handshake failed at {endpoint}: " + (
+                self._refusal = f"handshake failed at {endpoint}: " + (
                     "this node uses CurveZMQ, the receiver does not (drop --keys/--server-key "
-                    "or start the receiver with --keys/--allow)" if self._curve else
-                    "the receiver requires CurveZMQ (give --keys and --server-key)"))
+                    "or start the receiver with --keys/--allow)"
+                    if self._curve
+                    else "the receiver requires CurveZMQ (give --keys and --server-key)"
+                )
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 self._refusal = f"handshake failed at {endpoint} (ZMTP protocol error {value:#x})"
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self._refusal = f"the receiver at {endpoint} closed the handshake " + (
                     "(is --server-key that receiver's public key, and does it run with --keys?)"
-                    if self._curve else
-                    "(does it require CurveZMQ? then give --keys and --server-key)")
+                    if self._curve
+                    else "(does it require CurveZMQ? then give --keys and --server-key)"
+                )
 
     def send(self, data: bytes) -> bool:
         """Queue one wire message; return False (and count a drop) if it cannot go now."""
@@ -447,11 +465,16 @@ class LatentSubscriber:
                 reconnect_ivl_max_ms=reconnect_ivl_max_ms,
             )
             if fingerprint:  # handshake properties: XPUB senders read them off the notice
-                self._socket.setsockopt(zmq.METADATA, f"{FINGERPRINT_PROPERTY}:"
-                                        f"{_wire_form(fingerprint)}".encode("ascii"))
+                self._socket.setsockopt(
+                    zmq.METADATA,
+                    f"{FINGERPRINT_PROPERTY}:{_wire_form(fingerprint)}".encode("ascii"),
+                )
             if camera_ids:
-                self._socket.setsockopt(zmq.METADATA, f"{CAMERAS_PROPERTY}:".encode("ascii")
-                                        + json.dumps(list(camera_ids)).encode("utf-8"))
+                self._socket.setsockopt(
+                    zmq.METADATA,
+                    f"{CAMERAS_PROPERTY}:".encode("ascii")
+                    + json.dumps(list(camera_ids)).encode("utf-8"),
+                )
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
             for endpoint in requested:
                 self._socket.bind(endpoint)

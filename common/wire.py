@@ -78,7 +78,8 @@ DEFAULT_LATENT_DTYPE = "int8"
 _BYTE_ORDERS: tuple[Literal["<", ">", "="], ...] = ("<", ">", "=")
 _FLOAT_WIRE_NAMES: dict[np.dtype, str] = {
     LATENT_DTYPES[name].newbyteorder(order): name
-    for name in V1_LATENT_DTYPES for order in _BYTE_ORDERS
+    for name in V1_LATENT_DTYPES
+    for order in _BYTE_ORDERS
 }  # dtype.name is slow; a dict lookup of either byte order is not
 
 _MAX_SEQ = 2**64 - 1
@@ -268,8 +269,11 @@ def _check_wire_time(value: Any, field: str, version: int) -> float:
     """Version 1: int, float 32 or 64; version 2: float 64 only (float 32 is 128 s coarse)."""
     if version >= 2 and type(value) is not float:
         kind = "float 32" if type(value) is _Float32 else type(value).__name__
-        raise _protocol_error(field, f"must be a msgpack float 64 in version {version}, got "
-                                     f"{kind} (float 32 resolves today's times to 128 s)")
+        raise _protocol_error(
+            field,
+            f"must be a msgpack float 64 in version {version}, got "
+            f"{kind} (float 32 resolves today's times to 128 s)",
+        )
     return _check_time(value, field)
 
 
@@ -288,8 +292,10 @@ def _check_fingerprint(value: Any, version: int) -> str:
         return value
     digits = 2 * FINGERPRINT_BYTES
     if len(value) < digits or any(c not in hexdigits for c in value):
-        raise _protocol_error("encoder_fingerprint", f"version {version} needs a hex digest of "
-                                                     f">= {digits} digits, got {value!r}")
+        raise _protocol_error(
+            "encoder_fingerprint",
+            f"version {version} needs a hex digest of >= {digits} digits, got {value!r}",
+        )
     return value[:digits].lower()
 
 
@@ -311,10 +317,14 @@ def _check_latent(latent: Any, field: str) -> None:
     if not isinstance(latent, np.ndarray):
         raise _protocol_error(field, f"expected a numpy array, got {type(latent).__name__}")
     if latent.dtype not in _FLOAT_WIRE_NAMES:
-        hint = " (integer latents need their scale: quantize_latent(x, 'int8'))" \
-            if latent.dtype.kind in "iu" else ""
-        raise _protocol_error(field, f"dtype {latent.dtype} not in allowed dtypes "
-                                     f"{sorted(LATENT_DTYPES)}{hint}")
+        hint = (
+            " (integer latents need their scale: quantize_latent(x, 'int8'))"
+            if latent.dtype.kind in "iu"
+            else ""
+        )
+        raise _protocol_error(
+            field, f"dtype {latent.dtype} not in allowed dtypes {sorted(LATENT_DTYPES)}{hint}"
+        )
     if latent.ndim == 0 or latent.size == 0:
         raise _protocol_error(field, f"shape {latent.shape} must have >= 1 dims, all >= 1")
     if not np.isfinite(latent).all():
@@ -379,8 +389,9 @@ class FrameSetMessage:
                 f"(this implementation speaks {list(SUPPORTED_VERSIONS)})",
             )
         _check_text(self.node_id, "node_id")
-        object.__setattr__(self, "encoder_fingerprint",
-                           _check_fingerprint(self.encoder_fingerprint, self.version))
+        object.__setattr__(
+            self, "encoder_fingerprint", _check_fingerprint(self.encoder_fingerprint, self.version)
+        )
         if type(self.seq) is not int or not 0 <= self.seq <= _MAX_SEQ:
             raise _protocol_error("seq", f"must be an int in [0, 2**64), got {self.seq!r}")
         object.__setattr__(self, "send_time", _check_time(self.send_time, "send_time"))
@@ -401,8 +412,10 @@ def _check_views(views: tuple[ViewRecord, ...], version: int) -> None:
         if not isinstance(view, ViewRecord):
             raise _protocol_error(f"views[{index}]", f"expected ViewRecord, got {type(view)}")
         if version == 1 and isinstance(view.latent, QuantizedLatent):
-            raise _protocol_error(f"views[{index}].latent",
-                                  "version 1 has no scale field: int8 latents need version 2")
+            raise _protocol_error(
+                f"views[{index}].latent",
+                "version 1 has no scale field: int8 latents need version 2",
+            )
     camera_ids = [view.camera_id for view in views]
     if len(set(camera_ids)) != len(camera_ids):
         raise _protocol_error("views", f"camera ids must be unique, got {camera_ids}")
@@ -495,11 +508,29 @@ class _Float32(float):
 _U8, _U16, _U32, _U64 = (struct.Struct(f) for f in (">B", ">H", ">I", ">Q"))
 _I8, _I16, _I32, _I64 = (struct.Struct(f) for f in (">b", ">h", ">i", ">q"))
 _F32, _F64 = struct.Struct(">f"), struct.Struct(">d")
-_FIXED = {0xcc: _U8, 0xcd: _U16, 0xce: _U32, 0xcf: _U64,
-          0xd0: _I8, 0xd1: _I16, 0xd2: _I32, 0xd3: _I64}
-_LENGTHS = {0xc4: _U8, 0xc5: _U16, 0xc6: _U32, 0xd9: _U8, 0xda: _U16, 0xdb: _U32,
-            0xdc: _U16, 0xdd: _U32, 0xde: _U16, 0xdf: _U32}
-_EXT_BYTES = frozenset({0xc7, 0xc8, 0xc9, 0xd4, 0xd5, 0xd6, 0xd7, 0xd8})
+_FIXED = {
+    0xCC: _U8,
+    0xCD: _U16,
+    0xCE: _U32,
+    0xCF: _U64,
+    0xD0: _I8,
+    0xD1: _I16,
+    0xD2: _I32,
+    0xD3: _I64,
+}
+_LENGTHS = {
+    0xC4: _U8,
+    0xC5: _U16,
+    0xC6: _U32,
+    0xD9: _U8,
+    0xDA: _U16,
+    0xDB: _U32,
+    0xDC: _U16,
+    0xDD: _U32,
+    0xDE: _U16,
+    0xDF: _U32,
+}
+_EXT_BYTES = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
 
 
 class _Reader:
@@ -522,8 +553,7 @@ class _Reader:
     def take(self, count: int, where: str) -> int:
         start = self.pos
         if count > self.end - start:
-            raise self.fail(where, f"truncated ({count} bytes announced, "
-                                   f"{self.end - start} left)")
+            raise self.fail(where, f"truncated ({count} bytes announced, {self.end - start} left)")
         self.pos = start + count
         return start
 
@@ -535,33 +565,33 @@ class _Reader:
             raise self.fail(where, "truncated")
         byte = self.data[self.pos]
         self.pos += 1
-        if byte <= 0x7f:
+        if byte <= 0x7F:
             return byte
-        if byte >= 0xe0:
+        if byte >= 0xE0:
             return byte - 0x100
-        if byte <= 0x8f:
-            return self.map(byte & 0x0f, depth, where)
-        if byte <= 0x9f:
-            return self.array(byte & 0x0f, depth, where)
-        if byte <= 0xbf:
-            return self.text(byte & 0x1f, where)
-        if byte == 0xc0:
+        if byte <= 0x8F:
+            return self.map(byte & 0x0F, depth, where)
+        if byte <= 0x9F:
+            return self.array(byte & 0x0F, depth, where)
+        if byte <= 0xBF:
+            return self.text(byte & 0x1F, where)
+        if byte == 0xC0:
             return None
-        if byte in (0xc2, 0xc3):
-            return byte == 0xc3
-        if byte == 0xca:
+        if byte in (0xC2, 0xC3):
+            return byte == 0xC3
+        if byte == 0xCA:
             return _Float32(self.unpack(_F32, where))
-        if byte == 0xcb:
+        if byte == 0xCB:
             return self.unpack(_F64, where)
         if byte in _FIXED:
             return self.unpack(_FIXED[byte], where)
         if byte in _LENGTHS:
             count = self.unpack(_LENGTHS[byte], where)
-            if byte <= 0xc6:
+            if byte <= 0xC6:
                 return self.binary(count, where)
-            if byte <= 0xdb:
+            if byte <= 0xDB:
                 return self.text(count, where)
-            if byte <= 0xdd:
+            if byte <= 0xDD:
                 return self.array(count, depth, where)
             return self.map(count, depth, where)
         if byte in _EXT_BYTES:
@@ -573,7 +603,7 @@ class _Reader:
             raise self.fail(where, f"str of {count} bytes exceeds {self.max_str}")
         start = self.take(count, where)
         try:
-            return self.data[start:start + count].decode("utf-8")
+            return self.data[start : start + count].decode("utf-8")
         except UnicodeDecodeError as exc:
             raise self.fail(where, f"str is not valid UTF-8 ({exc.reason})") from exc
 
@@ -581,7 +611,7 @@ class _Reader:
         if count > self.max_bin:
             raise self.fail(where, f"bin of {count} bytes exceeds {self.max_bin}")
         start = self.take(count, where)
-        return self.data[start:start + count]
+        return self.data[start : start + count]
 
     def array(self, count: int, depth: int, where: str) -> list[Any]:
         if count > self.max_array:
@@ -618,8 +648,9 @@ def _parse(data: Any, limits: WireLimits) -> Any:
     reader = _Reader(data if isinstance(data, bytes) else bytes(data), limits)
     top = reader.value(0, "")
     if reader.pos != reader.end:
-        raise _protocol_error("message", f"{reader.end - reader.pos} trailing bytes after the "
-                                         "top-level map")
+        raise _protocol_error(
+            "message", f"{reader.end - reader.pos} trailing bytes after the top-level map"
+        )
     return top
 
 
@@ -643,8 +674,9 @@ def _wire_str(obj: dict[str, Any], key: str, field: str) -> str:
     return _check_text(obj[key], f"{field}.{key}" if field else key)
 
 
-def _latent_from_wire(obj: Any, field: str, limits: WireLimits, version: int
-                      ) -> tuple[np.ndarray, tuple[str, tuple[int, ...]]]:
+def _latent_from_wire(
+    obj: Any, field: str, limits: WireLimits, version: int
+) -> tuple[np.ndarray, tuple[str, tuple[int, ...]]]:
     """Check dtype, shape, byte count (and scale) before viewing the bytes; float32 out."""
     if type(obj) is not dict:
         raise _protocol_error(field, f"expected a map, got {type(obj).__name__}")
@@ -693,8 +725,9 @@ def _latent_from_wire(obj: Any, field: str, limits: WireLimits, version: int
     return latent, (dtype_name, tuple(shape))  # ViewRecord rejects NaN and infinities
 
 
-def _view_from_wire(obj: Any, index: int, limits: WireLimits, version: int
-                    ) -> tuple[ViewRecord, tuple[str, tuple[int, ...]] | None]:
+def _view_from_wire(
+    obj: Any, index: int, limits: WireLimits, version: int
+) -> tuple[ViewRecord, tuple[str, tuple[int, ...]] | None]:
     field = f"views[{index}]"
     view = _fields(obj, field, _VIEW_KEYS)
     camera_id = _wire_str(view, "cam", field)
@@ -736,8 +769,9 @@ def decode_frameset(data: bytes, limits: WireLimits | None = None) -> FrameSetMe
     version = top["v"]
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise _protocol_error(
-            "v", f"unsupported protocol version {version!r} (expected one of "
-                 f"{list(SUPPORTED_VERSIONS)})"
+            "v",
+            f"unsupported protocol version {version!r} (expected one of "
+            f"{list(SUPPORTED_VERSIONS)})",
         )
     node_id = _wire_str(top, "node", "")
     fingerprint = _wire_fingerprint_from(top["enc"], version)

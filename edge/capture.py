@@ -69,37 +69,75 @@ END_OF_STREAM = "end_of_stream"
 class CaptureConfig:
     """Timings of the readers, the watchdog and the reopen back-off."""
 
-    read_timeout_s: float = field(default=0.5, metadata=option(
-        "longest wait of one camera read for a frame", flag="--read-timeout", metavar="S"))
-    watchdog_s: float = field(default=3.0, metadata=option(
-        "seconds after which a stuck camera open or read is abandoned", flag="--watchdog",
-        metavar="S"))
-    stall_s: float = field(default=5.0, metadata=option(
-        "a camera whose reads return no frame for this long is reopened", flag="--stall",
-        metavar="S"))
-    backoff_initial_s: float = field(default=0.5, metadata=option(
-        "first wait before reopening a failed camera", flag="--backoff-initial",
-        metavar="S"))
-    backoff_max_s: float = field(default=10.0, metadata=option(
-        "longest wait between reopen attempts (the wait doubles per failure)",
-        flag="--backoff-max", metavar="S"))
-    reopen_ended: bool = field(default=False, metadata=option(
-        "reopen a file camera that ended, or cannot be opened, instead of giving it up"))
-    max_stuck_threads: int = field(default=4, metadata=option(
-        "abandoned calls still stuck in a camera's driver before its reopening waits",
-        metavar="N"))
+    read_timeout_s: float = field(
+        default=0.5,
+        metadata=option(
+            "longest wait of one camera read for a frame", flag="--read-timeout", metavar="S"
+        ),
+    )
+    watchdog_s: float = field(
+        default=3.0,
+        metadata=option(
+            "seconds after which a stuck camera open or read is abandoned",
+            flag="--watchdog",
+            metavar="S",
+        ),
+    )
+    stall_s: float = field(
+        default=5.0,
+        metadata=option(
+            "a camera whose reads return no frame for this long is reopened",
+            flag="--stall",
+            metavar="S",
+        ),
+    )
+    backoff_initial_s: float = field(
+        default=0.5,
+        metadata=option(
+            "first wait before reopening a failed camera", flag="--backoff-initial", metavar="S"
+        ),
+    )
+    backoff_max_s: float = field(
+        default=10.0,
+        metadata=option(
+            "longest wait between reopen attempts (the wait doubles per failure)",
+            flag="--backoff-max",
+            metavar="S",
+        ),
+    )
+    reopen_ended: bool = field(
+        default=False,
+        metadata=option(
+            "reopen a file camera that ended, or cannot be opened, instead of giving it up"
+        ),
+    )
+    max_stuck_threads: int = field(
+        default=4,
+        metadata=option(
+            "abandoned calls still stuck in a camera's driver before its reopening waits",
+            metavar="N",
+        ),
+    )
 
     def __post_init__(self) -> None:
-        for name in ("read_timeout_s", "watchdog_s", "stall_s", "backoff_initial_s",
-                     "backoff_max_s"):
+        for name in (
+            "read_timeout_s",
+            "watchdog_s",
+            "stall_s",
+            "backoff_initial_s",
+            "backoff_max_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"capture {name} must be positive, got {getattr(self, name)}")
         if self.max_stuck_threads < 1:
-            raise ConfigError(f"capture max_stuck_threads must be at least 1, got "
-                              f"{self.max_stuck_threads}")
+            raise ConfigError(
+                f"capture max_stuck_threads must be at least 1, got {self.max_stuck_threads}"
+            )
         if self.watchdog_s <= self.read_timeout_s:
-            raise ConfigError(f"capture watchdog_s ({self.watchdog_s}) must exceed "
-                              f"read_timeout_s ({self.read_timeout_s})")
+            raise ConfigError(
+                f"capture watchdog_s ({self.watchdog_s}) must exceed "
+                f"read_timeout_s ({self.read_timeout_s})"
+            )
 
     def backoff(self, failures: int) -> float:
         """The wait before the next open after ``failures`` consecutive failures."""
@@ -134,9 +172,15 @@ class _Call:
 class CameraReader:
     """One camera: a reader thread, its newest frame, its failures and reopen schedule."""
 
-    def __init__(self, camera_id: str, opener: Callable[[], FrameSource],
-                 config: CaptureConfig | None = None, description: str = "",
-                 finite: bool = False, clock: Clock = MONOTONIC) -> None:
+    def __init__(
+        self,
+        camera_id: str,
+        opener: Callable[[], FrameSource],
+        config: CaptureConfig | None = None,
+        description: str = "",
+        finite: bool = False,
+        clock: Clock = MONOTONIC,
+    ) -> None:
         self.camera_id = camera_id
         self.clock = clock  # back-off, stall and frame ages; a test may pass a fake one
         # A finite source (a file) that cannot be opened will not appear by waiting: without
@@ -182,14 +226,19 @@ class CameraReader:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                log.warning("camera %s: reader thread still stuck in the driver at shutdown",
-                            self.camera_id)
+                log.warning(
+                    "camera %s: reader thread still stuck in the driver at shutdown", self.camera_id
+                )
 
     def _spawn(self, generation: int) -> None:
         """Start the reader thread of ``generation`` (call with the lock held)."""
         self._threads = [t for t in self._threads if t.is_alive()]
-        thread = threading.Thread(target=self._run, args=(generation,), daemon=True,
-                                  name=f"capture-{self.camera_id}-{generation}")
+        thread = threading.Thread(
+            target=self._run,
+            args=(generation,),
+            daemon=True,
+            name=f"capture-{self.camera_id}-{generation}",
+        )
         self._threads.append(thread)
         thread.start()
 
@@ -200,16 +249,29 @@ class CameraReader:
         now = self.clock.now()
         with self._lock:
             frame, received = self._frame, self._received
-            if (frame is not None and self._on_demand and not self._taken
-                    and self._state == STREAMING):  # waiting for its taker: fresh
+            if (
+                frame is not None
+                and self._on_demand
+                and not self._taken
+                and self._state == STREAMING
+            ):  # waiting for its taker: fresh
                 frame, received = replace(frame, timestamp=time.time()), now
             if take and frame is not None:
                 self._frame, self._received, self._taken = frame, received, True
                 self._taken_changed.notify_all()
             retry = None if self._retry_at is None else max(0.0, self._retry_at - now)
-            return CameraSnapshot(self.camera_id, frame, received, self._state,
-                                  self._reason, self._frames, self._dropped, self._reopens,
-                                  self._abandoned, retry)
+            return CameraSnapshot(
+                self.camera_id,
+                frame,
+                received,
+                self._state,
+                self._reason,
+                self._frames,
+                self._dropped,
+                self._reopens,
+                self._abandoned,
+                retry,
+            )
 
     # -- watchdog ----------------------------------------------------------------------------
 
@@ -217,16 +279,24 @@ class CameraReader:
         """Abandon the current call if it has run longer than ``watchdog_s``; True if so."""
         with self._lock:
             call = self._call
-            if (call is None or call.generation != self._generation or self._stop.is_set()
-                    or now - call.started <= self.config.watchdog_s):
+            if (
+                call is None
+                or call.generation != self._generation
+                or self._stop.is_set()
+                or now - call.started <= self.config.watchdog_s
+            ):
                 return False
             self._generation += 1
             self._call = None
             self._abandoned += 1
             self._record_failure(TIMEOUT)
             self._spawn(self._generation)
-        log.warning("camera %s: %s stuck for %.1f s, abandoned; reopening", self.description,
-                    call.what, now - call.started)
+        log.warning(
+            "camera %s: %s stuck for %.1f s, abandoned; reopening",
+            self.description,
+            call.what,
+            now - call.started,
+        )
         return True
 
     # -- the reader thread -------------------------------------------------------------------
@@ -259,8 +329,9 @@ class CameraReader:
                 return
             self._record_failure(reason)
             delay = self.config.backoff(self._failures)
-        log.warning("camera %s: %s (%s); reopening in %.1f s", self.description, reason, error,
-                    delay)
+        log.warning(
+            "camera %s: %s (%s); reopening in %.1f s", self.description, reason, error, delay
+        )
 
     def _give_up(self, generation: int, error: BaseException) -> None:
         """A file that cannot be opened: ended, with reason ``disconnected``; never retried."""
@@ -269,8 +340,11 @@ class CameraReader:
                 return
             self._generation += 1
             self._state, self._reason, self._retry_at = ENDED, DISCONNECTED, None
-        log.error("camera %s: cannot be opened (%s); a file is not retried without --loop",
-                  self.description, error)
+        log.error(
+            "camera %s: cannot be opened (%s); a file is not retried without --loop",
+            self.description,
+            error,
+        )
 
     def _run(self, generation: int) -> None:
         source: FrameSource | None = None
@@ -341,8 +415,9 @@ class CameraReader:
     def _read(self, generation: int, source: FrameSource) -> bool:
         """Read one frame; False when the source must be closed (and maybe reopened)."""
         try:
-            frame = self._guarded(generation, "read",
-                                  lambda: source.read(self.config.read_timeout_s))
+            frame = self._guarded(
+                generation, "read", lambda: source.read(self.config.read_timeout_s)
+            )
         except EndOfStream as exc:
             if self.config.reopen_ended:
                 self._fail(generation, END_OF_STREAM, exc)
@@ -407,14 +482,17 @@ class Capture:
         watchdog = min(r.config.watchdog_s for r in readers)
         self.poll_s = poll_s or min(0.1, watchdog / 4)
         self._stop = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch, name="capture-watchdog",
-                                          daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="capture-watchdog", daemon=True)
 
     @classmethod
-    def from_uris(cls, uris: Sequence[str], config: CaptureConfig | None = None,
-                  camera_ids: Sequence[str] | None = None,
-                  scheme_options: Mapping[str, Mapping[str, object]] | None = None,
-                  clock: Clock = MONOTONIC) -> Capture:
+    def from_uris(
+        cls,
+        uris: Sequence[str],
+        config: CaptureConfig | None = None,
+        camera_ids: Sequence[str] | None = None,
+        scheme_options: Mapping[str, Mapping[str, object]] | None = None,
+        clock: Clock = MONOTONIC,
+    ) -> Capture:
         """One reader per URI, opening ``open_source(uri, **scheme_options[scheme])``.
 
         Unknown schemes, and schemes whose extra is not installed, are refused here, at
@@ -426,13 +504,21 @@ class Capture:
         for cid, uri in zip(ids, uris, strict=True):
             scheme = scheme_of(uri)
             if scheme not in known:
-                raise ConfigError(f"{redact(uri)}: unknown source scheme {scheme!r}; "
-                                  f"valid: {', '.join(known)}")
+                raise ConfigError(
+                    f"{redact(uri)}: unknown source scheme {scheme!r}; valid: {', '.join(known)}"
+                )
             prepare_scheme(scheme)
             options = dict((scheme_options or {}).get(scheme, {}))
-            readers.append(CameraReader(cid, _opener(uri, options), config,
-                                        f"{cid} ({redact(uri)})", finite=scheme == "file",
-                                        clock=clock))
+            readers.append(
+                CameraReader(
+                    cid,
+                    _opener(uri, options),
+                    config,
+                    f"{cid} ({redact(uri)})",
+                    finite=scheme == "file",
+                    clock=clock,
+                )
+            )
         return cls(readers)
 
     def start(self) -> Capture:
@@ -469,6 +555,8 @@ class Capture:
 
 def _opener(uri: str, options: dict[str, object]) -> Callable[[], FrameSource]:
     """A callable opening ``uri`` with ``options``."""
+
     def open_it() -> FrameSource:
         return open_source(uri, **options)
+
     return open_it

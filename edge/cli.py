@@ -42,11 +42,16 @@ EXAMPLE = "mvld-edge --cams 0,1,2 --connect tcp://RECEIVER:5555"
 class CameraChecks:
     """The node's camera health checks, as ``--health`` specs (resolved per camera)."""
 
-    health: tuple[str, ...] = field(default=("default",), metadata=option(
-        "camera health checks: default, off (source failures only, e.g. a replayed dataset) "
-        "or a TOML file of thresholds (docs/HEALTH.md); CAM=... for one camera (cam1=off or "
-        "1=off); repeatable, later ones win. SIGUSR1 re-learns every camera's reference",
-        split=False, metavar="[CAM=]default|off|FILE.toml"))
+    health: tuple[str, ...] = field(
+        default=("default",),
+        metadata=option(
+            "camera health checks: default, off (source failures only, e.g. a replayed dataset) "
+            "or a TOML file of thresholds (docs/HEALTH.md); CAM=... for one camera (cam1=off or "
+            "1=off); repeatable, later ones win. SIGUSR1 re-learns every camera's reference",
+            split=False,
+            metavar="[CAM=]default|off|FILE.toml",
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -54,20 +59,26 @@ class FileSourceOptions:
     """Options of the file cameras (``file://PATH`` or a path)."""
 
     loop: bool = field(default=False, metadata=option("file sources: start again at the end"))
-    realtime: bool = field(default=True, metadata=option(
-        "file sources: pace at the video's own rate like a live camera; --no-realtime reads "
-        "as fast as the node takes frames, decoding only the frames it uses"))
+    realtime: bool = field(
+        default=True,
+        metadata=option(
+            "file sources: pace at the video's own rate like a live camera; --no-realtime reads "
+            "as fast as the node takes frames, decoding only the frames it uses"
+        ),
+    )
 
 
 def config_options() -> ConfigOptions:
     """The options of ``mvld-edge``, in the order ``--help`` and ``--print-config`` show."""
-    return ConfigOptions([
-        Section(EdgeConfig, defaults={"node_id": socket.gethostname()}),
-        Section(CameraChecks),
-        Section(TransmitPolicyConfig, "policy", "transmit policy [policy]"),
-        Section(CaptureConfig, "capture", "camera reading [capture]"),
-        Section(FileSourceOptions, "file", "file cameras [file]"),
-    ])
+    return ConfigOptions(
+        [
+            Section(EdgeConfig, defaults={"node_id": socket.gethostname()}),
+            Section(CameraChecks),
+            Section(TransmitPolicyConfig, "policy", "transmit policy [policy]"),
+            Section(CaptureConfig, "capture", "camera reading [capture]"),
+            Section(FileSourceOptions, "file", "file cameras [file]"),
+        ]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mvld-edge",
         description="Capture several cameras, detect failed or obstructed ones, encode the "
-                    f"usable views and stream their latents to a receiver, e.g. `{EXAMPLE}`. "
-                    "Options: defaults < --config FILE.toml < flags.")
+        f"usable views and stream their latents to a receiver, e.g. `{EXAMPLE}`. "
+        "Options: defaults < --config FILE.toml < flags.",
+    )
     config_options().add_to(parser)
     add_logging_flags(parser)
     return parser
@@ -114,6 +126,7 @@ def install_stop_signals(stop: threading.Event) -> dict[int, SignalHandler]:
     Returns the handlers they replace, so :func:`main` can put them back: called in-process
     (tests, an embedding program) it must not leave the process's signals changed.
     """
+
     def request_stop(signum: int, _frame: object) -> None:
         logging.getLogger("mvld.edge").info("%s: stopping", signal.Signals(signum).name)
         stop.set()
@@ -123,9 +136,11 @@ def install_stop_signals(stop: threading.Event) -> dict[int, SignalHandler]:
 
 def install_relearn_signal(node: EdgeNode) -> None:
     """SIGUSR1 re-learns every camera's reference (after re-aiming cameras on purpose)."""
+
     def request_relearn(signum: int, _frame: object) -> None:
-        logging.getLogger("mvld.edge").info("%s: re-learning every camera's reference",
-                                            signal.Signals(signum).name)
+        logging.getLogger("mvld.edge").info(
+            "%s: re-learning every camera's reference", signal.Signals(signum).name
+        )
         node.relearn()
 
     if hasattr(signal, "SIGUSR1"):
@@ -166,9 +181,11 @@ def _run(argv: list[str] | None, stop: threading.Event) -> int:
     except MVLDError as exc:
         print(f"mvld-edge: error: {exc}", file=sys.stderr)
         return 2
-    print(f"mvld-edge: {summary.framesets} frame sets in {summary.seconds:.1f} s, "
-          f"{summary.sent} sent, {summary.dropped} dropped, {summary.bytes_sent} bytes",
-          file=sys.stderr)
+    print(
+        f"mvld-edge: {summary.framesets} frame sets in {summary.seconds:.1f} s, "
+        f"{summary.sent} sent, {summary.dropped} dropped, {summary.bytes_sent} bytes",
+        file=sys.stderr,
+    )
     return 0
 
 

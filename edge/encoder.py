@@ -36,9 +36,14 @@ log = logging.getLogger(__name__)
 
 # ONNX Runtime raises these (pybind classes deriving from Exception only) for bad models/inputs.
 ORT_ERRORS: tuple[type[Exception], ...] = (
-    _ort_state.Fail, _ort_state.InvalidGraph, _ort_state.InvalidArgument,
-    _ort_state.InvalidProtobuf, _ort_state.NoSuchFile, _ort_state.NotImplemented,
-    _ort_state.RuntimeException, _ort_state.EPFail,
+    _ort_state.Fail,
+    _ort_state.InvalidGraph,
+    _ort_state.InvalidArgument,
+    _ort_state.InvalidProtobuf,
+    _ort_state.NoSuchFile,
+    _ort_state.NotImplemented,
+    _ort_state.RuntimeException,
+    _ort_state.EPFail,
 )
 ENCODER_ONNX = "encoder.onnx"
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -61,8 +66,7 @@ class EncoderInfo:
     def __post_init__(self) -> None:
         shape = tuple(self.latent_shape) or (self.latent_dim,)
         if int(np.prod(shape)) != self.latent_dim:
-            raise ConfigError(f"latent shape {list(shape)} does not hold {self.latent_dim} "
-                              "values")
+            raise ConfigError(f"latent shape {list(shape)} does not hold {self.latent_dim} values")
         object.__setattr__(self, "latent_shape", shape)
 
 
@@ -106,8 +110,10 @@ class EncoderBackend(ABC):
         images = preprocess_images(list(frames), self.preprocess, input_order)
         latents = self.encode_preprocessed(images)
         if latents.shape != (len(frames), self.latent_dim):
-            raise EncoderError(f"{self.name}: output shape {latents.shape}, expected "
-                               f"{(len(frames), self.latent_dim)}")
+            raise EncoderError(
+                f"{self.name}: output shape {latents.shape}, expected "
+                f"{(len(frames), self.latent_dim)}"
+            )
         return latents
 
     @abstractmethod
@@ -154,8 +160,9 @@ def _json_field(metadata: dict[str, str], key: str, where: str) -> Any:
     try:
         return json.loads(metadata[key])
     except (KeyError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{where}: missing or malformed metadata {key!r} "
-                          "(not exported by mvld-export onnx?)") from exc
+        raise ConfigError(
+            f"{where}: missing or malformed metadata {key!r} (not exported by mvld-export onnx?)"
+        ) from exc
 
 
 def latent_shape_of(architecture: dict[str, Any]) -> tuple[int, ...]:
@@ -276,8 +283,14 @@ class TorchEncoder(EncoderBackend):
         from mvld.model.checkpoint import load_autoencoder
 
         autoencoder, preprocess, fingerprint = load_autoencoder(resolve_checkpoint(path))
-        super().__init__(EncoderInfo(fingerprint, preprocess, autoencoder.config.latent_dim,
-                                     autoencoder.config.latent_shape))
+        super().__init__(
+            EncoderInfo(
+                fingerprint,
+                preprocess,
+                autoencoder.config.latent_dim,
+                autoencoder.config.latent_shape,
+            )
+        )
         if threads:
             torch.set_num_threads(threads)
         self._torch = torch
@@ -350,8 +363,11 @@ def is_checkpoint(path: Path) -> bool:
 def _auto(path: Path, threads: int, gpu: int) -> EncoderBackend:
     """Best available: a TensorRT engine, else ONNX Runtime, else torch (checkpoints only)."""
     if is_checkpoint(path):
-        log.info("encoder backend auto -> torch: %s is a checkpoint, not an export "
-                 "(development only; export it with mvld-export onnx for the edge)", path)
+        log.info(
+            "encoder backend auto -> torch: %s is a checkpoint, not an export "
+            "(development only; export it with mvld-export onnx for the edge)",
+            path,
+        )
         return TorchEncoder(path, threads=threads)
     engine, reason = find_engine(path, gpu)
     if engine is not None:
@@ -363,8 +379,9 @@ def _auto(path: Path, threads: int, gpu: int) -> EncoderBackend:
     return backend
 
 
-def open_encoder(path: str | Path, backend: str = "auto", *, threads: int = 1,
-                 gpu: int = 0) -> EncoderBackend:
+def open_encoder(
+    path: str | Path, backend: str = "auto", *, threads: int = 1, gpu: int = 0
+) -> EncoderBackend:
     """Open the encoder at ``path`` (export folder, .onnx, .engine or checkpoint)."""
     path = Path(path)
     if not path.exists() and not is_checkpoint(path):
@@ -374,7 +391,11 @@ def open_encoder(path: str | Path, backend: str = "auto", *, threads: int = 1,
         encoder = _auto(path, threads, gpu)
     else:
         encoder = backend_class(backend).open(path, threads=threads, gpu=gpu)
-    log.info("encoder %s opened in %.0f ms (fingerprint %s..., latent %s)", encoder.name,
-             1e3 * (time.perf_counter() - started), encoder.fingerprint[:12],
-             "x".join(map(str, encoder.latent_shape)))
+    log.info(
+        "encoder %s opened in %.0f ms (fingerprint %s..., latent %s)",
+        encoder.name,
+        1e3 * (time.perf_counter() - started),
+        encoder.fingerprint[:12],
+        "x".join(map(str, encoder.latent_shape)),
+    )
     return encoder

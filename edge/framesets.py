@@ -79,14 +79,16 @@ class FrameSetAssembler:
     def _view(self, snapshot: CameraSnapshot, now: float) -> CapturedView:
         frame = snapshot.frame
         delivered = frame is not None
-        fresh = (frame is not None and snapshot.received is not None
-                 and now - snapshot.received <= self.max_age_s)
+        fresh = (
+            frame is not None
+            and snapshot.received is not None
+            and now - snapshot.received <= self.max_age_s
+        )
         if not fresh:
             # A camera that has not delivered yet (still opening) waits for its first frame:
             # that is a timeout, not a stale frame.
             problem = snapshot.reason or (STALE if delivered else TIMEOUT)
-            return CapturedView(snapshot.camera_id, None, False, problem, delivered,
-                                snapshot.state)
+            return CapturedView(snapshot.camera_id, None, False, problem, delivered, snapshot.state)
         new = self._last_count.get(snapshot.camera_id) != snapshot.frames  # frame counter
         self._last_count[snapshot.camera_id] = snapshot.frames
         return CapturedView(snapshot.camera_id, frame, new, None, True, snapshot.state)
@@ -117,4 +119,3 @@ class Ticker:
             self._next += missed * self.period
         self._next += self.period
         return not stop.is_set()
-

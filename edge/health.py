@@ -69,9 +69,16 @@ DEFOCUSED = ReasonCode.DEFOCUSED.value
 DIRTY = ReasonCode.DIRTY.value
 REDIRECTED = ReasonCode.REDIRECTED.value
 
-SOURCE_REASONS = tuple(r.value for r in (ReasonCode.TIMEOUT, ReasonCode.DISCONNECTED,
-                                         ReasonCode.READ_ERROR, ReasonCode.END_OF_STREAM,
-                                         ReasonCode.STALE))
+SOURCE_REASONS = tuple(
+    r.value
+    for r in (
+        ReasonCode.TIMEOUT,
+        ReasonCode.DISCONNECTED,
+        ReasonCode.READ_ERROR,
+        ReasonCode.END_OF_STREAM,
+        ReasonCode.STALE,
+    )
+)
 PICTURE_FAILED_REASONS = (FROZEN, BLACK, UNIFORM, NOISE)
 FAILED_REASONS = SOURCE_REASONS + PICTURE_FAILED_REASONS
 OBSTRUCTED_REASONS = (OCCLUDED, DEFOCUSED, DIRTY, REDIRECTED)
@@ -166,29 +173,33 @@ class HealthConfig:
     structure_min_std: float = 3.0  # blocks flatter than this (grey levels) are not matched
 
     def __post_init__(self) -> None:
-        for name in ("warmup_frames", "confirm_failed_frames", "confirm_obstructed_frames",
-                     "clear_frames"):
+        for name in (
+            "warmup_frames",
+            "confirm_failed_frames",
+            "confirm_obstructed_frames",
+            "clear_frames",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"health {name} must be at least 1, got {getattr(self, name)}")
         if self.timeout_s <= 0:
             raise ConfigError(f"health timeout_s must be positive, got {self.timeout_s}")
         if self.redirect_relearn_s < 0:
-            raise ConfigError(f"health redirect_relearn_s must be >= 0 (0: never), got "
-                              f"{self.redirect_relearn_s}")
-        for name in ("structure_rate", "cell_rate", "absorb_rate", "level_rate",
-                     "short_term_rate"):
+            raise ConfigError(
+                f"health redirect_relearn_s must be >= 0 (0: never), got {self.redirect_relearn_s}"
+            )
+        for name in ("structure_rate", "cell_rate", "absorb_rate", "level_rate", "short_term_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"health {name} must be in [0, 1], got {getattr(self, name)}")
 
     @classmethod
-    def from_mapping(cls, values: dict[str, object], origin: str = "health config"
-                     ) -> HealthConfig:
+    def from_mapping(cls, values: dict[str, object], origin: str = "health config") -> HealthConfig:
         """A config from ``{field: value}`` (a TOML table); unknown keys and bad types raise."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ConfigError(f"{origin}: unknown health setting(s) {unknown}; valid: "
-                              f"{', '.join(known)}")
+            raise ConfigError(
+                f"{origin}: unknown health setting(s) {unknown}; valid: {', '.join(known)}"
+            )
         checked: dict[str, Any] = {}  # each value's type is checked against its field's
         for name, value in values.items():
             default = getattr(cls(), name)
@@ -199,8 +210,9 @@ class HealthConfig:
             else:
                 ok = isinstance(value, int | float) and not isinstance(value, bool)
             if not ok:
-                raise ConfigError(f"{origin}: {name} must be a {type(default).__name__}, got "
-                                  f"{value!r}")
+                raise ConfigError(
+                    f"{origin}: {name} must be a {type(default).__name__}, got {value!r}"
+                )
             if isinstance(default, float) and isinstance(value, int):
                 value = float(value)  # a whole number given for a float setting
             checked[name] = value
@@ -223,8 +235,9 @@ def load_health_configs(spec: str, cameras: tuple[str, ...]) -> dict[str, Health
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"--health {spec}: no such file (expected default, off or a "
-                          f"TOML file)") from None
+        raise ConfigError(
+            f"--health {spec}: no such file (expected default, off or a TOML file)"
+        ) from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--health {spec}: {exc}") from exc
     per_camera = document.pop("cameras", {})
@@ -233,23 +246,27 @@ def load_health_configs(spec: str, cameras: tuple[str, ...]) -> dict[str, Health
     base = HealthConfig.from_mapping(document, spec)
     unknown = sorted(set(per_camera) - set(cameras))
     if unknown:
-        raise ConfigError(f"{spec}: unknown camera(s) {unknown}; this node has "
-                          f"{', '.join(cameras)}")
+        raise ConfigError(
+            f"{spec}: unknown camera(s) {unknown}; this node has {', '.join(cameras)}"
+        )
     configs = {}
     for camera in cameras:
         overrides = dict(per_camera.get(camera, {}))
         profile = overrides.pop("profile", "default")
         if profile not in HEALTH_PROFILES:
-            raise ConfigError(f"{spec}: [cameras.{camera}] profile must be one of "
-                              f"{HEALTH_PROFILES}, got {profile!r}")
+            raise ConfigError(
+                f"{spec}: [cameras.{camera}] profile must be one of "
+                f"{HEALTH_PROFILES}, got {profile!r}"
+            )
         start = base if profile == "default" else replace(base, picture_checks=False)
         merged = {f.name: getattr(start, f.name) for f in fields(HealthConfig)} | overrides
         configs[camera] = HealthConfig.from_mapping(merged, f"{spec} [cameras.{camera}]")
     return configs
 
 
-def resolve_health_specs(specs: list[str] | None, cameras: tuple[str, ...]
-                         ) -> dict[str, HealthConfig]:
+def resolve_health_specs(
+    specs: list[str] | None, cameras: tuple[str, ...]
+) -> dict[str, HealthConfig]:
     """Every camera's config from ``--health`` values: ``SPEC`` for all, ``CAM=SPEC`` for one.
 
     ``SPEC`` is ``default``, ``off`` or a TOML file (see :func:`load_health_configs`);
@@ -264,8 +281,9 @@ def resolve_health_specs(specs: list[str] | None, cameras: tuple[str, ...]
         camera = camera.strip()
         camera = f"cam{camera}" if camera.isdigit() else camera
         if camera not in configs:
-            raise ConfigError(f"--health {spec}: unknown camera {camera!r}; this node has "
-                              f"{', '.join(cameras)}")
+            raise ConfigError(
+                f"--health {spec}: unknown camera {camera!r}; this node has {', '.join(cameras)}"
+            )
         configs[camera] = load_health_configs(value.strip(), cameras)[camera]
     return configs
 
@@ -394,11 +412,25 @@ def extract_features(frame: np.ndarray) -> Features:
     # the picture, which the log turns into a smooth term each block's ramp removal takes out.
     signature = LOG_SCALE * cv2.log(signature + LIGHT_OFFSET)
     exposed = cv2.inRange(grey, 9, 239)  # 255 where neither over- nor underexposed
-    clipped = 1.0 - cv2.resize(exposed, GRID, interpolation=cv2.INTER_AREA).astype(
-        np.float32) / 255.0
-    return Features(mean, std, bright_fraction, sigma, grey, texture, brightness, signature,
-                    cv2.mean(texture)[0], coarse, laplacian, floor, clipped,
-                    block_std(signature))
+    clipped = (
+        1.0 - cv2.resize(exposed, GRID, interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    )
+    return Features(
+        mean,
+        std,
+        bright_fraction,
+        sigma,
+        grey,
+        texture,
+        brightness,
+        signature,
+        cv2.mean(texture)[0],
+        coarse,
+        laplacian,
+        floor,
+        clipped,
+        block_std(signature),
+    )
 
 
 def cell_maps(features: Features, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -450,15 +482,20 @@ def block_std(signature: np.ndarray) -> np.ndarray:
     # |residual|^2 = |block|^2 - |its projection on the orthonormal ramps|^2 (the constant is
     # one of them, so the residual has zero mean); float64 keeps the difference exact enough.
     projection = blocks @ _RAMPS64
-    energy = np.einsum("ij,ij->i", blocks, blocks) - np.einsum("ij,ij->i", projection,
-                                                               projection)
-    return np.sqrt(np.maximum(energy, 0.0) / (BLOCK * BLOCK)).astype(np.float32).reshape(
-        rows, columns)
+    energy = np.einsum("ij,ij->i", blocks, blocks) - np.einsum("ij,ij->i", projection, projection)
+    return (
+        np.sqrt(np.maximum(energy, 0.0) / (BLOCK * BLOCK)).astype(np.float32).reshape(rows, columns)
+    )
 
 
-def match_view(current: np.ndarray, other: np.ndarray, usable: np.ndarray,
-               min_std: float, search: int = MAX_SHIFT,
-               current_spread: np.ndarray | None = None) -> Match:
+def match_view(
+    current: np.ndarray,
+    other: np.ndarray,
+    usable: np.ndarray,
+    min_std: float,
+    search: int = MAX_SHIFT,
+    current_spread: np.ndarray | None = None,
+) -> Match:
     """Block matching of ``current`` against ``other`` (both SIGNATURE_SIZE) within ``search``.
 
     Every usable block structured in both is correlated at every offset; the offset with the
@@ -482,8 +519,7 @@ def match_view(current: np.ndarray, other: np.ndarray, usable: np.ndarray,
     alive = current_structured[rows, columns]  # a block that went flat matches nothing
     if not alive.any():
         return Match(0.0, (0.0, 0.0))
-    stack = _correlation_maps(current, padded, rows[alive] * BLOCK, columns[alive] * BLOCK,
-                              search)
+    stack = _correlation_maps(current, padded, rows[alive] * BLOCK, columns[alive] * BLOCK, search)
     # The common shift maximises the blocks' mean correlation: a block along a straight edge
     # only knows the shift across the edge (a ridge), its neighbours settle the rest.
     mean = np.add.reduce(stack, axis=0) / len(stack)
@@ -498,12 +534,16 @@ def match_view(current: np.ndarray, other: np.ndarray, usable: np.ndarray,
     at_shift = np.zeros(rows.size, np.float32)
     at_shift[alive] = stack[:, dy, dx]
     edge = 2 * search
-    return Match(median(at_shift), (dx - search + sub_x, dy - search + sub_y),
-                 dx in (0, edge) or dy in (0, edge))
+    return Match(
+        median(at_shift),
+        (dx - search + sub_x, dy - search + sub_y),
+        dx in (0, edge) or dy in (0, edge),
+    )
 
 
-def _correlation_maps(current: np.ndarray, padded: np.ndarray, ys: np.ndarray, xs: np.ndarray,
-                      search: int) -> np.ndarray:
+def _correlation_maps(
+    current: np.ndarray, padded: np.ndarray, ys: np.ndarray, xs: np.ndarray, search: int
+) -> np.ndarray:
     """TM_CCOEFF_NORMED of each block of ``current`` at (ys, xs) over its window of ``padded``.
 
     [blocks, 2*search+1, 2*search+1]. All blocks in a handful of numpy calls instead of one
@@ -520,8 +560,9 @@ def _correlation_maps(current: np.ndarray, padded: np.ndarray, ys: np.ndarray, x
     window_pixels = np.arange(size)[:, None] * width + np.arange(size)
     windows = np.take(padded, corners[:, None, None] + window_pixels)
     template_pixels = np.arange(BLOCK)[:, None] * current.shape[1] + np.arange(BLOCK)
-    templates = np.take(current, (ys * current.shape[1] + xs)[:, None, None]
-                        + template_pixels).reshape(count, BLOCK * BLOCK)
+    templates = np.take(
+        current, (ys * current.shape[1] + xs)[:, None, None] + template_pixels
+    ).reshape(count, BLOCK * BLOCK)
     templates -= np.add.reduce(templates, axis=1, keepdims=True) / (BLOCK * BLOCK)
     template_norm = np.sqrt(np.einsum("bk,bk->b", templates, templates))
     toeplitz = np.zeros((count, size * BLOCK * span), np.float32)
@@ -530,12 +571,21 @@ def _correlation_maps(current: np.ndarray, padded: np.ndarray, ys: np.ndarray, x
     numerator = rows.reshape(count, -1)[:, diagonal].sum(axis=2).reshape(count, span, span)
     # Window sums in float64: no cancellation in the sum of squares.
     positions = corners[:, None, None] + (np.arange(span)[:, None] * width + np.arange(span))
-    mean = np.take(cv2.boxFilter(padded, cv2.CV_64F, (BLOCK, BLOCK), anchor=(0, 0),
-                                 borderType=cv2.BORDER_CONSTANT), positions)
-    square = np.take(cv2.sqrBoxFilter(padded, cv2.CV_64F, (BLOCK, BLOCK), anchor=(0, 0),
-                                      borderType=cv2.BORDER_CONSTANT), positions)
-    denominator = (np.sqrt(np.maximum(square - mean * mean, 0.0)) * BLOCK
-                   * template_norm[:, None, None])
+    mean = np.take(
+        cv2.boxFilter(
+            padded, cv2.CV_64F, (BLOCK, BLOCK), anchor=(0, 0), borderType=cv2.BORDER_CONSTANT
+        ),
+        positions,
+    )
+    square = np.take(
+        cv2.sqrBoxFilter(
+            padded, cv2.CV_64F, (BLOCK, BLOCK), anchor=(0, 0), borderType=cv2.BORDER_CONSTANT
+        ),
+        positions,
+    )
+    denominator = (
+        np.sqrt(np.maximum(square - mean * mean, 0.0)) * BLOCK * template_norm[:, None, None]
+    )
     flat = denominator < 1e-3  # a flat window correlates with nothing (OpenCV gives 0 too)
     correlation = (numerator / np.where(flat, 1.0, denominator)).astype(np.float32)
     correlation[flat] = 0.0
@@ -552,8 +602,7 @@ def _toeplitz_indices(search: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     row ``k`` (the ``diagonal`` gather, [span * span, BLOCK]).
     """
     span = 2 * search + 1
-    k, column, dx = np.meshgrid(np.arange(BLOCK), np.arange(BLOCK), np.arange(span),
-                                indexing="ij")
+    k, column, dx = np.meshgrid(np.arange(BLOCK), np.arange(BLOCK), np.arange(span), indexing="ij")
     scatter_to = (((dx + column) * BLOCK + k) * span + dx).ravel()
     scatter_from = (k * BLOCK + column).ravel()
     dy, dx2, k2 = np.meshgrid(np.arange(span), np.arange(span), np.arange(BLOCK), indexing="ij")
@@ -576,8 +625,9 @@ def _parabola(values: np.ndarray) -> float:
     return min(max(0.5 * (left - right) / curvature, -0.5), 0.5)
 
 
-def shift_picture(picture: np.ndarray, shift: tuple[float, float],
-                  border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
+def shift_picture(
+    picture: np.ndarray, shift: tuple[float, float], border: int = cv2.BORDER_REPLICATE
+) -> np.ndarray:
     """``picture`` moved so that result(p) = picture(p + shift) (what comes in: ``border``)."""
     if shift == (0, 0):
         return picture
@@ -585,11 +635,19 @@ def shift_picture(picture: np.ndarray, shift: tuple[float, float],
     if border == cv2.BORDER_REPLICATE and picture.ndim == 2 and picture.dtype == np.float32:
         # The same bilinear translation as warpAffine (which replicates the border too, for
         # getRectSubPix), at a fraction of warpAffine's fixed cost on small pictures.
-        return cv2.getRectSubPix(picture, (width, height), ((width - 1) / 2 + float(shift[0]),
-                                                            (height - 1) / 2 + float(shift[1])))
+        return cv2.getRectSubPix(
+            picture,
+            (width, height),
+            ((width - 1) / 2 + float(shift[0]), (height - 1) / 2 + float(shift[1])),
+        )
     matrix = np.array([[1, 0, shift[0]], [0, 1, shift[1]]], np.float32)
-    return cv2.warpAffine(picture, matrix, (picture.shape[1], picture.shape[0]),
-                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=border)
+    return cv2.warpAffine(
+        picture,
+        matrix,
+        (picture.shape[1], picture.shape[0]),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=border,
+    )
 
 
 class HealthMonitor:
@@ -639,11 +697,18 @@ class HealthMonitor:
         self._last_signature = features.signature
         self._last_timestamp = timestamp
         self._apply_hysteresis(verdict, timestamp)
-        if (self._reason == REDIRECTED and verdict == REDIRECTED
-                and self.config.redirect_relearn_s > 0
-                and timestamp - self._since >= self.config.redirect_relearn_s):
-            log.warning("camera %s: redirected for %.1f s with a healthy picture: the new view "
-                        "is the reference now", self.camera, timestamp - self._since)
+        if (
+            self._reason == REDIRECTED
+            and verdict == REDIRECTED
+            and self.config.redirect_relearn_s > 0
+            and timestamp - self._since >= self.config.redirect_relearn_s
+        ):
+            log.warning(
+                "camera %s: redirected for %.1f s with a healthy picture: the new view "
+                "is the reference now",
+                self.camera,
+                timestamp - self._since,
+            )
             self._adopt(features)
         return self.health()
 
@@ -660,8 +725,7 @@ class HealthMonitor:
         """The current state without a new frame."""
         agreeing = sum(1 for v in self._recent if state_of(v or None) == self._state)
         confidence = agreeing / len(self._recent) if self._recent else 1.0
-        return CameraHealth(self._state, self._reason, self._since, confidence,
-                            dict(self._scores))
+        return CameraHealth(self._state, self._reason, self._since, confidence, dict(self._scores))
 
     def relearn(self) -> None:
         """Forget the reference (a camera re-aimed on purpose, a new scene) and warm up again.
@@ -679,15 +743,22 @@ class HealthMonitor:
     def _failure(self, frame: np.ndarray, features: Features) -> str | None:
         """noise, black, uniform or frozen from the frame itself (a frozen black frame is black)."""
         config = self.config
-        self._scores = {"mean": features.mean, "std": features.std,
-                        "noise_sigma": features.noise_sigma}
+        self._scores = {
+            "mean": features.mean,
+            "std": features.std,
+            "noise_sigma": features.noise_sigma,
+        }
         reference_noise = self.reference.noise_sigma if self.reference else 0.0
         repeat = self._is_repeat(frame, features.grey)
-        if (features.noise_sigma > config.noise_min_sigma
-                and features.noise_sigma > config.noise_min_ratio * reference_noise):
+        if (
+            features.noise_sigma > config.noise_min_sigma
+            and features.noise_sigma > config.noise_min_ratio * reference_noise
+        ):
             return NOISE
-        if (features.mean < config.black_max_mean
-                and features.bright_fraction < config.black_max_bright_fraction):
+        if (
+            features.mean < config.black_max_mean
+            and features.bright_fraction < config.black_max_bright_fraction
+        ):
             return BLACK
         if features.std < config.uniform_max_std:
             return UNIFORM
@@ -753,11 +824,15 @@ class HealthMonitor:
         changed = np.abs(change)
         brightness_ratio = (brightness + 5) / (gain * brightness_ref + 5)
         relit = (brightness_ratio > 1 / config.light_max_ratio) & (
-            brightness_ratio < config.light_max_ratio)  # a light change could explain it
+            brightness_ratio < config.light_max_ratio
+        )  # a light change could explain it
         flat_ref = known & (texture_ref <= config.texture_floor)
         covered = (textured & (kept < config.covered_ratio) & (changed > config.changed_level)) | (
-            flat_ref & (texture < config.texture_floor)
-            & (changed > config.flat_changed_level) & ~relit)
+            flat_ref
+            & (texture < config.texture_floor)
+            & (changed > config.flat_changed_level)
+            & ~relit
+        )
         # Cells that lost part of their texture and changed colour: a cover's soft edge, dirt.
         dimmed = textured & (kept < config.dirty_ratio) & (changed > config.dirty_changed_level)
         # The region's share of the cells that can be judged (a cover over a sky that is
@@ -771,14 +846,21 @@ class HealthMonitor:
         # could not be followed (a failure, a full cover) it may have moved on meanwhile as
         # far as a camera panning at ``track_speed`` would.
         blind = max(timestamp - self._tracked_at, 0.0)
-        search = MAX_SHIFT + min(math.ceil(config.track_speed * SIGNATURE_SIZE[0] * blind),
-                                 MAX_BLIND_SHIFT) if blind > 0.1 else MAX_SHIFT
+        search = (
+            MAX_SHIFT
+            + min(math.ceil(config.track_speed * SIGNATURE_SIZE[0] * blind), MAX_BLIND_SHIFT)
+            if blind > 0.1
+            else MAX_SHIFT
+        )
         sharpness_kept = features.fine / (features.coarse + 0.5) / (reference.sharpness + 1e-6)
         match = self._match_reference(features, blocks_clear, search)
         # Hysteresis: once the view left the reference at once, it must match it clearly to
         # count as back (a repetitive scene shifted far still matches half-way).
-        needed = (config.redirect_max_similarity if self._matched_last
-                  else config.redirect_return_similarity)
+        needed = (
+            config.redirect_max_similarity
+            if self._matched_last
+            else config.redirect_return_similarity
+        )
         if match.at_edge:  # a jump to the edge of the search (a knock): only a clear match
             needed = max(needed, config.redirect_return_similarity)
         matched = match.similarity is None or match.similarity >= needed
@@ -792,22 +874,38 @@ class HealthMonitor:
             # where no cell had texture to lose): occluded, not another view.
             seen = shift_picture(reference.signature, tuple(reference.offset))
             was = block_std(seen) >= config.structure_min_std
-            kept_structure = float((features.spread[was]
-                                    >= config.structure_min_std / 2).mean()) if was.any() else 1.0
+            kept_structure = (
+                float((features.spread[was] >= config.structure_min_std / 2).mean())
+                if was.any()
+                else 1.0
+            )
             self._scores["structure_kept"] = kept_structure
             if kept_structure < config.cover_max_structure:
-                self._follow(features, (texture, brightness), False, OCCLUDED,
-                             np.zeros_like(textured), ~_blocks_to_pixels(blocks_clear))
+                self._follow(
+                    features,
+                    (texture, brightness),
+                    False,
+                    OCCLUDED,
+                    np.zeros_like(textured),
+                    ~_blocks_to_pixels(blocks_clear),
+                )
                 return OCCLUDED
         # Covered blocks are left out of the match, so a view that still does not match is
         # another view whatever its cells say (they were compared with the old view).
         if not matched and sharp and self._last_signature is not None:
-            previous = match_view(features.signature, self._last_signature, blocks_clear,
-                                  config.structure_min_std, current_spread=features.spread)
-            self._scores["previous_similarity"] = (-1.0 if previous.similarity is None
-                                                   else previous.similarity)
+            previous = match_view(
+                features.signature,
+                self._last_signature,
+                blocks_clear,
+                config.structure_min_std,
+                current_spread=features.spread,
+            )
+            self._scores["previous_similarity"] = (
+                -1.0 if previous.similarity is None else previous.similarity
+            )
             if previous.similarity is not None and previous.similarity < (
-                    config.redirect_max_similarity):
+                config.redirect_max_similarity
+            ):
                 # A cut: the view differs from the reference and from the previous frame. The
                 # per-cell reference described another view; judge this one from scratch.
                 first = self._matched_last
@@ -821,10 +919,17 @@ class HealthMonitor:
             # motion counts: most of the view agrees on the shift and it is no faster than a
             # pan (a passer-by filling a plain view moves faster).
             step = math.hypot(*previous.shift)
-            fastest = 2 * config.track_speed * SIGNATURE_SIZE[0] * max(
-                timestamp - self._last_timestamp, 0.0)
-            own_motion = (previous.similarity is not None and step <= fastest
-                          and previous.similarity >= config.redirect_return_similarity)
+            fastest = (
+                2
+                * config.track_speed
+                * SIGNATURE_SIZE[0]
+                * max(timestamp - self._last_timestamp, 0.0)
+            )
+            own_motion = (
+                previous.similarity is not None
+                and step <= fastest
+                and previous.similarity >= config.redirect_return_similarity
+            )
             if reference.cells_on_reference:
                 # The cells are still the reference's (a cover came, no cut): they move with
                 # the reference or not at all, so they never have to be re-learned from a
@@ -845,26 +950,37 @@ class HealthMonitor:
         if self._short_texture is None or self._short_texture.shape != texture.shape:
             self._short_texture = texture.copy()
         else:
-            self._short_texture += config.short_term_rate * (texture
-                                                             - self._short_texture)
+            self._short_texture += config.short_term_rate * (texture - self._short_texture)
         short_kept = self._short_texture / (around * ratio + 1e-3)
-        degraded = (textured & (np.maximum(short_kept, kept) < config.dirty_ratio)
-                    & (changed > config.dirty_changed_level) & ~region)
+        degraded = (
+            textured
+            & (np.maximum(short_kept, kept) < config.dirty_ratio)
+            & (changed > config.dirty_changed_level)
+            & ~region
+        )
         degraded_fraction = np.count_nonzero(degraded) / max(int(np.count_nonzero(textured)), 1)
         coarse_kept = features.coarse / max(features.mean, 1.0) / (reference.coarse + 1e-6)
         # A cover is bare (featureless); dirt lets some texture through.
         bare_cells = covered & ((kept < config.cover_flat_ratio) | (texture < config.texture_floor))
         bare = _share(bare_cells[region]) if region.any() else 0.0
-        self._scores.update(gain=gain, covered_fraction=region_fraction, bare_fraction=bare,
-                            degraded_fraction=degraded_fraction,
-                            sharpness_kept=sharpness_kept, coarse_kept=coarse_kept,
-                            similarity=-1.0 if match.similarity is None else match.similarity)
+        self._scores.update(
+            gain=gain,
+            covered_fraction=region_fraction,
+            bare_fraction=bare,
+            degraded_fraction=degraded_fraction,
+            sharpness_kept=sharpness_kept,
+            coarse_kept=coarse_kept,
+            similarity=-1.0 if match.similarity is None else match.similarity,
+        )
         # Fine detail lost over the whole view: a blur keeps the coarse contrast, dirt adds
         # some (the edges of its spots), a cover takes it away.
-        lost_detail = (sharpness_kept < config.defocus_max_ratio
-                       and cv2.mean(features.clipped)[0] < reference.clipped + config.max_clipped)
+        lost_detail = (
+            sharpness_kept < config.defocus_max_ratio
+            and cv2.mean(features.clipped)[0] < reference.clipped + config.max_clipped
+        )
         blurred = lost_detail and (
-            config.defocus_min_coarse <= coarse_kept <= config.dirty_min_coarse)
+            config.defocus_min_coarse <= coarse_kept <= config.dirty_min_coarse
+        )
         verdict: str | None = None
         if blurred and sharpness_kept < config.defocus_max_ratio / 2:
             verdict = DEFOCUSED  # so little detail left that bare cells are the blur's
@@ -872,8 +988,11 @@ class HealthMonitor:
             verdict = OCCLUDED
         elif blurred:
             verdict = DEFOCUSED
-        elif (lost_detail and coarse_kept > config.dirty_min_coarse) or cover or (
-                degraded_fraction >= config.dirty_min_fraction):
+        elif (
+            (lost_detail and coarse_kept > config.dirty_min_coarse)
+            or cover
+            or (degraded_fraction >= config.dirty_min_fraction)
+        ):
             verdict = DIRTY  # a haze with spots, a region that kept some texture, dimmed cells
         elif not matched:
             verdict = REDIRECTED
@@ -881,12 +1000,24 @@ class HealthMonitor:
         # brightness within what a light change does): a passer-by, a cover or dirt is never
         # learned as normal; a lasting change is absorbed at ``absorb_rate``.
         short_ratio = self._short_texture / (texture_ref * ratio + 1e-3)
-        agree = np.where(texture_ref > config.texture_floor,
-                         (short_ratio >= 0.5) & (short_ratio <= 2.0),
-                         self._short_texture < config.texture_floor) & relit & exposed
+        agree = (
+            np.where(
+                texture_ref > config.texture_floor,
+                (short_ratio >= 0.5) & (short_ratio <= 2.0),
+                self._short_texture < config.texture_floor,
+            )
+            & relit
+            & exposed
+        )
         self._scores["agreeing_fraction"] = _share(agree)
-        self._follow(features, (texture, brightness), matched and match.similarity is not None,
-                     verdict, agree, ~_blocks_to_pixels(blocks_clear))
+        self._follow(
+            features,
+            (texture, brightness),
+            matched and match.similarity is not None,
+            verdict,
+            agree,
+            ~_blocks_to_pixels(blocks_clear),
+        )
         return verdict
 
     # -- reference ---------------------------------------------------------------------------
@@ -906,7 +1037,8 @@ class HealthMonitor:
                 sharpness=features.fine / (features.coarse + 0.5),
                 coarse=features.coarse / max(features.mean, 1.0),
                 clipped=cv2.mean(features.clipped)[0],
-                noise_sigma=features.noise_sigma)
+                noise_sigma=features.noise_sigma,
+            )
             return
         reference = self.reference
         reference.frames += 1
@@ -915,13 +1047,17 @@ class HealthMonitor:
         warm = 1.0 / reference.frames
         usable = np.ones(BLOCKS[::-1], bool)
         match = self._match_reference(features, usable, MAX_SHIFT)
-        needed = (self.config.redirect_return_similarity if match.at_edge
-                  else self.config.redirect_max_similarity)
+        needed = (
+            self.config.redirect_return_similarity
+            if match.at_edge
+            else self.config.redirect_max_similarity
+        )
         if match.similarity is not None and match.similarity >= needed:
             self._track_reference(features, match.shift)
         self._blend_signature(features, max(self.config.structure_rate, warm), None)
-        self._blend_cells(cell_maps(features, reference.cell_offset),
-                          max(self.config.cell_rate, warm))
+        self._blend_cells(
+            cell_maps(features, reference.cell_offset), max(self.config.cell_rate, warm)
+        )
         self._blend_levels(features, max(self.config.level_rate, warm))
 
     def _match_reference(self, features: Features, usable: np.ndarray, search: int) -> Match:
@@ -929,8 +1065,9 @@ class HealthMonitor:
         reference = self.reference
         assert reference is not None
         seen = shift_picture(reference.signature, tuple(reference.offset))
-        return match_view(features.signature, seen, usable, self.config.structure_min_std,
-                          search, features.spread)
+        return match_view(
+            features.signature, seen, usable, self.config.structure_min_std, search, features.spread
+        )
 
     def _track_reference(self, features: Features, shift: tuple[float, float]) -> None:
         """The view matched the reference at ``offset + shift``: follow it (cells as well)."""
@@ -972,8 +1109,15 @@ class HealthMonitor:
         if self._short_texture is not None:
             self._short_texture = _roll_cells(self._short_texture[:, :, None], dx, dy)[:, :, 0]
 
-    def _follow(self, features: Features, maps: tuple[np.ndarray, np.ndarray], matched: bool,
-                verdict: str | None, agree: np.ndarray, hidden_pixels: np.ndarray) -> None:
+    def _follow(
+        self,
+        features: Features,
+        maps: tuple[np.ndarray, np.ndarray],
+        matched: bool,
+        verdict: str | None,
+        agree: np.ndarray,
+        hidden_pixels: np.ndarray,
+    ) -> None:
         """Let each part of the reference learn what is healthy for it.
 
         Under a fault verdict the coarse picture (outside covered blocks) and the levels
@@ -987,8 +1131,9 @@ class HealthMonitor:
         self._blend_levels(features, config.level_rate * (1.0 if healthy_picture else SLOW))
         self._blend_cells(maps, np.where(agree, config.cell_rate, config.absorb_rate))
 
-    def _blend_signature(self, features: Features, rate: float,
-                         hidden_pixels: np.ndarray | None) -> None:
+    def _blend_signature(
+        self, features: Features, rate: float, hidden_pixels: np.ndarray | None
+    ) -> None:
         """The coarse picture learns the current view, read at the offset."""
         reference = self.reference
         assert reference is not None
@@ -1016,8 +1161,9 @@ class HealthMonitor:
         """Sharpness, coarse contrast and noise level learn from a healthy frame."""
         reference = self.reference
         assert reference is not None
-        reference.sharpness += rate * (features.fine / (features.coarse + 0.5)
-                                       - reference.sharpness)
+        reference.sharpness += rate * (
+            features.fine / (features.coarse + 0.5) - reference.sharpness
+        )
         reference.coarse += rate * (features.coarse / max(features.mean, 1.0) - reference.coarse)
         reference.noise_sigma += rate * (features.noise_sigma - reference.noise_sigma)
         reference.clipped += rate * (cv2.mean(features.clipped)[0] - reference.clipped)
@@ -1028,8 +1174,7 @@ class HealthMonitor:
         assert reference is not None
         offset = reference.offset.astype(float) if on_reference else np.zeros(2)
         texture, brightness = cell_maps(features, offset)
-        reference.cells = np.dstack([texture, brightness, np.ones_like(texture)]).astype(
-            np.float32)
+        reference.cells = np.dstack([texture, brightness, np.ones_like(texture)]).astype(np.float32)
         reference.cell_offset = offset
         reference.cells_on_reference = on_reference
         self._short_texture = texture.copy()
@@ -1067,8 +1212,11 @@ class HealthMonitor:
         self._run[verdict] += 1
         self._run_length += 1
         reason = self._run.most_common(1)[0][0]
-        needed = (self.config.confirm_failed_frames if state_of(reason) == FAILED
-                  else self.config.confirm_obstructed_frames)
+        needed = (
+            self.config.confirm_failed_frames
+            if state_of(reason) == FAILED
+            else self.config.confirm_obstructed_frames
+        )
         if self._run_length >= needed:
             self._declare(reason, timestamp)
 
@@ -1093,8 +1241,9 @@ class HealthMonitor:
 
 def _cells_of(features: Features, known: float) -> np.ndarray:
     """The per-cell reference channels of one frame: texture, brightness, known."""
-    return np.dstack([features.texture, features.brightness,
-                      np.full_like(features.texture, known)]).astype(np.float32)
+    return np.dstack(
+        [features.texture, features.brightness, np.full_like(features.texture, known)]
+    ).astype(np.float32)
 
 
 def _in_view(offset: np.ndarray) -> np.ndarray:
@@ -1116,8 +1265,7 @@ def _in_view(offset: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _in_view_mask(first_column: int, last_column: int, first_row: int, last_row: int
-                  ) -> np.ndarray:
+def _in_view_mask(first_column: int, last_column: int, first_row: int, last_row: int) -> np.ndarray:
     """GRID mask of the cells in [first, last] of both axes (read-only: it is shared)."""
     mask = np.zeros(GRID[::-1], bool)
     if first_column <= last_column and first_row <= last_row:
@@ -1137,7 +1285,8 @@ def _roll_cells(cells: np.ndarray, dx: int, dy: int) -> np.ndarray:
     rolled = cells[ys][:, xs].copy()
     if rolled.shape[2] == 3:
         outside = ((np.arange(rows) + dy < 0) | (np.arange(rows) + dy >= rows))[:, None] | (
-            (np.arange(columns) + dx < 0) | (np.arange(columns) + dx >= columns))[None, :]
+            (np.arange(columns) + dx < 0) | (np.arange(columns) + dx >= columns)
+        )[None, :]
         rolled[outside, 2] = 0.0
     return rolled
 
@@ -1151,8 +1300,7 @@ def _largest_region(mask: np.ndarray) -> tuple[np.ndarray, float]:
     """The largest 8-connected region of ``mask`` and its share of all cells."""
     if not mask.any():
         return mask, 0.0
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
-                                                           connectivity=8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     return labels == largest, float(stats[largest, cv2.CC_STAT_AREA]) / mask.size
 

@@ -24,19 +24,40 @@ RULES = ("round_robin", "priority", "random")
 class TransmitPolicyConfig:
     """How many views to send at most; ``None`` everywhere means send every usable view."""
 
-    max_views: int | None = field(default=None, metadata=option(
-        "send at most K usable views per frame set", default_text="every usable view",
-        metavar="K"))
-    budget_bytes: int | None = field(default=None, metadata=option(
-        "latent bytes per frame set at most (at least one view is sent)",
-        default_text="no budget", metavar="BYTES"))
-    rule: str = field(default="round_robin", metadata=option(
-        "which usable views to withhold under a limit", flag="--withhold-rule",
-        choices=RULES))
-    priority: tuple[int, ...] = field(default=(), metadata=option(
-        "camera numbers kept first by --withhold-rule priority, e.g. 0,2", metavar="N,..."))
-    seed: int = field(default=0, metadata=option(
-        "random seed of --withhold-rule random", flag="--withhold-seed", metavar="N"))
+    max_views: int | None = field(
+        default=None,
+        metadata=option(
+            "send at most K usable views per frame set",
+            default_text="every usable view",
+            metavar="K",
+        ),
+    )
+    budget_bytes: int | None = field(
+        default=None,
+        metadata=option(
+            "latent bytes per frame set at most (at least one view is sent)",
+            default_text="no budget",
+            metavar="BYTES",
+        ),
+    )
+    rule: str = field(
+        default="round_robin",
+        metadata=option(
+            "which usable views to withhold under a limit", flag="--withhold-rule", choices=RULES
+        ),
+    )
+    priority: tuple[int, ...] = field(
+        default=(),
+        metadata=option(
+            "camera numbers kept first by --withhold-rule priority, e.g. 0,2", metavar="N,..."
+        ),
+    )
+    seed: int = field(
+        default=0,
+        metadata=option(
+            "random seed of --withhold-rule random", flag="--withhold-seed", metavar="N"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:

@@ -74,8 +74,10 @@ class EngineKey:
         """File-name stem: readable and unique per key."""
         major, minor = self.gpu.compute_capability
         gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.name.lower()).strip("-") or "gpu"
-        return (f"{self.part}-{self.onnx_fingerprint[:16]}-{self.precision}"
-                f"-trt{self.tensorrt_version}-sm{major}{minor}-{gpu}")
+        return (
+            f"{self.part}-{self.onnx_fingerprint[:16]}-{self.precision}"
+            f"-trt{self.tensorrt_version}-sm{major}{minor}-{gpu}"
+        )
 
     def engine_path(self, cache_dir: str | Path) -> Path:
         """Where the engine with this key lives in ``cache_dir``."""
@@ -94,8 +96,9 @@ def sidecar_path(engine: str | Path) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
-def write_engine_sidecar(engine: Path, key: EngineKey, metadata: dict[str, str],
-                         extra: dict[str, Any]) -> Path:
+def write_engine_sidecar(
+    engine: Path, key: EngineKey, metadata: dict[str, str], extra: dict[str, Any]
+) -> Path:
     """The sidecar: the key, the export's ``mvld.*`` metadata and build facts."""
     path = sidecar_path(engine)
     path.write_text(json.dumps({"key": key.to_dict(), "metadata": metadata, **extra}, indent=1))
@@ -106,8 +109,10 @@ def read_engine_sidecar(engine: str | Path) -> dict[str, str]:
     """The ``mvld.*`` metadata of the ONNX an engine was built from."""
     path = sidecar_path(engine)
     if not path.is_file():
-        raise ConfigError(f"{engine}: no sidecar {path.name} (engines must be built by "
-                          "mvld-export trt, which writes it)")
+        raise ConfigError(
+            f"{engine}: no sidecar {path.name} (engines must be built by "
+            "mvld-export trt, which writes it)"
+        )
     try:
         metadata = json.loads(path.read_text())["metadata"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -125,14 +130,18 @@ def onnx_fingerprint_beside(onnx_path: Path) -> str:
     return path.read_text().split()[0]
 
 
-def find_cached_engine(onnx_path: Path, part: str, tensorrt_version: str, gpu: GpuIdentity,
-                       cache_dir: Path | None = None) -> Path | None:
+def find_cached_engine(
+    onnx_path: Path,
+    part: str,
+    tensorrt_version: str,
+    gpu: GpuIdentity,
+    cache_dir: Path | None = None,
+) -> Path | None:
     """The cached engine for this ONNX, TensorRT and GPU, fp16 preferred; ``None`` if none."""
     cache_dir = cache_dir or onnx_path.parent / ENGINE_DIR
     fingerprint = onnx_fingerprint_beside(onnx_path)
     for precision in PRECISIONS:
-        path = EngineKey(part, fingerprint, precision, tensorrt_version, gpu).engine_path(
-            cache_dir)
+        path = EngineKey(part, fingerprint, precision, tensorrt_version, gpu).engine_path(cache_dir)
         if path.is_file():
             return path
     return None
@@ -146,11 +155,14 @@ def import_tensorrt() -> ModuleType:
     try:
         import tensorrt
     except ImportError as exc:
-        raise TensorRTError(f"TensorRT is not installed ({exc}); on Jetson it comes with "
-                            "JetPack (python3-libnvinfer), on x86 from NVIDIA's wheels") from exc
+        raise TensorRTError(
+            f"TensorRT is not installed ({exc}); on Jetson it comes with "
+            "JetPack (python3-libnvinfer), on x86 from NVIDIA's wheels"
+        ) from exc
     if not hasattr(tensorrt, "Builder"):
-        raise TensorRTError("the installed 'tensorrt' is a placeholder package without the "
-                            "TensorRT libraries")
+        raise TensorRTError(
+            "the installed 'tensorrt' is a placeholder package without the TensorRT libraries"
+        )
     return tensorrt
 
 
@@ -287,8 +299,10 @@ def cuda_api() -> CudaPython | PyCuda:
             return api()
         except ImportError as exc:
             errors.append(f"{api.name}: {exc}")
-    raise TensorRTError("no CUDA Python bindings: install cuda-python (pip install "
-                        f"cuda-python) or pycuda ({'; '.join(errors)})")
+    raise TensorRTError(
+        "no CUDA Python bindings: install cuda-python (pip install "
+        f"cuda-python) or pycuda ({'; '.join(errors)})"
+    )
 
 
 def tensorrt_unavailable_reason(gpu: int = 0) -> str | None:
@@ -304,16 +318,19 @@ def tensorrt_unavailable_reason(gpu: int = 0) -> str | None:
     return None
 
 
-def engine_for_onnx(onnx_path: Path, gpu: int = 0, part: str = "encoder",
-                    cache_dir: Path | None = None) -> tuple[Path | None, str]:
+def engine_for_onnx(
+    onnx_path: Path, gpu: int = 0, part: str = "encoder", cache_dir: Path | None = None
+) -> tuple[Path | None, str]:
     """The cached engine for ``onnx_path`` on this GPU and TensorRT, or ``None`` and why."""
     trt = import_tensorrt()
     identity = cuda_api().gpu(gpu)
     engine = find_cached_engine(onnx_path, part, trt.__version__, identity, cache_dir)
     if engine is None:
-        return None, (f"no engine for {onnx_path.name} built with TensorRT {trt.__version__} on "
-                      f"{identity.name}; build one on this device with `mvld-export trt "
-                      f"--onnx {onnx_path}`")
+        return None, (
+            f"no engine for {onnx_path.name} built with TensorRT {trt.__version__} on "
+            f"{identity.name}; build one on this device with `mvld-export trt "
+            f"--onnx {onnx_path}`"
+        )
     return engine, f"cached engine for TensorRT {trt.__version__} on {identity.name}"
 
 
@@ -351,16 +368,18 @@ class TensorRTRunner:
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise TensorRTError(f"{path}: TensorRT could not deserialise the engine (built for "
-                                "another GPU or TensorRT version? rebuild with mvld-export trt)")
+            raise TensorRTError(
+                f"{path}: TensorRT could not deserialise the engine (built for "
+                "another GPU or TensorRT version? rebuild with mvld-export trt)"
+            )
         self.context = self.engine.create_execution_context()
         self.stream = self.cuda.stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        input_names = [n for n in names
-                       if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         for name in input_names:  # maximum shapes of profile 0 size every buffer
-            self.context.set_input_shape(name, tuple(self.engine.get_tensor_profile_shape(
-                name, 0)[2]))
+            self.context.set_input_shape(
+                name, tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
+            )
         self.max_batch = int(self.context.get_tensor_shape(input_names[0])[0])
         self.inputs = [self._binding(trt, n) for n in input_names]
         self.outputs = [self._binding(trt, n) for n in names if n not in input_names]
@@ -397,11 +416,12 @@ class TensorRTRunner:
         for binding in self.outputs:
             shape = tuple(self.context.get_tensor_shape(binding.name))
             shapes.append(shape)
-            self.cuda.dtoh_async(binding.host[: int(np.prod(shape))], binding.device,
-                                 self.stream)
+            self.cuda.dtoh_async(binding.host[: int(np.prod(shape))], binding.device, self.stream)
         self.cuda.synchronize(self.stream)
-        return [b.host[: int(np.prod(s))].reshape(s).astype(np.float32)
-                for b, s in zip(self.outputs, shapes, strict=True)]
+        return [
+            b.host[: int(np.prod(s))].reshape(s).astype(np.float32)
+            for b, s in zip(self.outputs, shapes, strict=True)
+        ]
 
     def close(self) -> None:
         """Free the buffers and the stream (the engine goes with the object); idempotent."""

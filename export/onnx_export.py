@@ -118,8 +118,12 @@ def _quiet_exporter() -> Iterator[None]:
     torch_onnx_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            for category in (DeprecationWarning, FutureWarning, UserWarning,
-                             torch.jit.TracerWarning):
+            for category in (
+                DeprecationWarning,
+                FutureWarning,
+                UserWarning,
+                torch.jit.TracerWarning,
+            ):
                 warnings.simplefilter("ignore", category)
             yield
     finally:
@@ -133,37 +137,61 @@ def _export_errors(part: str, opset: int, exporter: str) -> Iterator[None]:
         yield
     except torch.onnx.errors.OnnxExporterError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"{part}: the {exporter} exporter failed at opset {opset}: {first} "
-                          "(try another --opset or --exporter)") from exc
+        raise ExportError(
+            f"{part}: the {exporter} exporter failed at opset {opset}: {first} "
+            "(try another --opset or --exporter)"
+        ) from exc
 
 
-def _to_onnx_bytes(module: nn.Module, example: tuple[torch.Tensor, ...], spec: GraphSpec,
-                   opset: int, exporter: str) -> bytes:
+def _to_onnx_bytes(
+    module: nn.Module, example: tuple[torch.Tensor, ...], spec: GraphSpec, opset: int, exporter: str
+) -> bytes:
     """Trace ``module`` into an in-memory ONNX model with a dynamic batch axis."""
     names = (*spec.inputs, *spec.outputs)
     # both exporters write to a path (torch documents no file objects); the bytes are read back
-    with tempfile.TemporaryDirectory(prefix="mvld-export-") as tmp, _quiet_exporter(), \
-            _export_errors(spec.part, opset, exporter):
+    with (
+        tempfile.TemporaryDirectory(prefix="mvld-export-") as tmp,
+        _quiet_exporter(),
+        _export_errors(spec.part, opset, exporter),
+    ):
         path = Path(tmp) / f"{spec.part}.onnx"
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
             program = torch.onnx.export(
-                module, example, input_names=list(spec.inputs), output_names=list(spec.outputs),
-                dynamic_shapes=tuple({0: batch} for _ in spec.inputs), opset_version=opset,
-                dynamo=True, external_data=False, verbose=False)
+                module,
+                example,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_shapes=tuple({0: batch} for _ in spec.inputs),
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
             if program is None:
                 raise ExportError(f"{spec.part}: the dynamo exporter returned no program")
             program.save(path, external_data=False)
         else:
             torch.onnx.export(
-                module, example, path, input_names=list(spec.inputs),
-                output_names=list(spec.outputs), dynamic_axes={n: {0: "batch"} for n in names},
-                opset_version=opset, dynamo=False)
+                module,
+                example,
+                path,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes={n: {0: "batch"} for n in names},
+                opset_version=opset,
+                dynamo=False,
+            )
         return path.read_bytes()
 
 
-def check_parity(model_bytes: bytes, module: nn.Module, inputs: list[tuple[np.ndarray, ...]],
-                 spec: GraphSpec, tolerance: float) -> float:
+def check_parity(
+    model_bytes: bytes,
+    module: nn.Module,
+    inputs: list[tuple[np.ndarray, ...]],
+    spec: GraphSpec,
+    tolerance: float,
+) -> float:
     """Max abs error of ORT vs torch over ``inputs``; raise ``ParityError`` above ``tolerance``."""
     try:
         session = ort_session(model_bytes)
@@ -182,17 +210,27 @@ def check_parity(model_bytes: bytes, module: nn.Module, inputs: list[tuple[np.nd
             raise ParityError(f"{spec.part}: ONNX output shape {got.shape} != torch {want.shape}")
         worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))))
     if not np.isfinite(worst) or worst > tolerance:
-        raise ParityError(f"{spec.part}: ONNX Runtime differs from torch by max abs error "
-                          f"{worst:.3g} > tolerance {tolerance:.3g}")
+        raise ParityError(
+            f"{spec.part}: ONNX Runtime differs from torch by max abs error "
+            f"{worst:.3g} > tolerance {tolerance:.3g}"
+        )
     return worst
 
 
 # ---------------------------------------------------------------- parity inputs
 
 
-def parity_inputs(encoder: nn.Module, preprocess: PreprocessConfig, views: int,
-                  stats: LatentStats | None, sde: VPSDE | None, *, frames: Path | None,
-                  sets: int = 4, seed: int = 0) -> ParityInputs:
+def parity_inputs(
+    encoder: nn.Module,
+    preprocess: PreprocessConfig,
+    views: int,
+    stats: LatentStats | None,
+    sde: VPSDE | None,
+    *,
+    frames: Path | None,
+    sets: int = 4,
+    seed: int = 0,
+) -> ParityInputs:
     """Real frames -> preprocessed images, their latents and noised latents for the score net."""
     if frames is not None:
         raw = frames_from_dataset(frames, sets, views)
@@ -270,15 +308,34 @@ def _load(checkpoint: Path) -> _LoadedModel:
     latent_shape = AutoencoderConfig.from_dict(config["autoencoder"]).latent_shape
     if config["kind"] == "autoencoder":
         autoencoder, preprocess, fingerprint = load_autoencoder(checkpoint)
-        return _LoadedModel(autoencoder.encoder, autoencoder.decoder, None,
-                            preprocess, fingerprint, 3, shared, latent_shape)
+        return _LoadedModel(
+            autoencoder.encoder,
+            autoencoder.decoder,
+            None,
+            preprocess,
+            fingerprint,
+            3,
+            shared,
+            latent_shape,
+        )
     model = load_mvld_model(checkpoint)
-    shared |= {"mvld.score_net": json.dumps(model.score_net.config.to_dict(), sort_keys=True),
-               "mvld.sde": json.dumps(model.sde.to_dict(), sort_keys=True),
-               "mvld.latent_stats": json.dumps(model.latent_stats.to_dict())}
-    return _LoadedModel(model.autoencoder.encoder, model.autoencoder.decoder,
-                        model.score_net, model.preprocess, model.fingerprint, model.num_views,
-                        shared, latent_shape, model.latent_stats, model.sde)
+    shared |= {
+        "mvld.score_net": json.dumps(model.score_net.config.to_dict(), sort_keys=True),
+        "mvld.sde": json.dumps(model.sde.to_dict(), sort_keys=True),
+        "mvld.latent_stats": json.dumps(model.latent_stats.to_dict()),
+    }
+    return _LoadedModel(
+        model.autoencoder.encoder,
+        model.autoencoder.decoder,
+        model.score_net,
+        model.preprocess,
+        model.fingerprint,
+        model.num_views,
+        shared,
+        latent_shape,
+        model.latent_stats,
+        model.sde,
+    )
 
 
 def _part_arrays(part: str, inputs: ParityInputs) -> tuple[np.ndarray, ...]:
@@ -297,33 +354,50 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def export_part(loaded: _LoadedModel, part: str, inputs: ParityInputs, out_dir: Path,
-                options: ExportOptions) -> ExportedGraph:
+def export_part(
+    loaded: _LoadedModel, part: str, inputs: ParityInputs, out_dir: Path, options: ExportOptions
+) -> ExportedGraph:
     """Export one part, check ORT parity on the final bytes, then write it and its sha256."""
     spec = GRAPHS[part]
-    module = {"encoder": loaded.encoder, "decoder": loaded.decoder,
-              "score_net": loaded.score_net}[part]
+    module = {"encoder": loaded.encoder, "decoder": loaded.decoder, "score_net": loaded.score_net}[
+        part
+    ]
     if module is None:
-        raise ExportError(f"{part}: the checkpoint has none (an autoencoder checkpoint holds "
-                          "only the encoder and the decoder)")
+        raise ExportError(
+            f"{part}: the checkpoint has none (an autoencoder checkpoint holds "
+            "only the encoder and the decoder)"
+        )
     arrays = _part_arrays(part, inputs)
     example = tuple(torch.from_numpy(a[:2]) for a in arrays)
     proto = onnx.load_model_from_string(
-        _to_onnx_bytes(module, example, spec, options.opset, options.exporter))
+        _to_onnx_bytes(module, example, spec, options.opset, options.exporter)
+    )
     if any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
         raise ExportError(f"{part}: the exported graph keeps weights outside the file")
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if opset != options.opset:
-        log.warning("%s: opset %d requested, the %s exporter wrote opset %d", part,
-                    options.opset, options.exporter, opset)
+        log.warning(
+            "%s: opset %d requested, the %s exporter wrote opset %d",
+            part,
+            options.opset,
+            options.exporter,
+            opset,
+        )
     proto.doc_string = f"MVLD {part}: inputs {spec.inputs} -> outputs {spec.outputs}"
-    set_metadata(proto, {
-        **loaded.description, "mvld.format_version": str(EXPORT_FORMAT_VERSION),
-        "mvld.part": part, "mvld.encoder_fingerprint": loaded.fingerprint,
-        "mvld.preprocess": json.dumps(loaded.preprocess.to_dict(), sort_keys=True),
-        "mvld.opset": str(opset), "mvld.exporter": options.exporter,
-        "mvld.torch_version": torch.__version__,
-        "mvld.parity_tolerance": repr(options.tolerance)})
+    set_metadata(
+        proto,
+        {
+            **loaded.description,
+            "mvld.format_version": str(EXPORT_FORMAT_VERSION),
+            "mvld.part": part,
+            "mvld.encoder_fingerprint": loaded.fingerprint,
+            "mvld.preprocess": json.dumps(loaded.preprocess.to_dict(), sort_keys=True),
+            "mvld.opset": str(opset),
+            "mvld.exporter": options.exporter,
+            "mvld.torch_version": torch.__version__,
+            "mvld.parity_tolerance": repr(options.tolerance),
+        },
+    )
     fingerprint = model_fingerprint(proto)
     set_metadata(proto, {FINGERPRINT_KEY: fingerprint})
     data = proto.SerializeToString(deterministic=True)
@@ -332,15 +406,26 @@ def export_part(loaded: _LoadedModel, part: str, inputs: ParityInputs, out_dir: 
     _write_atomic(path, data)
     _write_atomic(path.with_name(path.name + ".sha256"), f"{fingerprint}\n".encode())
     batches = tuple(len(a[0]) for a in _batches(arrays))
-    log.info("%s: %s (opset %d, %s exporter), ORT vs torch max abs error %.3g on batches %s",
-             part, path, opset, options.exporter, error, batches)
-    return ExportedGraph(part, str(path), fingerprint, hashlib.sha256(data).hexdigest(),
-                         error, batches, opset)
+    log.info(
+        "%s: %s (opset %d, %s exporter), ORT vs torch max abs error %.3g on batches %s",
+        part,
+        path,
+        opset,
+        options.exporter,
+        error,
+        batches,
+    )
+    return ExportedGraph(
+        part, str(path), fingerprint, hashlib.sha256(data).hexdigest(), error, batches, opset
+    )
 
 
-def export_model(checkpoint: str | Path, out_dir: str | Path,
-                 options: ExportOptions | None = None,
-                 progress: Callable[[str], None] | None = None) -> list[ExportedGraph]:
+def export_model(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    options: ExportOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[ExportedGraph]:
     """Export every requested part of a checkpoint to ``out_dir`` plus ``manifest.json``."""
     options = options or ExportOptions()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -352,15 +437,24 @@ def export_model(checkpoint: str | Path, out_dir: str | Path,
         report("the checkpoint holds an autoencoder only: the score network is not exported")
     source = options.frames or "the simulated rig"
     report(f"parity inputs: {options.parity_sets} frame sets from {source}")
-    inputs = parity_inputs(loaded.encoder, loaded.preprocess, loaded.views, loaded.stats,
-                           loaded.sde, frames=options.frames, sets=options.parity_sets)
+    inputs = parity_inputs(
+        loaded.encoder,
+        loaded.preprocess,
+        loaded.views,
+        loaded.stats,
+        loaded.sde,
+        frames=options.frames,
+        sets=options.parity_sets,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     exported = []
     for part in parts:
         report(f"exporting {part} ({options.exporter} exporter, opset {options.opset})")
         exported.append(export_part(loaded, part, inputs, out_dir, options))
-        report(f"{part}: max abs error {exported[-1].max_abs_error:.3g} "
-               f"(tolerance {options.tolerance:.3g}) -> {exported[-1].path}")
+        report(
+            f"{part}: max abs error {exported[-1].max_abs_error:.3g} "
+            f"(tolerance {options.tolerance:.3g}) -> {exported[-1].path}"
+        )
     _write_manifest(out_dir, checkpoint, loaded, exported, options)
     report(f"model descriptor -> {write_descriptor(out_dir, loaded, exported)}")
     return exported
@@ -374,27 +468,42 @@ def model_descriptor(loaded: _LoadedModel, exported: list[ExportedGraph]) -> dic
     """
     shape = [int(d) for d in loaded.latent_shape]
     elements = int(np.prod(shape))
-    files = {g.part: {"file": Path(g.path).name, "file_sha256": g.file_sha256,
-                      "onnx_fingerprint": g.fingerprint} for g in exported}
+    files = {
+        g.part: {
+            "file": Path(g.path).name,
+            "file_sha256": g.file_sha256,
+            "onnx_fingerprint": g.fingerprint,
+        }
+        for g in exported
+    }
     return {
-        "format": DESCRIPTOR_FORMAT, "format_version": DESCRIPTOR_VERSION,
+        "format": DESCRIPTOR_FORMAT,
+        "format_version": DESCRIPTOR_VERSION,
         "protocol_versions": list(SUPPORTED_VERSIONS),
         "encoder_fingerprint": loaded.fingerprint,
         "wire_fingerprint": wire_fingerprint(loaded.fingerprint),
         "wire_fingerprint_bytes": FINGERPRINT_BYTES,
         "num_views": loaded.views,
         "cameras": [f"cam{i}" for i in range(loaded.views)],
-        "latent": {"shape": shape, "elements": elements, "v1_shape": [elements],
-                   "dtypes": sorted(LATENT_DTYPES), "default_dtype": DEFAULT_LATENT_DTYPE},
-        "image": {"height": loaded.preprocess.height, "width": loaded.preprocess.width,
-                  "channels": 3, "dtype": "uint8"},
+        "latent": {
+            "shape": shape,
+            "elements": elements,
+            "v1_shape": [elements],
+            "dtypes": sorted(LATENT_DTYPES),
+            "default_dtype": DEFAULT_LATENT_DTYPE,
+        },
+        "image": {
+            "height": loaded.preprocess.height,
+            "width": loaded.preprocess.width,
+            "channels": 3,
+            "dtype": "uint8",
+        },
         "preprocess": loaded.preprocess.to_dict(),
         "graphs": files,
     }
 
 
-def write_descriptor(out_dir: Path, loaded: _LoadedModel, exported: list[ExportedGraph]
-                     ) -> Path:
+def write_descriptor(out_dir: Path, loaded: _LoadedModel, exported: list[ExportedGraph]) -> Path:
     """Write ``model.json`` beside the graphs (atomically, like every other export file)."""
     path = Path(out_dir) / DESCRIPTOR_FILE
     text = json.dumps(model_descriptor(loaded, exported), indent=1) + "\n"
@@ -402,15 +511,26 @@ def write_descriptor(out_dir: Path, loaded: _LoadedModel, exported: list[Exporte
     return path
 
 
-def _write_manifest(out_dir: Path, checkpoint: Path, loaded: _LoadedModel,
-                    exported: list[ExportedGraph], options: ExportOptions) -> Path:
+def _write_manifest(
+    out_dir: Path,
+    checkpoint: Path,
+    loaded: _LoadedModel,
+    exported: list[ExportedGraph],
+    options: ExportOptions,
+) -> Path:
     manifest: dict[str, Any] = {
-        "format": "mvld-onnx-export", "format_version": EXPORT_FORMAT_VERSION,
-        "checkpoint": str(checkpoint), "encoder_fingerprint": loaded.fingerprint,
-        "preprocess": loaded.preprocess.to_dict(), "num_views": loaded.views,
+        "format": "mvld-onnx-export",
+        "format_version": EXPORT_FORMAT_VERSION,
+        "checkpoint": str(checkpoint),
+        "encoder_fingerprint": loaded.fingerprint,
+        "preprocess": loaded.preprocess.to_dict(),
+        "num_views": loaded.views,
         "options": {**asdict(options), "frames": str(options.frames) if options.frames else None},
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": ort.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+        },
         "graphs": {g.part: {**asdict(g), "path": Path(g.path).name} for g in exported},
     }
     path = out_dir / "manifest.json"

@@ -81,8 +81,9 @@ def onnx_fingerprint(path: str | Path, verify: bool = True) -> str:
     actual = model_fingerprint(model)
     embedded = onnx_metadata(model).get(FINGERPRINT_KEY)
     if verify and embedded is not None and embedded != actual:
-        raise ConfigError(f"{path}: contents do not match the embedded fingerprint "
-                          "(corrupt or edited file)")
+        raise ConfigError(
+            f"{path}: contents do not match the embedded fingerprint (corrupt or edited file)"
+        )
     return actual
 
 
@@ -101,5 +102,3 @@ def ort_session(model_bytes: bytes | str, threads: int = 1) -> ort.InferenceSess
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-

@@ -36,8 +36,10 @@ def frames_from_rig(size: tuple[int, int], count: int, views: int, seed: int) ->
     try:
         from mvld.sim.rig import RigConfig, SimRig, ring_of_cameras  # needs pybullet
     except ImportError as exc:
-        raise ConfigError(f"the simulated rig is unavailable ({exc}): install pybullet or "
-                          "pass --frames DATASET for the parity frames") from exc
+        raise ConfigError(
+            f"the simulated rig is unavailable ({exc}): install pybullet or "
+            "pass --frames DATASET for the parity frames"
+        ) from exc
 
     frames: list[np.ndarray] = []
     config = RigConfig(cameras=ring_of_cameras(views), image_size=size)
@@ -46,5 +48,3 @@ def frames_from_rig(size: tuple[int, int], count: int, views: int, seed: int) ->
             rig.reset(seed, episode)
             frames.extend(rig.render().views)
     return frames
-
-

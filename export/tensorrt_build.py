@@ -73,12 +73,18 @@ class BatchProfile:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.opt <= self.max:
-            raise ConfigError(f"batch profile must satisfy 1 <= min <= opt <= max, got "
-                              f"{self.min}/{self.opt}/{self.max}")
+            raise ConfigError(
+                f"batch profile must satisfy 1 <= min <= opt <= max, got "
+                f"{self.min}/{self.opt}/{self.max}"
+            )
 
 
-def default_profile(views: int, min_batch: int | None = None, opt_batch: int | None = None,
-                    max_batch: int | None = None) -> BatchProfile:
+def default_profile(
+    views: int,
+    min_batch: int | None = None,
+    opt_batch: int | None = None,
+    max_batch: int | None = None,
+) -> BatchProfile:
     """min/opt/max default to 1 / V / 2V (one frame set of V views is the usual batch)."""
     if views < 1:
         raise ConfigError(f"views must be >= 1, got {views}")
@@ -95,8 +101,9 @@ class PrecisionPlan:
     note: str
 
 
-def precision_plan(precision: str, tensorrt_major_version: int, onnx_is_fp16: bool
-                   ) -> PrecisionPlan:
+def precision_plan(
+    precision: str, tensorrt_major_version: int, onnx_is_fp16: bool
+) -> PrecisionPlan:
     """The build recipe for ``precision``; ``ConfigError`` where it cannot be honoured."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -105,8 +112,10 @@ def precision_plan(precision: str, tensorrt_major_version: int, onnx_is_fp16: bo
     strong = tensorrt_major_version >= 11
     if precision == "fp32":
         if onnx_is_fp16:
-            raise ConfigError("fp32 requested but the ONNX holds fp16 weights; use the fp32 "
-                              "export from mvld-export onnx")
+            raise ConfigError(
+                "fp32 requested but the ONNX holds fp16 weights; use the fp32 "
+                "export from mvld-export onnx"
+            )
         return PrecisionPlan(strong, False, True, "fp32 ONNX, fp32 kernels (TF32 off)")
     if onnx_is_fp16:
         return PrecisionPlan(True, False, False, "fp16 ONNX built strongly typed")
@@ -115,7 +124,8 @@ def precision_plan(precision: str, tensorrt_major_version: int, onnx_is_fp16: bo
             "TensorRT 11 removed BuilderFlag.FP16: convert the ONNX to fp16 first, e.g. "
             "`python -m modelopt.onnx.autocast --onnx_path encoder.onnx --output_path "
             "encoder_fp16.onnx --low_precision_type fp16 --keep_io_types` (NVIDIA ModelOpt), "
-            "then build that file with --precision fp16")
+            "then build that file with --precision fp16"
+        )
     return PrecisionPlan(False, True, False, "fp32 ONNX with BuilderFlag.FP16 (TensorRT 10)")
 
 
@@ -201,8 +211,15 @@ def _parse(trt: ModuleType, network: Any, logger: Any, onnx_path: Path) -> Any:
     return parser
 
 
-def _configure(trt: ModuleType, builder: Any, network: Any, plan: PrecisionPlan,
-               profile: BatchProfile, workspace_mib: int, timing: bytes) -> Any:
+def _configure(
+    trt: ModuleType,
+    builder: Any,
+    network: Any,
+    plan: PrecisionPlan,
+    profile: BatchProfile,
+    workspace_mib: int,
+    timing: bytes,
+) -> Any:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if plan.fp16_flag:
@@ -213,15 +230,22 @@ def _configure(trt: ModuleType, builder: Any, network: Any, plan: PrecisionPlan,
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         rest = tuple(tensor.shape)[1:]
-        batch_profile.set_shape(tensor.name, (profile.min, *rest), (profile.opt, *rest),
-                                (profile.max, *rest))
+        batch_profile.set_shape(
+            tensor.name, (profile.min, *rest), (profile.opt, *rest), (profile.max, *rest)
+        )
     config.add_optimization_profile(batch_profile)
     config.set_timing_cache(config.create_timing_cache(timing), False)
     return config
 
 
-def build_serialized(trt: ModuleType, onnx_path: Path, plan: PrecisionPlan,
-                     profile: BatchProfile, workspace_mib: int, timing_path: Path) -> bytes:
+def build_serialized(
+    trt: ModuleType,
+    onnx_path: Path,
+    plan: PrecisionPlan,
+    profile: BatchProfile,
+    workspace_mib: int,
+    timing_path: Path,
+) -> bytes:
     """Parse and build; the timing cache at ``timing_path`` is read and updated."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -231,8 +255,9 @@ def build_serialized(trt: ModuleType, onnx_path: Path, plan: PrecisionPlan,
     config = _configure(trt, builder, network, plan, profile, workspace_mib, timing)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise TensorRTError(f"TensorRT failed to build an engine from {onnx_path} "
-                            "(see the TensorRT log above)")
+        raise TensorRTError(
+            f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)"
+        )
     timing_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
 
@@ -240,15 +265,24 @@ def build_serialized(trt: ModuleType, onnx_path: Path, plan: PrecisionPlan,
 # ---------------------------------------------------------------- parity against ORT
 
 
-def parity_feeds(part: str, onnx_path: Path, metadata: dict[str, str], views: int,
-                 frames: Path | None, profile: BatchProfile) -> list[np.ndarray]:
+def parity_feeds(
+    part: str,
+    onnx_path: Path,
+    metadata: dict[str, str],
+    views: int,
+    frames: Path | None,
+    profile: BatchProfile,
+) -> list[np.ndarray]:
     """Inputs of ``profile.opt`` rows: real frames (encoder), their latents (decoder), or
     standard-normal latents with per-view times (score network)."""
     sets = -(-profile.opt // views)
     preprocess = PreprocessConfig.from_dict(json.loads(metadata["mvld.preprocess"]))
     if part in ("encoder", "decoder"):
-        raw = (frames_from_dataset(frames, sets, views) if frames is not None
-               else frames_from_rig(preprocess.image_size, sets, views, seed=0))
+        raw = (
+            frames_from_dataset(frames, sets, views)
+            if frames is not None
+            else frames_from_rig(preprocess.image_size, sets, views, seed=0)
+        )
         images = preprocess_images(raw, preprocess)[: profile.opt]
         if part == "encoder":
             return [images]
@@ -262,8 +296,9 @@ def parity_feeds(part: str, onnx_path: Path, metadata: dict[str, str], views: in
     return [x, tau]
 
 
-def check_engine_parity(engine: Path, onnx_path: Path, feeds: list[np.ndarray], gpu: int,
-                        threshold: float) -> float:
+def check_engine_parity(
+    engine: Path, onnx_path: Path, feeds: list[np.ndarray], gpu: int, threshold: float
+) -> float:
     """Relative max error of the engine against ONNX Runtime fp32; ``TensorRTError`` above."""
     session = ort_session(str(onnx_path))
     names = [i.name for i in session.get_inputs()]
@@ -276,29 +311,51 @@ def check_engine_parity(engine: Path, onnx_path: Path, feeds: list[np.ndarray], 
         runner.close()
     error = max(relative_error(got, reference), relative_error(one, reference[:1]))
     if not np.isfinite(error) or error > threshold:
-        raise EngineParityError(f"{engine.name}: TensorRT differs from ONNX Runtime by relative "
-                            f"max error {error:.3g} > threshold {threshold:.3g}")
+        raise EngineParityError(
+            f"{engine.name}: TensorRT differs from ONNX Runtime by relative "
+            f"max error {error:.3g} > threshold {threshold:.3g}"
+        )
     return error
 
 
 # ---------------------------------------------------------------- the command
 
 
-def _build_into_cache(trt: ModuleType, onnx_path: Path, engine: Path, key: EngineKey,
-                      plan: PrecisionPlan, profile: BatchProfile, options: BuildOptions,
-                      metadata: dict[str, str]) -> None:
+def _build_into_cache(
+    trt: ModuleType,
+    onnx_path: Path,
+    engine: Path,
+    key: EngineKey,
+    plan: PrecisionPlan,
+    profile: BatchProfile,
+    options: BuildOptions,
+    metadata: dict[str, str],
+) -> None:
     """Build, then write the engine atomically with its sidecar."""
-    log.info("building %s: %s; batch profile %s; workspace %d MiB", key.stem, plan.note,
-             profile, options.workspace_mib)
+    log.info(
+        "building %s: %s; batch profile %s; workspace %d MiB",
+        key.stem,
+        plan.note,
+        profile,
+        options.workspace_mib,
+    )
     major, minor = key.gpu.compute_capability
     timing = engine.parent / f"timing-trt{key.tensorrt_version}-sm{major}{minor}.cache"
     data = build_serialized(trt, onnx_path, plan, profile, options.workspace_mib, timing)
     tmp = engine.with_name(engine.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, engine)
-    write_engine_sidecar(engine, key, metadata, {
-        "onnx": str(onnx_path), "profile": vars(profile), "plan": vars(plan),
-        "workspace_mib": options.workspace_mib})
+    write_engine_sidecar(
+        engine,
+        key,
+        metadata,
+        {
+            "onnx": str(onnx_path),
+            "profile": vars(profile),
+            "plan": vars(plan),
+            "workspace_mib": options.workspace_mib,
+        },
+    )
 
 
 def build_engine(onnx_path: str | Path, options: BuildOptions) -> BuildResult:
@@ -316,8 +373,13 @@ def build_engine(onnx_path: str | Path, options: BuildOptions) -> BuildResult:
     plan = precision_plan(options.precision, tensorrt_major(trt), onnx_is_fp16(model))
     views = options.views or views_of(metadata)
     profile = default_profile(views, options.min_batch, options.opt_batch, options.max_batch)
-    key = EngineKey(metadata["mvld.part"], fingerprint, options.precision, trt.__version__,
-                    cuda.gpu(options.gpu))
+    key = EngineKey(
+        metadata["mvld.part"],
+        fingerprint,
+        options.precision,
+        trt.__version__,
+        cuda.gpu(options.gpu),
+    )
     cache_dir = options.cache_dir or onnx_path.parent / ENGINE_DIR
     cache_dir.mkdir(parents=True, exist_ok=True)
     engine = key.engine_path(cache_dir)
@@ -331,6 +393,10 @@ def build_engine(onnx_path: str | Path, options: BuildOptions) -> BuildResult:
     threshold = parity_threshold(options.precision, options.tolerance)
     feeds = parity_feeds(key.part, onnx_path, metadata, views, options.frames, profile)
     error = check_engine_parity(engine, onnx_path, feeds, options.gpu, threshold)
-    log.info("%s: TensorRT vs ONNX Runtime relative max error %.3g (threshold %.3g)",
-             engine.name, error, threshold)
+    log.info(
+        "%s: TensorRT vs ONNX Runtime relative max error %.3g (threshold %.3g)",
+        engine.name,
+        error,
+        threshold,
+    )
     return BuildResult(engine, key, cached, seconds, error, threshold)

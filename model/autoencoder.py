@@ -53,7 +53,8 @@ class AutoencoderConfig:
             raise ConfigError(
                 f"a spatial latent of {self.latent_channels} channels on a "
                 f"{self.bottleneck_size}x{self.bottleneck_size} grid has latent_dim {grid}, "
-                f"not {self.latent_dim}")
+                f"not {self.latent_dim}"
+            )
 
     @property
     def bottleneck_size(self) -> int:
@@ -99,8 +100,13 @@ class ResBlock(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.GroupNorm(_groups(width), width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
-            nn.GroupNorm(_groups(width), width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+            nn.GroupNorm(_groups(width), width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(_groups(width), width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -114,15 +120,20 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         previous = config.in_channels
         for width in config.channels:
-            layers += [nn.Conv2d(previous, width, 4, stride=2, padding=1),
-                       *(ResBlock(width) for _ in range(config.encoder_blocks)),
-                       nn.GroupNorm(_groups(width), width), nn.SiLU()]
+            layers += [
+                nn.Conv2d(previous, width, 4, stride=2, padding=1),
+                *(ResBlock(width) for _ in range(config.encoder_blocks)),
+                nn.GroupNorm(_groups(width), width),
+                nn.SiLU(),
+            ]
             previous = width
         self.features = nn.Sequential(*layers)
         flat = previous * config.bottleneck_size**2
         self.to_latent: nn.Module = (
-            nn.Conv2d(previous, config.latent_channels, 3, padding=1) if config.latent_channels
-            else nn.Linear(flat, config.latent_dim))
+            nn.Conv2d(previous, config.latent_channels, 3, padding=1)
+            if config.latent_channels
+            else nn.Linear(flat, config.latent_dim)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.features(images)
@@ -140,15 +151,20 @@ class Decoder(nn.Module):
         self.latent_shape = config.latent_shape
         self.start_shape = (widths[0], config.bottleneck_size, config.bottleneck_size)
         self.from_latent: nn.Module = (
-            nn.Conv2d(config.latent_channels, widths[0], 3, padding=1) if config.latent_channels
-            else nn.Linear(config.latent_dim, widths[0] * config.bottleneck_size**2))
+            nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+            if config.latent_channels
+            else nn.Linear(config.latent_dim, widths[0] * config.bottleneck_size**2)
+        )
         layers: list[nn.Module] = []
         # Mirror of the encoder; the last transposed convolution writes the image directly
         # (a full-resolution conv after it would double the cost of a step on CPU).
         for width, following in zip(widths, [*widths[1:], config.in_channels], strict=True):
-            layers += [*(ResBlock(width) for _ in range(config.res_blocks)),
-                       nn.GroupNorm(_groups(width), width), nn.SiLU(),
-                       nn.ConvTranspose2d(width, following, 4, stride=2, padding=1)]
+            layers += [
+                *(ResBlock(width) for _ in range(config.res_blocks)),
+                nn.GroupNorm(_groups(width), width),
+                nn.SiLU(),
+                nn.ConvTranspose2d(width, following, 4, stride=2, padding=1),
+            ]
         self.features = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -167,4 +183,3 @@ class Autoencoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(images))
-

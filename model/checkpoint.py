@@ -106,8 +106,9 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]
-                    ) -> Path:
+def save_checkpoint(
+    path: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> Path:
     """Write ``P.safetensors`` then ``P.json`` (each atomically); return the JSON path."""
     json_path, weights_path = checkpoint_paths(path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +119,9 @@ def save_checkpoint(path: str | Path, config: dict[str, Any], tensors: dict[str,
     return json_path
 
 
-def read_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None
-                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_checkpoint(
+    path: str | Path, kind: str | tuple[str, ...] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and validate the pair; ``kind`` restricts which checkpoint kinds are accepted."""
     json_path, weights_path = checkpoint_paths(path)
     for file in (json_path, weights_path):
@@ -132,12 +134,15 @@ def read_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ConfigError(f"{json_path} is not an MVLD checkpoint (no format '{FORMAT}')")
     if config.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{json_path} has format version {config.get('format_version')}; "
-                          f"this release reads version {FORMAT_VERSION}")
+        raise ConfigError(
+            f"{json_path} has format version {config.get('format_version')}; "
+            f"this release reads version {FORMAT_VERSION}"
+        )
     kinds = (kind,) if isinstance(kind, str) else (kind or KINDS)
     if config.get("kind") not in kinds:
-        raise ConfigError(f"{json_path} holds a {config.get('kind')!r} checkpoint; "
-                          f"expected {' or '.join(kinds)}")
+        raise ConfigError(
+            f"{json_path} holds a {config.get('kind')!r} checkpoint; expected {' or '.join(kinds)}"
+        )
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
@@ -146,7 +151,7 @@ def read_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None
 
 
 def _subset(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
@@ -157,8 +162,9 @@ def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor], where: st
         raise ConfigError(f"{where}: weights do not match the architecture: {first}") from exc
 
 
-def _build_autoencoder(config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
-                       ) -> tuple[Autoencoder, PreprocessConfig, str]:
+def _build_autoencoder(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
+) -> tuple[Autoencoder, PreprocessConfig, str]:
     try:
         arch = AutoencoderConfig.from_dict(config["autoencoder"])
         preprocess = PreprocessConfig.from_dict(config["preprocess"])
@@ -170,20 +176,28 @@ def _build_autoencoder(config: dict[str, Any], tensors: dict[str, torch.Tensor],
     autoencoder = Autoencoder(arch)
     _load_weights(autoencoder, _subset(tensors, "autoencoder."), where)
     if encoder_fingerprint(autoencoder.encoder) != stored_fingerprint:
-        raise ConfigError(f"{where}: encoder weights do not match the stored fingerprint "
-                          "(corrupt or edited file)")
+        raise ConfigError(
+            f"{where}: encoder weights do not match the stored fingerprint (corrupt or edited file)"
+        )
     return autoencoder.eval(), preprocess, stored_fingerprint
 
 
 def autoencoder_config(autoencoder: Autoencoder, preprocess: PreprocessConfig) -> dict[str, Any]:
     """The JSON fields that describe an autoencoder checkpoint."""
-    return {"kind": "autoencoder", "autoencoder": autoencoder.config.to_dict(),
-            "preprocess": preprocess.to_dict(),
-            "encoder_fingerprint": encoder_fingerprint(autoencoder.encoder)}
+    return {
+        "kind": "autoencoder",
+        "autoencoder": autoencoder.config.to_dict(),
+        "preprocess": preprocess.to_dict(),
+        "encoder_fingerprint": encoder_fingerprint(autoencoder.encoder),
+    }
 
 
-def save_autoencoder(path: str | Path, autoencoder: Autoencoder, preprocess: PreprocessConfig,
-                     extra: dict[str, Any] | None = None) -> Path:
+def save_autoencoder(
+    path: str | Path,
+    autoencoder: Autoencoder,
+    preprocess: PreprocessConfig,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write a stage-1 checkpoint; ``extra`` (e.g. training config, metrics) goes in the JSON."""
     config = {**autoencoder_config(autoencoder, preprocess), **(extra or {})}
     tensors = {f"autoencoder.{k}": v for k, v in autoencoder.state_dict().items()}
@@ -196,26 +210,33 @@ def load_autoencoder(path: str | Path) -> tuple[Autoencoder, PreprocessConfig, s
     return _build_autoencoder(config, tensors, str(checkpoint_paths(path)[0]))
 
 
-def save_mvld_model(path: str | Path, model: MVLDModel, extra: dict[str, Any] | None = None
-                    ) -> Path:
+def save_mvld_model(
+    path: str | Path, model: MVLDModel, extra: dict[str, Any] | None = None
+) -> Path:
     """Write the complete model (autoencoder + EMA score network) as one checkpoint."""
     config = {
-        **autoencoder_config(model.autoencoder, model.preprocess), "kind": "mvld",
-        "score_net": model.score_net.config.to_dict(), "sde": model.sde.to_dict(),
-        "latent_stats": model.latent_stats.to_dict(), **(extra or {}),
+        **autoencoder_config(model.autoencoder, model.preprocess),
+        "kind": "mvld",
+        "score_net": model.score_net.config.to_dict(),
+        "sde": model.sde.to_dict(),
+        "latent_stats": model.latent_stats.to_dict(),
+        **(extra or {}),
     }
     tensors = {f"autoencoder.{k}": v for k, v in model.autoencoder.state_dict().items()}
     tensors |= {f"score_net.{k}": v for k, v in model.score_net.state_dict().items()}
     return save_checkpoint(path, config, tensors)
 
 
-def load_mvld_model(path: str | Path | None = None, device: str | torch.device = "cpu"
-                    ) -> MVLDModel:
+def load_mvld_model(
+    path: str | Path | None = None, device: str | torch.device = "cpu"
+) -> MVLDModel:
     """Rebuild the complete model from its files; ``None`` loads the packaged default."""
     if path is None:
         if not checkpoint_paths(DEFAULT_MODEL)[0].is_file():
-            raise ConfigError("no default model is packaged in this installation; "
-                              "name a trained model (mvld-train score writes one)")
+            raise ConfigError(
+                "no default model is packaged in this installation; "
+                "name a trained model (mvld-train score writes one)"
+            )
         path = DEFAULT_MODEL
     where = str(checkpoint_paths(path)[0])
     config, tensors = read_checkpoint(path, kind="mvld")
@@ -228,10 +249,17 @@ def load_mvld_model(path: str | Path | None = None, device: str | torch.device =
         raise ConfigError(f"{where}: missing or malformed field {exc}") from exc
     expected = (score_config.num_views, autoencoder.config.latent_dim)
     if score_config.latent_dim != expected[1] or tuple(stats.mean.shape) != expected:
-        raise ConfigError(f"{where}: score network, latent statistics and autoencoder disagree "
-                          f"on the latent shape (expected [V, D] = {list(expected)})")
+        raise ConfigError(
+            f"{where}: score network, latent statistics and autoencoder disagree "
+            f"on the latent shape (expected [V, D] = {list(expected)})"
+        )
     score_net = make_score_net(score_config)
     _load_weights(score_net, _subset(tensors, "score_net."), where)
-    return MVLDModel(preprocess=preprocess, autoencoder=autoencoder.to(device),
-                     score_net=score_net.eval().to(device), sde=sde, latent_stats=stats,
-                     fingerprint=fingerprint)
+    return MVLDModel(
+        preprocess=preprocess,
+        autoencoder=autoencoder.to(device),
+        score_net=score_net.eval().to(device),
+        sde=sde,
+        latent_stats=stats,
+        fingerprint=fingerprint,
+    )

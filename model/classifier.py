@@ -42,8 +42,11 @@ class ViewClassifier(nn.Module):
         previous = 3
         for width in config.channels:
             for index in range(config.convs_per_stage):
-                layers += [nn.Conv2d(previous, width, 3, stride=2 if index == 0 else 1, padding=1),
-                           nn.BatchNorm2d(width), nn.ReLU()]
+                layers += [
+                    nn.Conv2d(previous, width, 3, stride=2 if index == 0 else 1, padding=1),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(),
+                ]
                 previous = width
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(previous, config.num_classes)
@@ -53,21 +56,34 @@ class ViewClassifier(nn.Module):
 
 
 @torch.no_grad()
-def accuracy(classifier: ViewClassifier, images: torch.Tensor, labels: torch.Tensor,
-             batch: int = 256) -> float:
+def accuracy(
+    classifier: ViewClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 256
+) -> float:
     """Fraction of ``images`` whose predicted label equals ``labels``."""
     classifier.eval()
     device = next(classifier.parameters()).device
-    predictions = torch.cat([classifier(images[i:i + batch].to(device)).argmax(1).cpu()
-                             for i in range(0, len(images), batch)])
+    predictions = torch.cat(
+        [
+            classifier(images[i : i + batch].to(device)).argmax(1).cpu()
+            for i in range(0, len(images), batch)
+        ]
+    )
     return float((predictions == labels).float().mean())
 
 
-def save_classifier(path: str | Path, classifier: ViewClassifier, preprocess: PreprocessConfig,
-                    extra: dict[str, Any] | None = None) -> Path:
+def save_classifier(
+    path: str | Path,
+    classifier: ViewClassifier,
+    preprocess: PreprocessConfig,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write a ``classifier`` checkpoint."""
-    config = {"kind": "classifier", "classifier": classifier.config.to_dict(),
-              "preprocess": preprocess.to_dict(), **(extra or {})}
+    config = {
+        "kind": "classifier",
+        "classifier": classifier.config.to_dict(),
+        "preprocess": preprocess.to_dict(),
+        **(extra or {}),
+    }
     return save_checkpoint(path, config, dict(classifier.state_dict()))
 
 
@@ -76,10 +92,14 @@ def load_classifier(path: str | Path) -> tuple[ViewClassifier, PreprocessConfig]
     config, tensors = read_checkpoint(path, kind="classifier")
     try:
         arch = config["classifier"]
-        classifier = ViewClassifier(ClassifierConfig(
-            num_classes=int(arch["num_classes"]), image_size=int(arch["image_size"]),
-            channels=tuple(arch["channels"]),
-            convs_per_stage=int(arch.get("convs_per_stage", 1))))
+        classifier = ViewClassifier(
+            ClassifierConfig(
+                num_classes=int(arch["num_classes"]),
+                image_size=int(arch["image_size"]),
+                channels=tuple(arch["channels"]),
+                convs_per_stage=int(arch.get("convs_per_stage", 1)),
+            )
+        )
         preprocess = PreprocessConfig.from_dict(config["preprocess"])
         classifier.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:

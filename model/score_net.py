@@ -58,22 +58,32 @@ class ScoreNetConfig:
         if self.kind == "conv":
             shape = self.latent_shape
             if len(shape) != 3 or shape[0] * shape[1] * shape[2] != self.latent_dim:
-                raise ConfigError(f"a conv score network needs latent_shape (C, h, w) with "
-                                  f"C*h*w = latent_dim {self.latent_dim}, got {list(shape)}")
+                raise ConfigError(
+                    f"a conv score network needs latent_shape (C, h, w) with "
+                    f"C*h*w = latent_dim {self.latent_dim}, got {list(shape)}"
+                )
             if min(shape[1:]) % 2 ** (len(self.widths) - 1) or self.blocks < 1:
-                raise ConfigError(f"latent grid {shape[1]}x{shape[2]} cannot be halved "
-                                  f"{len(self.widths) - 1} times, or blocks < 1")
-            if self.attention_heads < 0 or (self.attention_heads
-                                            and self.widths[-1] % self.attention_heads):
-                raise ConfigError(f"attention_heads {self.attention_heads} must be >= 0 and "
-                                  f"divide the coarsest width {self.widths[-1]}")
+                raise ConfigError(
+                    f"latent grid {shape[1]}x{shape[2]} cannot be halved "
+                    f"{len(self.widths) - 1} times, or blocks < 1"
+                )
+            if self.attention_heads < 0 or (
+                self.attention_heads and self.widths[-1] % self.attention_heads
+            ):
+                raise ConfigError(
+                    f"attention_heads {self.attention_heads} must be >= 0 and "
+                    f"divide the coarsest width {self.widths[-1]}"
+                )
         if self.memory and self.kind != "conv":
             raise ConfigError("memory conditioning needs the conv score network")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {**asdict(self), "widths": list(self.widths),
-                "latent_shape": list(self.latent_shape)}
+        return {
+            **asdict(self),
+            "widths": list(self.widths),
+            "latent_shape": list(self.latent_shape),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScoreNetConfig":
@@ -194,8 +204,9 @@ class GridAttention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         batch, width, height, cols = h.shape
-        qkv = self.qkv(self.norm(h)).reshape(batch, 3, self.heads, width // self.heads,
-                                             height * cols)
+        qkv = self.qkv(self.norm(h)).reshape(
+            batch, 3, self.heads, width // self.heads, height * cols
+        )
         q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # [B, heads, cells, d]
         out = nn.functional.scaled_dot_product_attention(q, k, v)
         return h + self.proj(out.transpose(-1, -2).reshape(batch, width, height, cols))
@@ -226,7 +237,8 @@ class ConvScoreNet(nn.Module):
         views, (channels, _, _) = config.num_views, config.latent_shape
         widths, time_dim, groups = config.widths, config.time_dim, config.groups
         self.time_embed = nn.Sequential(
-            nn.Linear(views, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+            nn.Linear(views, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
+        )
         self.input = nn.Conv2d(views * channels + views, widths[0], 3, padding=1)
         if config.memory:  # memory latents + (has, age) per camera; zero: starts memoryless
             self.memory_input = nn.Conv2d(views * channels + 2 * views, widths[0], 3, padding=1)
@@ -235,26 +247,41 @@ class ConvScoreNet(nn.Module):
             zero_init(self.memory_embed)
         self.down = nn.ModuleList(
             ConvLevel(ConvResBlock(w, w, time_dim, groups) for _ in range(config.blocks))
-            for w in widths)
+            for w in widths
+        )
         self.downsample = nn.ModuleList(
-            nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in pairwise(widths))
+            nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in pairwise(widths)
+        )
         self.middle = ConvResBlock(widths[-1], widths[-1], time_dim, groups)
-        self.attention = (GridAttention(widths[-1], config.attention_heads, groups)
-                          if config.attention_heads else None)
+        self.attention = (
+            GridAttention(widths[-1], config.attention_heads, groups)
+            if config.attention_heads
+            else None
+        )
         self.up = nn.ModuleList(
-            ConvLevel(ConvResBlock(2 * w if i == 0 else w, w, time_dim, groups)
-                      for i in range(config.blocks))
-            for w in reversed(widths))
+            ConvLevel(
+                ConvResBlock(2 * w if i == 0 else w, w, time_dim, groups)
+                for i in range(config.blocks)
+            )
+            for w in reversed(widths)
+        )
         self.upsample = nn.ModuleList(
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                          nn.Conv2d(a, b, 3, padding=1))
-            for a, b in pairwise(reversed(widths)))
+            nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1)
+            )
+            for a, b in pairwise(reversed(widths))
+        )
         self.out_norm = nn.GroupNorm(groups, widths[0])
         self.output = nn.Conv2d(widths[0], views * channels, 3, padding=1)
         zero_init(self.output)
 
-    def forward(self, x: torch.Tensor, tau: torch.Tensor, memory: torch.Tensor | None = None,
-                memory_age: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        tau: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_age: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``memory [B, V, D]`` (standardised, any value where there is none) and
         ``memory_age [B, V]`` (seconds; inf = none) are used by a network with ``memory``;
         left out, every camera has no memory."""
@@ -282,9 +309,14 @@ class ConvScoreNet(nn.Module):
         out = self.output(nn.functional.silu(self.out_norm(h)))
         return out.reshape(batch, views, dim)
 
-    def _add_memory(self, h: torch.Tensor, emb: torch.Tensor, x: torch.Tensor,
-                    memory: torch.Tensor | None, memory_age: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _add_memory(
+        self,
+        h: torch.Tensor,
+        emb: torch.Tensor,
+        x: torch.Tensor,
+        memory: torch.Tensor | None,
+        memory_age: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, views, _ = x.shape
         channels, height, width = self.config.latent_shape
         if memory is None or memory_age is None:
@@ -294,8 +326,13 @@ class ConvScoreNet(nn.Module):
         has = features[..., 0, None]
         memory = torch.where(has > 0, memory.to(x.dtype), torch.zeros_like(x))  # NaN-safe
         planes = features.permute(0, 2, 1).reshape(batch, 2 * views, 1, 1)
-        stacked = torch.cat([memory.reshape(batch, views * channels, height, width),
-                             planes.expand(batch, 2 * views, height, width)], dim=1)
+        stacked = torch.cat(
+            [
+                memory.reshape(batch, views * channels, height, width),
+                planes.expand(batch, 2 * views, height, width),
+            ],
+            dim=1,
+        )
         return h + self.memory_input(stacked), emb + self.memory_embed(features.flatten(1))
 
 

@@ -75,8 +75,11 @@ class VPSDE:
         return torch.sqrt(self.beta(t))
 
     def prior_sample(
-        self, shape: tuple[int, ...], generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """A draw from the prior N(0, I) at time T."""
         return torch.randn(shape, generator=generator, dtype=dtype, device=device)

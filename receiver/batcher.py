@@ -153,8 +153,9 @@ class BatchPolicy:
         """The most frame sets one batch may hold: ``max_batch``, or fewer if the budget says."""
         return cost.largest_within(self.latency_budget_s, self.max_batch)
 
-    def wait_s(self, *, waiting: int, oldest_age_s: float, arrivals_per_s: float,
-               cost: BatchCostModel) -> float:
+    def wait_s(
+        self, *, waiting: int, oldest_age_s: float, arrivals_per_s: float, cost: BatchCostModel
+    ) -> float:
         """0: take a batch now; otherwise wait at most this long for another arrival.
 
         ``waiting`` frame sets are queued, the oldest ``oldest_age_s`` old; frame sets arrive
@@ -185,16 +186,22 @@ class MicroBatcher:
     batch with :meth:`observe`; a caller that never does gets greedy batches (no waiting).
     """
 
-    def __init__(self, backlog: FrameSetQueue, *, max_batch: int = 64, max_wait_s: float = 0.010,
-                 latency_budget_s: float | None = None, clock: Clock = MONOTONIC,
-                 arrival_decay: float = 0.8) -> None:
+    def __init__(
+        self,
+        backlog: FrameSetQueue,
+        *,
+        max_batch: int = 64,
+        max_wait_s: float = 0.010,
+        latency_budget_s: float | None = None,
+        clock: Clock = MONOTONIC,
+        arrival_decay: float = 0.8,
+    ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max batch must be >= 1, got {max_batch}")
         if max_wait_s < 0:
             raise ConfigError(f"max wait must be >= 0, got {max_wait_s}")
         self.backlog, self.max_batch, self.max_wait_s = backlog, max_batch, max_wait_s
-        self.policy = (None if latency_budget_s is None
-                       else BatchPolicy(max_batch, latency_budget_s))
+        self.policy = None if latency_budget_s is None else BatchPolicy(max_batch, latency_budget_s)
         self.cost = BatchCostModel()
         self.clock = clock
         self.arrival_decay = arrival_decay
@@ -222,8 +229,9 @@ class MicroBatcher:
             return self._take(self.max_batch)
         if self._pending_since is None:  # the oldest arrived after the last take, and after
             # this call began if the backlog was empty then
-            self._pending_since = (entered if was_empty or self._last_take is None
-                                   else self._last_take)
+            self._pending_since = (
+                entered if was_empty or self._last_take is None else self._last_take
+            )
         return self._next_within_budget(self.policy, self._pending_since, stop)
 
     def _wait_for_size(self, size: int, timeout_s: float) -> int:
@@ -247,12 +255,17 @@ class MicroBatcher:
             if self._wait_for_size(self.max_batch, min(remaining, IDLE_POLL_S)) >= self.max_batch:
                 break
 
-    def _next_within_budget(self, policy: BatchPolicy, pending_since: float,
-                            stop: threading.Event) -> list[PendingFrameSet]:
+    def _next_within_budget(
+        self, policy: BatchPolicy, pending_since: float, stop: threading.Event
+    ) -> list[PendingFrameSet]:
         waiting = len(self.backlog)
         while not stop.is_set():
-            wait_s = policy.wait_s(waiting=waiting, oldest_age_s=self.clock.now() - pending_since,
-                                   arrivals_per_s=self.arrivals_per_s, cost=self.cost)
+            wait_s = policy.wait_s(
+                waiting=waiting,
+                oldest_age_s=self.clock.now() - pending_since,
+                arrivals_per_s=self.arrivals_per_s,
+                cost=self.cost,
+            )
             if wait_s <= 0:
                 break
             if waiting < 1:  # everything went stale meanwhile
@@ -268,13 +281,21 @@ class MicroBatcher:
         if self._last_take is not None and now > self._last_take:
             arrived = max(0, before - self._left_after_take)
             rate = arrived / (now - self._last_take)
-            self.arrivals_per_s = (rate if self.arrivals_per_s == 0.0 else
-                                   self.arrival_decay * self.arrivals_per_s
-                                   + (1.0 - self.arrival_decay) * rate)
+            self.arrivals_per_s = (
+                rate
+                if self.arrivals_per_s == 0.0
+                else self.arrival_decay * self.arrivals_per_s + (1.0 - self.arrival_decay) * rate
+            )
         self._last_take, self._left_after_take = now, left
         if not left:
             self._pending_since = None
-        log.debug("batch of %d (limit %d, %d left); cost %.4f + %.4f*B s; %.1f arrivals/s",
-                  len(items), limit, left, self.cost.fixed_s, self.cost.per_item_s,
-                  self.arrivals_per_s)
+        log.debug(
+            "batch of %d (limit %d, %d left); cost %.4f + %.4f*B s; %.1f arrivals/s",
+            len(items),
+            limit,
+            left,
+            self.cost.fixed_s,
+            self.cost.per_item_s,
+            self.arrivals_per_s,
+        )
         return items

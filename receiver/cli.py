@@ -45,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mvld-receiver",
         description="Receive latents from many edge nodes, impute the missing views with the "
-                    "diffusion model, decode every view and hand complete frame sets to "
-                    "downstream tasks, e.g. `mvld-receiver --gpu 0 --keys receiver.key_secret "
-                    "--allow keys/allowed/ --bind tcp://*:5555`. Options: defaults < --config "
-                    "FILE.toml < flags.")
+        "diffusion model, decode every view and hand complete frame sets to "
+        "downstream tasks, e.g. `mvld-receiver --gpu 0 --keys receiver.key_secret "
+        "--allow keys/allowed/ --bind tcp://*:5555`. Options: defaults < --config "
+        "FILE.toml < flags.",
+    )
     config_options().add_to(parser)
     add_logging_flags(parser)
     return parser
@@ -70,8 +71,11 @@ def print_config(config: ReceiverConfig) -> None:
     """The effective options as TOML, the resolved default bind included."""
     from mvld.receiver.config import ReceiverConfig
 
-    values: Values = {ReceiverConfig: {name: getattr(config, name)
-                               for name in ReceiverConfig.__dataclass_fields__}}
+    values: Values = {
+        ReceiverConfig: {
+            name: getattr(config, name) for name in ReceiverConfig.__dataclass_fields__
+        }
+    }
     sys.stdout.write(config_options().to_toml(values))
 
 

@@ -52,9 +52,17 @@ from mvld.receiver.observability import ReceiverMetrics
 from mvld.receiver.service import format_status, open_front_door
 from mvld.receiver.stage import ImputeStage
 
-__all__ = ["OBJECT_STORE_BYTES", "BatchReport", "ClusterError", "ClusterMetrics",
-           "ClusterReceiverService", "NodeRing", "StageWorker", "format_cluster_status",
-           "import_ray"]
+__all__ = [
+    "OBJECT_STORE_BYTES",
+    "BatchReport",
+    "ClusterError",
+    "ClusterMetrics",
+    "ClusterReceiverService",
+    "NodeRing",
+    "StageWorker",
+    "format_cluster_status",
+    "import_ray",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +82,10 @@ def import_ray() -> Any:
     try:
         import ray
     except ModuleNotFoundError as exc:
-        raise ConfigError("--workers and --ray run the receiver's stage on Ray, which is not "
-                          "installed: pip install 'mvld[cluster]'") from exc
+        raise ConfigError(
+            "--workers and --ray run the receiver's stage on Ray, which is not "
+            "installed: pip install 'mvld[cluster]'"
+        ) from exc
     return ray
 
 
@@ -133,8 +143,7 @@ class NodeRing:
         with self._lock:
             if worker not in self._owners:
                 raise ValueError(f"worker {worker!r} is not on the ring")
-            kept = [(p, o) for p, o in zip(self._points, self._owners, strict=True)
-                    if o != worker]
+            kept = [(p, o) for p, o in zip(self._points, self._owners, strict=True) if o != worker]
             self._points = [p for p, _ in kept]
             self._owners = [o for _, o in kept]
             self._cache.clear()
@@ -172,8 +181,12 @@ class BatchReport:
 class _RecordedMetric:
     """A stage metric that also records each update, for :class:`BatchReport.metric_ops`."""
 
-    def __init__(self, attribute: str, metric: Counter | Histogram,
-                 tape: list[tuple[str, str, float, dict[str, str]]]) -> None:
+    def __init__(
+        self,
+        attribute: str,
+        metric: Counter | Histogram,
+        tape: list[tuple[str, str, float, dict[str, str]]],
+    ) -> None:
         self._attribute, self._metric, self._tape = attribute, metric, tape
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
@@ -200,8 +213,14 @@ class StageWorker:
     CPU threads, the actor's share.
     """
 
-    def __init__(self, config: ReceiverConfig, name: str, use_cuda: bool, threads: int,
-                 log_level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        name: str,
+        use_cuda: bool,
+        threads: int,
+        log_level: int = logging.INFO,
+    ) -> None:
         setup_logging(False, log_level)
         torch.set_num_threads(threads)
         self.name = name
@@ -215,9 +234,15 @@ class StageWorker:
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs and what it loaded (also the start-up readiness check)."""
-        return {"worker": self.name, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.device), "fingerprint": self.stage.model.fingerprint,
-                "tasks": self.stage.hooks.names, "threads": torch.get_num_threads()}
+        return {
+            "worker": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "fingerprint": self.stage.model.fingerprint,
+            "tasks": self.stage.hooks.names,
+            "threads": torch.get_num_threads(),
+        }
 
     def ping(self) -> str:
         """The heartbeat while idle."""
@@ -242,24 +267,39 @@ class ClusterMetrics:
     def __init__(self, registry: MetricsRegistry) -> None:
         add = registry
         self.workers = add.gauge("mvld_receiver_workers", "Ray workers running the stage now")
-        self.completed = add.counter("mvld_receiver_worker_framesets_completed_total",
-                                     "Frame sets completed, by Ray worker", ["worker"])
-        self.batches = add.counter("mvld_receiver_worker_batches_total",
-                                   "Batches a Ray worker completed", ["worker"])
-        self.batch_seconds = add.histogram("mvld_receiver_worker_batch_seconds",
-                                           "Seconds from handing a batch to a Ray worker to "
-                                           "its report (transfer included)", ["worker"])
-        self.dropped = add.counter("mvld_receiver_worker_dropped_total",
-                                   "Frame sets dropped at a Ray worker, by reason",
-                                   ["worker", "reason"])
-        self.lost = add.counter("mvld_receiver_workers_lost_total",
-                                "Ray workers that died or stopped answering", ["worker"])
-        self.backlog = add.gauge("mvld_receiver_worker_backlog",
-                                 "Frame sets waiting for a Ray worker (at the last status line)",
-                                 ["worker"])
-        self.nodes = add.gauge("mvld_receiver_worker_nodes",
-                               "Recently seen edge nodes a Ray worker owns (at the last status "
-                               "line)", ["worker"])
+        self.completed = add.counter(
+            "mvld_receiver_worker_framesets_completed_total",
+            "Frame sets completed, by Ray worker",
+            ["worker"],
+        )
+        self.batches = add.counter(
+            "mvld_receiver_worker_batches_total", "Batches a Ray worker completed", ["worker"]
+        )
+        self.batch_seconds = add.histogram(
+            "mvld_receiver_worker_batch_seconds",
+            "Seconds from handing a batch to a Ray worker to its report (transfer included)",
+            ["worker"],
+        )
+        self.dropped = add.counter(
+            "mvld_receiver_worker_dropped_total",
+            "Frame sets dropped at a Ray worker, by reason",
+            ["worker", "reason"],
+        )
+        self.lost = add.counter(
+            "mvld_receiver_workers_lost_total",
+            "Ray workers that died or stopped answering",
+            ["worker"],
+        )
+        self.backlog = add.gauge(
+            "mvld_receiver_worker_backlog",
+            "Frame sets waiting for a Ray worker (at the last status line)",
+            ["worker"],
+        )
+        self.nodes = add.gauge(
+            "mvld_receiver_worker_nodes",
+            "Recently seen edge nodes a Ray worker owns (at the last status line)",
+            ["worker"],
+        )
 
 
 @dataclass(eq=False)
@@ -314,9 +354,15 @@ class ClusterReceiverService:
     treated as lost (killed, its batch counted); ``clock``: heartbeat time (tests).
     """
 
-    def __init__(self, config: ReceiverConfig, *, heartbeat_s: float = 0.5,
-                 call_timeout_s: float = 60.0, start_timeout_s: float = 180.0,
-                 clock: Clock = MONOTONIC) -> None:
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        *,
+        heartbeat_s: float = 0.5,
+        call_timeout_s: float = 60.0,
+        start_timeout_s: float = 180.0,
+        clock: Clock = MONOTONIC,
+    ) -> None:
         if config.workers == 0 and config.ray_address is None:
             raise ConfigError("the cluster receiver needs --workers N or --ray ADDRESS")
         self.ray = import_ray()
@@ -327,9 +373,12 @@ class ClusterReceiverService:
         # the driver needs the encoder fingerprint and camera layout to validate messages
         self.model = load_mvld_model(config.model, "cpu")
         self.model_source = str(config.model or DEFAULT_MODEL)
-        self.layout = camera_layout(config.cameras, self.model.num_views,
-                                    self.model.autoencoder.config.latent_dim,
-                                    self.model.autoencoder.config.latent_shape)
+        self.layout = camera_layout(
+            config.cameras,
+            self.model.num_views,
+            self.model.autoencoder.config.latent_dim,
+            self.model.autoencoder.config.latent_shape,
+        )
         self.ring = NodeRing()
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
@@ -368,15 +417,20 @@ class ClusterReceiverService:
             try:
                 ray.init(address=config.ray_address, log_to_driver=True)
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise ConfigError(f"--ray {config.ray_address}: cannot join the cluster: "
-                                  f"{exc}") from exc
+                raise ConfigError(
+                    f"--ray {config.ray_address}: cannot join the cluster: {exc}"
+                ) from exc
         else:
             # Ray starts workers at niceness 15 so they never starve its own daemons; here the
             # workers are the receiver's main work and lost most of a busy CPU to other
             # processes (docs/CLUSTER.md), so a local Ray starts them at the driver's niceness.
             os.environ.setdefault("RAY_worker_niceness", "0")
-            ray.init(num_cpus=config.workers * self._cpus_per_worker(), include_dashboard=False,
-                     log_to_driver=True, object_store_memory=OBJECT_STORE_BYTES)
+            ray.init(
+                num_cpus=config.workers * self._cpus_per_worker(),
+                include_dashboard=False,
+                log_to_driver=True,
+                object_store_memory=OBJECT_STORE_BYTES,
+            )
         self._started_ray = True
 
     def _placement(self) -> tuple[int, bool]:
@@ -386,20 +440,27 @@ class ClusterReceiverService:
         config = self.config
         use_cuda = config.gpu >= 0 and gpus > 0
         if config.gpu >= 0 and not gpus:
-            log.warning("device: CPU FALLBACK: the Ray cluster has no GPU; the workers impute on "
-                        "the CPU (--gpu -1 says so and silences this)")
+            log.warning(
+                "device: CPU FALLBACK: the Ray cluster has no GPU; the workers impute on "
+                "the CPU (--gpu -1 says so and silences this)"
+            )
         count = config.workers or (gpus if use_cuda else 0)
         if count == 0:
-            raise ConfigError(f"--ray {config.ray_address}: the cluster has no GPU for a worker "
-                              "each; give --workers N for CPU workers")
+            raise ConfigError(
+                f"--ray {config.ray_address}: the cluster has no GPU for a worker "
+                "each; give --workers N for CPU workers"
+            )
         if use_cuda and count > gpus:
-            raise ConfigError(f"--workers {count} needs {count} GPUs (one each); the Ray "
-                              f"cluster has {gpus}")
+            raise ConfigError(
+                f"--workers {count} needs {count} GPUs (one each); the Ray cluster has {gpus}"
+            )
         needed = count * self._cpus_per_worker()
         if needed > cpus:
-            raise ConfigError(f"--workers {count} needs {needed} CPUs in Ray "
-                              f"({self._cpus_per_worker()} each, --threads); the cluster has "
-                              f"{cpus}")
+            raise ConfigError(
+                f"--workers {count} needs {needed} CPUs in Ray "
+                f"({self._cpus_per_worker()} each, --threads); the cluster has "
+                f"{cpus}"
+            )
         return count, use_cuda
 
     def _start_workers(self, timeout_s: float) -> None:
@@ -413,10 +474,18 @@ class ClusterReceiverService:
         name = f"worker-{self._next_index}"
         self._next_index += 1
         remote = self.ray.remote(StageWorker).options(
-            num_cpus=self._cpus_per_worker(), num_gpus=1 if use_cuda else 0, max_restarts=0,
-            max_concurrency=1)
-        actor = remote.remote(self.config, name, use_cuda, self._cpus_per_worker(),
-                              logging.getLogger().getEffectiveLevel())
+            num_cpus=self._cpus_per_worker(),
+            num_gpus=1 if use_cuda else 0,
+            max_restarts=0,
+            max_concurrency=1,
+        )
+        actor = remote.remote(
+            self.config,
+            name,
+            use_cuda,
+            self._cpus_per_worker(),
+            logging.getLogger().getEffectiveLevel(),
+        )
         worker = _Worker(name, actor)
         self._workers[name] = worker
         return worker
@@ -427,17 +496,26 @@ class ClusterReceiverService:
         try:
             infos = ray.get(refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
-            raise ClusterError(f"the Ray workers did not start within {timeout_s:.0f} s (is the "
-                               "cluster short of the CPUs/GPUs they ask for?)") from exc
+            raise ClusterError(
+                f"the Ray workers did not start within {timeout_s:.0f} s (is the "
+                "cluster short of the CPUs/GPUs they ask for?)"
+            ) from exc
         except ray.exceptions.RayError as exc:
             lines = [line for line in str(exc).splitlines() if line.strip()]
-            raise ClusterError(f"a Ray worker failed to start: {lines[-1] if lines else exc}"
-                               ) from exc
+            raise ClusterError(
+                f"a Ray worker failed to start: {lines[-1] if lines else exc}"
+            ) from exc
         for worker, info in zip(workers, infos, strict=True):
             worker.info, worker.last_contact = info, self.clock.now()
-            log.info("%s ready on %s (pid %d), %s, %d torch thread(s), tasks: %s", worker.name,
-                     info["host"], info["pid"], info["device"], info["threads"],
-                     ", ".join(info["tasks"]) or "none")
+            log.info(
+                "%s ready on %s (pid %d), %s, %d torch thread(s), tasks: %s",
+                worker.name,
+                info["host"],
+                info["pid"],
+                info["device"],
+                info["threads"],
+                ", ".join(info["tasks"]) or "none",
+            )
 
     def _join_ring(self, worker: _Worker) -> None:
         with self._lock:
@@ -448,11 +526,13 @@ class ClusterReceiverService:
         """The front door, as in the single-process receiver: socket, backlog, ingest."""
         config = self.config
         self.subscriber, self.backlog, self.ingest = open_front_door(
-            config, self.model.fingerprint, self.layout, self.metrics)
+            config, self.model.fingerprint, self.layout, self.metrics
+        )
         if config.metrics_port is not None:
             try:
-                self._metrics_server = MetricsServer(self.metrics.registry, config.metrics_port,
-                                                     config.metrics_host)
+                self._metrics_server = MetricsServer(
+                    self.metrics.registry, config.metrics_port, config.metrics_host
+                )
             except ConfigError:
                 self.subscriber.close()
                 raise
@@ -473,19 +553,29 @@ class ClusterReceiverService:
         """Start the ingest thread and one dispatch thread per worker."""
         if self._threads:
             return
-        self._threads = [threading.Thread(target=self.ingest.run, args=(self._stop,),
-                                          name="receiver-ingest", daemon=True)]
+        self._threads = [
+            threading.Thread(
+                target=self.ingest.run, args=(self._stop,), name="receiver-ingest", daemon=True
+            )
+        ]
         self._threads[0].start()
         for worker in list(self._workers.values()):
             self._start_dispatch(worker)
-        log.info("receiving on %s; model %s (%d views x %d dims), cameras %s; %d Ray worker(s): "
-                 "%s", ", ".join(self.endpoints), self.model_source, self.layout.num_views,
-                 self.layout.latent_dim, ",".join(self.layout.camera_ids), len(self.ring),
-                 ", ".join(self.ring.workers))
+        log.info(
+            "receiving on %s; model %s (%d views x %d dims), cameras %s; %d Ray worker(s): %s",
+            ", ".join(self.endpoints),
+            self.model_source,
+            self.layout.num_views,
+            self.layout.latent_dim,
+            ",".join(self.layout.camera_ids),
+            len(self.ring),
+            ", ".join(self.ring.workers),
+        )
 
     def _start_dispatch(self, worker: _Worker) -> None:
-        worker.thread = threading.Thread(target=self._dispatch, args=(worker,),
-                                         name=f"receiver-{worker.name}", daemon=True)
+        worker.thread = threading.Thread(
+            target=self._dispatch, args=(worker,), name=f"receiver-{worker.name}", daemon=True
+        )
         worker.thread.start()
 
     def add_worker(self, timeout_s: float = 180.0) -> str:
@@ -494,8 +584,9 @@ class ClusterReceiverService:
         Nodes that move keep their order: a node with a batch in flight at its old owner is
         taken by the new one only after that batch came back.
         """
-        use_cuda = any(w.info.get("device", "cpu").startswith("cuda")
-                       for w in self._workers.values())
+        use_cuda = any(
+            w.info.get("device", "cpu").startswith("cuda") for w in self._workers.values()
+        )
         worker = self._spawn(use_cuda)
         try:
             self._await_ready([worker], timeout_s)
@@ -512,8 +603,11 @@ class ClusterReceiverService:
     def _dispatch(self, worker: _Worker) -> None:
         """One worker's loop: a batch of its nodes, one call in flight, its report counted."""
         config = self.config
-        batcher = MicroBatcher(_WorkerQueue(self, worker.name),
-                               max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000)
+        batcher = MicroBatcher(
+            _WorkerQueue(self, worker.name),
+            max_batch=config.max_batch,
+            max_wait_s=config.max_wait_ms / 1000,
+        )
         while worker.alive and not self._stop.is_set():
             items = batcher.next_items(self._stop)
             if items:
@@ -552,12 +646,14 @@ class ClusterReceiverService:
             self._lose(worker, items, str(lost))
         except self.ray.exceptions.RayTaskError:  # a bug outside the stage's own guard
             self.metrics.drop("internal_error", len(items))
-            self.cluster_metrics.dropped.inc(len(items), worker=worker.name,
-                                             reason="internal_error")
+            self.cluster_metrics.dropped.inc(
+                len(items), worker=worker.name, reason="internal_error"
+            )
             log.exception("%s raised for a batch of %d; dropped", worker.name, len(items))
         else:
-            self.cluster_metrics.batch_seconds.observe(time.perf_counter() - start,
-                                                       worker=worker.name)
+            self.cluster_metrics.batch_seconds.observe(
+                time.perf_counter() - start, worker=worker.name
+            )
             self._count(report)
         finally:
             with self._lock:
@@ -594,8 +690,7 @@ class ClusterReceiverService:
             left = self.ring.workers
         if items:
             self.metrics.drop("worker_lost", len(items))
-            self.cluster_metrics.dropped.inc(len(items), worker=worker.name,
-                                             reason="worker_lost")
+            self.cluster_metrics.dropped.inc(len(items), worker=worker.name, reason="worker_lost")
         self.cluster_metrics.lost.inc(worker=worker.name)
         self.cluster_metrics.workers.set(len(left))
         try:
@@ -603,12 +698,23 @@ class ClusterReceiverService:
         except Exception:  # already gone
             log.debug("%s: kill after loss failed", worker.name, exc_info=True)
         if left:
-            log.warning("%s lost (%s): %d in-flight frame set(s) dropped (worker_lost); its "
-                        "nodes move to %s", worker.name, why, len(items), ", ".join(left),
-                        extra={"reason": "worker_lost"})
+            log.warning(
+                "%s lost (%s): %d in-flight frame set(s) dropped (worker_lost); its "
+                "nodes move to %s",
+                worker.name,
+                why,
+                len(items),
+                ", ".join(left),
+                extra={"reason": "worker_lost"},
+            )
         else:
-            log.error("%s lost (%s): %d in-flight frame set(s) dropped (worker_lost); NO worker "
-                      "is left", worker.name, why, len(items), extra={"reason": "worker_lost"})
+            log.error(
+                "%s lost (%s): %d in-flight frame set(s) dropped (worker_lost); NO worker is left",
+                worker.name,
+                why,
+                len(items),
+                extra={"reason": "worker_lost"},
+            )
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -638,24 +744,35 @@ class ClusterReceiverService:
             queued = self.backlog.pending(owned_by) if worker.alive else 0
             self.cluster_metrics.nodes.set(owned, worker=name)
             self.cluster_metrics.backlog.set(queued, worker=name)
-            workers[name] = {"alive": worker.alive, "host": worker.info.get("host"),
-                             "device": worker.info.get("device"),
-                             "completed": int(self.cluster_metrics.completed.value(worker=name)),
-                             "nodes": owned, "backlog": queued}
+            workers[name] = {
+                "alive": worker.alive,
+                "host": worker.info.get("host"),
+                "device": worker.info.get("device"),
+                "completed": int(self.cluster_metrics.completed.value(worker=name)),
+                "nodes": owned,
+                "backlog": queued,
+            }
         return {
             "framesets_per_s": round((completed - completed_before) / max(elapsed_s, 1e-9), 2),
             "completed": int(completed),
-            "imputed_views": int(sum(metrics.views.value(provenance=p.value) for p in Provenance
-                                     if p is not Provenance.OBSERVED)),
+            "imputed_views": int(
+                sum(
+                    metrics.views.value(provenance=p.value)
+                    for p in Provenance
+                    if p is not Provenance.OBSERVED
+                )
+            ),
             "received": int(metrics.received.value()),
             "drops": metrics.drops(),
             "withheld": int(metrics.withheld.value(reason="no_observed_view")),
             "seq_gaps": int(metrics.seq_gaps.value()),
             "backlog": len(self.backlog),
             "latency_p50_ms": round(float(np.percentile(recent, 50)) * 1e3, 1)
-            if len(recent) else None,
+            if len(recent)
+            else None,
             "latency_p99_ms": round(float(np.percentile(recent, 99)) * 1e3, 1)
-            if len(recent) else None,
+            if len(recent)
+            else None,
             "hook_errors": self._hook_errors,
             "workers": workers,
         }
@@ -675,8 +792,9 @@ class ClusterReceiverService:
                 log.info("%s", format_cluster_status(status), extra={"status": status})
                 last_time, last_completed = now, self.metrics.completed.value()
                 if not len(self.ring):
-                    raise ClusterError("every Ray worker is lost; stopping (see the warnings "
-                                       "above)")
+                    raise ClusterError(
+                        "every Ray worker is lost; stopping (see the warnings above)"
+                    )
         finally:
             self.close()
 
@@ -729,8 +847,10 @@ def format_cluster_status(status: dict[str, Any]) -> str:
     parts = []
     for name, worker in status["workers"].items():
         if worker["alive"]:
-            parts.append(f"{name} {worker['completed']} completed, {worker['nodes']} nodes, "
-                         f"{worker['backlog']} queued")
+            parts.append(
+                f"{name} {worker['completed']} completed, {worker['nodes']} nodes, "
+                f"{worker['backlog']} queued"
+            )
         else:
             parts.append(f"{name} LOST after {worker['completed']} completed")
     return f"{format_status(status)}; workers: {'; '.join(parts) or 'none'}"

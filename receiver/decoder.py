@@ -28,8 +28,14 @@ log = logging.getLogger(__name__)
 class LatentDecoder:
     """``(latents [..., D]) -> uint8 images [..., H, W, 3]`` with the model's decoder."""
 
-    def __init__(self, decoder: Decoder, preprocess: PreprocessConfig, *,
-                 max_chunk: int = 1024, compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        preprocess: PreprocessConfig,
+        *,
+        max_chunk: int = 1024,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         self.decoder = decoder.eval()
         self.preprocess = preprocess
         self.max_chunk = max_chunk  # bounds device memory at large batch x views
@@ -54,7 +60,11 @@ class LatentDecoder:
         lead = latents.shape[:-1]
         flat = latents.reshape(-1, latents.shape[-1]).to(self.device, self.dtype)
         with torch.inference_mode(), inference_context(self.device, self.compute_dtype):
-            images = torch.cat([self.decoder(flat[i:i + self.max_chunk])
-                                for i in range(0, len(flat), self.max_chunk)])
+            images = torch.cat(
+                [
+                    self.decoder(flat[i : i + self.max_chunk])
+                    for i in range(0, len(flat), self.max_chunk)
+                ]
+            )
         pixels = postprocess_images(images.float().cpu().numpy(), self.preprocess, "RGB")
         return pixels.reshape(*lead, *pixels.shape[1:])

@@ -83,7 +83,7 @@ def parse_task(text: str) -> TaskSpec:
     name, options_text = text, ""
     for match in re.finditer(":", text):
         if _OPTION_START.match(text, match.end()):
-            name, options_text = text[:match.start()], text[match.end():]
+            name, options_text = text[: match.start()], text[match.end() :]
             break
     if not name or "=" in name:
         raise ConfigError(f"--task {text!r}: expected NAME[:key=value,...]")
@@ -103,8 +103,10 @@ def _entry_point_tasks() -> dict[str, Any]:
     found: dict[str, Any] = {}
     for point in entry_points(group=ENTRY_POINT_GROUP):
         if point.name in BUILTIN_TASKS or point.name in found:
-            raise ConfigError(f"task name {point.name!r} is registered twice "
-                              f"(entry point {point.value}); task names must be unique")
+            raise ConfigError(
+                f"task name {point.name!r} is registered twice "
+                f"(entry point {point.value}); task names must be unique"
+            )
         found[point.name] = point
     return found
 
@@ -136,8 +138,9 @@ def load_factory(name: str) -> Callable[..., Any]:
         try:
             factory = installed[name].load()
         except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"cannot load task {name!r} ({installed[name].value}): {exc}"
-                              ) from exc
+            raise ConfigError(
+                f"cannot load task {name!r} ({installed[name].value}): {exc}"
+            ) from exc
         if not callable(factory):
             raise ConfigError(f"task {name!r} ({installed[name].value}) is not callable")
         return factory
@@ -157,8 +160,9 @@ def build_hook(spec: TaskSpec) -> Hook:
     except TypeError as exc:
         raise ConfigError(f"task {spec.name!r}: bad options {spec.options}: {exc}") from exc
     except Exception as exc:  # a third-party task's start-up failure: a clean error, not a crash
-        raise ConfigError(f"task {spec.name!r} failed to start: {type(exc).__name__}: {exc}"
-                          ) from exc
+        raise ConfigError(
+            f"task {spec.name!r} failed to start: {type(exc).__name__}: {exc}"
+        ) from exc
     if not callable(hook):
         raise ConfigError(f"task {spec.name!r} made a {type(hook).__name__}, not a callable")
     return hook
@@ -167,8 +171,13 @@ def build_hook(spec: TaskSpec) -> Hook:
 class HookRunner:
     """Runs every hook on each result; errors are counted and logged, never propagated."""
 
-    def __init__(self, hooks: Sequence[tuple[str, Hook]], metrics: ReceiverMetrics, *,
-                 warn_interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        hooks: Sequence[tuple[str, Hook]],
+        metrics: ReceiverMetrics,
+        *,
+        warn_interval_s: float = 5.0,
+    ) -> None:
         names = [name for name, _ in hooks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -190,8 +199,14 @@ class HookRunner:
                 hook(result)
             except Exception as exc:  # a task's bug must not stop the receiver
                 self.metrics.hook_errors.inc(task=name)
-                self.warnings.warning(name, "task %s raised %s: %s", name,
-                                      type(exc).__name__, exc, extra={"task": name})
+                self.warnings.warning(
+                    name,
+                    "task %s raised %s: %s",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                    extra={"task": name},
+                )
             self.metrics.hook_seconds.observe(time.perf_counter() - start, task=name)
 
     def close(self) -> None:
@@ -206,8 +221,9 @@ class HookRunner:
                 log.exception("task %s failed to close", name)
 
 
-def build_hooks(texts: Sequence[str], metrics: ReceiverMetrics,
-                extra: Sequence[tuple[str, Hook]] = ()) -> HookRunner:
+def build_hooks(
+    texts: Sequence[str], metrics: ReceiverMetrics, extra: Sequence[tuple[str, Hook]] = ()
+) -> HookRunner:
     """Parse and build every ``--task`` (then ``extra``, in-process hooks); on an error, hooks
     already built are closed."""
     specs = [parse_task(text) for text in texts]

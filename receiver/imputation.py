@@ -67,8 +67,10 @@ class Imputation:
         The mean is closer to the truth on average than any one sample (higher PSNR/SSIM) and
         blurrier: it averages away detail the samples disagree on (docs/RECEIVER.md).
         """
-        observed = torch.tensor([[p is Provenance.OBSERVED for p in row]
-                                 for row in self.provenance], device=self.latents.device)
+        observed = torch.tensor(
+            [[p is Provenance.OBSERVED for p in row] for row in self.provenance],
+            device=self.latents.device,
+        )
         mean = self.samples.float().mean(1).to(self.latents.dtype)
         return torch.where(observed[..., None], self.latents, mean)
 
@@ -85,8 +87,7 @@ class ScoreNetEps:
     arithmetic between evaluations stays float32 either way.
     """
 
-    def __init__(self, score_net: nn.Module, *, compute_dtype: torch.dtype | None = None
-                 ) -> None:
+    def __init__(self, score_net: nn.Module, *, compute_dtype: torch.dtype | None = None) -> None:
         self.score_net = score_net.eval()
         parameter = next(score_net.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
@@ -97,37 +98,56 @@ class ScoreNetEps:
         """Whether the network is video-aware (takes camera memories)."""
         return bool(getattr(getattr(self.score_net, "config", None), "memory", False))
 
-    def __call__(self, x: torch.Tensor, tau: torch.Tensor, memory: torch.Tensor | None = None,
-                 memory_age: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        tau: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_age: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         with torch.inference_mode(), inference_context(self.device, self.compute_dtype):
             if memory is None:
                 return self.score_net(x.to(self.dtype), tau.to(self.dtype)).to(x.dtype)
-            return self.score_net(x.to(self.dtype), tau.to(self.dtype), memory.to(self.dtype),
-                                  memory_age).to(x.dtype)
+            return self.score_net(
+                x.to(self.dtype), tau.to(self.dtype), memory.to(self.dtype), memory_age
+            ).to(x.dtype)
 
 
 class Imputer:
     """Imputes missing views with one registered sampler; device-agnostic (cpu or cuda)."""
 
-    def __init__(self, eps_model: EpsModel, latent_stats: LatentStats, sde: VPSDE, *,
-                 sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
-                 device: torch.device | str = "cpu", **sampler_options: Any) -> None:
+    def __init__(
+        self,
+        eps_model: EpsModel,
+        latent_stats: LatentStats,
+        sde: VPSDE,
+        *,
+        sampler: str = DEFAULT_SAMPLER,
+        steps: int = DEFAULT_STEPS,
+        device: torch.device | str = "cpu",
+        **sampler_options: Any,
+    ) -> None:
         info = sampler_info(sampler)
         unknown = set(sampler_options) - set(info.options)
         if unknown:
-            raise ConfigError(f"sampler {sampler!r} has no option {sorted(unknown)}; "
-                              f"valid: {', '.join(sorted(info.options))}")
+            raise ConfigError(
+                f"sampler {sampler!r} has no option {sorted(unknown)}; "
+                f"valid: {', '.join(sorted(info.options))}"
+            )
         self.sample = info.sample
         self.eps_model, self.sde, self.steps = eps_model, sde, steps
-        self._memory_model = (eps_model if isinstance(eps_model, ScoreNetEps)
-                              and eps_model.uses_memory else None)
+        self._memory_model = (
+            eps_model if isinstance(eps_model, ScoreNetEps) and eps_model.uses_memory else None
+        )
         self.name, self.options, self.device = sampler, sampler_options, torch.device(device)
-        self.stats = LatentStats(latent_stats.mean.to(self.device),
-                                 latent_stats.std.to(self.device))
+        self.stats = LatentStats(
+            latent_stats.mean.to(self.device), latent_stats.std.to(self.device)
+        )
 
     @classmethod
-    def from_model(cls, model: MVLDModel, *, precision: str | None = None,
-                   **kwargs: Any) -> Imputer:
+    def from_model(
+        cls, model: MVLDModel, *, precision: str | None = None, **kwargs: Any
+    ) -> Imputer:
         """An imputer on the device of the model's score network.
 
         ``precision`` (``mvld.receiver.precision.PRECISIONS``) serves a tuned inference copy of
@@ -146,11 +166,13 @@ class Imputer:
     def _check(self, latents: torch.Tensor, present: torch.Tensor, samples: int) -> None:
         shape = tuple(self.stats.mean.shape)
         if latents.ndim != 3 or tuple(latents.shape[1:]) != shape:
-            raise ValueError(f"latents must be [B, {shape[0]}, {shape[1]}]; "
-                             f"got {list(latents.shape)}")
+            raise ValueError(
+                f"latents must be [B, {shape[0]}, {shape[1]}]; got {list(latents.shape)}"
+            )
         if present.dtype != torch.bool or present.shape != latents.shape[:2]:
-            raise ValueError(f"present must be a bool [B, V] mask; got {list(present.shape)} "
-                             f"{present.dtype}")
+            raise ValueError(
+                f"present must be a bool [B, V] mask; got {list(present.shape)} {present.dtype}"
+            )
         if samples < 1:
             raise ConfigError(f"samples must be >= 1; got {samples}")
 
@@ -159,9 +181,16 @@ class Imputer:
         """Whether the score network takes camera memories (a video-aware model)."""
         return self._memory_model is not None
 
-    def __call__(self, latents: torch.Tensor, present: torch.Tensor, *, samples: int = 1,
-                 seed: int | Sequence[int] = 0, memory: torch.Tensor | None = None,
-                 memory_age: torch.Tensor | None = None) -> Imputation:
+    def __call__(
+        self,
+        latents: torch.Tensor,
+        present: torch.Tensor,
+        *,
+        samples: int = 1,
+        seed: int | Sequence[int] = 0,
+        memory: torch.Tensor | None = None,
+        memory_age: torch.Tensor | None = None,
+    ) -> Imputation:
         """Impute the views with ``present == False``; deterministic for a ``seed``.
 
         A sequence of seeds gives each frame set its own noise (:class:`RowGenerators`):
@@ -180,11 +209,13 @@ class Imputer:
         rows = (~present).any(1).nonzero().squeeze(1)  # frame sets with a missing view
         nfe = 0
         if len(rows):
-            remembered = None if memory is None or memory_age is None else (
-                memory[rows], memory_age[rows])
+            remembered = (
+                None if memory is None or memory_age is None else (memory[rows], memory_age[rows])
+            )
             row_seed = seed if isinstance(seed, int) else [seed[r] for r in rows.tolist()]
-            drawn, nfe = self._sample(latents[rows], present[rows], samples, row_seed,
-                                      remembered)  # standardised
+            drawn, nfe = self._sample(
+                latents[rows], present[rows], samples, row_seed, remembered
+            )  # standardised
             if uncertainty is not None:
                 spread = drawn.std(dim=1).mean(-1).float().cpu()  # [R, V]
                 uncertainty[rows.cpu()] = torch.where(present[rows].cpu(), 0.0, spread)
@@ -196,28 +227,43 @@ class Imputer:
         log.debug("imputed %d of %d frame sets, %d NFE, %.3f s", len(rows), batch, nfe, seconds)
         return Imputation(out[:, 0], out, provenance, uncertainty, nfe, seconds)
 
-    def _sample(self, latents: torch.Tensor, present: torch.Tensor, samples: int,
-                seed: int | list[int],
-                memory: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, int]:
+    def _sample(
+        self,
+        latents: torch.Tensor,
+        present: torch.Tensor,
+        samples: int,
+        seed: int | list[int],
+        memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, int]:
         """``[R, K, V, D]`` standardised samples of the rows given, and the NFE spent."""
         present = present.to(self.device)
         z = self.stats.standardise(latents.to(self.device, torch.float32))
         z = torch.where(present[..., None], z, torch.zeros_like(z))  # missing: any value, even NaN
         z, present_k = z.repeat_interleave(samples, 0), present.repeat_interleave(samples, 0)
         generator: torch.Generator | RowGenerators = (
-            torch.Generator(self.device).manual_seed(seed) if isinstance(seed, int)
-            else RowGenerators([s * samples + k for s in seed for k in range(samples)],
-                               self.device))
+            torch.Generator(self.device).manual_seed(seed)
+            if isinstance(seed, int)
+            else RowGenerators([s * samples + k for s in seed for k in range(samples)], self.device)
+        )
         eps_model = self.eps_model
         if memory is not None and self._memory_model is not None:
             known = torch.isfinite(memory[1]).to(self.device)[..., None]
             recalled = self.stats.standardise(memory[0].to(self.device, torch.float32))
             recalled = torch.where(known, recalled, torch.zeros_like(recalled))
-            eps_model = partial(self._memory_model, memory=recalled.repeat_interleave(samples, 0),
-                                memory_age=memory[1].to(self.device).repeat_interleave(samples, 0))
-        result = self.sample(eps_model, z, present_k, sde=self.sde, steps=self.steps,
-                             generator=generator, **self.options)
+            eps_model = partial(
+                self._memory_model,
+                memory=recalled.repeat_interleave(samples, 0),
+                memory_age=memory[1].to(self.device).repeat_interleave(samples, 0),
+            )
+        result = self.sample(
+            eps_model,
+            z,
+            present_k,
+            sde=self.sde,
+            steps=self.steps,
+            generator=generator,
+            **self.options,
+        )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return result.x.reshape(len(latents), samples, *latents.shape[1:]), result.nfe
@@ -238,8 +284,7 @@ def log_model_verdict(checkpoint: str | Path) -> dict | None:
     """
     path = checkpoint_paths(checkpoint)[0].parent / VERDICT_FILE
     if not path.is_file():
-        log.info("no model verdict beside %s (mvld-train all writes %s)", checkpoint,
-                 VERDICT_FILE)
+        log.info("no model verdict beside %s (mvld-train all writes %s)", checkpoint, VERDICT_FILE)
         return None
     try:
         verdict = json.loads(path.read_text())
@@ -252,7 +297,12 @@ def log_model_verdict(checkpoint: str | Path) -> dict | None:
     if wins:
         log.info("model verdict (%s): %s", path, sentence, extra=extra)
     else:
-        log.warning("model verdict (%s): %s Best PSNR on its held-out data: %s; "
-                    "--imputer ridge serves the ridge baseline", path, sentence,
-                    best or "not recorded", extra=extra)
+        log.warning(
+            "model verdict (%s): %s Best PSNR on its held-out data: %s; "
+            "--imputer ridge serves the ridge baseline",
+            path,
+            sentence,
+            best or "not recorded",
+            extra=extra,
+        )
     return verdict

@@ -33,8 +33,14 @@ from mvld.common.wire import (
 from mvld.receiver.observability import RateLimitedLogger, ReceiverMetrics
 from mvld.receiver.rate_limit import RateLimiter
 
-__all__ = ["CLOCK_WINDOW_S", "CameraLayout", "Ingest", "NodeBacklog", "PendingFrameSet",
-           "RejectionError"]
+__all__ = [
+    "CLOCK_WINDOW_S",
+    "CameraLayout",
+    "Ingest",
+    "NodeBacklog",
+    "PendingFrameSet",
+    "RejectionError",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +73,9 @@ class CameraLayout:
         object.__setattr__(self, "latent_shape", shape)
 
     @classmethod
-    def default(cls, num_views: int, latent_dim: int,
-                latent_shape: tuple[int, ...] = ()) -> CameraLayout:
+    def default(
+        cls, num_views: int, latent_dim: int, latent_shape: tuple[int, ...] = ()
+    ) -> CameraLayout:
         """``cam0 .. cam{V-1}``, the edge's default camera names."""
         return cls(tuple(f"cam{i}" for i in range(num_views)), latent_dim, latent_shape)
 
@@ -103,8 +110,9 @@ class RejectionError(Exception):
         self.reason = reason
 
 
-def assemble(message: FrameSetMessage, layout: CameraLayout, receive_time: float,
-             client_key: str | None) -> PendingFrameSet:
+def assemble(
+    message: FrameSetMessage, layout: CameraLayout, receive_time: float, client_key: str | None
+) -> PendingFrameSet:
     """Place each camera at its view index; RejectionError for unknown cameras or shapes."""
     index = {camera: i for i, camera in enumerate(layout.camera_ids)}
     shape = layout.wire_shape(message.version)
@@ -114,15 +122,20 @@ def assemble(message: FrameSetMessage, layout: CameraLayout, receive_time: float
     for view in message.views:
         slot = index.get(view.camera_id)
         if slot is None:
-            raise RejectionError("unknown_camera", f"camera {view.camera_id!r} is not one of the "
-                                             f"model's {list(layout.camera_ids)}")
+            raise RejectionError(
+                "unknown_camera",
+                f"camera {view.camera_id!r} is not one of the model's {list(layout.camera_ids)}",
+            )
         records[slot] = view
         if view.latent is None:
             continue
         if view.latent.shape != shape:
-            raise RejectionError("latent_shape", f"camera {view.camera_id!r}: latent shape "
-                                           f"{list(view.latent.shape)}, the model's is "
-                                           f"{list(shape)} (version {message.version})")
+            raise RejectionError(
+                "latent_shape",
+                f"camera {view.camera_id!r}: latent shape "
+                f"{list(view.latent.shape)}, the model's is "
+                f"{list(shape)} (version {message.version})",
+            )
         latent = view.latent
         if isinstance(latent, QuantizedLatent):  # decoding gives float32; a built message may not
             latent = latent.dequantize()
@@ -141,8 +154,15 @@ class _Node:
 class NodeBacklog:
     """Per-node newest-first queues of bounded length, age and node count (thread-safe)."""
 
-    def __init__(self, metrics: ReceiverMetrics, *, per_node: int = 4, max_nodes: int = 256,
-                 max_age_s: float = 1.0, node_idle_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        metrics: ReceiverMetrics,
+        *,
+        per_node: int = 4,
+        max_nodes: int = 256,
+        max_age_s: float = 1.0,
+        node_idle_s: float = 60.0,
+    ) -> None:
         if per_node < 1 or max_nodes < 1 or max_age_s <= 0:
             raise ConfigError("backlog bounds must be positive")
         self.metrics = metrics
@@ -175,8 +195,9 @@ class NodeBacklog:
             if seq > node.last_seq + 1:
                 self.metrics.seq_gaps.inc(seq - node.last_seq - 1)
             elif seq <= node.last_seq:
-                log.info("node %s went back from seq %d to %d (restarted?)",
-                         node_id, node.last_seq, seq)
+                log.info(
+                    "node %s went back from seq %d to %d (restarted?)", node_id, node.last_seq, seq
+                )
             node.last_seq, node.last_seen = seq, time.monotonic()
             if len(node.queue) == self.per_node:
                 node.queue.popleft()
@@ -192,8 +213,11 @@ class NodeBacklog:
         """Track a new node, first forgetting idle ones; None if the node limit is reached."""
         if len(self._nodes) >= self.max_nodes:
             now = time.monotonic()
-            for name in [n for n, s in self._nodes.items()
-                         if not s.queue and now - s.last_seen > self.node_idle_s]:
+            for name in [
+                n
+                for n, s in self._nodes.items()
+                if not s.queue and now - s.last_seen > self.node_idle_s
+            ]:
                 del self._nodes[name]
         if len(self._nodes) >= self.max_nodes:
             return None
@@ -221,8 +245,9 @@ class NodeBacklog:
         with self._ready:
             return self._ready.wait_for(lambda: self._pending(accept) > 0, timeout_s)
 
-    def take(self, max_items: int, now: float | None = None,
-             accept: Callable[[str], bool] | None = None) -> list[PendingFrameSet]:
+    def take(
+        self, max_items: int, now: float | None = None, accept: Callable[[str], bool] | None = None
+    ) -> list[PendingFrameSet]:
         """Up to ``max_items`` chosen newest first per node, nodes in turn; too-old ones dropped.
 
         With ``accept``, only nodes it is true for are taken from (a cluster worker's nodes).
@@ -258,18 +283,25 @@ class NodeBacklog:
 class Ingest:
     """The subscriber loop: receive, decode, check fingerprint and layout, queue per node."""
 
-    def __init__(self, subscriber: LatentSubscriber, layout: CameraLayout, fingerprint: str,
-                 backlog: NodeBacklog, metrics: ReceiverMetrics, *,
-                 limits: WireLimits | None = None, warn_interval_s: float = 5.0,
-                 rate_limiter: RateLimiter | None = None,
-                 clock_window_s: float = CLOCK_WINDOW_S,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        subscriber: LatentSubscriber,
+        layout: CameraLayout,
+        fingerprint: str,
+        backlog: NodeBacklog,
+        metrics: ReceiverMetrics,
+        *,
+        limits: WireLimits | None = None,
+        warn_interval_s: float = 5.0,
+        rate_limiter: RateLimiter | None = None,
+        clock_window_s: float = CLOCK_WINDOW_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not clock_window_s > 0:
             raise ConfigError(f"the clock window must be > 0 s, got {clock_window_s}")
         self.subscriber, self.layout, self.fingerprint = subscriber, layout, fingerprint
         # what each protocol version carries of the model's fingerprint (v2: 8 bytes)
-        self._expected = {version: wire_fingerprint(fingerprint, version)
-                          for version in (1, 2)}
+        self._expected = {version: wire_fingerprint(fingerprint, version) for version in (1, 2)}
         self.clock_window_s = clock_window_s
         self.clock = clock  # the receiver's POSIX clock: receive times, the clock window
         self.backlog, self.metrics = backlog, metrics
@@ -278,62 +310,84 @@ class Ingest:
         self.warnings = RateLimitedLogger(log, warn_interval_s)
         self._node_keys: dict[str, str] = {}  # node id -> the Curve key that first used it
 
-    def check(self, data: bytes, client_key: str | None, receive_time: float,
-              parts: int = 1) -> PendingFrameSet:
+    def check(
+        self, data: bytes, client_key: str | None, receive_time: float, parts: int = 1
+    ) -> PendingFrameSet:
         """Decode and validate one message; raise RejectionError with the drop reason."""
         if parts != 1:
-            raise RejectionError("malformed", f"a multipart message ({parts} parts); MVLD "
-                                              "messages are single-part")
+            raise RejectionError(
+                "malformed", f"a multipart message ({parts} parts); MVLD messages are single-part"
+            )
         try:
             message = decode_frameset(data, self.limits)
         except ProtocolError as exc:
             raise RejectionError("malformed", str(exc)) from exc
         expected = self._expected[message.version]
         if message.encoder_fingerprint != expected:
-            raise RejectionError("fingerprint", f"node {message.node_id!r}: encoder fingerprint "
-                                          f"{message.encoder_fingerprint[:16]}... is not the "
-                                          f"model's {expected[:16]}... (v{message.version})")
+            raise RejectionError(
+                "fingerprint",
+                f"node {message.node_id!r}: encoder fingerprint "
+                f"{message.encoder_fingerprint[:16]}... is not the "
+                f"model's {expected[:16]}... (v{message.version})",
+            )
         if client_key is None and not self._within_rate(f"node:{message.node_id}"):
-            raise RejectionError("rate", f"node {message.node_id!r} sends faster than the "
-                                         "per-node rate limit")
+            raise RejectionError(
+                "rate", f"node {message.node_id!r} sends faster than the per-node rate limit"
+            )
         if client_key is not None:
             bound = self._node_keys.get(message.node_id)
             if bound is None and len(self._node_keys) < _MAX_BOUND_KEYS:
                 self._node_keys[message.node_id] = client_key
             elif bound is not None and bound != client_key:
-                raise RejectionError("node_key", f"node id {message.node_id!r} is bound to another "
-                                           "CurveZMQ key")
+                raise RejectionError(
+                    "node_key", f"node id {message.node_id!r} is bound to another CurveZMQ key"
+                )
         item = assemble(message, self.layout, receive_time, client_key)
         item.clock_ok = self._within_clock_window(message, receive_time)
         return item
 
     def _within_clock_window(self, message: FrameSetMessage, receive_time: float) -> bool:
         """``t`` and every ``tc`` near the receiver's clock; else counted and logged."""
-        times = [message.send_time, *(v.capture_time for v in message.views
-                                      if v.capture_time is not None)]
+        times = [
+            message.send_time,
+            *(v.capture_time for v in message.views if v.capture_time is not None),
+        ]
         worst = max(abs(t - receive_time) for t in times)
         if worst <= self.clock_window_s:
             return True
         self.metrics.clock_window.inc()
-        self.warnings.warning("clock_window", "node %r: a time is %.3g s off the receiver's "
-                              "clock (window %g s): frame set kept out of the latency figures",
-                              message.node_id, worst, self.clock_window_s,
-                              extra={"reason": "clock_window"})
+        self.warnings.warning(
+            "clock_window",
+            "node %r: a time is %.3g s off the receiver's "
+            "clock (window %g s): frame set kept out of the latency figures",
+            message.node_id,
+            worst,
+            self.clock_window_s,
+            extra={"reason": "clock_window"},
+        )
         return False
 
-    def handle(self, data: bytes, client_key: str | None, receive_time: float,
-               parts: int = 1) -> bool:
+    def handle(
+        self, data: bytes, client_key: str | None, receive_time: float, parts: int = 1
+    ) -> bool:
         """Check and queue one message; count and log a drop. Never raises for any input."""
         self.metrics.received.inc()
         try:
             if client_key is not None and not self._within_rate(f"key:{client_key}"):
-                raise RejectionError("rate", f"CurveZMQ key {client_key[:8]}... sends faster "
-                                             "than the per-node rate limit")
+                raise RejectionError(
+                    "rate",
+                    f"CurveZMQ key {client_key[:8]}... sends faster than the per-node rate limit",
+                )
             item = self.check(data, client_key, receive_time, parts)
         except RejectionError as rejected:
             self.metrics.drop(rejected.reason)
-            self.warnings.warning(rejected.reason, "dropped a message (%s): %s",
-                                  rejected.reason, rejected, extra={"reason": rejected.reason})
+            self.warnings.warning(
+                rejected.reason,
+                "dropped a message (%s): %s",
+                rejected.reason,
+                rejected,
+                extra={"reason": rejected.reason},
+            )
             return False
         except Exception:  # a receiver bug must not stop ingest; the traceback is logged
             self.metrics.drop("internal_error")
@@ -360,12 +414,17 @@ class Ingest:
             self.poll(poll_ms)
 
 
-def camera_layout(camera_ids: Sequence[str] | None, num_views: int, latent_dim: int,
-                  latent_shape: tuple[int, ...] = ()) -> CameraLayout:
+def camera_layout(
+    camera_ids: Sequence[str] | None,
+    num_views: int,
+    latent_dim: int,
+    latent_shape: tuple[int, ...] = (),
+) -> CameraLayout:
     """The layout for ``--cameras`` (or the default names); its length must match the model."""
     if not camera_ids:
         return CameraLayout.default(num_views, latent_dim, latent_shape)
     if len(camera_ids) != num_views:
-        raise ConfigError(f"--cameras names {len(camera_ids)} cameras; the model has "
-                          f"{num_views} views")
+        raise ConfigError(
+            f"--cameras names {len(camera_ids)} cameras; the model has {num_views} views"
+        )
     return CameraLayout(tuple(camera_ids), latent_dim, latent_shape)

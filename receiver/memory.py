@@ -89,8 +89,11 @@ class CameraMemory:
     def _remember(node: _NodeMemory, item: PendingFrameSet) -> None:
         for v, record in enumerate(item.records):
             if item.present[v] and record is not None:
-                taken = record.capture_time if record.capture_time is not None \
+                taken = (
+                    record.capture_time
+                    if record.capture_time is not None
                     else item.message.send_time
+                )
                 if taken >= node.taken[v]:
                     node.latents[v] = item.latents[v]
                     node.taken[v] = taken

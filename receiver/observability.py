@@ -47,39 +47,60 @@ class ReceiverMetrics:
     def __init__(self, registry: MetricsRegistry | None = None) -> None:
         self.registry = registry or MetricsRegistry()
         add = self.registry
-        self.received = add.counter("mvld_receiver_messages_total",
-                                    "Wire messages taken off the socket")
-        self.accepted = add.counter("mvld_receiver_framesets_accepted_total",
-                                    "Frame sets that passed decoding and checks")
-        self.dropped = add.counter("mvld_receiver_dropped_total",
-                                   "Messages or frame sets dropped, by reason", ["reason"])
-        self.completed = add.counter("mvld_receiver_framesets_completed_total",
-                                     "Frame sets imputed, decoded and handed to the tasks")
-        self.withheld = add.counter("mvld_receiver_framesets_withheld_total",
-                                    "Frame sets kept from the tasks, by reason (a frame set "
-                                    "with no observed view unless --deliver-unconditioned)",
-                                    ["reason"])
-        self.views = add.counter("mvld_receiver_views_total",
-                                 "Views of completed frame sets, by provenance", ["provenance"])
-        self.seq_gaps = add.counter("mvld_receiver_seq_gaps_total",
-                                    "Frame sets missing from nodes' sequence numbers "
-                                    "(conflated or lost before the receiver)")
-        self.clock_window = add.counter("mvld_receiver_clock_window_total",
-                                        "Accepted frame sets whose t or a tc lies outside the "
-                                        "clock window; kept out of the latency figures")
-        self.batch_size = add.histogram("mvld_receiver_batch_size",
-                                        "Frame sets per imputation call", buckets=BATCH_BUCKETS)
-        self.impute_seconds = add.histogram("mvld_receiver_impute_seconds",
-                                            "Seconds per batched imputation call")
-        self.decode_seconds = add.histogram("mvld_receiver_decode_seconds",
-                                            "Seconds per batched decoder call")
-        self.latency = add.histogram("mvld_receiver_latency_seconds",
-                                     "Capture (edge clock) to decoded frame set (receiver clock)",
-                                     buckets=LATENCY_BUCKETS)
-        self.hook_errors = add.counter("mvld_receiver_hook_errors_total",
-                                       "Exceptions raised by task hooks", ["task"])
-        self.hook_seconds = add.histogram("mvld_receiver_hook_seconds",
-                                          "Seconds per hook call", ["task"])
+        self.received = add.counter(
+            "mvld_receiver_messages_total", "Wire messages taken off the socket"
+        )
+        self.accepted = add.counter(
+            "mvld_receiver_framesets_accepted_total", "Frame sets that passed decoding and checks"
+        )
+        self.dropped = add.counter(
+            "mvld_receiver_dropped_total", "Messages or frame sets dropped, by reason", ["reason"]
+        )
+        self.completed = add.counter(
+            "mvld_receiver_framesets_completed_total",
+            "Frame sets imputed, decoded and handed to the tasks",
+        )
+        self.withheld = add.counter(
+            "mvld_receiver_framesets_withheld_total",
+            "Frame sets kept from the tasks, by reason (a frame set "
+            "with no observed view unless --deliver-unconditioned)",
+            ["reason"],
+        )
+        self.views = add.counter(
+            "mvld_receiver_views_total",
+            "Views of completed frame sets, by provenance",
+            ["provenance"],
+        )
+        self.seq_gaps = add.counter(
+            "mvld_receiver_seq_gaps_total",
+            "Frame sets missing from nodes' sequence numbers "
+            "(conflated or lost before the receiver)",
+        )
+        self.clock_window = add.counter(
+            "mvld_receiver_clock_window_total",
+            "Accepted frame sets whose t or a tc lies outside the "
+            "clock window; kept out of the latency figures",
+        )
+        self.batch_size = add.histogram(
+            "mvld_receiver_batch_size", "Frame sets per imputation call", buckets=BATCH_BUCKETS
+        )
+        self.impute_seconds = add.histogram(
+            "mvld_receiver_impute_seconds", "Seconds per batched imputation call"
+        )
+        self.decode_seconds = add.histogram(
+            "mvld_receiver_decode_seconds", "Seconds per batched decoder call"
+        )
+        self.latency = add.histogram(
+            "mvld_receiver_latency_seconds",
+            "Capture (edge clock) to decoded frame set (receiver clock)",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.hook_errors = add.counter(
+            "mvld_receiver_hook_errors_total", "Exceptions raised by task hooks", ["task"]
+        )
+        self.hook_seconds = add.histogram(
+            "mvld_receiver_hook_seconds", "Seconds per hook call", ["task"]
+        )
         self.backlog = add.gauge("mvld_receiver_backlog", "Frame sets waiting for imputation")
         self.nodes = add.gauge("mvld_receiver_nodes", "Edge nodes with a backlog entry")
         self._drops: dict[str, int] = {}
@@ -109,8 +130,9 @@ class RateLimitedLogger:
         self._suppressed: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def warning(self, key: str, message: str, *args: object,
-                extra: dict[str, Any] | None = None) -> None:
+    def warning(
+        self, key: str, message: str, *args: object, extra: dict[str, Any] | None = None
+    ) -> None:
         """Log ``message % args`` unless ``key`` was logged less than ``interval_s`` ago."""
         now = time.monotonic()
         with self._lock:
@@ -123,4 +145,3 @@ class RateLimitedLogger:
             message += " (%d similar suppressed)"
             args = (*args, suppressed)
         self.logger.warning(message, *args, extra={**(extra or {}), "suppressed": suppressed})
-

@@ -29,8 +29,14 @@ from torch import nn
 
 from mvld.common.errors import ConfigError
 
-__all__ = ["PRECISIONS", "choose_threads", "cpu_flags", "inference_context", "prepare_module",
-           "resolve_precision"]
+__all__ = [
+    "PRECISIONS",
+    "choose_threads",
+    "cpu_flags",
+    "inference_context",
+    "prepare_module",
+    "resolve_precision",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +59,9 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def resolve_precision(precision: str, device: torch.device,
-                      flags: Callable[[], set[str]] = cpu_flags) -> torch.dtype:
+def resolve_precision(
+    precision: str, device: torch.device, flags: Callable[[], set[str]] = cpu_flags
+) -> torch.dtype:
     """The compute dtype for ``precision`` on ``device``; ``auto`` follows the hardware."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -65,13 +72,16 @@ def resolve_precision(precision: str, device: torch.device,
             return torch.bfloat16
         return torch.float32
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 is for CUDA GPUs; on the CPU use bf16 (fast only "
-                          "with AVX512-BF16 or AMX) or fp32")
+        raise ConfigError(
+            "--precision fp16 is for CUDA GPUs; on the CPU use bf16 (fast only "
+            "with AVX512-BF16 or AMX) or fp32"
+        )
     return _DTYPES[precision]
 
 
-def inference_context(device: torch.device, dtype: torch.dtype
-                      ) -> contextlib.AbstractContextManager[object]:
+def inference_context(
+    device: torch.device, dtype: torch.dtype
+) -> contextlib.AbstractContextManager[object]:
     """Autocast to ``dtype`` on ``device``, or nothing for fp32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -91,8 +101,9 @@ def prepare_module(module: ModuleT) -> ModuleT:
     return prepared
 
 
-def choose_threads(requested: int | None, *, cores: int | None = None,
-                   load: float | None = None) -> int:
+def choose_threads(
+    requested: int | None, *, cores: int | None = None, load: float | None = None
+) -> int:
     """Torch threads: ``requested``, else the usable cores minus the 1-minute load average.
 
     ``cores``/``load`` default to this process's CPU affinity and ``os.getloadavg()``.
@@ -102,8 +113,11 @@ def choose_threads(requested: int | None, *, cores: int | None = None,
             raise ConfigError(f"--threads must be > 0, got {requested}")
         return requested
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        cores = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
     if load is None:
         try:
             load = os.getloadavg()[0]

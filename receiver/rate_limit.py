@@ -18,8 +18,14 @@ from mvld.common.errors import ConfigError
 class RateLimiter:
     """Token buckets keyed by sender: ``allow(sender)`` takes a token or says no."""
 
-    def __init__(self, rate: float, burst: float | None = None, *, max_senders: int = 4096,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        max_senders: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not rate > 0:
             raise ConfigError(f"the per-node rate limit must be > 0 messages/s, got {rate}")
         self.rate = float(rate)

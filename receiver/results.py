@@ -50,26 +50,43 @@ class FrameSetResult:
     clock_ok: bool = True  # the edge's times were within the clock window (latency is counted)
 
     @classmethod
-    def complete(cls, item: PendingFrameSet, layout: CameraLayout, latents: np.ndarray,
-                 images: np.ndarray, provenance: Sequence[Provenance],
-                 uncertainty: Sequence[float] | None, done_time: float) -> FrameSetResult:
+    def complete(
+        cls,
+        item: PendingFrameSet,
+        layout: CameraLayout,
+        latents: np.ndarray,
+        images: np.ndarray,
+        provenance: Sequence[Provenance],
+        uncertainty: Sequence[float] | None,
+        done_time: float,
+    ) -> FrameSetResult:
         """Combine a pending frame set with its ``[V, D]`` latents and ``[V, H, W, 3]`` images."""
         views = []
         for index, camera in enumerate(layout.camera_ids):
             record = item.records[index]
-            views.append(ViewResult(
-                camera_id=camera,
-                status="absent" if record is None else record.status.value,
-                reason="absent" if record is None else record.reason.value,
-                provenance=provenance[index],
-                image=images[index],
-                latent=latents[index],
-                uncertainty=None if uncertainty is None else float(uncertainty[index]),
-                capture_time=None if record is None else record.capture_time,
-            ))
+            views.append(
+                ViewResult(
+                    camera_id=camera,
+                    status="absent" if record is None else record.status.value,
+                    reason="absent" if record is None else record.reason.value,
+                    provenance=provenance[index],
+                    image=images[index],
+                    latent=latents[index],
+                    uncertainty=None if uncertainty is None else float(uncertainty[index]),
+                    capture_time=None if record is None else record.capture_time,
+                )
+            )
         message = item.message
-        return cls(message.node_id, message.seq, message.send_time, item.receive_time,
-                   done_time, tuple(views), item.client_key, clock_ok=item.clock_ok)
+        return cls(
+            message.node_id,
+            message.seq,
+            message.send_time,
+            item.receive_time,
+            done_time,
+            tuple(views),
+            item.client_key,
+            clock_ok=item.clock_ok,
+        )
 
     @property
     def capture_time(self) -> float:
@@ -110,9 +127,14 @@ class FrameSetResult:
             "done_time": self.done_time,
             "latency_s": self.latency,
             "views": [
-                {"cam": v.camera_id, "status": v.status, "reason": v.reason,
-                 "provenance": v.provenance.value, "uncertainty": v.uncertainty,
-                 "capture_time": v.capture_time}
+                {
+                    "cam": v.camera_id,
+                    "status": v.status,
+                    "reason": v.reason,
+                    "provenance": v.provenance.value,
+                    "uncertainty": v.uncertainty,
+                    "capture_time": v.capture_time,
+                }
                 for v in self.views
             ],
             "annotations": self.annotations,

@@ -39,8 +39,9 @@ def _key(mask: Pattern) -> str:
     return "".join("1" if p else "0" for p in mask)
 
 
-def save_ridge_weights(path: str | Path, fits: dict[Pattern, Fit], fingerprint: str,
-                       alpha: float) -> Path:
+def save_ridge_weights(
+    path: str | Path, fits: dict[Pattern, Fit], fingerprint: str, alpha: float
+) -> Path:
     """Write one ``(x_mean, y_mean, W)`` per presence pattern, atomically."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -59,16 +60,18 @@ def load_ridge_weights(path: str | Path) -> tuple[dict[Pattern, Fit], dict]:
     """``(fits, metadata)`` of a file written by :func:`save_ridge_weights`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--imputer ridge: {path} does not exist (mvld-train all writes it "
-                          "beside the checkpoint)")
+        raise ConfigError(
+            f"--imputer ridge: {path} does not exist (mvld-train all writes it "
+            "beside the checkpoint)"
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads(handle.metadata()["mvld_ridge"])
             fits = {}
             for key in meta["patterns"]:
                 fits[tuple(c == "1" for c in key)] = tuple(
-                    handle.get_tensor(f"{key}.{name}") for name in ("x_mean", "y_mean",
-                                                                    "weights"))
+                    handle.get_tensor(f"{key}.{name}") for name in ("x_mean", "y_mean", "weights")
+                )
     except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--imputer ridge: {path} is unreadable: {exc}") from exc
     return fits, meta
@@ -79,12 +82,17 @@ class RidgeImputer:
 
     name = "ridge"
 
-    def __init__(self, fits: dict[Pattern, Fit], latent_stats: LatentStats,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        fits: dict[Pattern, Fit],
+        latent_stats: LatentStats,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.device = torch.device(device)
         self.fits = {m: tuple(t.to(self.device) for t in fit) for m, fit in fits.items()}
-        self.stats = LatentStats(latent_stats.mean.to(self.device),
-                                 latent_stats.std.to(self.device))
+        self.stats = LatentStats(
+            latent_stats.mean.to(self.device), latent_stats.std.to(self.device)
+        )
 
     @classmethod
     def beside(cls, checkpoint: str | Path, model: MVLDModel) -> RidgeImputer:
@@ -92,14 +100,22 @@ class RidgeImputer:
         path = ridge_path(checkpoint)
         fits, meta = load_ridge_weights(path)
         if meta["fingerprint"] != model.fingerprint:
-            raise ConfigError(f"--imputer ridge: {path} was fitted for another encoder "
-                              f"({meta['fingerprint'][:12]}, the model's is "
-                              f"{model.fingerprint[:12]})")
+            raise ConfigError(
+                f"--imputer ridge: {path} was fitted for another encoder "
+                f"({meta['fingerprint'][:12]}, the model's is "
+                f"{model.fingerprint[:12]})"
+            )
         device = next(model.score_net.parameters()).device
         return cls(fits, model.latent_stats, device)
 
-    def __call__(self, latents: torch.Tensor, present: torch.Tensor, *, samples: int = 1,
-                 seed: int | Sequence[int] = 0) -> Imputation:
+    def __call__(
+        self,
+        latents: torch.Tensor,
+        present: torch.Tensor,
+        *,
+        samples: int = 1,
+        seed: int | Sequence[int] = 0,
+    ) -> Imputation:
         """Fill the views with ``present == False``; ``seed`` is ignored (nothing is drawn)."""
         if samples != 1:
             raise ConfigError("the ridge imputer is deterministic: use --samples 1")

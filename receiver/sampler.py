@@ -48,9 +48,17 @@ class Sampler(Protocol):
     """The shared sampler signature; a sampler adds its own keyword options with defaults
     (``SamplerInfo.options`` lists them, the imputer checks them by name)."""
 
-    def __call__(self, eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                 sde: VPSDE, steps: int, generator: Generator | None,
-                 callback: Callback | None = None) -> SamplerOutput: ...
+    def __call__(
+        self,
+        eps_model: EpsModel,
+        x_obs: torch.Tensor,
+        observed: torch.Tensor,
+        *,
+        sde: VPSDE,
+        steps: int,
+        generator: Generator | None,
+        callback: Callback | None = None,
+    ) -> SamplerOutput: ...
 
 
 SamplerT = TypeVar("SamplerT", bound=Sampler)
@@ -77,18 +85,22 @@ class SamplerInfo:
         if steps < self.min_steps:
             raise ConfigError(
                 f"sampler {self.name!r} needs at least {self.min_steps} steps (below that it "
-                f"collapses on the shipped model, see docs/SAMPLERS.md); got {steps}")
+                f"collapses on the shipped model, see docs/SAMPLERS.md); got {steps}"
+            )
 
 
 _SAMPLERS: Registry[SamplerInfo] = Registry("sampler")
 
 
-def register_sampler(name: str, *, nfe: Callable[[int], int | None], min_steps: int
-                     ) -> Callable[[SamplerT], SamplerT]:
+def register_sampler(
+    name: str, *, nfe: Callable[[int], int | None], min_steps: int
+) -> Callable[[SamplerT], SamplerT]:
     """Decorator adding a sampler, its NFE rule and its step floor to the registry."""
+
     def add(sample: SamplerT) -> SamplerT:
         _SAMPLERS.register(name)(SamplerInfo(name, sample, nfe, min_steps))
         return sample
+
     return add
 
 
@@ -124,8 +136,13 @@ def time_of_noise_ratio(sde: VPSDE, ratio: torch.Tensor) -> torch.Tensor:
     return (torch.sqrt(sde.beta_min**2 + 2 * slope * log_ratio) - sde.beta_min) / slope
 
 
-def time_grid(sde: VPSDE, steps: int, t_eps: float, spacing: str = "uniform",
-              device: torch.device | str = "cpu") -> torch.Tensor:
+def time_grid(
+    sde: VPSDE,
+    steps: int,
+    t_eps: float,
+    spacing: str = "uniform",
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """``[steps + 1]`` float64 times: ``steps`` points from T to ``t_eps``, then 0.
 
     ``uniform`` in t (score_sde, MLD); ``logsnr`` uniform in log(sigma/alpha) (DPM-Solver);
@@ -181,8 +198,10 @@ def _coeff(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _check_inputs(x_obs: torch.Tensor, observed: torch.Tensor, steps: int, t_eps: float) -> None:
     if x_obs.ndim != 3 or observed.shape != x_obs.shape[:2] or observed.dtype != torch.bool:
-        raise ValueError(f"expected x_obs [B, V, D] and a bool mask [B, V]; got "
-                         f"{list(x_obs.shape)} and {list(observed.shape)} {observed.dtype}")
+        raise ValueError(
+            f"expected x_obs [B, V, D] and a bool mask [B, V]; got "
+            f"{list(x_obs.shape)} and {list(observed.shape)} {observed.dtype}"
+        )
     if steps < 2 or not 0.0 < t_eps < 1.0:
         raise ConfigError(f"need steps >= 2 and 0 < t_eps < 1; got steps={steps}, t_eps={t_eps}")
 
@@ -197,23 +216,28 @@ class RowGenerators:
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % 2**63)
-                           for seed in seeds]
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % 2**63) for seed in seeds]
 
-    def randn(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-              ) -> torch.Tensor:
+    def randn(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """``torch.randn(shape)``, row ``b`` from generator ``b``."""
         if shape[0] != len(self.generators):
             raise ValueError(f"{len(self.generators)} row generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype, device=device)
-                            for g in self.generators])
+        return torch.stack(
+            [
+                torch.randn(shape[1:], generator=g, dtype=dtype, device=device)
+                for g in self.generators
+            ]
+        )
 
 
 Generator = torch.Generator | RowGenerators
 
 
-def prior_state(x_obs: torch.Tensor, observed: torch.Tensor, sde: VPSDE,
-                generator: Generator | None) -> torch.Tensor:
+def prior_state(
+    x_obs: torch.Tensor, observed: torch.Tensor, sde: VPSDE, generator: Generator | None
+) -> torch.Tensor:
     """Start of every sampler: missing views drawn from the prior, observed views clean."""
     if isinstance(generator, RowGenerators):
         noise = generator.randn(tuple(x_obs.shape), x_obs.dtype, x_obs.device)
@@ -222,8 +246,9 @@ def prior_state(x_obs: torch.Tensor, observed: torch.Tensor, sde: VPSDE,
     return clamp_observed(noise, x_obs, observed)
 
 
-def tweedie_denoise(x: torch.Tensor, eps: torch.Tensor, sde: VPSDE, t: torch.Tensor
-                    ) -> torch.Tensor:
+def tweedie_denoise(
+    x: torch.Tensor, eps: torch.Tensor, sde: VPSDE, t: torch.Tensor
+) -> torch.Tensor:
     """Posterior mean of x0 given x_t: ``(x - sigma eps) / alpha`` (the step to t = 0)."""
     alpha, sigma = sde.marginal_coeffs(t)
     return (x - _coeff(sigma, x) * eps) / _coeff(alpha, x)
@@ -235,24 +260,32 @@ def _noise(x: torch.Tensor, generator: Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
-def _report(callback: Callback | None, i: int, t: torch.Tensor, x: torch.Tensor, nfe: int
-            ) -> None:
+def _report(callback: Callback | None, i: int, t: torch.Tensor, x: torch.Tensor, nfe: int) -> None:
     if callback is not None:
         callback({"i": i, "t": t, "x": x, "nfe": nfe})
 
 
-def reverse_sde_drift(x: torch.Tensor, eps: torch.Tensor, sde: VPSDE, t: torch.Tensor
-                      ) -> torch.Tensor:
+def reverse_sde_drift(
+    x: torch.Tensor, eps: torch.Tensor, sde: VPSDE, t: torch.Tensor
+) -> torch.Tensor:
     """Drift of the reverse-time SDE, ``f(x, t) - g(t)^2 score``, with score = -eps / sigma."""
     g2 = _coeff(sde.diffusion(t) ** 2, x)
     return sde.drift(x, t) - g2 * sde.score_from_eps(eps, t)
 
 
 @register_sampler("euler_maruyama", nfe=lambda steps: steps, min_steps=2)
-def sample_euler_maruyama(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                          sde: VPSDE, steps: int = 1000, generator: Generator | None = None,
-                          callback: Callback | None = None, t_eps: float = 1e-3,
-                          spacing: str = "uniform") -> SamplerOutput:
+def sample_euler_maruyama(
+    eps_model: EpsModel,
+    x_obs: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    sde: VPSDE,
+    steps: int = 1000,
+    generator: Generator | None = None,
+    callback: Callback | None = None,
+    t_eps: float = 1e-3,
+    spacing: str = "uniform",
+) -> SamplerOutput:
     """Euler-Maruyama on the reverse SDE (MLD's and score_sde's reference); NFE = steps."""
     _check_inputs(x_obs, observed, steps, t_eps)
     eps_fn = ConditionedEps(eps_model, x_obs, observed)
@@ -271,10 +304,18 @@ def sample_euler_maruyama(eps_model: EpsModel, x_obs: torch.Tensor, observed: to
 
 
 @register_sampler("heun", nfe=lambda steps: 2 * steps - 1, min_steps=HEUN_MIN_STEPS)
-def sample_heun(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                sde: VPSDE, steps: int = 10, generator: Generator | None = None,
-                callback: Callback | None = None, t_eps: float = 1e-3,
-                spacing: str = "logsnr") -> SamplerOutput:
+def sample_heun(
+    eps_model: EpsModel,
+    x_obs: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    sde: VPSDE,
+    steps: int = 10,
+    generator: Generator | None = None,
+    callback: Callback | None = None,
+    t_eps: float = 1e-3,
+    spacing: str = "logsnr",
+) -> SamplerOutput:
     """Heun on the probability-flow ODE, written as dy/ds = eps with y = x/alpha, s = sigma/alpha.
 
     EDM's Algorithm 1 for VP: 2nd order, the last step (to s = 0) is Euler; NFE = 2 steps - 1.
@@ -299,10 +340,18 @@ def sample_heun(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor
 
 
 @register_sampler("dpmpp_2m", nfe=lambda steps: steps, min_steps=DPMPP_MIN_STEPS)
-def sample_dpmpp_2m(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                    sde: VPSDE, steps: int = 20, generator: Generator | None = None,
-                    callback: Callback | None = None, t_eps: float = 1e-3,
-                    spacing: str = "logsnr") -> SamplerOutput:
+def sample_dpmpp_2m(
+    eps_model: EpsModel,
+    x_obs: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    sde: VPSDE,
+    steps: int = 20,
+    generator: Generator | None = None,
+    callback: Callback | None = None,
+    t_eps: float = 1e-3,
+    spacing: str = "logsnr",
+) -> SamplerOutput:
     """DPM-Solver++(2M): multistep 2nd-order exponential integrator on x0 predictions; NFE = steps.
 
     Step from t_i to t_{i+1}: x <- (sigma_{i+1}/sigma_i) x - alpha_{i+1} expm1(-h) D with
@@ -310,16 +359,34 @@ def sample_dpmpp_2m(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Te
     from the previous one; the last step (to t = 0) returns the x0 prediction. It is the
     probability-flow ODE case (eta = 0) of ``dpmpp_2m_sde``, which therefore computes it.
     """
-    return sample_dpmpp_2m_sde(eps_model, x_obs, observed, sde=sde, steps=steps,
-                               generator=generator, callback=callback, t_eps=t_eps,
-                               spacing=spacing, eta=0.0)
+    return sample_dpmpp_2m_sde(
+        eps_model,
+        x_obs,
+        observed,
+        sde=sde,
+        steps=steps,
+        generator=generator,
+        callback=callback,
+        t_eps=t_eps,
+        spacing=spacing,
+        eta=0.0,
+    )
 
 
 @register_sampler("dpmpp_2m_sde", nfe=lambda steps: steps, min_steps=DPMPP_MIN_STEPS)
-def sample_dpmpp_2m_sde(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                        sde: VPSDE, steps: int = 20, generator: Generator | None = None,
-                        callback: Callback | None = None, t_eps: float = 1e-3,
-                        spacing: str = "logsnr", eta: float = 1.0) -> SamplerOutput:
+def sample_dpmpp_2m_sde(
+    eps_model: EpsModel,
+    x_obs: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    sde: VPSDE,
+    steps: int = 20,
+    generator: Generator | None = None,
+    callback: Callback | None = None,
+    t_eps: float = 1e-3,
+    spacing: str = "logsnr",
+    eta: float = 1.0,
+) -> SamplerOutput:
     """DPM-Solver++(2M) SDE (k-diffusion's midpoint form): the reverse SDE, 2nd order; NFE = steps.
 
     With h = lambda_{i+1} - lambda_i and e = eta h, a step is
@@ -355,8 +422,9 @@ def sample_dpmpp_2m_sde(eps_model: EpsModel, x_obs: torch.Tensor, observed: torc
     return SamplerOutput(x, eps_fn.nfe)
 
 
-def _euler_heun_pair(eps_fn: ConditionedEps, x: torch.Tensor, t: torch.Tensor,
-                     t_next: torch.Tensor, sde: VPSDE) -> tuple[torch.Tensor, torch.Tensor]:
+def _euler_heun_pair(
+    eps_fn: ConditionedEps, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, sde: VPSDE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler and Heun steps of the probability-flow ODE from t to t_next (both ``[B]``)."""
     alpha, sigma = sde.marginal_coeffs(t)
     alpha_next, sigma_next = sde.marginal_coeffs(t_next)
@@ -369,11 +437,22 @@ def _euler_heun_pair(eps_fn: ConditionedEps, x: torch.Tensor, t: torch.Tensor,
 
 
 @register_sampler("adaptive", nfe=lambda steps: None, min_steps=2)
-def sample_adaptive(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Tensor, *,
-                    sde: VPSDE, steps: int = 200, generator: Generator | None = None,
-                    callback: Callback | None = None, t_eps: float = 1e-3, eps_abs: float = 0.01,
-                    eps_rel: float = 0.02, h_init: float = 0.1, safety: float = 0.9,
-                    exponent: float = 0.9) -> SamplerOutput:
+def sample_adaptive(
+    eps_model: EpsModel,
+    x_obs: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    sde: VPSDE,
+    steps: int = 200,
+    generator: Generator | None = None,
+    callback: Callback | None = None,
+    t_eps: float = 1e-3,
+    eps_abs: float = 0.01,
+    eps_rel: float = 0.02,
+    h_init: float = 0.1,
+    safety: float = 0.9,
+    exponent: float = 0.9,
+) -> SamplerOutput:
     """Adaptive-step Euler-Heun with error control ("Gotta go fast"), one step size per frame set.
 
     Integrates the probability-flow ODE (deterministic, so rejecting a step biases nothing) in
@@ -409,11 +488,11 @@ def sample_adaptive(eps_model: EpsModel, x_obs: torch.Tensor, observed: torch.Te
         h = h * (safety * error.clamp(min=1e-12).pow(-exponent)).clamp(*STEP_FACTOR_RANGE)
         _report(callback, i, torch.where(accept, t_next, t), x, eps_fn.nfe)
     if bool((u_end - u > 1e-9).any()):
-        raise MVLDError(f"adaptive sampler: not done after {steps} attempted steps "
-                        f"(eps_abs={eps_abs}, eps_rel={eps_rel}); loosen the tolerances "
-                        "or raise steps")
+        raise MVLDError(
+            f"adaptive sampler: not done after {steps} attempted steps "
+            f"(eps_abs={eps_abs}, eps_rel={eps_rel}); loosen the tolerances "
+            "or raise steps"
+        )
     t = torch.full_like(u, t_eps)
     x = clamp_observed(tweedie_denoise(x, eps_fn(x, t), sde, t), x_obs, observed)
     return SamplerOutput(x, eps_fn.nfe)
-
-

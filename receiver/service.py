@@ -43,8 +43,13 @@ from mvld.receiver.results import FrameSetResult
 from mvld.receiver.ridge_imputer import RidgeImputer
 from mvld.receiver.stage import ImputeStage
 
-__all__ = ["ReceiverConfig", "ReceiverService", "format_status", "is_local_endpoint",
-           "select_device"]
+__all__ = [
+    "ReceiverConfig",
+    "ReceiverService",
+    "format_status",
+    "is_local_endpoint",
+    "select_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +69,11 @@ def select_device(gpu: int) -> torch.device:
         log.info("device: CPU (--gpu %d)", gpu)
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        log.warning("device: CPU FALLBACK: --gpu %d asked for CUDA, but CUDA is not available "
-                    "in this torch build or machine; imputation runs on the CPU", gpu)
+        log.warning(
+            "device: CPU FALLBACK: --gpu %d asked for CUDA, but CUDA is not available "
+            "in this torch build or machine; imputation runs on the CPU",
+            gpu,
+        )
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if gpu >= count:
@@ -74,8 +82,9 @@ def select_device(gpu: int) -> torch.device:
     return torch.device("cuda", gpu)
 
 
-def open_front_door(config: ReceiverConfig, fingerprint: str, layout: CameraLayout,
-                    metrics: ReceiverMetrics) -> tuple[LatentSubscriber, NodeBacklog, Ingest]:
+def open_front_door(
+    config: ReceiverConfig, fingerprint: str, layout: CameraLayout, metrics: ReceiverMetrics
+) -> tuple[LatentSubscriber, NodeBacklog, Ingest]:
     """The socket (CurveZMQ when keys are given, a warning for an open public bind), the
     per-node backlog and the ingest that fills it: shared by both receivers."""
     curve = None
@@ -85,33 +94,57 @@ def open_front_door(config: ReceiverConfig, fingerprint: str, layout: CameraLayo
     else:
         for endpoint in config.bind:
             if not is_local_endpoint(endpoint):
-                log.warning("binding %s without CurveZMQ: anyone who can reach it can send "
-                            "frame sets; use --keys/--allow (docs/SECURITY.md)", endpoint)
-    subscriber = LatentSubscriber(config.bind, curve=curve, fingerprint=fingerprint,
-                                  camera_ids=layout.camera_ids)
-    backlog = NodeBacklog(metrics, per_node=config.backlog, max_nodes=config.max_nodes,
-                          max_age_s=config.max_age_ms / 1000.0)
+                log.warning(
+                    "binding %s without CurveZMQ: anyone who can reach it can send "
+                    "frame sets; use --keys/--allow (docs/SECURITY.md)",
+                    endpoint,
+                )
+    subscriber = LatentSubscriber(
+        config.bind, curve=curve, fingerprint=fingerprint, camera_ids=layout.camera_ids
+    )
+    backlog = NodeBacklog(
+        metrics,
+        per_node=config.backlog,
+        max_nodes=config.max_nodes,
+        max_age_s=config.max_age_ms / 1000.0,
+    )
     limiter = RateLimiter(config.max_rate) if config.max_rate > 0 else None
-    ingest = Ingest(subscriber, layout, fingerprint, backlog, metrics, rate_limiter=limiter,
-                    clock_window_s=config.clock_window_s)
+    ingest = Ingest(
+        subscriber,
+        layout,
+        fingerprint,
+        backlog,
+        metrics,
+        rate_limiter=limiter,
+        clock_window_s=config.clock_window_s,
+    )
     return subscriber, backlog, ingest
 
 
 class ReceiverService:
     """Owns the sockets, the ingest and worker threads and one :class:`ImputeStage`."""
 
-    def __init__(self, config: ReceiverConfig, *, model: MVLDModel | None = None,
-                 extra_hooks: Sequence[tuple[str, Hook]] = ()) -> None:
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        *,
+        model: MVLDModel | None = None,
+        extra_hooks: Sequence[tuple[str, Hook]] = (),
+    ) -> None:
         self.config = config
         threads = choose_threads(config.threads)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-        log.info("torch threads: %d (%s)", threads, "--threads" if config.threads is not None
-                 else "usable cores minus the load average")
+        log.info(
+            "torch threads: %d (%s)",
+            threads,
+            "--threads" if config.threads is not None else "usable cores minus the load average",
+        )
         self.metrics = ReceiverMetrics()
         self.device = select_device(config.gpu)
-        self.stage = ImputeStage(config, self.device, self.metrics, model=model,
-                                 extra_hooks=extra_hooks)
+        self.stage = ImputeStage(
+            config, self.device, self.metrics, model=model, extra_hooks=extra_hooks
+        )
         self.model, self.layout = self.stage.model, self.stage.layout
         self.model_source = self.stage.model_source
         self._stop = threading.Event()
@@ -136,15 +169,21 @@ class ReceiverService:
     def _open_sockets(self) -> None:
         config = self.config
         self.subscriber, self.backlog, self.ingest = open_front_door(
-            config, self.model.fingerprint, self.layout, self.metrics)
-        self.batcher = MicroBatcher(self.backlog, max_batch=config.max_batch,
-                                    max_wait_s=config.max_wait_ms / 1000.0,
-                                    latency_budget_s=config.latency_budget_ms / 1000.0
-                                    if config.latency_budget_ms > 0 else None)
+            config, self.model.fingerprint, self.layout, self.metrics
+        )
+        self.batcher = MicroBatcher(
+            self.backlog,
+            max_batch=config.max_batch,
+            max_wait_s=config.max_wait_ms / 1000.0,
+            latency_budget_s=config.latency_budget_ms / 1000.0
+            if config.latency_budget_ms > 0
+            else None,
+        )
         if config.metrics_port is not None:
             try:
-                self._metrics_server = MetricsServer(self.metrics.registry, config.metrics_port,
-                                                     config.metrics_host)
+                self._metrics_server = MetricsServer(
+                    self.metrics.registry, config.metrics_port, config.metrics_host
+                )
             except ConfigError:
                 self.subscriber.close()
                 raise
@@ -175,24 +214,41 @@ class ReceiverService:
         """Start the ingest and worker threads."""
         if self._threads:
             return
-        self._threads = [threading.Thread(target=self.ingest.run, args=(self._stop,),
-                                          name="receiver-ingest", daemon=True),
-                         threading.Thread(target=self._work, name="receiver-worker",
-                                          daemon=True)]
+        self._threads = [
+            threading.Thread(
+                target=self.ingest.run, args=(self._stop,), name="receiver-ingest", daemon=True
+            ),
+            threading.Thread(target=self._work, name="receiver-worker", daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
-        log.info("receiving on %s; model %d views x %d dims, cameras %s; %s; tasks: %s",
-                 ", ".join(self.endpoints), self.layout.num_views, self.layout.latent_dim,
-                 ",".join(self.layout.camera_ids), self._imputer_text(),
-                 ", ".join(self.hooks.names) or "none")
+        log.info(
+            "receiving on %s; model %d views x %d dims, cameras %s; %s; tasks: %s",
+            ", ".join(self.endpoints),
+            self.layout.num_views,
+            self.layout.latent_dim,
+            ",".join(self.layout.camera_ids),
+            self._imputer_text(),
+            ", ".join(self.hooks.names) or "none",
+        )
         fingerprint, short = self.model.fingerprint, wire_fingerprint(self.model.fingerprint)
-        log.info("model %s: encoder fingerprint %s (protocol v2 enc = its first 8 bytes, %s); "
-                 "latent shape %s; protocol versions 1 and 2", self.model_source, fingerprint,
-                 short, list(self.layout.latent_shape),
-                 extra={"model": {"source": self.model_source,
-                                  "encoder_fingerprint": fingerprint, "wire_fingerprint": short,
-                                  "latent_shape": list(self.layout.latent_shape),
-                                  "cameras": list(self.layout.camera_ids)}})
+        log.info(
+            "model %s: encoder fingerprint %s (protocol v2 enc = its first 8 bytes, %s); "
+            "latent shape %s; protocol versions 1 and 2",
+            self.model_source,
+            fingerprint,
+            short,
+            list(self.layout.latent_shape),
+            extra={
+                "model": {
+                    "source": self.model_source,
+                    "encoder_fingerprint": fingerprint,
+                    "wire_fingerprint": short,
+                    "latent_shape": list(self.layout.latent_shape),
+                    "cameras": list(self.layout.camera_ids),
+                }
+            },
+        )
 
     def _imputer_text(self) -> str:
         """How missing views are filled, for the start-up line."""
@@ -202,8 +258,9 @@ class ReceiverService:
         else:
             text = f"sampler {config.sampler}, {config.steps} steps"
             if config.samples > 1:
-                text += f", {config.samples} samples" + (", posterior mean"
-                                                          if config.posterior_mean else "")
+                text += f", {config.samples} samples" + (
+                    ", posterior mean" if config.posterior_mean else ""
+                )
         if not config.deliver_unconditioned:
             text += "; frame sets with no observed view withheld"
         return text
@@ -216,17 +273,24 @@ class ReceiverService:
         return {
             "framesets_per_s": round((completed - completed_before) / max(elapsed_s, 1e-9), 2),
             "completed": int(completed),
-            "imputed_views": int(sum(metrics.views.value(provenance=p.value) for p in Provenance
-                                     if p is not Provenance.OBSERVED)),
+            "imputed_views": int(
+                sum(
+                    metrics.views.value(provenance=p.value)
+                    for p in Provenance
+                    if p is not Provenance.OBSERVED
+                )
+            ),
             "received": int(metrics.received.value()),
             "drops": metrics.drops(),
             "withheld": int(metrics.withheld.value(reason="no_observed_view")),
             "seq_gaps": int(metrics.seq_gaps.value()),
             "backlog": len(self.backlog),
             "latency_p50_ms": round(float(np.percentile(recent, 50)) * 1e3, 1)
-            if len(recent) else None,
+            if len(recent)
+            else None,
             "latency_p99_ms": round(float(np.percentile(recent, 99)) * 1e3, 1)
-            if len(recent) else None,
+            if len(recent)
+            else None,
             "hook_errors": self.stage.hook_errors(),
         }
 
@@ -268,8 +332,10 @@ def format_status(status: dict[str, Any]) -> str:
     drops = ", ".join(f"{k}={v}" for k, v in sorted(status["drops"].items())) or "none"
     p50, p99 = status["latency_p50_ms"], status["latency_p99_ms"]
     latency = "latency n/a" if p50 is None else f"latency p50 {p50:.1f} ms p99 {p99:.1f} ms"
-    return (f"status: {status['framesets_per_s']:.1f} frame sets/s, {status['completed']} "
-            f"completed, {status['imputed_views']} views imputed, {status['received']} received, "
-            f"drops: {drops}, withheld (no observed view) {status['withheld']}, "
-            f"sequence gaps {status['seq_gaps']}, backlog {status['backlog']}, "
-            f"{latency}, hook errors {status['hook_errors']}")
+    return (
+        f"status: {status['framesets_per_s']:.1f} frame sets/s, {status['completed']} "
+        f"completed, {status['imputed_views']} views imputed, {status['received']} received, "
+        f"drops: {drops}, withheld (no observed view) {status['withheld']}, "
+        f"sequence gaps {status['seq_gaps']}, backlog {status['backlog']}, "
+        f"{latency}, hook errors {status['hook_errors']}"
+    )

@@ -44,9 +44,15 @@ def node_seed(node_id: str) -> int:
 class ImputeStage:
     """Impute -> decode -> hooks for micro-batches, with the counts the metrics report."""
 
-    def __init__(self, config: ReceiverConfig, device: torch.device, metrics: ReceiverMetrics,
-                 *, model: MVLDModel | None = None,
-                 extra_hooks: Sequence[tuple[str, Hook]] = ()) -> None:
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        device: torch.device,
+        metrics: ReceiverMetrics,
+        *,
+        model: MVLDModel | None = None,
+        extra_hooks: Sequence[tuple[str, Hook]] = (),
+    ) -> None:
         self.config, self.device, self.metrics = config, device, metrics
         self.model_source = str(config.model or DEFAULT_MODEL) if model is None else "in memory"
         if model is None:
@@ -56,26 +62,33 @@ class ImputeStage:
             model.autoencoder.to(device)
             model.score_net.to(device)
         self.model = model
-        self.layout = camera_layout(config.cameras, model.num_views,
-                                    model.autoencoder.config.latent_dim,
-                                    model.autoencoder.config.latent_shape)
+        self.layout = camera_layout(
+            config.cameras,
+            model.num_views,
+            model.autoencoder.config.latent_dim,
+            model.autoencoder.config.latent_shape,
+        )
         self.imputer = self._build_imputer(in_memory=self.model_source == "in memory")
         self.decoder = LatentDecoder.from_model(model, precision=config.precision)
         self.hooks = build_hooks(config.tasks, metrics, extra_hooks)
         self._unconditioned_hooks = self._hooks_taking_unconditioned()
-        self.memory = CameraMemory(model.num_views, self.layout.latent_dim,
-                                   max_nodes=config.max_nodes)
+        self.memory = CameraMemory(
+            model.num_views, self.layout.latent_dim, max_nodes=config.max_nodes
+        )
         self.batches = 0
         self.recent_latency: deque[float] = deque(maxlen=2048)  # for the status line
 
     def _build_imputer(self, *, in_memory: bool) -> Imputer | RidgeImputer:
         config = self.config
         if config.imputer != "ridge":
-            return Imputer.from_model(self.model, sampler=config.sampler, steps=config.steps,
-                                      precision=config.precision)
+            return Imputer.from_model(
+                self.model, sampler=config.sampler, steps=config.steps, precision=config.precision
+            )
         if in_memory and config.model is None:  # the packaged model's weights would not fit
-            raise ConfigError("--imputer ridge with a model given in memory needs --model: the "
-                              "checkpoint whose folder holds its ridge weights")
+            raise ConfigError(
+                "--imputer ridge with a model given in memory needs --model: the "
+                "checkpoint whose folder holds its ridge weights"
+            )
         return RidgeImputer.beside(config.model or DEFAULT_MODEL, self.model)
 
     def _hooks_taking_unconditioned(self) -> HookRunner:
@@ -83,21 +96,29 @@ class ImputeStage:
         whose hook sets ``accepts_unconditioned = True``."""
         if self.config.deliver_unconditioned:
             return self.hooks
-        return HookRunner([(name, hook) for name, hook in self.hooks.hooks
-                           if getattr(hook, "accepts_unconditioned", False)], self.metrics)
+        return HookRunner(
+            [
+                (name, hook)
+                for name, hook in self.hooks.hooks
+                if getattr(hook, "accepts_unconditioned", False)
+            ],
+            self.metrics,
+        )
 
     def process(self, items: list[PendingFrameSet]) -> list[FrameSetResult]:
         """Impute and decode one micro-batch into complete frame sets (no hooks, no drops)."""
         batch = Batch.stack(items, self.device)
         recall = self.memory.recall(items)  # kept even when unused: a later switch finds it
         memory = {}
-        if self.config.camera_memory and getattr(self.imputer, "uses_memory", False) \
-                and recall.any:
-            memory = {"memory": torch.from_numpy(recall.latents),
-                      "memory_age": torch.from_numpy(recall.age)}
+        if self.config.camera_memory and getattr(self.imputer, "uses_memory", False) and recall.any:
+            memory = {
+                "memory": torch.from_numpy(recall.latents),
+                "memory_age": torch.from_numpy(recall.age),
+            }
         seeds = [node_seed(item.message.node_id) for item in items]
-        imputation = self.imputer(batch.latents, batch.present, samples=self.config.samples,
-                                  seed=seeds, **memory)
+        imputation = self.imputer(
+            batch.latents, batch.present, samples=self.config.samples, seed=seeds, **memory
+        )
         self.batches += 1
         chosen = imputation.posterior_mean() if self.config.posterior_mean else imputation.latents
         start = time.perf_counter()
@@ -106,10 +127,18 @@ class ImputeStage:
         done = time.time()
         latents = chosen.float().cpu().numpy()
         uncertainty = None if imputation.uncertainty is None else imputation.uncertainty.numpy()
-        results = [FrameSetResult.complete(item, self.layout, latents[b], images[b],
-                                           imputation.provenance[b],
-                                           None if uncertainty is None else uncertainty[b], done)
-                   for b, item in enumerate(items)]
+        results = [
+            FrameSetResult.complete(
+                item,
+                self.layout,
+                latents[b],
+                images[b],
+                imputation.provenance[b],
+                None if uncertainty is None else uncertainty[b],
+                done,
+            )
+            for b, item in enumerate(items)
+        ]
         self._count(results, imputation.seconds)
         return results
 

@@ -25,7 +25,6 @@ COVER_FRACTION = 0.6
 COVER_SEED = 7
 
 
-
 def _window(text: str | None) -> tuple[float, float] | None:
     """``"A-B"`` (seconds) -> ``(A, B)``; None for no window."""
     if not text:
@@ -55,9 +54,15 @@ class DemoFaultSource:
     (``timestamp - index / fps``) so that the demo can map capture times to scene ticks.
     """
 
-    def __init__(self, uri: str, stop: str | None = None, cover: str | None = None,
-                 clock: str | None = None, epoch: str | None = None,
-                 **sim_options: object) -> None:
+    def __init__(
+        self,
+        uri: str,
+        stop: str | None = None,
+        cover: str | None = None,
+        clock: str | None = None,
+        epoch: str | None = None,
+        **sim_options: object,
+    ) -> None:
         self.uri = uri
         self.epoch_path = Path(epoch) if epoch else None
         self._epoch: float | None = None if self.epoch_path else 0.0
@@ -75,8 +80,9 @@ class DemoFaultSource:
             try:
                 self._epoch = float(json.loads(self.epoch_path.read_text())["start_wall"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{self.uri}: fault clock {self.epoch_path} is unreadable "
-                                  f"({exc})") from exc
+                raise ConfigError(
+                    f"{self.uri}: fault clock {self.epoch_path} is unreadable ({exc})"
+                ) from exc
         return self._epoch
 
     def _inside(self, window: tuple[float, float] | None, when: float) -> bool:
@@ -119,7 +125,15 @@ def open_demo_fault(uri: str, **options: object) -> DemoFaultSource:
     """Factory for ``demofault://N?stop=A-B&cover=A-B&clock=PATH&epoch=PATH&<sim options>``."""
     merged: dict[str, object] = dict(parse_qsl(urlsplit(uri).query))
     merged.update(options)
-    text = {name: None if (value := merged.pop(name, None)) is None else str(value)
-            for name in ("stop", "cover", "clock", "epoch")}
-    return DemoFaultSource(uri, stop=text["stop"], cover=text["cover"], clock=text["clock"],
-                           epoch=text["epoch"], **merged)
+    text = {
+        name: None if (value := merged.pop(name, None)) is None else str(value)
+        for name in ("stop", "cover", "clock", "epoch")
+    }
+    return DemoFaultSource(
+        uri,
+        stop=text["stop"],
+        cover=text["cover"],
+        clock=text["clock"],
+        epoch=text["epoch"],
+        **merged,
+    )

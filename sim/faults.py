@@ -175,8 +175,9 @@ class Dirt(FaultInjector):
         super().__init__(rng)
         self.blobs = blobs
         self.alpha: np.ndarray | None = None
-        self.colour = (rng.uniform(40, 110, size=3).astype(np.float32)
-                       * np.array([1, 0.85, 0.6], np.float32))
+        self.colour = rng.uniform(40, 110, size=3).astype(np.float32) * np.array(
+            [1, 0.85, 0.6], np.float32
+        )
 
     def _build(self, height: int, width: int) -> np.ndarray:
         """Draw this episode's blobs into an opacity map (returned and kept)."""
@@ -213,8 +214,9 @@ class Shift(FaultInjector):
     def apply(self, frame: Frame) -> Frame:
         height, width = frame.shape[:2]
         # A 2x3 float64 matrix (OpenCV's stubs allow any dtype); asarray does not copy it.
-        matrix = np.asarray(cv2.getRotationMatrix2D((width / 2, height / 2), self.angle, 1.0),
-                            np.float64)
+        matrix = np.asarray(
+            cv2.getRotationMatrix2D((width / 2, height / 2), self.angle, 1.0), np.float64
+        )
         matrix[:, 2] += self.offset * (width, height)
         return cv2.warpAffine(frame, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101)
 

@@ -34,10 +34,8 @@ import numpy as np
 from mvld.common.errors import ConfigError
 from mvld.sim.faults import textured_scene
 
-MOTIONS = ("static", "pan", "sway", "shake", "vehicle", "exposure", "lights", "passers",
-           "mixed")
-_GEOMETRY = {"pan": "pan", "sway": "sway", "shake": "shake", "vehicle": "vehicle",
-             "mixed": "pan"}
+MOTIONS = ("static", "pan", "sway", "shake", "vehicle", "exposure", "lights", "passers", "mixed")
+_GEOMETRY = {"pan": "pan", "sway": "sway", "shake": "shake", "vehicle": "vehicle", "mixed": "pan"}
 _PHOTOMETRY = {"exposure": "exposure", "lights": "lights", "mixed": "exposure"}
 _PASSERS = ("passers", "mixed")
 
@@ -93,8 +91,10 @@ class MovingCamera:
             raise ConfigError(f"unknown motion {self.motion!r}; valid: {', '.join(MOTIONS)}")
         canvas_height, canvas_width = self.canvas.shape[:2]
         if canvas_height < 1.3 * self.height or canvas_width < 1.3 * self.width:
-            raise ConfigError(f"canvas {canvas_width}x{canvas_height} too small for a moving "
-                              f"{self.width}x{self.height} view")
+            raise ConfigError(
+                f"canvas {canvas_width}x{canvas_height} too small for a moving "
+                f"{self.width}x{self.height} view"
+            )
         self.rng = np.random.default_rng(self.seed)
         rng = self.rng
         self._noise = np.empty((2 * self.height, 2 * self.width * 3), np.int16)
@@ -107,14 +107,25 @@ class MovingCamera:
         self._margin = ((canvas_width - 1.15 * width) / 2, (canvas_height - 1.15 * self.height) / 2)
         self._pan_speed = rng.uniform(0.02, 0.05) * width / self.fps  # pixels per frame
         self._pan_phase = rng.uniform(0, 1, 2)
-        self._sway = (rng.uniform(0.01, 0.04) * width, rng.uniform(2.0, 6.5),
-                      rng.uniform(0.3, 1.5), rng.uniform(0, 2 * np.pi, 3))
-        self._shake = (rng.uniform(0.003, 0.012) * width, rng.uniform(5.0, 14.0, 2),
-                       rng.uniform(0, 2 * np.pi, 4))
+        self._sway = (
+            rng.uniform(0.01, 0.04) * width,
+            rng.uniform(2.0, 6.5),
+            rng.uniform(0.3, 1.5),
+            rng.uniform(0, 2 * np.pi, 3),
+        )
+        self._shake = (
+            rng.uniform(0.003, 0.012) * width,
+            rng.uniform(5.0, 14.0, 2),
+            rng.uniform(0, 2 * np.pi, 4),
+        )
         self._vehicle = (rng.uniform(8.0, 20.0), rng.uniform(16.0, 40.0), rng.uniform(0, 2 * np.pi))
         # Photometry.
-        self._exposure = (rng.uniform(3.0, 10.0), rng.uniform(0.25, 0.4), rng.uniform(5.0, 15.0),
-                          rng.uniform(0, 2 * np.pi, 4))
+        self._exposure = (
+            rng.uniform(3.0, 10.0),
+            rng.uniform(0.25, 0.4),
+            rng.uniform(5.0, 15.0),
+            rng.uniform(0, 2 * np.pi, 4),
+        )
         self._lamp_on = True
         self._next_toggle = int(rng.uniform(3, 12) * self.fps)
         self._auto_gain = 1.0
@@ -138,15 +149,22 @@ class MovingCamera:
         if self.geometry == "sway":
             amplitude, period, roll, phase = self._sway
             w = 2 * np.pi * t / period
-            return (amplitude * math.sin(w + phase[0]),
-                    0.5 * amplitude * math.sin(0.7 * w + phase[1]),
-                    roll * math.sin(w + phase[2]), 1.0)
+            return (
+                amplitude * math.sin(w + phase[0]),
+                0.5 * amplitude * math.sin(0.7 * w + phase[1]),
+                roll * math.sin(w + phase[2]),
+                1.0,
+            )
         if self.geometry == "shake":
             amplitude, frequency, phase = self._shake
-            x = amplitude * (math.sin(2 * np.pi * frequency[0] * t + phase[0])
-                             + 0.5 * math.sin(2 * np.pi * frequency[1] * t + phase[1]))
-            y = amplitude * (math.sin(2 * np.pi * frequency[1] * t + phase[2])
-                             + 0.5 * math.sin(2 * np.pi * frequency[0] * t + phase[3]))
+            x = amplitude * (
+                math.sin(2 * np.pi * frequency[0] * t + phase[0])
+                + 0.5 * math.sin(2 * np.pi * frequency[1] * t + phase[1])
+            )
+            y = amplitude * (
+                math.sin(2 * np.pi * frequency[1] * t + phase[2])
+                + 0.5 * math.sin(2 * np.pi * frequency[0] * t + phase[3])
+            )
             jitter = rng.normal(0, 0.0015 * width, 2)
             return x + float(jitter[0]), y + float(jitter[1]), 0.2 * math.sin(13 * t), 1.0
         if self.geometry == "vehicle":
@@ -154,8 +172,12 @@ class MovingCamera:
             zoom = 1.0 + 0.08 * (1 - math.cos(2 * np.pi * t / zoom_period))
             yaw = 0.12 * width * math.sin(2 * np.pi * t / yaw_period + yaw_phase)
             jitter = rng.normal(0, 0.002 * width, 2)
-            return (yaw + float(jitter[0]), 0.02 * width * math.sin(t) + float(jitter[1]),
-                    0.3 * math.sin(2 * np.pi * t / 7.0), zoom)
+            return (
+                yaw + float(jitter[0]),
+                0.02 * width * math.sin(t) + float(jitter[1]),
+                0.3 * math.sin(2 * np.pi * t / 7.0),
+                zoom,
+            )
         return 0.0, 0.0, 0.0, 1.0
 
     def _view(self, t: float) -> np.ndarray:
@@ -167,8 +189,13 @@ class MovingCamera:
             return cv2.getRectSubPix(self.canvas, (self.width, self.height), centre)
         matrix = cv2.getRotationMatrix2D(centre, roll, zoom)
         matrix[:, 2] += (self.width / 2 - centre[0], self.height / 2 - centre[1])
-        return cv2.warpAffine(self.canvas, matrix, (self.width, self.height),
-                              flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        return cv2.warpAffine(
+            self.canvas,
+            matrix,
+            (self.width, self.height),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REFLECT_101,
+        )
 
     # -- light -----------------------------------------------------------------------------
 
@@ -216,8 +243,9 @@ class MovingCamera:
         cv2.ellipse(mask, (w // 2, h // 2), (w // 2, h // 2), 0, 0, 360, 255, -1)
         left = rng.random() < 0.5
         y = int(rng.uniform(0.2, 1.0) * (height - h))
-        self._passers.append(_Passer(image, mask, -w if left else width, y,
-                                     speed if left else -speed))
+        self._passers.append(
+            _Passer(image, mask, -w if left else width, y, speed if left else -speed)
+        )
 
     def _paste_passers(self, frame: np.ndarray) -> None:
         """Move every passer-by one frame on and draw it (opaque, elliptical)."""
@@ -235,8 +263,9 @@ class MovingCamera:
             kept.append(passer)
             left, right = max(x, 0), min(x + w, self.width)
             region = frame[passer.y : passer.y + h, left:right]
-            cv2.copyTo(passer.image[:, left - x : right - x], passer.mask[:, left - x : right - x],
-                       region)
+            cv2.copyTo(
+                passer.image[:, left - x : right - x], passer.mask[:, left - x : right - x], region
+            )
         self._passers = kept
 
     # -- frames ----------------------------------------------------------------------------

@@ -292,7 +292,10 @@ class SimRig:
         scale = size / float(extent.max())
         client = self._client
         visual = client.createVisualShape(
-            pybullet.GEOM_MESH, fileName=path, meshScale=[scale] * 3, rgbaColor=colour,
+            pybullet.GEOM_MESH,
+            fileName=path,
+            meshScale=[scale] * 3,
+            rgbaColor=colour,
             visualFramePosition=(-centre * scale).tolist(),
         )
         collision = client.createCollisionShape(
@@ -380,7 +383,10 @@ class SimRig:
         views, central_pixels = [], []
         for view_matrix, projection in zip(self._views, self._projections, strict=True):
             _, _, rgba, _, segmentation = self._client.getCameraImage(
-                width, height, view_matrix, projection,
+                width,
+                height,
+                view_matrix,
+                projection,
                 renderer=pybullet.ER_TINY_RENDERER,
                 shadow=int(self.config.shadows),
                 lightDirection=self._light.tolist(),

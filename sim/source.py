@@ -135,8 +135,13 @@ class SimSource:
             return None
         tick, view, timestamp = got
         self._last = tick
-        return Frame(image=view, camera=self.uri, timestamp=timestamp, index=tick,
-                     scene=tick // self.options.episode_frames)
+        return Frame(
+            image=view,
+            camera=self.uri,
+            timestamp=timestamp,
+            index=tick,
+            scene=tick // self.options.episode_frames,
+        )
 
     def close(self) -> None:
         """Leave the shared scene; the last camera to leave closes it."""
@@ -182,8 +187,9 @@ def open_sim(uri: str, **options: object) -> SimSource:
     for name, value in merged.items():
         kind = type(getattr(SimOptions, name))
         try:
-            values[name] = _parse_bool(value) if kind is bool and isinstance(value, str) \
-                else kind(value)
+            values[name] = (
+                _parse_bool(value) if kind is bool and isinstance(value, str) else kind(value)
+            )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{uri}: bad value {value!r} for {name}") from exc
     return SimSource(uri, int(parts.netloc), SimOptions(**values))

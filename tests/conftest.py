@@ -8,13 +8,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def _stage_folders() -> dict[str, str]:
     """Source folder of each import package, read from setup.py (the one place it is written)."""
     tree = ast.parse((REPO_ROOT / "setup.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "STAGE_FOLDERS" for t in node.targets):
+            isinstance(t, ast.Name) and t.id == "STAGE_FOLDERS" for t in node.targets
+        ):
             return ast.literal_eval(node.value)
     raise RuntimeError("setup.py defines no STAGE_FOLDERS")
 

@@ -24,8 +24,11 @@ from mvld.model.sde import VPSDE
 
 VIEWS, DIM = 3, 2
 CLEAN = torch.tensor([0.8, -0.5, 1.2, 0.3, -0.7, 0.9], dtype=torch.float64).reshape(VIEWS, DIM)
-PATTERNS = {"view0": (True, False, False), "views01": (True, True, False),
-            "joint": (False, False, False)}
+PATTERNS = {
+    "view0": (True, False, False),
+    "views01": (True, True, False),
+    "joint": (False, False, False),
+}
 
 
 def gaussian_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

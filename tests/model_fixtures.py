@@ -10,8 +10,9 @@ from mvld.train.config import AETrainConfig, ScoreTrainConfig
 CAMERAS = ["cam0", "cam1", "cam2"]
 
 
-def write_tiny_rig(root: Path, count: int = 64, size: int = 32, seed: int = 0,
-                   drop_every: int = 7) -> Path:
+def write_tiny_rig(
+    root: Path, count: int = 64, size: int = 32, seed: int = 0, drop_every: int = 7
+) -> Path:
     """A 3-camera dataset: one square seen from three shifted viewpoints, label = its colour.
 
     Every ``drop_every``-th frame set misses one view, as a failed camera would.
@@ -26,7 +27,7 @@ def write_tiny_rig(root: Path, count: int = 64, size: int = 32, seed: int = 0,
                 image = np.zeros((size, size, 3), np.uint8)
                 image[..., v] = 40
                 left = (x + 3 * v) % (size - 8)
-                image[y:y + 8, left:left + 8] = (60 * label + 40, 255 - 50 * v, 100)
+                image[y : y + 8, left : left + 8] = (60 * label + 40, 255 - 50 * v, 100)
                 views.append(image)
             if drop_every and i % drop_every == 3:
                 views[i % len(CAMERAS)] = None
@@ -36,16 +37,38 @@ def write_tiny_rig(root: Path, count: int = 64, size: int = 32, seed: int = 0,
 
 def tiny_ae_config(data: Path, out: Path, **overrides) -> AETrainConfig:
     """An autoencoder run that takes about a second on one CPU core."""
-    values = dict(data=str(data), out=str(out), image_size=32, latent_dim=16, channels=(8, 16),
-                  latent_channels=0, res_blocks=0, batch_size=16, steps=30, val_every=10,
-                  checkpoint_every=10, progress=False,
-                  lr_schedule="constant")  # a cosine decay over 30-60 steps stalls the run
+    values = dict(
+        data=str(data),
+        out=str(out),
+        image_size=32,
+        latent_dim=16,
+        channels=(8, 16),
+        latent_channels=0,
+        res_blocks=0,
+        batch_size=16,
+        steps=30,
+        val_every=10,
+        checkpoint_every=10,
+        progress=False,
+        lr_schedule="constant",
+    )  # a cosine decay over 30-60 steps stalls the run
     return AETrainConfig(**(values | overrides))
 
 
 def tiny_score_config(data: Path, ae: Path, out: Path, **overrides) -> ScoreTrainConfig:
     """A score-network run that takes about a second on one CPU core."""
-    values = dict(data=str(data), ae=str(ae), out=str(out), widths=(32, 16), time_dim=16,
-                  batch_size=16, steps=30, val_every=10, checkpoint_every=10, lr=2e-3,
-                  progress=False, lr_schedule="constant")  # as in tiny_ae_config
+    values = dict(
+        data=str(data),
+        ae=str(ae),
+        out=str(out),
+        widths=(32, 16),
+        time_dim=16,
+        batch_size=16,
+        steps=30,
+        val_every=10,
+        checkpoint_every=10,
+        lr=2e-3,
+        progress=False,
+        lr_schedule="constant",
+    )  # as in tiny_ae_config
     return ScoreTrainConfig(**(values | overrides))

@@ -25,14 +25,22 @@ CAMERAS = tuple(f"cam{i}" for i in range(VIEWS))
 def make_tiny_model(seed: int = 0) -> MVLDModel:
     """A randomly initialised 3-view model, 32x32 images, 16-d latents."""
     torch.manual_seed(seed)
-    autoencoder = Autoencoder(AutoencoderConfig(image_size=SIZE, latent_dim=LATENT,
-                                                channels=(8, 16))).eval()
-    score_net = ScoreNet(ScoreNetConfig(num_views=VIEWS, latent_dim=LATENT, widths=(32, 16),
-                                        time_dim=16)).eval()
+    autoencoder = Autoencoder(
+        AutoencoderConfig(image_size=SIZE, latent_dim=LATENT, channels=(8, 16))
+    ).eval()
+    score_net = ScoreNet(
+        ScoreNetConfig(num_views=VIEWS, latent_dim=LATENT, widths=(32, 16), time_dim=16)
+    ).eval()
     torch.nn.init.normal_(score_net.output.weight, std=0.1)  # zero-initialised otherwise
     stats = LatentStats(torch.randn(VIEWS, LATENT) * 0.1, torch.rand(VIEWS, LATENT) + 0.5)
-    return MVLDModel(PreprocessConfig(height=SIZE, width=SIZE), autoencoder, score_net, VPSDE(),
-                     stats, encoder_fingerprint(autoencoder.encoder))
+    return MVLDModel(
+        PreprocessConfig(height=SIZE, width=SIZE),
+        autoencoder,
+        score_net,
+        VPSDE(),
+        stats,
+        encoder_fingerprint(autoencoder.encoder),
+    )
 
 
 def save_tiny_model(root: Path, seed: int = 0) -> Path:
@@ -54,16 +62,23 @@ _latent_pool: dict[int, tuple[MVLDModel, np.ndarray]] = {}
 def _pooled_latents(model: MVLDModel, seq: int) -> np.ndarray:
     """``[V, D]`` latents of random images encoded once per model (a pool of 8, cycled by seq)."""
     if id(model) not in _latent_pool or _latent_pool[id(model)][0] is not model:
-        images = np.random.default_rng(0).integers(0, 256, (_POOL_SIZE * VIEWS, SIZE, SIZE, 3),
-                                                   dtype=np.uint8)
+        images = np.random.default_rng(0).integers(
+            0, 256, (_POOL_SIZE * VIEWS, SIZE, SIZE, 3), dtype=np.uint8
+        )
         pool = encode_views(model, images).reshape(_POOL_SIZE, VIEWS, -1)
         _latent_pool[id(model)] = (model, pool)
     return _latent_pool[id(model)][1][seq % _POOL_SIZE]
 
 
-def frame_set(model: MVLDModel, node: str, seq: int, *, failed: tuple[str, ...] = ("cam1",),
-              fingerprint: str | None = None, capture_time: float | None = None
-              ) -> FrameSetMessage:
+def frame_set(
+    model: MVLDModel,
+    node: str,
+    seq: int,
+    *,
+    failed: tuple[str, ...] = ("cam1",),
+    fingerprint: str | None = None,
+    capture_time: float | None = None,
+) -> FrameSetMessage:
     """A real frame set: random images encoded by the model; ``failed`` cameras send nothing."""
     now = time.time() if capture_time is None else capture_time
     latents = _pooled_latents(model, seq)
@@ -82,8 +97,9 @@ def wire(model: MVLDModel, node: str, seq: int, **kwargs: object) -> bytes:
 
 
 @contextmanager
-def connected_publisher(endpoint: str, timeout_s: float = 5.0,
-                        subscriber: LatentSubscriber | None = None) -> Iterator[LatentPublisher]:
+def connected_publisher(
+    endpoint: str, timeout_s: float = 5.0, subscriber: LatentSubscriber | None = None
+) -> Iterator[LatentPublisher]:
     """A publisher to ``endpoint`` that has seen the receiver's subscription.
 
     A SUB socket attaches new connections only while its owner calls into it: pass the

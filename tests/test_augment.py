@@ -24,8 +24,9 @@ def _views(count: int = 6, size: int = 16) -> torch.Tensor:
 
 def test_no_transform_is_the_identity() -> None:
     views = _views()
-    torch.testing.assert_close(augment_views(views, NONE, torch.Generator().manual_seed(1)),
-                               views, rtol=0, atol=0)
+    torch.testing.assert_close(
+        augment_views(views, NONE, torch.Generator().manual_seed(1)), views, rtol=0, atol=0
+    )
 
 
 def test_flip_mirrors_every_view_when_certain() -> None:
@@ -42,8 +43,11 @@ def test_shift_moves_each_view_within_the_bound() -> None:
     padded = torch.nn.functional.pad(views, (pad,) * 4, mode="reflect")
     offsets = set()
     for n in range(len(views)):
-        matches = [(dy, dx) for dy, dx in itertools.product(range(2 * pad + 1), repeat=2)
-                   if torch.equal(padded[n, :, dy:dy + 16, dx:dx + 16], shifted[n])]
+        matches = [
+            (dy, dx)
+            for dy, dx in itertools.product(range(2 * pad + 1), repeat=2)
+            if torch.equal(padded[n, :, dy : dy + 16, dx : dx + 16], shifted[n])
+        ]
         assert matches, f"view {n} is not a shift of the input"
         offsets.add(matches[0])
     assert len(offsets) > 1  # the shift is drawn per view
@@ -71,8 +75,15 @@ def test_augmentation_is_a_function_of_the_generator_and_stays_in_range() -> Non
 
 def test_default_augmentation_never_mirrors() -> None:
     views = _views(64)
-    config = AugmentConfig(**{**AugmentConfig().__dict__, "max_shift": 0, "blur_prob": 0.0,
-                              "brightness": 0.0, "contrast": 0.0})
+    config = AugmentConfig(
+        **{
+            **AugmentConfig().__dict__,
+            "max_shift": 0,
+            "blur_prob": 0.0,
+            "brightness": 0.0,
+            "contrast": 0.0,
+        }
+    )
     out = augment_views(views, config, torch.Generator().manual_seed(2))
     torch.testing.assert_close(out, views, rtol=0, atol=0)
 
@@ -86,7 +97,11 @@ def test_mirroring_is_chosen_per_dataset(tmp_path: Path) -> None:
     (refused / "render.json").write_text(json.dumps({"classes": ["duck", "box"]}))
     (refused / "dataset.json").write_text(json.dumps({"mirror_invariant": False}))
     assert [mirror_invariant(f) for f in (plain, declared, rendered, refused)] == [
-        False, True, True, False]
+        False,
+        True,
+        True,
+        False,
+    ]
     assert augment_for_dataset(plain, mirror=False).flip_prob == 0.0
     assert augment_for_dataset(plain, mirror=True).flip_prob > 0.0  # asked for
     assert augment_for_dataset(declared, mirror=False).flip_prob > 0.0

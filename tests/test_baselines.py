@@ -26,8 +26,7 @@ def blank_missing(z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return torch.where(present[..., None], z, torch.full_like(z, float("nan")))
 
 
-@pytest.mark.parametrize("mask", [[True, False, False], [True, True, False],
-                                  [False, True, True]])
+@pytest.mark.parametrize("mask", [[True, False, False], [True, True, False], [False, True, True]])
 def test_ridge_regressor_recovers_a_linear_relation(mask):
     train, test = linear_latents(400, seed=0), linear_latents(50, seed=1)
     present = masks(len(test), mask)

@@ -22,11 +22,15 @@ VIEWS, LATENT = 3, 4
 
 def _pending(node: str, seq: int) -> PendingFrameSet:
     return PendingFrameSet(
-        message=FrameSetMessage(node, seq, 0.0, "0f1e2d3c4b5a6978", (
-            ViewRecord("cam0", "failed", "timeout", None),)),
-        receive_time=time.time(), client_key=None,
-        latents=np.zeros((VIEWS, LATENT), np.float32), present=np.zeros(VIEWS, bool),
-        records=(None,) * VIEWS)
+        message=FrameSetMessage(
+            node, seq, 0.0, "0f1e2d3c4b5a6978", (ViewRecord("cam0", "failed", "timeout", None),)
+        ),
+        receive_time=time.time(),
+        client_key=None,
+        latents=np.zeros((VIEWS, LATENT), np.float32),
+        present=np.zeros(VIEWS, bool),
+        records=(None,) * VIEWS,
+    )
 
 
 def _cost(fixed_s: float, per_item_s: float) -> BatchCostModel:
@@ -71,8 +75,7 @@ def test_policy_waits_only_when_the_batch_would_not_keep_up() -> None:
     wait = policy.wait_s(waiting=2, oldest_age_s=0.01, arrivals_per_s=200, cost=cost)
     assert wait == pytest.approx(0.2 - 0.01 - cost.predict(3))
     # the next arrival (every 0.5 s) cannot join within the budget: go now
-    assert policy.wait_s(waiting=1, oldest_age_s=0.0, arrivals_per_s=2, cost=_cost(0.05, 0.1)
-                         ) == 0
+    assert policy.wait_s(waiting=1, oldest_age_s=0.0, arrivals_per_s=2, cost=_cost(0.05, 0.1)) == 0
     assert policy.wait_s(waiting=0, oldest_age_s=0.0, arrivals_per_s=2, cost=cost) == math.inf
 
 

@@ -28,16 +28,27 @@ DIM = 32
 
 def _net(memory: bool, seed: int = 0) -> ConvScoreNet:
     torch.manual_seed(seed)
-    return ConvScoreNet(ScoreNetConfig(num_views=3, latent_dim=DIM, widths=(16, 16), time_dim=16,
-                                       kind="conv", latent_shape=SHAPE, blocks=1,
-                                       memory=memory))
+    return ConvScoreNet(
+        ScoreNetConfig(
+            num_views=3,
+            latent_dim=DIM,
+            widths=(16, 16),
+            time_dim=16,
+            kind="conv",
+            latent_shape=SHAPE,
+            blocks=1,
+            memory=memory,
+        )
+    )
 
 
 # ---------------------------------------------------------------- scenes of a dataset
 
+
 def test_scenes_come_from_render_json_episodes(tmp_path: Path) -> None:
-    (tmp_path / "render.json").write_text(json.dumps({"rig": {"fps": 10.0,
-                                                              "frames_per_episode": 4}}))
+    (tmp_path / "render.json").write_text(
+        json.dumps({"rig": {"fps": 10.0, "frames_per_episode": 4}})
+    )
     scenes = read_scenes(tmp_path, [f"{i:06d}" for i in range(10)])
     assert scenes is not None and scenes.fps == 10.0
     assert scenes.scene.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
@@ -46,20 +57,24 @@ def test_scenes_come_from_render_json_episodes(tmp_path: Path) -> None:
 
 def test_scenes_declared_in_dataset_json(tmp_path: Path) -> None:
     stems = ["a1", "a2", "a3", "b1", "b2"]
-    (tmp_path / "dataset.json").write_text(json.dumps(
-        {"sequence": {"fps": 30, "scene_starts": ["a1", "b1"]}}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"sequence": {"fps": 30, "scene_starts": ["a1", "b1"]}})
+    )
     scenes = read_scenes(tmp_path, stems)
     assert scenes is not None and scenes.fps == 30.0
     assert scenes.scene.tolist() == [0, 0, 0, 1, 1]
     assert read_scenes(tmp_path / "nothing", stems) is None, "no metadata: not a sequence"
 
 
-@pytest.mark.parametrize("sequence, message", [
-    ({"scene_starts": []}, "positive"),
-    ({"fps": 0}, "positive"),
-    ({"fps": 10, "scene_starts": "a1"}, "list of stems"),
-    ({"fps": 10, "scene_starts": ["zz"]}, "names no frame set"),
-])
+@pytest.mark.parametrize(
+    "sequence, message",
+    [
+        ({"scene_starts": []}, "positive"),
+        ({"fps": 0}, "positive"),
+        ({"fps": 10, "scene_starts": "a1"}, "list of stems"),
+        ({"fps": 10, "scene_starts": ["zz"]}, "names no frame set"),
+    ],
+)
 def test_malformed_sequences_are_refused(tmp_path: Path, sequence: dict, message: str) -> None:
     (tmp_path / "dataset.json").write_text(json.dumps({"sequence": sequence}))
     with pytest.raises(DatasetError, match=message):
@@ -67,6 +82,7 @@ def test_malformed_sequences_are_refused(tmp_path: Path, sequence: dict, message
 
 
 # ---------------------------------------------------------------- training draws
+
 
 def test_memory_draws_stay_in_their_scene_and_say_their_age() -> None:
     scene = np.repeat(np.arange(5), 40)  # 5 scenes of 40 frames
@@ -80,8 +96,10 @@ def test_memory_draws_stay_in_their_scene_and_say_their_age() -> None:
     source = draw.latents[..., 0].long()  # the remembered row, since z holds its row number
     frames = (index[:, None] - source)[kept]
     assert (frames >= 1).all() and (frames <= 20).all(), "1 frame up to max_age_s * fps"
-    assert torch.equal(torch.from_numpy(scene)[source[kept]],
-                       torch.from_numpy(scene)[index[:, None].expand(200, 3)[kept]])
+    assert torch.equal(
+        torch.from_numpy(scene)[source[kept]],
+        torch.from_numpy(scene)[index[:, None].expand(200, 3)[kept]],
+    )
     assert torch.allclose(draw.age[kept], frames.float() / 10.0)
     dropped = 1 - kept[index % 40 != 0].float().mean().item()
     assert 0.15 < dropped < 0.35, f"about drop=0.25 of the views have no memory: {dropped}"
@@ -99,11 +117,16 @@ def test_memory_of_a_missing_view_is_none() -> None:
 
 # ---------------------------------------------------------------- the network
 
+
 def test_a_memory_network_starts_as_the_memoryless_one() -> None:
     plain, aware = _net(False), _net(True)
     missing, unexpected = aware.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and sorted(missing) == ["memory_embed.bias", "memory_embed.weight",
-                                                  "memory_input.bias", "memory_input.weight"]
+    assert not unexpected and sorted(missing) == [
+        "memory_embed.bias",
+        "memory_embed.weight",
+        "memory_input.bias",
+        "memory_input.weight",
+    ]
     for module in (plain, aware):  # a non-zero output layer, so the outputs are not all 0
         torch.nn.init.normal_(module.output.weight, std=0.1)
     aware.output.load_state_dict(plain.output.state_dict())
@@ -129,16 +152,21 @@ def test_memory_needs_the_conv_network() -> None:
 
 # ---------------------------------------------------------------- the receiver's memory
 
-def _pending(node: str, seq: int, t: float, present: list[bool], value: float
-             ) -> PendingFrameSet:
-    records = tuple(ViewRecord(f"cam{v}", "ok" if p else "failed", "none" if p else "black",
-                               t - 0.01 if p else None,
-                               np.full(DIM, value, np.float32) if p else None)
-                    for v, p in enumerate(present))
+
+def _pending(node: str, seq: int, t: float, present: list[bool], value: float) -> PendingFrameSet:
+    records = tuple(
+        ViewRecord(
+            f"cam{v}",
+            "ok" if p else "failed",
+            "none" if p else "black",
+            t - 0.01 if p else None,
+            np.full(DIM, value, np.float32) if p else None,
+        )
+        for v, p in enumerate(present)
+    )
     message = FrameSetMessage(node, seq, t, "f" * 64, records)
     latents = np.where(np.array(present)[:, None], value, 0).astype(np.float32)
-    return PendingFrameSet(message, t, None, np.repeat(latents, DIM, 1), np.array(present),
-                           records)
+    return PendingFrameSet(message, t, None, np.repeat(latents, DIM, 1), np.array(present), records)
 
 
 def test_camera_memory_recalls_the_last_observed_latent_with_its_age() -> None:
@@ -146,8 +174,10 @@ def test_camera_memory_recalls_the_last_observed_latent_with_its_age() -> None:
     t0 = time.time()
     first = memory.recall([_pending("a", 0, t0, [True, True, True], 1.0)])
     assert np.isinf(first.age).all() and not first.any, "nothing seen yet"
-    batch = [_pending("a", 1, t0 + 1, [True, False, True], 2.0),
-             _pending("a", 2, t0 + 2, [True, False, False], 3.0)]
+    batch = [
+        _pending("a", 1, t0 + 1, [True, False, True], 2.0),
+        _pending("a", 2, t0 + 2, [True, False, False], 3.0),
+    ]
     recall = memory.recall(batch)
     assert recall.latents[0, 1, 0] == 1.0 and recall.age[0, 1] == pytest.approx(1.01)
     assert recall.latents[1, 2, 0] == 2.0, "the batch's earlier frame set is remembered"
@@ -175,8 +205,10 @@ def test_the_imputer_uses_memory_only_with_a_video_aware_network() -> None:
     assert not torch.allclose(with_memory[:, 1], without[:, 1], atol=1e-3)
     plain = Imputer(ScoreNetEps(_net(False)), stats, VPSDE(), steps=10)
     assert not plain.uses_memory
-    assert torch.equal(plain(latents, present, memory=memory, memory_age=age).latents,
-                       plain(latents, present).latents), "a memoryless model ignores it"
+    assert torch.equal(
+        plain(latents, present, memory=memory, memory_age=age).latents,
+        plain(latents, present).latents,
+    ), "a memoryless model ignores it"
 
 
 def test_row_seeds_give_a_frame_set_the_same_noise_in_any_batch() -> None:

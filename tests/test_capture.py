@@ -42,16 +42,23 @@ from mvld.edge.sources.camera import (
 )
 from mvld.edge.sources.files import FileSource
 
-FAST = CaptureConfig(read_timeout_s=0.05, watchdog_s=0.3, stall_s=0.5,
-                     backoff_initial_s=0.05, backoff_max_s=0.4)
+FAST = CaptureConfig(
+    read_timeout_s=0.05, watchdog_s=0.3, stall_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.4
+)
 
 
 class ScriptedCamera:
     """A 30 FPS synthetic camera whose n-th read can hang, raise or end (the fault script)."""
 
-    def __init__(self, uri: str = "scripted", hang_at: int | None = None,
-                 raise_at: int | None = None, end_at: int | None = None,
-                 release: threading.Event | None = None, fps: float = 100.0) -> None:
+    def __init__(
+        self,
+        uri: str = "scripted",
+        hang_at: int | None = None,
+        raise_at: int | None = None,
+        end_at: int | None = None,
+        release: threading.Event | None = None,
+        fps: float = 100.0,
+    ) -> None:
         self.uri = uri
         self.hang_at, self.raise_at, self.end_at = hang_at, raise_at, end_at
         self.release = release or threading.Event()
@@ -130,8 +137,9 @@ def test_reader_keeps_the_newest_frame_and_counts_the_ones_nobody_took() -> None
 
 def test_stuck_read_is_abandoned_and_reopened_while_other_cameras_stream(tmp_path: Path) -> None:
     release = threading.Event()
-    stuck = Opener(lambda attempt: ScriptedCamera(hang_at=5 if attempt == 1 else None,
-                                                  release=release))
+    stuck = Opener(
+        lambda attempt: ScriptedCamera(hang_at=5 if attempt == 1 else None, release=release)
+    )
     video = write_video(tmp_path / "cam1.avi", 30)
     healthy = CameraReader("cam1", lambda: FileSource(str(video), loop=True, realtime=True), FAST)
     capture = Capture([CameraReader("cam0", stuck, FAST), healthy]).start()
@@ -174,8 +182,9 @@ def test_stuck_open_is_abandoned_too() -> None:
 
 def test_a_driver_that_always_hangs_leaves_a_bounded_number_of_threads() -> None:
     release = threading.Event()
-    opener = Opener(lambda attempt: ScriptedCamera(hang_at=1 if attempt <= 2 else None,
-                                                   release=release))
+    opener = Opener(
+        lambda attempt: ScriptedCamera(hang_at=1 if attempt <= 2 else None, release=release)
+    )
     config = CaptureConfig(**{**FAST.__dict__, "max_stuck_threads": 2})
     reader = CameraReader("cam0", opener, config)
     capture = Capture([reader]).start()
@@ -238,12 +247,12 @@ def test_a_dead_camera_waits_out_its_back_off_without_cpu() -> None:
 def test_read_error_and_silent_stall_reopen_the_source() -> None:
     erroring = Opener(lambda attempt: ScriptedCamera(raise_at=3 if attempt == 1 else None))
     silent = Opener(lambda attempt: SilentCamera() if attempt == 1 else ScriptedCamera())
-    capture = Capture([CameraReader("cam0", erroring, FAST),
-                       CameraReader("cam1", silent, FAST)]).start()
+    capture = Capture(
+        [CameraReader("cam0", erroring, FAST), CameraReader("cam1", silent, FAST)]
+    ).start()
     try:
         wait_for(lambda: len(erroring.times) == 2 and len(silent.times) == 2, 3.0)
-        wait_for(lambda: all(s.frames > 0 and s.reason is None
-                             for s in capture.snapshots()), 3.0)
+        wait_for(lambda: all(s.frames > 0 and s.reason is None for s in capture.snapshots()), 3.0)
         assert [s.reopens for s in capture.snapshots()] == [1, 1]
     finally:
         capture.stop()
@@ -283,8 +292,9 @@ def test_end_of_a_file_ends_the_camera_unless_reopening_is_asked_for(tmp_path: P
     video = write_video(tmp_path / "short.avi", 5)
     ended = CameraReader("cam0", lambda: FileSource(str(video)), FAST)
     again = Opener(lambda _: ScriptedCamera(end_at=3))
-    reopening = CameraReader("cam1", again,
-                             CaptureConfig(**{**FAST.__dict__, "reopen_ended": True}))
+    reopening = CameraReader(
+        "cam1", again, CaptureConfig(**{**FAST.__dict__, "reopen_ended": True})
+    )
     capture = Capture([ended, reopening]).start()
     try:
         # taking frames as a node does: a file without realtime is read on demand
@@ -335,19 +345,26 @@ def test_camera_uris_parse_into_opencv_targets() -> None:
     rtsp = camera_spec("rtsp://user:pw@cam.local:554/live?channel=1", timeout_ms=2000)
     assert rtsp.target == "rtsp://user:pw@cam.local:554/live?channel=1"
     assert rtsp.api == cv2.CAP_FFMPEG
-    assert rtsp.params == (cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 2000,
-                           cv2.CAP_PROP_READ_TIMEOUT_MSEC, 2000)
+    assert rtsp.params == (
+        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+        2000,
+        cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+        2000,
+    )
     assert rtsp.describe() == "rtsp://user:***@cam.local:554/live?channel=1"
     assert redact("rtsp://cam.local/live") == "rtsp://cam.local/live"
 
 
-@pytest.mark.parametrize("uri, options, match", [
-    ("v4l2://video0", {}, "v4l2:///dev/videoN"),
-    ("csi://front", {}, "sensor number"),
-    ("0", {"exposure": 3}, "unknown option"),
-    ("csi://0?width=wide", {}, "must be an int"),
-    ("http://cam/x", {}, "not a camera URI"),
-])
+@pytest.mark.parametrize(
+    "uri, options, match",
+    [
+        ("v4l2://video0", {}, "v4l2:///dev/videoN"),
+        ("csi://front", {}, "sensor number"),
+        ("0", {"exposure": 3}, "unknown option"),
+        ("csi://0?width=wide", {}, "must be an int"),
+        ("http://cam/x", {}, "not a camera URI"),
+    ],
+)
 def test_bad_camera_uris_are_config_errors(uri: str, options: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         camera_spec(uri, **options)
@@ -363,8 +380,9 @@ def test_missing_device_is_a_source_error_at_once() -> None:
 def test_opencv_camera_reads_rgb_frames_and_fails_at_the_end(tmp_path: Path) -> None:
     """The OpenCV read path on a real stream (a video through FFmpeg, as rtsp:// uses)."""
     video = write_video(tmp_path / "stream.avi", 4)
-    spec = CameraSpec("rtsp-like", str(video), cv2.CAP_FFMPEG,
-                      (cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 2000))
+    spec = CameraSpec(
+        "rtsp-like", str(video), cv2.CAP_FFMPEG, (cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 2000)
+    )
     with OpenCVCamera(spec) as camera:
         frames = [camera.read() for _ in range(4)]
         with pytest.raises(SourceError, match="read failed"):

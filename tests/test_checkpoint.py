@@ -33,19 +33,27 @@ def _model(seed: int = 0) -> MVLDModel:
     score_net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=8, widths=(32, 16)))
     torch.nn.init.normal_(score_net.output.weight)
     stats = LatentStats(mean=torch.randn(3, 8), std=torch.rand(3, 8) + 0.5)
-    return MVLDModel(preprocess=PRE, autoencoder=autoencoder, score_net=score_net,
-                     sde=VPSDE(beta_max=15.0), latent_stats=stats,
-                     fingerprint=encoder_fingerprint(autoencoder.encoder))
+    return MVLDModel(
+        preprocess=PRE,
+        autoencoder=autoencoder,
+        score_net=score_net,
+        sde=VPSDE(beta_max=15.0),
+        latent_stats=stats,
+        fingerprint=encoder_fingerprint(autoencoder.encoder),
+    )
 
 
 def test_complete_model_round_trip_is_exact(tmp_path: Path) -> None:
     model = _model()
     save_mvld_model(tmp_path / "model", model, extra={"note": "test"})
     loaded = load_mvld_model(tmp_path / "model.json")
-    for original, restored in ((model.autoencoder, loaded.autoencoder),
-                               (model.score_net, loaded.score_net)):
-        for (name, a), (_, b) in zip(original.state_dict().items(),
-                                     restored.state_dict().items(), strict=True):
+    for original, restored in (
+        (model.autoencoder, loaded.autoencoder),
+        (model.score_net, loaded.score_net),
+    ):
+        for (name, a), (_, b) in zip(
+            original.state_dict().items(), restored.state_dict().items(), strict=True
+        ):
             assert torch.equal(a, b), name
     assert loaded.sde == model.sde and loaded.preprocess == PRE
     assert torch.equal(loaded.latent_stats.mean, model.latent_stats.mean)
@@ -85,10 +93,19 @@ def test_edited_encoder_weights_are_refused(tmp_path: Path) -> None:
         load_mvld_model(tmp_path / "m")
 
 
-@pytest.mark.parametrize("damage", ["missing_json", "bad_json", "foreign", "version",
-                                    "truncated_weights", "wrong_shape", "stats_shape"])
-def test_broken_or_incompatible_checkpoints_give_a_clear_error(tmp_path: Path,
-                                                               damage: str) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "missing_json",
+        "bad_json",
+        "foreign",
+        "version",
+        "truncated_weights",
+        "wrong_shape",
+        "stats_shape",
+    ],
+)
+def test_broken_or_incompatible_checkpoints_give_a_clear_error(tmp_path: Path, damage: str) -> None:
     save_mvld_model(tmp_path / "m", _model())
     json_path, weights_path = checkpoint_paths(tmp_path / "m")
     config = json.loads(json_path.read_text())
@@ -103,12 +120,16 @@ def test_broken_or_incompatible_checkpoints_give_a_clear_error(tmp_path: Path,
     elif damage == "truncated_weights":
         weights_path.write_bytes(weights_path.read_bytes()[:100])
     elif damage == "wrong_shape":
-        json_path.write_text(json.dumps(config | {"score_net": config["score_net"] | {
-            "widths": [64, 16]}}))
+        json_path.write_text(
+            json.dumps(config | {"score_net": config["score_net"] | {"widths": [64, 16]}})
+        )
     elif damage == "stats_shape":
         stats = config["latent_stats"]
-        json_path.write_text(json.dumps(config | {"latent_stats": {
-            "mean": stats["mean"][:2], "std": stats["std"][:2]}}))
+        json_path.write_text(
+            json.dumps(
+                config | {"latent_stats": {"mean": stats["mean"][:2], "std": stats["std"][:2]}}
+            )
+        )
     with pytest.raises(ConfigError) as exc:
         load_mvld_model(tmp_path / "m")
     assert "m.json" in str(exc.value) or "m.safetensors" in str(exc.value)
@@ -121,9 +142,15 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     torch.nn.init.normal_(net.output.weight)
     net(torch.randn(3, 2, 4), torch.rand(3, 2)).pow(2).sum().backward()
     optimizer.step()
-    save_training_state(tmp_path / "last", TrainingState(
-        step=7, modules={"net": net.state_dict()}, optimizer=optimizer.state_dict(),
-        info={"best": 1.5}))
+    save_training_state(
+        tmp_path / "last",
+        TrainingState(
+            step=7,
+            modules={"net": net.state_dict()},
+            optimizer=optimizer.state_dict(),
+            info={"best": 1.5},
+        ),
+    )
     state = load_training_state(tmp_path / "last")
     assert state.step == 7 and state.info == {"best": 1.5}
     fresh = torch.optim.Adam(net.parameters(), lr=1e-3)

@@ -19,8 +19,15 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as toml_parser
 
-SCRIPTS = ["mvld", "mvld-edge", "mvld-receiver", "mvld-export", "mvld-train", "mvld-eval",
-           "mvld-data"]
+SCRIPTS = [
+    "mvld",
+    "mvld-edge",
+    "mvld-receiver",
+    "mvld-export",
+    "mvld-train",
+    "mvld-eval",
+    "mvld-data",
+]
 
 
 def _script_path(name: str) -> str:
@@ -58,10 +65,12 @@ def test_unknown_subcommand_is_a_usage_error() -> None:
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("script, example", [("mvld-edge", "edge-3cam.toml"),
-                                             ("mvld-receiver", "receiver.toml")])
-def test_sample_configs_load_and_print_config_reads_back(script: str, example: str,
-                                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "script, example", [("mvld-edge", "edge-3cam.toml"), ("mvld-receiver", "receiver.toml")]
+)
+def test_sample_configs_load_and_print_config_reads_back(
+    script: str, example: str, tmp_path: Path
+) -> None:
     """The shipped sample configs load; --print-config writes a file --config accepts."""
     printed = _print_config(script, "--config", str(EXAMPLES / example))
     values = toml_parser.loads(printed)
@@ -77,8 +86,9 @@ def test_sample_configs_load_and_print_config_reads_back(script: str, example: s
 
 
 def _print_config(script: str, *args: str) -> str:
-    result = subprocess.run([_script_path(script), *args, "--print-config"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [_script_path(script), *args, "--print-config"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -87,9 +97,20 @@ def _print_config(script: str, *args: str) -> str:
 def test_services_spell_shared_flags_alike(script: str) -> None:
     result = subprocess.run([_script_path(script), "--help"], capture_output=True, text=True)
     text = " ".join(result.stdout.split())
-    for flag in ("--config FILE.toml", "--print-config", "--log-level", "-v, --verbose",
-                 "--log-json", "--keys", "--metrics-port PORT", "--metrics-host ADDRESS",
-                 "--gpu N", "--model PATH", "--status-every S", "--threads N"):
+    for flag in (
+        "--config FILE.toml",
+        "--print-config",
+        "--log-level",
+        "-v, --verbose",
+        "--log-json",
+        "--keys",
+        "--metrics-port PORT",
+        "--metrics-host ADDRESS",
+        "--gpu N",
+        "--model PATH",
+        "--status-every S",
+        "--threads N",
+    ):
         assert flag in text, f"{script}: {flag}"
     assert "(default: '')" not in text and "issue " not in text and "{" + "'" not in text
 
@@ -105,10 +126,15 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     from mvld.train.eval_cli import build_parser as eval_parser
 
     found = {}
-    for script, build in [("mvld", mvld_parser), ("mvld-edge", edge_parser),
-                          ("mvld-receiver", receiver_parser), ("mvld-export", export_parser),
-                          ("mvld-train", train_parser), ("mvld-eval", eval_parser),
-                          ("mvld-data", data_parser)]:
+    for script, build in [
+        ("mvld", mvld_parser),
+        ("mvld-edge", edge_parser),
+        ("mvld-receiver", receiver_parser),
+        ("mvld-export", export_parser),
+        ("mvld-train", train_parser),
+        ("mvld-eval", eval_parser),
+        ("mvld-data", data_parser),
+    ]:
         parser = build()
         found[script] = parser
         for action in parser._actions:
@@ -118,10 +144,21 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 PARSERS = _parsers()
-LEAVES = [name for name, parser in PARSERS.items()
-          if not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)]
-GPU_COMMANDS = ["mvld-edge", "mvld-receiver", "mvld-export trt", "mvld-train ae",
-                "mvld-train score", "mvld-train classifier", "mvld-train all", "mvld-eval"]
+LEAVES = [
+    name
+    for name, parser in PARSERS.items()
+    if not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+]
+GPU_COMMANDS = [
+    "mvld-edge",
+    "mvld-receiver",
+    "mvld-export trt",
+    "mvld-train ae",
+    "mvld-train score",
+    "mvld-train classifier",
+    "mvld-train all",
+    "mvld-eval",
+]
 
 
 def _help(name: str) -> str:
@@ -163,25 +200,36 @@ def test_every_training_option_says_what_it_does(stage: str) -> None:
     assert re.search(r"--data DIR .* \(required\)", _help(f"mvld-train {stage}"))
 
 
-def test_gpu_n_is_the_torch_device_cuda_n_and_not_both(capsys: pytest.CaptureFixture[str]
-                                                       ) -> None:
+def test_gpu_n_is_the_torch_device_cuda_n_and_not_both(capsys: pytest.CaptureFixture[str]) -> None:
     from mvld.train.cli import main as train_main
 
     assert train_main(["ae", "--data", "d", "--gpu", "1", "--print-config"]) == 0
     assert toml_parser.loads(capsys.readouterr().out)["device"] == "cuda:1"
-    assert train_main(["score", "--data", "d", "--ae", "a", "--gpu", "-1",
-                       "--print-config"]) == 0
+    assert train_main(["score", "--data", "d", "--ae", "a", "--gpu", "-1", "--print-config"]) == 0
     assert toml_parser.loads(capsys.readouterr().out)["device"] == "cpu"
     assert train_main(["ae", "--data", "d", "--gpu", "0", "--device", "cpu"]) == 2
     assert "not both" in capsys.readouterr().err
 
 
-def test_train_print_config_reads_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                       ) -> None:
+def test_train_print_config_reads_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mvld.train.cli import main as train_main
 
-    assert train_main(["score", "--data", "d", "--ae", "a", "--widths", "32,16",
-                       "--no-progress", "--print-config"]) == 0
+    assert (
+        train_main(
+            [
+                "score",
+                "--data",
+                "d",
+                "--ae",
+                "a",
+                "--widths",
+                "32,16",
+                "--no-progress",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     (tmp_path / "score.toml").write_text(printed)
     assert train_main(["score", "--config", str(tmp_path / "score.toml"), "--print-config"]) == 0

@@ -84,11 +84,12 @@ def test_cluster_flags_are_validated() -> None:
 
 
 def test_missing_ray_is_one_line_naming_the_extra() -> None:
-    code = ("import sys; sys.modules['ray'] = None\n"
-            "from mvld.receiver.cli import main\n"
-            "sys.exit(main(['--workers', '2', '--bind', 'tcp://127.0.0.1:0']))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from mvld.receiver.cli import main\n"
+        "sys.exit(main(['--workers', '2', '--bind', 'tcp://127.0.0.1:0']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "pip install 'mvld[cluster]'" in done.stderr
     assert "Traceback" not in done.stderr
@@ -96,15 +97,21 @@ def test_missing_ray_is_one_line_naming_the_extra() -> None:
 
 # -- real Ray ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[Any]:
     """One local Ray per module (starting one takes seconds); the services reuse it."""
-    ray = pytest.importorskip("ray", reason="the cluster extra is not installed: "
-                                            "pip install 'mvld[cluster]'")
+    ray = pytest.importorskip(
+        "ray", reason="the cluster extra is not installed: pip install 'mvld[cluster]'"
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_worker_niceness", "0")  # as the service's own local Ray does
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=200 * 1024**2)
+        ray.init(
+            num_cpus=3,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=200 * 1024**2,
+        )
     yield ray
     ray.shutdown()
 
@@ -129,9 +136,17 @@ def _nodes_per_worker(workers: int, each: int) -> list[str]:
 def _service(model_path: Path, workers: int, jsonl: Path, **overrides: object):
     from mvld.receiver.cluster import ClusterReceiverService
 
-    config = ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1, model=str(model_path),
-                            workers=workers, tasks=(f"jsonl:path={jsonl}",), max_rate=0,
-                            max_age_ms=60_000.0, threads=1, **overrides)
+    config = ReceiverConfig(
+        bind=("tcp://127.0.0.1:0",),
+        gpu=-1,
+        model=str(model_path),
+        workers=workers,
+        tasks=(f"jsonl:path={jsonl}",),
+        max_rate=0,
+        max_age_ms=60_000.0,
+        threads=1,
+        **overrides,
+    )
     return ClusterReceiverService(config)
 
 
@@ -147,16 +162,20 @@ class Stream:
     def __init__(self, stack: ExitStack, service: Any, nodes: list[str], rate_hz: float) -> None:
         self.model = make_tiny_model()  # same seed as the saved model: same fingerprint
         endpoint = service.endpoints[0]
-        self.publishers = {node: stack.enter_context(connected_publisher(endpoint))
-                           for node in nodes}
+        self.publishers = {
+            node: stack.enter_context(connected_publisher(endpoint)) for node in nodes
+        }
         self.rate_hz, self.sent = rate_hz, 0
         self.seq = dict.fromkeys(nodes, 0)
         before = service.metrics.received.value()
         for node, publisher in self.publishers.items():
             assert publisher.send(wire(self.model, node, 0))
             self.seq[node], self.sent = 1, self.sent + 1
-        wait_until(lambda: service.metrics.received.value() - before == len(nodes), 10,
-                   "the first frame set of every node")
+        wait_until(
+            lambda: service.metrics.received.value() - before == len(nodes),
+            10,
+            "the first frame set of every node",
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -181,10 +200,15 @@ class Stream:
 
 def _accounts(service, stream: Stream) -> dict[str, float]:
     metrics = service.metrics
-    return {"sent": stream.sent, "received": metrics.received.value(),
-            "seq_gaps": metrics.seq_gaps.value(), "completed": metrics.completed.value(),
-            "withheld": metrics.withheld.value(reason="no_observed_view"),
-            "dropped": sum(metrics.drops().values()), "backlog": len(service.backlog)}
+    return {
+        "sent": stream.sent,
+        "received": metrics.received.value(),
+        "seq_gaps": metrics.seq_gaps.value(),
+        "completed": metrics.completed.value(),
+        "withheld": metrics.withheld.value(reason="no_observed_view"),
+        "dropped": sum(metrics.drops().values()),
+        "backlog": len(service.backlog),
+    }
 
 
 def _settle(service, stream: Stream, timeout_s: float = 20.0) -> dict[str, float]:
@@ -193,13 +217,16 @@ def _settle(service, stream: Stream, timeout_s: float = 20.0) -> dict[str, float
     deadline = time.monotonic() + timeout_s
     while True:
         counts = _accounts(service, stream)
-        if (counts["received"] + counts["seq_gaps"] == counts["sent"]
-                and counts["completed"] + counts["withheld"] + counts["dropped"]
-                == counts["received"]):
+        if (
+            counts["received"] + counts["seq_gaps"] == counts["sent"]
+            and counts["completed"] + counts["withheld"] + counts["dropped"] == counts["received"]
+        ):
             return counts
         if time.monotonic() > deadline:
-            raise AssertionError(f"frame sets unaccounted for after {timeout_s} s: {counts}, "
-                                 f"drops {service.metrics.drops()}")
+            raise AssertionError(
+                f"frame sets unaccounted for after {timeout_s} s: {counts}, "
+                f"drops {service.metrics.drops()}"
+            )
         time.sleep(0.05)
 
 
@@ -212,7 +239,8 @@ def _seqs_by_node(jsonl: Path) -> dict[str, list[int]]:
 
 
 def test_each_node_goes_to_its_owner_in_order_and_counts_add_up(
-        ray_cluster: Any, model_path: Path, tmp_path: Path) -> None:
+    ray_cluster: Any, model_path: Path, tmp_path: Path
+) -> None:
     jsonl = tmp_path / "results.jsonl"
     nodes = _nodes_per_worker(2, 3)
     service = _service(model_path, 2, jsonl)
@@ -228,7 +256,8 @@ def test_each_node_goes_to_its_owner_in_order_and_counts_add_up(
         assert seqs == sorted(set(seqs)), f"{node}: out of order or repeated: {seqs}"
     assert sum(len(s) for s in by_node.values()) == service.metrics.completed.value()
     assert {node: worker for node, (worker, _) in service.node_workers().items()} == {
-        node: service.ring.owner(node) for node in nodes}, "each node stays with its owner"
+        node: service.ring.owner(node) for node in nodes
+    }, "each node stays with its owner"
     per_worker = {name: w["completed"] for name, w in status["workers"].items()}
     assert len(per_worker) == 2 and all(per_worker.values()), per_worker
     assert sum(per_worker.values()) == status["completed"]
@@ -237,7 +266,8 @@ def test_each_node_goes_to_its_owner_in_order_and_counts_add_up(
 
 
 def test_a_killed_workers_nodes_are_taken_over_within_2_s_and_nothing_is_lost_uncounted(
-        ray_cluster: Any, model_path: Path, tmp_path: Path) -> None:
+    ray_cluster: Any, model_path: Path, tmp_path: Path
+) -> None:
     jsonl = tmp_path / "results.jsonl"
     nodes = _nodes_per_worker(3, 3)
     service = _service(model_path, 3, jsonl)

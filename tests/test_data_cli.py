@@ -18,15 +18,34 @@ from mvld.data_cli import main
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "render.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "render.json"
+    }
 
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("render") / "ds"
-    code = main(["render", "--cameras", "3", "--frames", "10", "--episode-frames", "4",
-                 "--out", str(out), "--seed", "3", "--workers", "1", "-q"])
+    code = main(
+        [
+            "render",
+            "--cameras",
+            "3",
+            "--frames",
+            "10",
+            "--episode-frames",
+            "4",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--workers",
+            "1",
+            "-q",
+        ]
+    )
     assert code == 0
     return out
 
@@ -48,13 +67,41 @@ def test_render_is_deterministic_for_a_seed_whatever_the_worker_count(
     rendered: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "two_workers"
-    code = main(["render", "--frames", "10", "--episode-frames", "4", "--out", str(out),
-                 "--seed", "3", "--workers", "2", "-q"])
+    code = main(
+        [
+            "render",
+            "--frames",
+            "10",
+            "--episode-frames",
+            "4",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--workers",
+            "2",
+            "-q",
+        ]
+    )
     assert code == 0
     assert _tree(out) == _tree(rendered)
     other = tmp_path / "other_seed"
-    main(["render", "--frames", "4", "--episode-frames", "4", "--out", str(other),
-          "--seed", "4", "--workers", "1", "-q"])
+    main(
+        [
+            "render",
+            "--frames",
+            "4",
+            "--episode-frames",
+            "4",
+            "--out",
+            str(other),
+            "--seed",
+            "4",
+            "--workers",
+            "1",
+            "-q",
+        ]
+    )
     assert _tree(other)["cam0/000000.png"] != _tree(rendered)["cam0/000000.png"]
 
 
@@ -65,8 +112,11 @@ def test_check_prints_cameras_missing_views_and_histogram(
     out = capsys.readouterr().out
     assert "cameras    3: cam0, cam1, cam2" in out and "frame sets 10" in out
     assert "cam2" in out and "0.0%" in out and out.rstrip().endswith("OK")
-    histogram = {int(line.split()[0]): int(line.split()[1]) for line in out.splitlines()
-                 if line.startswith("  ") and line.split()[0].isdigit()}
+    histogram = {
+        int(line.split()[0]): int(line.split()[1])
+        for line in out.splitlines()
+        if line.startswith("  ") and line.split()[0].isdigit()
+    }
     assert sum(histogram.values()) == 10
 
 
@@ -176,8 +226,23 @@ def test_record_from_video_and_image_folder_with_resizing(tmp_path: Path) -> Non
     out = tmp_path / "rec"
     cams = f"{video},file://{folder}"
     assert main(["record", "--cams", cams, "--out", str(out), "--frames", "10", "-q"]) == 1
-    assert main(["record", "--cams", cams, "--out", str(tmp_path / "rec2"), "--frames", "10",
-                 "--size", "24x32", "-q"]) == 0
+    assert (
+        main(
+            [
+                "record",
+                "--cams",
+                cams,
+                "--out",
+                str(tmp_path / "rec2"),
+                "--frames",
+                "10",
+                "--size",
+                "24x32",
+                "-q",
+            ]
+        )
+        == 0
+    )
     recorded = FrameSetFolder(tmp_path / "rec2")
     assert len(recorded) == 6 and recorded.image_size == (24, 32)
     assert recorded.presence()[:, 0].tolist() == [True] * 4 + [False] * 2
@@ -189,8 +254,18 @@ def test_record_size_mismatch_is_a_clear_error(tmp_path: Path, capsys) -> None:
     for folder, shape in ((first, (20, 20, 3)), (second, (10, 10, 3))):
         folder.mkdir()
         cv2.imwrite(str(folder / "0.png"), np.zeros(shape, np.uint8))
-    code = main(["record", "--cams", f"{first},{second}", "--out", str(tmp_path / "o"),
-                 "--frames", "1", "-q"])
+    code = main(
+        [
+            "record",
+            "--cams",
+            f"{first},{second}",
+            "--out",
+            str(tmp_path / "o"),
+            "--frames",
+            "1",
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "gives 10x10 frames but the recording is 20x20" in err
     assert "--size" in err and "Traceback" not in err
@@ -202,10 +277,16 @@ def test_record_size_mismatch_is_a_clear_error(tmp_path: Path, capsys) -> None:
         (["render", "--frames", "0", "--out", "{tmp}/x"], 1, "frames must be >= 1"),
         (["render", "--frames", "3", "--size", "big", "--out", "{tmp}/x"], 2, "expected N or HxW"),
         (["render", "--frames", "3", "--out", "{tmp}/full"], 1, "output folder is not empty"),
-        (["record", "--cams", "ftp://cam/1", "--out", "{tmp}/r", "--frames", "2"], 1,
-         "unknown source scheme 'ftp'; valid: csi, device, "),
-        (["record", "--cams", "{tmp}/nothing.mp4", "--out", "{tmp}/r", "--frames", "2"], 1,
-         "no such file or folder"),
+        (
+            ["record", "--cams", "ftp://cam/1", "--out", "{tmp}/r", "--frames", "2"],
+            1,
+            "unknown source scheme 'ftp'; valid: csi, device, ",
+        ),
+        (
+            ["record", "--cams", "{tmp}/nothing.mp4", "--out", "{tmp}/r", "--frames", "2"],
+            1,
+            "no such file or folder",
+        ),
         (["render", "--frames", "2", "--out", "{tmp}/full/readme.txt/x"], 1, "Not a directory"),
         (["check", "{tmp}/absent"], 1, "not a folder"),
         (["check", "{tmp}/full"], 1, "empty dataset"),
@@ -226,10 +307,15 @@ def test_console_script_renders_without_pybullet_noise(tmp_path: Path) -> None:
     """The installed ``mvld-data`` runs; pybullet's C-level chatter does not leak out."""
     script = str(Path(sys.executable).parent / "mvld-data")
     out = tmp_path / "cli"
-    done = subprocess.run([script, "render", "--frames", "2", "--workers", "1", "-q",
-                           "--out", str(out)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [script, "render", "--frames", "2", "--workers", "1", "-q", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("rendered 2 frame sets") and done.stderr == ""
-    checked = subprocess.run([script, "check", str(out)], capture_output=True, text=True,
-                             check=False)
+    checked = subprocess.run(
+        [script, "check", str(out)], capture_output=True, text=True, check=False
+    )
     assert checked.returncode == 0 and checked.stdout.rstrip().endswith("OK")

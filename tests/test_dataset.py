@@ -107,8 +107,9 @@ def test_video_per_camera_aligned_by_index(tmp_path: Path) -> None:
     root.mkdir()
     lengths = {"cam0": 12, "cam1": 10}
     for cam, length in lengths.items():
-        writer = cv2.VideoWriter(str(root / f"{cam}.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10,
-                                 (W, H))
+        writer = cv2.VideoWriter(
+            str(root / f"{cam}.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (W, H)
+        )
         for i in range(length):
             writer.write(np.full((H, W, 3), 20 * i, np.uint8))
         writer.release()
@@ -305,8 +306,9 @@ def test_torch_dataset_with_the_shared_model_preprocessing(dataset) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    presence=st.lists(st.lists(st.booleans(), min_size=2, max_size=2), min_size=1, max_size=6)
-    .filter(lambda rows: all(any(row) for row in rows)),
+    presence=st.lists(
+        st.lists(st.booleans(), min_size=2, max_size=2), min_size=1, max_size=6
+    ).filter(lambda rows: all(any(row) for row in rows)),
     labels=st.lists(st.one_of(st.none(), st.integers(0, 9)), min_size=6, max_size=6),
     size=st.tuples(st.integers(8, 20), st.integers(8, 20)),
 )
@@ -329,6 +331,7 @@ def test_any_presence_pattern_and_labels_round_trip(
     assert folder.stems == [f"s{i}" for i in range(len(presence))]
     assert folder.presence().tolist() == presence
     assert folder.image_size == size
-    given_labels = {f"s{i}": label for i, label in enumerate(labels[: len(presence)])
-                    if label is not None}
+    given_labels = {
+        f"s{i}": label for i, label in enumerate(labels[: len(presence)]) if label is not None
+    }
     assert folder.labels == (given_labels or None)

@@ -25,11 +25,21 @@ CPU = DistributedContext(device=torch.device("cpu"))
 
 
 def _torchrun(args: list[str], cwd: Path) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "mvld.train.cli", *args, "--threads", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mvld.train.cli",
+        *args,
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
-                            env=env)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -68,8 +78,7 @@ def test_two_gloo_ranks_match_one_process(stage: str, tmp_path: Path) -> None:
         single = train_score(tiny_score_config(data, ae_single, tmp_path / "s1", steps=2), CPU)
         config = tiny_score_config(data, ae_single, tmp_path / "s2", steps=2)
     _torchrun([stage, *_flags(config)], cwd=tmp_path)
-    _assert_same_weights(single.with_suffix(".safetensors"),
-                         Path(config.out) / "last.safetensors")
+    _assert_same_weights(single.with_suffix(".safetensors"), Path(config.out) / "last.safetensors")
 
 
 def test_each_rank_keeps_its_own_slice_of_the_global_batch() -> None:

@@ -23,7 +23,7 @@ MISSING_VIEW = 1
 
 def _psnr(images: np.ndarray, reference: np.ndarray) -> float:
     mse = np.mean((images.astype(np.float64) - reference.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,8 @@ def test_encode_impute_decode_one_rendered_frame_set(rig_views: list[np.ndarray]
 
 
 def test_shipped_verdict_and_ridge_imputer_say_which_imputer_wins(
-        rig_views: list[np.ndarray]) -> None:
+    rig_views: list[np.ndarray],
+) -> None:
     """The default model ships its verdict (the receiver logs it) and the ridge weights that
     ``--imputer ridge`` serves; on the rendered frame set ridge's imputed view is decoded."""
     from mvld.receiver.imputation import log_model_verdict

@@ -35,8 +35,12 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run_demo(out: Path, *args: str, timeout_s: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mvld", "demo", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, "-m", "mvld", "demo", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def test_fault_source_stops_inside_its_window_and_returns_after(tmp_path: Path) -> None:
@@ -106,8 +110,9 @@ def test_incomplete_model_folder_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "index.html").exists()
 
 
-@pytest.mark.skipif(checkpoint_paths(DEFAULT_MODEL)[0].is_file(),
-                    reason="the default model is installed")
+@pytest.mark.skipif(
+    checkpoint_paths(DEFAULT_MODEL)[0].is_file(), reason="the default model is installed"
+)
 def test_missing_default_model_is_a_clear_error(tmp_path: Path) -> None:
     done = _run_demo(tmp_path / "out", timeout_s=60)
     assert done.returncode == 2
@@ -124,19 +129,27 @@ def test_bad_demo_options_are_refused() -> None:
 
 def _check_report(out: Path) -> dict:
     """The report folder is complete; return its summary."""
-    for name in ("index.html", "views.png", "health.png", "latency.png", "bandwidth.png",
-                 "summary.json", "logs/edge.log", "logs/receiver.log"):
+    for name in (
+        "index.html",
+        "views.png",
+        "health.png",
+        "latency.png",
+        "bandwidth.png",
+        "summary.json",
+        "logs/edge.log",
+        "logs/receiver.log",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     html = (out / "index.html").read_text()
     assert all(f"src='{name}'" in html for name in ("views.png", "health.png", "latency.png"))
     return json.loads((out / "summary.json").read_text())
 
 
-def test_short_demo_with_a_tiny_model_writes_the_report(model_folder: Path, tmp_path: Path
-                                                        ) -> None:
+def test_short_demo_with_a_tiny_model_writes_the_report(model_folder: Path, tmp_path: Path) -> None:
     start = time.monotonic()
-    done = _run_demo(tmp_path / "out", "--seconds", "8", "--model", str(model_folder),
-                     timeout_s=150)
+    done = _run_demo(
+        tmp_path / "out", "--seconds", "8", "--model", str(model_folder), timeout_s=150
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "frame sets" in done.stdout and "report:" in done.stdout  # progress was shown
     summary = _check_report(tmp_path / "out")
@@ -156,16 +169,19 @@ def test_short_demo_with_a_tiny_model_writes_the_report(model_folder: Path, tmp_
 def test_scene_tick_maps_capture_times_to_ticks() -> None:
     from mvld.demo import DemoRecord, FaultPlan
 
-    record = DemoRecord(DemoConfig(), FaultPlan(), start_wall=0.0,
-                        scene_clock={"start_wall": 1000.0, "fps": 10.0})
+    record = DemoRecord(
+        DemoConfig(), FaultPlan(), start_wall=0.0, scene_clock={"start_wall": 1000.0, "fps": 10.0}
+    )
     result = {"views": [{"capture_time": None}, {"capture_time": 1001.2}, {"capture_time": 1001.1}]}
     assert scene_tick(record, result) == 12
     assert scene_tick(record, {"views": [{"capture_time": None}]}) is None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not checkpoint_paths(DEFAULT_MODEL)[0].is_file(),
-                    reason="the default model is not installed yet (common/assets/default_model)")
+@pytest.mark.skipif(
+    not checkpoint_paths(DEFAULT_MODEL)[0].is_file(),
+    reason="the default model is not installed yet (common/assets/default_model)",
+)
 def test_full_demo_with_the_shipped_model_in_under_three_minutes(tmp_path: Path) -> None:
     start = time.monotonic()
     done = _run_demo(tmp_path / "out", timeout_s=180)

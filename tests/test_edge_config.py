@@ -19,8 +19,9 @@ def _config(*argv: str):
 
 
 def test_every_option_has_a_help_line_with_its_default_or_required() -> None:
-    options = [a for a in build_parser()._actions
-               if a.option_strings and a.dest.startswith("config:")]
+    options = [
+        a for a in build_parser()._actions if a.option_strings and a.dest.startswith("config:")
+    ]
     assert len(options) >= 30
     for action in options:
         text = action.help or ""
@@ -33,10 +34,12 @@ def test_every_option_has_a_help_line_with_its_default_or_required() -> None:
 
 def test_a_config_file_sets_options_and_flags_given_override_it(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
-    path.write_text('cameras = ["sim://0", "sim://1"]\nconnect = "tcp://10.0.0.9:5555"\n'
-                    'fps = 10\nhealth = ["cam1=off"]\n[policy]\nmax_views = 1\n'
-                    'rule = "priority"\npriority = [1]\n[capture]\nbackoff_max_s = 2.5\n'
-                    '[file]\nrealtime = false\n')
+    path.write_text(
+        'cameras = ["sim://0", "sim://1"]\nconnect = "tcp://10.0.0.9:5555"\n'
+        'fps = 10\nhealth = ["cam1=off"]\n[policy]\nmax_views = 1\n'
+        'rule = "priority"\npriority = [1]\n[capture]\nbackoff_max_s = 2.5\n'
+        "[file]\nrealtime = false\n"
+    )
     config = _config("--config", str(path), "--fps", "20")
     assert config.cameras == ("sim://0", "sim://1") and config.connect == ("tcp://10.0.0.9:5555",)
     assert config.fps == 20.0, "the flag wins over the file"
@@ -48,29 +51,52 @@ def test_a_config_file_sets_options_and_flags_given_override_it(tmp_path: Path) 
 
 
 def test_flags_reach_every_section() -> None:
-    config = _config(*BASE, "--connect", "tcp://10.0.0.2:5555", "--max-views", "2",
-                     "--withhold-rule", "priority", "--priority", "0,2", "--watchdog", "1.5",
-                     "--no-realtime", "--loop", "--frames", "5", "--metrics-port", "9101")
+    config = _config(
+        *BASE,
+        "--connect",
+        "tcp://10.0.0.2:5555",
+        "--max-views",
+        "2",
+        "--withhold-rule",
+        "priority",
+        "--priority",
+        "0,2",
+        "--watchdog",
+        "1.5",
+        "--no-realtime",
+        "--loop",
+        "--frames",
+        "5",
+        "--metrics-port",
+        "9101",
+    )
     assert config.connect == ("tcp://127.0.0.1:5555", "tcp://10.0.0.2:5555")
-    assert (config.policy.max_views, config.policy.rule, config.policy.priority) == \
-        (2, "priority", (0, 2))
+    assert (config.policy.max_views, config.policy.rule, config.policy.priority) == (
+        2,
+        "priority",
+        (0, 2),
+    )
     assert config.capture.watchdog_s == 1.5 and config.max_framesets == 5
     assert config.source_options["file"] == {"loop": True, "realtime": False}
     assert config.metrics_port == 9101 and config.metrics_host == "127.0.0.1"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("fsp = 30\n", "unknown option 'fsp'; valid: backend, cameras"),
-    ("[policy]\nmax_view = 2\n", "unknown option 'max_view' in [policy]; valid: budget_bytes"),
-    ('fps = "fast"\n', "fps must be a number, got 'fast'"),
-    ("[capture]\nreopen_ended = 1\n", "[capture] reopen_ended must be true or false, got 1"),
-    ("cameras = [\n", "not valid TOML")])
-def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path: Path, text: str,
-                                                      message: str) -> None:
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("fsp = 30\n", "unknown option 'fsp'; valid: backend, cameras"),
+        ("[policy]\nmax_view = 2\n", "unknown option 'max_view' in [policy]; valid: budget_bytes"),
+        ('fps = "fast"\n', "fps must be a number, got 'fast'"),
+        ("[capture]\nreopen_ended = 1\n", "[capture] reopen_ended must be true or false, got 1"),
+        ("cameras = [\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) \
-            as error:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as error:
         _config(*BASE, "--config", str(path))
     assert "\n" not in str(error.value)
 
@@ -85,8 +111,22 @@ def test_missing_required_options_and_bad_list_values_are_named() -> None:
 
 
 def test_print_config_is_a_file_that_reads_back_to_the_same_config(tmp_path: Path) -> None:
-    argv = [*BASE, "--node-id", "n1", "--max-views", "2", "--priority", "2", "--health",
-            "cam2=off", "--no-realtime", "--keys", "n.key_secret", "--server-key", "r.key"]
+    argv = [
+        *BASE,
+        "--node-id",
+        "n1",
+        "--max-views",
+        "2",
+        "--priority",
+        "2",
+        "--health",
+        "cam2=off",
+        "--no-realtime",
+        "--keys",
+        "n.key_secret",
+        "--server-key",
+        "r.key",
+    ]
     printed = _print_config(argv)
     assert 'node_id = "n1"' in printed and "[policy]" in printed and "max_views = 2" in printed
     path = tmp_path / "printed.toml"

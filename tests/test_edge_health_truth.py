@@ -85,8 +85,11 @@ def open_hanging(uri: str) -> PacedCamera:
     raise SourceError(f"{uri}: gave up")
 
 
-for _scheme, _factory in (("paced", open_paced), ("neveropen", open_never),
-                          ("hangopen", open_hanging)):
+for _scheme, _factory in (
+    ("paced", open_paced),
+    ("neveropen", open_never),
+    ("hangopen", open_hanging),
+):
     if _scheme not in registered_schemes():
         register_source(_scheme, _factory)
 
@@ -96,17 +99,24 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random model exported to ONNX (encoder only)."""
     root = tmp_path_factory.mktemp("truth_model")
     checkpoint = save_mvld_model(root / "model", make_tiny_model(seed=11))
-    export_model(checkpoint, root / "onnx", ExportOptions(exporter="torchscript",
-                                                          parts=("encoder",)))
+    export_model(
+        checkpoint, root / "onnx", ExportOptions(exporter="torchscript", parts=("encoder",))
+    )
     return root / "onnx"
 
 
 def node_config(model: Path, cameras: tuple[str, ...], **overrides: object) -> EdgeConfig:
     values: dict[str, object] = dict(
-        cameras=cameras, connect=("tcp://127.0.0.1:1",), model=model, node_id="truth",
-        fps=FPS, health=HealthConfig(clear_frames=5),
-        capture=CaptureConfig(read_timeout_s=0.1, watchdog_s=0.5, backoff_initial_s=0.1,
-                              backoff_max_s=0.5))
+        cameras=cameras,
+        connect=("tcp://127.0.0.1:1",),
+        model=model,
+        node_id="truth",
+        fps=FPS,
+        health=HealthConfig(clear_frames=5),
+        capture=CaptureConfig(
+            read_timeout_s=0.1, watchdog_s=0.5, backoff_initial_s=0.1, backoff_max_s=0.5
+        ),
+    )
     return EdgeConfig(**(values | overrides))
 
 
@@ -116,19 +126,28 @@ STATUS_CAMERA = re.compile(r"(cam\d+)=(\w+)(?:\((\w+)\))?")
 
 def outputs(node: EdgeNode, message: FrameSetMessage) -> dict[str, tuple]:
     """Per camera: (wire status, wire reason), metrics state, status-line (state, reason)."""
-    metrics = {m.group(1): m.group(2) for line in node.registry.render().splitlines()
-               if (m := STATE_SAMPLE.match(line))}
+    metrics = {
+        m.group(1): m.group(2)
+        for line in node.registry.render().splitlines()
+        if (m := STATE_SAMPLE.match(line))
+    }
     now = time.monotonic()
     line = node.status_line(now, (now - 1.0, 0)).split("|")[1]
     status = {m.group(1): (m.group(2), m.group(3)) for m in STATUS_CAMERA.finditer(line)}
-    wire = {v.camera_id: (v.status.value, None if v.reason.value == "none" else v.reason.value)
-            for v in message.views}
+    wire = {
+        v.camera_id: (v.status.value, None if v.reason.value == "none" else v.reason.value)
+        for v in message.views
+    }
     return {camera: (wire[camera], metrics.get(camera), status.get(camera)) for camera in wire}
 
 
 def test_status_line_metrics_and_wire_agree_for_every_camera(model: Path) -> None:
-    cameras = ("neveropen://cam", "hangopen://cam", "paced://bad?fault=black&after=20",
-               "paced://good")
+    cameras = (
+        "neveropen://cam",
+        "hangopen://cam",
+        "paced://bad?fault=black&after=20",
+        "paced://good",
+    )
     node = EdgeNode(node_config(model, cameras))
     node.capture.start()
     seen: dict[str, set[tuple]] = {f"cam{i}": set() for i in range(len(cameras))}
@@ -160,13 +179,18 @@ def write_video(path: Path, frames: int) -> Path:
     return path
 
 
-def test_node_stops_when_one_file_is_missing_and_the_other_ended(model: Path,
-                                                                 tmp_path: Path) -> None:
+def test_node_stops_when_one_file_is_missing_and_the_other_ended(
+    model: Path, tmp_path: Path
+) -> None:
     short = write_video(tmp_path / "short.avi", 20)
     missing = tmp_path / "missing.avi"
     with LatentSubscriber(ANY_PORT, latest_only=False) as sub:
-        cfg = node_config(model, (str(missing), str(short)), connect=(sub.endpoints[0],),
-                          source_options={"file": {"realtime": True}})
+        cfg = node_config(
+            model,
+            (str(missing), str(short)),
+            connect=(sub.endpoints[0],),
+            source_options={"file": {"realtime": True}},
+        )
         node = EdgeNode(cfg)
         thread = threading.Thread(target=node.run, daemon=True)
         thread.start()
@@ -179,8 +203,10 @@ def test_node_stops_when_one_file_is_missing_and_the_other_ended(model: Path,
         thread.join(5.0)
     assert not thread.is_alive(), "the node kept running with every file missing or ended"
     last = {v.camera_id: (v.status, v.reason.value) for v in messages[-1].views}
-    assert last == {"cam0": (ViewStatus.FAILED, "disconnected"),
-                    "cam1": (ViewStatus.FAILED, "end_of_stream")}
+    assert last == {
+        "cam0": (ViewStatus.FAILED, "disconnected"),
+        "cam1": (ViewStatus.FAILED, "end_of_stream"),
+    }
     assert any(v.status is ViewStatus.OK for m in messages for v in m.views)
 
 
@@ -192,8 +218,7 @@ def test_node_relearn_gives_every_camera_a_fresh_reference(model: Path) -> None:
             node.step()
             time.sleep(1 / FPS)
         before = [monitor.reference for monitor in node.monitors]
-        assert all(r is not None and r.frames >= node.config.health.warmup_frames
-                   for r in before)
+        assert all(r is not None and r.frames >= node.config.health.warmup_frames for r in before)
         node.relearn(("cam1",))
         node.step()
         after = [monitor.reference for monitor in node.monitors]
@@ -205,10 +230,19 @@ def test_node_relearn_gives_every_camera_a_fresh_reference(model: Path) -> None:
 
 @pytest.mark.slow
 def test_sigusr1_relearns_a_running_node(model: Path) -> None:
-    command = [sys.executable, "-c",
-               "import sys; from mvld.edge.cli import main; sys.exit(main())",
-               "--cams", "sim://0?fps=30&episode_frames=1000000", "--connect",
-               "tcp://127.0.0.1:1", "--model", str(model), "--node-id", "relearn"]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from mvld.edge.cli import main; sys.exit(main())",
+        "--cams",
+        "sim://0?fps=30&episode_frames=1000000",
+        "--connect",
+        "tcp://127.0.0.1:1",
+        "--model",
+        str(model),
+        "--node-id",
+        "relearn",
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
 

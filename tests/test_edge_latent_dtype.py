@@ -33,15 +33,19 @@ def test_other_dtypes_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
         build_parser().parse_args([*BASE, "--latent-dtype", "uint8"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--latent-dtype"):
-        EdgeConfig(cameras=("sim://0",), connect=("tcp://h:1",), model=Path("m"),
-                   latent_dtype="uint8")
+        EdgeConfig(
+            cameras=("sim://0",), connect=("tcp://h:1",), model=Path("m"), latent_dtype="uint8"
+        )
 
 
-@pytest.mark.parametrize("architecture", [
-    {"image_size": 64, "latent_dim": 128, "channels": (48, 96, 128)},
-    {"image_size": 64, "latent_dim": 512, "channels": (32, 64, 128), "latent_channels": 8},
-    {"image_size": 16, "latent_dim": 32, "channels": (8, 16), "latent_channels": 2},
-])
+@pytest.mark.parametrize(
+    "architecture",
+    [
+        {"image_size": 64, "latent_dim": 128, "channels": (48, 96, 128)},
+        {"image_size": 64, "latent_dim": 512, "channels": (32, 64, 128), "latent_channels": 8},
+        {"image_size": 16, "latent_dim": 32, "channels": (8, 16), "latent_channels": 2},
+    ],
+)
 def test_the_edge_derives_the_wire_shape_as_the_model_does(architecture: dict) -> None:
     """The edge has no torch, so it reads ``sh`` from the export's metadata itself."""
     from mvld.edge.encoder import latent_shape_of

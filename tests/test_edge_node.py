@@ -66,8 +66,9 @@ class InjectedCamera:
     fault_log: ClassVar[dict[str, float]] = {}
     release = threading.Event()
 
-    def __init__(self, uri: str, fault: str = "", after: int = 0, hang_after: int = 0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, uri: str, fault: str = "", after: int = 0, hang_after: int = 0, seed: int = 0
+    ) -> None:
         self.uri = uri
         self.camera = SyntheticCamera(height=120, width=160, seed=int(seed))
         self.fault = make_fault(fault, np.random.default_rng(1)) if fault else None
@@ -116,8 +117,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random model exported to ONNX (encoder only): 32x32 input, 16-d latent."""
     root = tmp_path_factory.mktemp("edge_model")
     checkpoint = save_mvld_model(root / "model", make_tiny_model(seed=11))
-    export_model(checkpoint, root / "onnx", ExportOptions(exporter="torchscript",
-                                                          parts=("encoder",)))
+    export_model(
+        checkpoint, root / "onnx", ExportOptions(exporter="torchscript", parts=("encoder",))
+    )
     return root / "onnx"
 
 
@@ -133,12 +135,16 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def config(model: Path, endpoint: str, cameras: tuple[str, ...], **overrides: object
-           ) -> EdgeConfig:
+def config(model: Path, endpoint: str, cameras: tuple[str, ...], **overrides: object) -> EdgeConfig:
     values: dict[str, object] = dict(
-        cameras=cameras, connect=(endpoint,), model=model, node_id="node-a", fps=FPS,
-        capture=CaptureConfig(read_timeout_s=0.1, watchdog_s=0.5, backoff_initial_s=0.1,
-                              backoff_max_s=0.5),
+        cameras=cameras,
+        connect=(endpoint,),
+        model=model,
+        node_id="node-a",
+        fps=FPS,
+        capture=CaptureConfig(
+            read_timeout_s=0.1, watchdog_s=0.5, backoff_initial_s=0.1, backoff_max_s=0.5
+        ),
         source_options={"file": {"loop": True, "realtime": True}},
     )
     return EdgeConfig(**(values | overrides))
@@ -163,8 +169,12 @@ class Running:
         assert not self.thread.is_alive(), "the node did not stop"
 
 
-def receive(sub: LatentSubscriber, count: int, timeout_s: float = 10.0,
-            until: Callable[[FrameSetMessage], bool] | None = None) -> list[FrameSetMessage]:
+def receive(
+    sub: LatentSubscriber,
+    count: int,
+    timeout_s: float = 10.0,
+    until: Callable[[FrameSetMessage], bool] | None = None,
+) -> list[FrameSetMessage]:
     """Decode messages until ``count`` arrived (or ``until`` holds for one)."""
     messages: list[FrameSetMessage] = []
     deadline = time.monotonic() + timeout_s
@@ -184,8 +194,13 @@ def view(message: FrameSetMessage, camera: str):
 
 def test_streams_sim_and_file_sources_into_a_real_receiver(model: Path, video: Path) -> None:
     with LatentSubscriber(ANY_PORT, latest_only=False) as sub:
-        cfg = config(model, sub.endpoints[0], ("sim://0?fps=30", "sim://1?fps=30", str(video)),
-                     max_framesets=45, latent_dtype="float32")  # exact latents to compare
+        cfg = config(
+            model,
+            sub.endpoints[0],
+            ("sim://0?fps=30", "sim://1?fps=30", str(video)),
+            max_framesets=45,
+            latent_dtype="float32",
+        )  # exact latents to compare
         with Running(cfg) as node:  # the receiver socket must be serviced while the node runs
             messages = receive(sub, 45)
         summary = node.summary
@@ -196,8 +211,10 @@ def test_streams_sim_and_file_sources_into_a_real_receiver(model: Path, video: P
         fingerprint = encoder.fingerprint
         with FileSource(str(video)) as source:
             video_latents = encoder.encode([source.read().image for _ in range(60)])
-    assert all(m.node_id == "node-a" and m.encoder_fingerprint == wire_fingerprint(fingerprint)
-               for m in messages)  # protocol v2 carries the fingerprint's first 8 bytes
+    assert all(
+        m.node_id == "node-a" and m.encoder_fingerprint == wire_fingerprint(fingerprint)
+        for m in messages
+    )  # protocol v2 carries the fingerprint's first 8 bytes
     late = messages[-20:]  # after start-up every camera streams
     for message in late:
         assert [v.camera_id for v in message.views] == ["cam0", "cam1", "cam2"]
@@ -213,21 +230,28 @@ def test_streams_sim_and_file_sources_into_a_real_receiver(model: Path, video: P
 
 
 @pytest.mark.parametrize("fault", ["black", "frozen", "occlusion_100"])
-def test_injected_fault_appears_as_its_status_within_the_stated_delay(model: Path,
-                                                                      fault: str) -> None:
+def test_injected_fault_appears_as_its_status_within_the_stated_delay(
+    model: Path, fault: str
+) -> None:
     health = HealthConfig()
     after = health.warmup_frames + 15  # learn the reference first, then break the camera
     uri = f"synthetic://{fault}?fault={fault}&after={after}&seed=2"
-    with LatentSubscriber(ANY_PORT, latest_only=False) as sub, \
-            Running(config(model, sub.endpoints[0], (uri, "sim://0?fps=30"))):
-        messages = receive(sub, 200, until=lambda m: view(m, "cam0").reason.value
-                           in accepted_reasons(fault))
+    with (
+        LatentSubscriber(ANY_PORT, latest_only=False) as sub,
+        Running(config(model, sub.endpoints[0], (uri, "sim://0?fps=30"))),
+    ):
+        messages = receive(
+            sub, 200, until=lambda m: view(m, "cam0").reason.value in accepted_reasons(fault)
+        )
     first = messages[-1]
     record = view(first, "cam0")
     assert record.reason.value in accepted_reasons(fault), [view(m, "cam0") for m in messages]
     assert record.latent is None and record.status in (ViewStatus.FAILED, ViewStatus.OBSTRUCTED)
-    confirm = (health.confirm_obstructed_frames if record.status is ViewStatus.OBSTRUCTED
-               else health.confirm_failed_frames)
+    confirm = (
+        health.confirm_obstructed_frames
+        if record.status is ViewStatus.OBSTRUCTED
+        else health.confirm_failed_frames
+    )
     stated_delay = (confirm + 1) / FPS + 0.25  # hysteresis frames + one tick + max frame age
     delay = first.send_time - InjectedCamera.fault_log[uri]
     assert 0 < delay <= stated_delay, f"{fault}: {delay:.3f} s > {stated_delay:.3f} s"
@@ -237,12 +261,14 @@ def test_injected_fault_appears_as_its_status_within_the_stated_delay(model: Pat
 
 
 def test_stuck_camera_is_abandoned_and_reopened_while_the_others_keep_streaming(
-        model: Path, video: Path) -> None:
+    model: Path, video: Path
+) -> None:
     uri = "synthetic://stuck?hang_after=20"
-    cfg = config(model, "tcp://127.0.0.1:1", (uri, str(video)),
-                 health=HealthConfig(clear_frames=5))
-    with LatentSubscriber(ANY_PORT, latest_only=False) as sub, \
-            Running(replace(cfg, connect=(sub.endpoints[0],))) as node:
+    cfg = config(model, "tcp://127.0.0.1:1", (uri, str(video)), health=HealthConfig(clear_frames=5))
+    with (
+        LatentSubscriber(ANY_PORT, latest_only=False) as sub,
+        Running(replace(cfg, connect=(sub.endpoints[0],))) as node,
+    ):
         # an opening camera is reported failed/timeout too: wait for it to stream first
         receive(sub, 200, until=lambda m: view(m, "cam0").status is ViewStatus.OK)
         failed = receive(sub, 200, until=lambda m: view(m, "cam0").reason.value == "timeout")
@@ -276,13 +302,18 @@ def test_receiver_that_dies_and_comes_back_gets_the_stream_again(model: Path) ->
 
 def test_node_stops_by_itself_when_every_file_has_ended(model: Path, video: Path) -> None:
     with LatentSubscriber(ANY_PORT, latest_only=False) as sub:
-        cfg = config(model, sub.endpoints[0], (str(video), f"file://{video}"),
-                     source_options={"file": {"realtime": True}})
+        cfg = config(
+            model,
+            sub.endpoints[0],
+            (str(video), f"file://{video}"),
+            source_options={"file": {"realtime": True}},
+        )
         node = EdgeNode(cfg)
         thread = threading.Thread(target=node.run, daemon=True)
         thread.start()
-        messages = receive(sub, 200, until=lambda m: all(v.reason.value == "end_of_stream"
-                                                         for v in m.views))
+        messages = receive(
+            sub, 200, until=lambda m: all(v.reason.value == "end_of_stream" for v in m.views)
+        )
         thread.join(5.0)
     assert not thread.is_alive(), "the node kept running after every source ended"
     assert all(v.status is ViewStatus.FAILED for v in messages[-1].views)
@@ -300,17 +331,26 @@ def test_edge_never_blocks_without_a_receiver(model: Path) -> None:
     assert elapsed < 30 / FPS + 1.0
 
 
-@pytest.mark.parametrize("policy", [TransmitPolicyConfig(max_views=1),
-                                    TransmitPolicyConfig(budget_bytes=2 * VIEW_BYTES)])
+@pytest.mark.parametrize(
+    "policy", [TransmitPolicyConfig(max_views=1), TransmitPolicyConfig(budget_bytes=2 * VIEW_BYTES)]
+)
 def test_withheld_views_are_marked_per_policy(model: Path, policy: TransmitPolicyConfig) -> None:
     limit = policy.max_views or 2
     with LatentSubscriber(ANY_PORT, latest_only=False) as sub:
-        cfg = config(model, sub.endpoints[0], tuple(f"sim://{i}?fps=30" for i in range(3)),
-                     policy=policy, max_framesets=40)
+        cfg = config(
+            model,
+            sub.endpoints[0],
+            tuple(f"sim://{i}?fps=30" for i in range(3)),
+            policy=policy,
+            max_framesets=40,
+        )
         with Running(cfg):
             messages = receive(sub, 40)
-    full = [m for m in messages if all(v.status in (ViewStatus.OK, ViewStatus.WITHHELD)
-                                       for v in m.views)][-9:]
+    full = [
+        m
+        for m in messages
+        if all(v.status in (ViewStatus.OK, ViewStatus.WITHHELD) for v in m.views)
+    ][-9:]
     assert len(full) == 9
     for message in full:
         sent = [v for v in message.views if v.status is ViewStatus.OK]
@@ -319,15 +359,18 @@ def test_withheld_views_are_marked_per_policy(model: Path, policy: TransmitPolic
         assert all(v.reason.value == "policy" and v.latent is None for v in withheld)
         assert all(v.capture_time is not None for v in withheld)
     # Round robin: every camera is sent regularly.
-    sent_by_camera = {c: sum(view(m, c).status is ViewStatus.OK for m in full)
-                      for c in ("cam0", "cam1", "cam2")}
+    sent_by_camera = {
+        c: sum(view(m, c).status is ViewStatus.OK for m in full) for c in ("cam0", "cam1", "cam2")
+    }
     assert min(sent_by_camera.values()) >= 2, sent_by_camera
 
 
 def test_a_slow_camera_s_repeated_frame_is_not_encoded_again(model: Path) -> None:
     cfg = config(model, "tcp://127.0.0.1:1", ("sim://0?fps=10",), max_age_s=0.3)
-    with LatentSubscriber(ANY_PORT, latest_only=False) as sub, \
-            Running(replace(cfg, connect=(sub.endpoints[0],), max_framesets=45)) as node:
+    with (
+        LatentSubscriber(ANY_PORT, latest_only=False) as sub,
+        Running(replace(cfg, connect=(sub.endpoints[0],), max_framesets=45)) as node,
+    ):
         messages = receive(sub, 45)
     ok = [m.views[0] for m in messages if m.views[0].status is ViewStatus.OK]
     by_capture: dict[float, list[np.ndarray]] = {}
@@ -348,8 +391,13 @@ def test_curve_keys_encrypt_and_authenticate_the_stream(model: Path, tmp_path: P
     (allow / "node.key").write_text((tmp_path / "node.key").read_text())
     keys = CurveServerKeys.from_files(receiver_secret, allow)
     with LatentSubscriber(ANY_PORT, curve=keys, latest_only=False) as sub:
-        cfg = config(model, sub.endpoints[0], ("sim://0?fps=30",), key_secret=node_secret,
-                     server_key=receiver_public)
+        cfg = config(
+            model,
+            sub.endpoints[0],
+            ("sim://0?fps=30",),
+            key_secret=node_secret,
+            server_key=receiver_public,
+        )
         with Running(cfg):
             messages = receive(sub, 5)
     assert len(messages) == 5
@@ -371,9 +419,22 @@ RUN_CLI = "import sys; from mvld.edge.cli import main; sys.exit(main())"
 
 
 def edge_command(model: Path, endpoint: str, *extra: str) -> list[str]:
-    return [sys.executable, "-c", RUN_CLI, "--cams", "sim://0?fps=30,sim://1?fps=30",
-            "--connect", endpoint, "--model", str(model), "--node-id", "cli-node",
-            "--status-every", "0.5", *extra]
+    return [
+        sys.executable,
+        "-c",
+        RUN_CLI,
+        "--cams",
+        "sim://0?fps=30,sim://1?fps=30",
+        "--connect",
+        endpoint,
+        "--model",
+        str(model),
+        "--node-id",
+        "cli-node",
+        "--status-every",
+        "0.5",
+        *extra,
+    ]
 
 
 def free_port() -> int:
@@ -385,9 +446,11 @@ def free_port() -> int:
 def test_cli_streams_serves_metrics_and_stops_cleanly_on_sigterm(model: Path) -> None:
     with LatentSubscriber(ANY_PORT, latest_only=False) as sub:
         port = free_port()
-        process = subprocess.Popen(edge_command(model, sub.endpoints[0], "--metrics-port",
-                                                str(port)),
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            edge_command(model, sub.endpoints[0], "--metrics-port", str(port)),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             messages = receive(sub, 20, timeout_s=20.0)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -408,24 +471,33 @@ def test_cli_streams_serves_metrics_and_stops_cleanly_on_sigterm(model: Path) ->
     assert "SIGTERM: stopping" in stderr and "stopped" in stderr
 
 
-def test_cli_stops_after_frames_and_explains_a_missing_model(model: Path,
-                                                             tmp_path: Path) -> None:
-    result = subprocess.run(edge_command(model, "tcp://127.0.0.1:1", "--frames", "10",
-                                         "--log-json"),
-                            capture_output=True, text=True, timeout=60)
+def test_cli_stops_after_frames_and_explains_a_missing_model(model: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        edge_command(model, "tcp://127.0.0.1:1", "--frames", "10", "--log-json"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     *log_lines, summary = result.stderr.strip().splitlines()
     assert "10 frame sets" in summary and "10 dropped" in summary
     records = [json.loads(line) for line in log_lines if line.startswith("{")]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert any("stopped: 10 frame sets" in r["message"] for r in records)
-    missing = subprocess.run(edge_command(tmp_path / "none", "tcp://127.0.0.1:1"),
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        edge_command(tmp_path / "none", "tcp://127.0.0.1:1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     try:
         default_model_path()
     except ConfigError:
-        no_model = subprocess.run([sys.executable, "-c", RUN_CLI, "--cams", "sim://0",
-                                   "--connect", "tcp://127.0.0.1:1"],
-                                  capture_output=True, text=True, timeout=60)
+        no_model = subprocess.run(
+            [sys.executable, "-c", RUN_CLI, "--cams", "sim://0", "--connect", "tcp://127.0.0.1:1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert no_model.returncode == 2 and "pass --model" in no_model.stderr

@@ -22,8 +22,9 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def _edge_without_pybullet(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _WITHOUT_PYBULLET, *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_PYBULLET, *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_edge_cli_imports_without_pybullet_and_answers_help() -> None:
@@ -33,10 +34,12 @@ def test_edge_cli_imports_without_pybullet_and_answers_help() -> None:
 
 
 def test_a_sim_camera_without_pybullet_is_a_one_line_error_naming_the_extra() -> None:
-    result = _edge_without_pybullet("--cams", "sim://0", "--connect", "tcp://127.0.0.1:9",
-                                    "--frames", "1")
+    result = _edge_without_pybullet(
+        "--cams", "sim://0", "--connect", "tcp://127.0.0.1:9", "--frames", "1"
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert errors == ['mvld-edge: error: sim:// needs pybullet, which is not installed: '
-                      'pip install "mvld[sim]"'], result.stderr
+    assert errors == [
+        'mvld-edge: error: sim:// needs pybullet, which is not installed: pip install "mvld[sim]"'
+    ], result.stderr
     assert "Traceback" not in result.stderr

@@ -33,8 +33,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("encoder")
     checkpoint = save_mvld_model(root / "model", make_tiny_model(seed=5))
     out = root / "onnx"
-    export_model(checkpoint, out, ExportOptions(exporter="torchscript",
-                                                parts=("encoder", "decoder")))
+    export_model(
+        checkpoint, out, ExportOptions(exporter="torchscript", parts=("encoder", "decoder"))
+    )
     return {"checkpoint": checkpoint, "out": out, "root": root}
 
 
@@ -49,8 +50,9 @@ def frames() -> list[np.ndarray]:
         return views + rig.render().views
 
 
-def test_onnxruntime_backend_equals_torch_on_real_frames(exported: dict[str, Path],
-                                                          frames: list[np.ndarray]) -> None:
+def test_onnxruntime_backend_equals_torch_on_real_frames(
+    exported: dict[str, Path], frames: list[np.ndarray]
+) -> None:
     with OnnxRuntimeEncoder(exported["out"], threads=1) as ort_encoder:
         ort_latents = ort_encoder.encode(frames)
     torch_latents = TorchEncoder(exported["checkpoint"]).encode(frames)
@@ -65,8 +67,9 @@ def test_fingerprint_is_the_checkpoints_encoder_fingerprint(exported: dict[str, 
     assert TorchEncoder(exported["checkpoint"]).fingerprint == stored
 
 
-def test_one_batched_call_and_empty_input(exported: dict[str, Path],
-                                          frames: list[np.ndarray]) -> None:
+def test_one_batched_call_and_empty_input(
+    exported: dict[str, Path], frames: list[np.ndarray]
+) -> None:
     encoder = OnnxRuntimeEncoder(exported["out"] / "encoder.onnx")
     calls: list[int] = []
     inner = encoder.encode_preprocessed
@@ -81,16 +84,19 @@ def test_one_batched_call_and_empty_input(exported: dict[str, Path],
     assert encoder.encode([]).shape == (0, 16)
 
 
-def test_bgr_input_is_converted_like_training(exported: dict[str, Path],
-                                              frames: list[np.ndarray]) -> None:
+def test_bgr_input_is_converted_like_training(
+    exported: dict[str, Path], frames: list[np.ndarray]
+) -> None:
     encoder = OnnxRuntimeEncoder(exported["out"])
     bgr = [np.ascontiguousarray(f[:, :, ::-1]) for f in frames[:3]]
-    np.testing.assert_array_equal(encoder.encode(bgr, input_order="BGR"),
-                                  encoder.encode(frames[:3]))
+    np.testing.assert_array_equal(
+        encoder.encode(bgr, input_order="BGR"), encoder.encode(frames[:3])
+    )
 
 
 def test_auto_picks_onnxruntime_for_an_export_and_says_why(
-        exported: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    exported: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="mvld.edge.encoder"):
         encoder = open_encoder(exported["out"])
     assert encoder.name == "onnxruntime"
@@ -158,8 +164,12 @@ print(encoder.name, latents.shape, encoder.fingerprint)
 
 
 def test_the_edge_encodes_with_torch_blocked(exported: dict[str, Path]) -> None:
-    result = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(exported["out"])],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, str(exported["out"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     stored = json.loads(exported["checkpoint"].read_text())["encoder_fingerprint"]
     assert result.stdout.split() == ["onnxruntime", "(3,", "16)", stored]

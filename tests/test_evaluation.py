@@ -47,29 +47,40 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = write_tiny_rig(root / "rig", count=80, size=SIZE)
     torch.manual_seed(0)
     preprocess = PreprocessConfig(height=SIZE, width=SIZE)
-    score_net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=DIM, widths=(16, 8),
-                                        time_dim=8))
+    score_net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=DIM, widths=(16, 8), time_dim=8))
     torch.nn.init.normal_(score_net.output.weight, std=0.1)
-    model = MVLDModel(preprocess=preprocess,
-                      autoencoder=Autoencoder(AutoencoderConfig(image_size=SIZE, latent_dim=DIM,
-                                                                channels=(4, 8))),
-                      score_net=score_net, sde=VPSDE(),
-                      latent_stats=LatentStats(torch.zeros(3, DIM), torch.ones(3, DIM)),
-                      fingerprint="")
+    model = MVLDModel(
+        preprocess=preprocess,
+        autoencoder=Autoencoder(
+            AutoencoderConfig(image_size=SIZE, latent_dim=DIM, channels=(4, 8))
+        ),
+        score_net=score_net,
+        sde=VPSDE(),
+        latent_stats=LatentStats(torch.zeros(3, DIM), torch.ones(3, DIM)),
+        fingerprint="",
+    )
     save_mvld_model(root / "model", model)
-    classifier = ViewClassifier(ClassifierConfig(num_classes=CLASSES, image_size=SIZE,
-                                                 channels=(4, 8)))
+    classifier = ViewClassifier(
+        ClassifierConfig(num_classes=CLASSES, image_size=SIZE, channels=(4, 8))
+    )
     save_classifier(root / "classifier", classifier.eval(), preprocess)
-    return {"data": data, "model": root / "model", "classifier": root / "classifier",
-            "root": root}
+    return {"data": data, "model": root / "model", "classifier": root / "classifier", "root": root}
 
 
 @pytest.fixture(scope="module")
 def evaluation(assets: dict[str, Path]):
-    config = EvalConfig(data=str(assets["data"]), out=str(assets["root"] / "out"),
-                        model=str(assets["model"]), classifier=str(assets["classifier"]),
-                        samplers=parse_samplers("dpmpp_2m:8,euler_maruyama:8"), fid_samples=0,
-                        frames=8, grid_rows=2, grid_samples=2, throughput_batch=8)
+    config = EvalConfig(
+        data=str(assets["data"]),
+        out=str(assets["root"] / "out"),
+        model=str(assets["model"]),
+        classifier=str(assets["classifier"]),
+        samplers=parse_samplers("dpmpp_2m:8,euler_maruyama:8"),
+        fid_samples=0,
+        frames=8,
+        grid_rows=2,
+        grid_samples=2,
+        throughput_batch=8,
+    )
     result = evaluate(config)
     return config, result, write_outputs(result, config.out)
 
@@ -84,8 +95,7 @@ def test_patterns_cover_every_proper_non_empty_subset():
 
 
 def test_sampler_specs_are_validated():
-    assert [s.label for s in parse_samplers("heun:10, dpmpp_2m:20")] == ["heun:10",
-                                                                         "dpmpp_2m:20"]
+    assert [s.label for s in parse_samplers("heun:10, dpmpp_2m:20")] == ["heun:10", "dpmpp_2m:20"]
     with pytest.raises(ConfigError, match=r"valid: .*dpmpp_2m"):
         parse_samplers("ddim:10")
     for bad in ("heun", "heun:1", "heun:x", "", "heun:5,heun:5"):
@@ -139,11 +149,14 @@ def test_wire_bytes_grow_with_views_and_precision_and_int8_stays_within_half_a_s
 def test_codec_bytes_grow_with_quality_and_decode_to_the_same_shape(name):
     rng = np.random.default_rng(2)
     frames = rng.integers(0, 256, (2, 3, 32, 32, 3), dtype=np.uint8)
-    (low, low_bytes), (high, high_bytes) = (code_frames(frames, CODEC_SWEEPS[name], q)
-                                            for q in (5, 95))
+    (low, low_bytes), (high, high_bytes) = (
+        code_frames(frames, CODEC_SWEEPS[name], q) for q in (5, 95)
+    )
     assert low_bytes < high_bytes and high.shape == frames.shape
-    assert psnr(high.reshape(-1, 32, 32, 3), frames.reshape(-1, 32, 32, 3)).mean() > \
-        psnr(low.reshape(-1, 32, 32, 3), frames.reshape(-1, 32, 32, 3)).mean()
+    assert (
+        psnr(high.reshape(-1, 32, 32, 3), frames.reshape(-1, 32, 32, 3)).mean()
+        > psnr(low.reshape(-1, 32, 32, 3), frames.reshape(-1, 32, 32, 3)).mean()
+    )
 
 
 def test_tiling_costs_fewer_bytes_than_one_file_per_view():
@@ -155,10 +168,15 @@ def test_tiling_costs_fewer_bytes_than_one_file_per_view():
 
 
 def test_curve_above_counts_wins_and_names_losses():
-    rows = [{"views_sent": 1, "dtype": "int8", "psnr": 25.0,
-             **{name: None for name in CODEC_SWEEPS}},
-            {"views_sent": 2, "dtype": "int8", "psnr": 26.0,
-             **{name: {"psnr": 27.0} for name in CODEC_SWEEPS}}]
+    rows = [
+        {"views_sent": 1, "dtype": "int8", "psnr": 25.0, **{name: None for name in CODEC_SWEEPS}},
+        {
+            "views_sent": 2,
+            "dtype": "int8",
+            "psnr": 26.0,
+            **{name: {"psnr": 27.0} for name in CODEC_SWEEPS},
+        },
+    ]
     verdict = curve_above(rows, "psnr")
     assert verdict["wins"] == 0 and verdict["comparisons"] == len(CODEC_SWEEPS)
     assert {x["codec"] for x in verdict["losses"]} == set(CODEC_SWEEPS)
@@ -169,10 +187,20 @@ def test_summary_has_every_method_and_pattern(evaluation):
     config, _, path = evaluation
     summary = json.loads(path.read_text())
     assert summary["schema"] == "mvld-eval/1"
-    methods = ["real views", "reconstructed", "dpmpp_2m:8", "euler_maruyama:8", "mean_latent",
-               "nearest_neighbour", "ridge_regressor"]
-    groups = summary["patterns"] + ["1 missing (pooled)", "2 missing (pooled)",
-                                    "all patterns (pooled)"]
+    methods = [
+        "real views",
+        "reconstructed",
+        "dpmpp_2m:8",
+        "euler_maruyama:8",
+        "mean_latent",
+        "nearest_neighbour",
+        "ridge_regressor",
+    ]
+    groups = summary["patterns"] + [
+        "1 missing (pooled)",
+        "2 missing (pooled)",
+        "all patterns (pooled)",
+    ]
     present = {(r["method"], r["group"]) for r in summary["rows"]}
     assert present == {(m, g) for m in methods for g in groups}
     cost = {m["label"]: m for m in summary["methods"]}
@@ -180,9 +208,14 @@ def test_summary_has_every_method_and_pattern(evaluation):
     assert cost["mean_latent"]["nfe"] == 0
     assert all(r["fid"] is None for r in summary["rows"])  # --fid-samples 0
     names = {t["name"] for t in summary["targets"]}
-    assert {"fast_coherence_vs_reference", "single_missing_coherence_ratio",
-            "cpu_throughput", "beats_mean_latent_coherence_1_missing",
-            "beats_ridge_regressor_psnr_2_missing", "fast_psnr_vs_reference"} <= names
+    assert {
+        "fast_coherence_vs_reference",
+        "single_missing_coherence_ratio",
+        "cpu_throughput",
+        "beats_mean_latent_coherence_1_missing",
+        "beats_ridge_regressor_psnr_2_missing",
+        "fast_psnr_vs_reference",
+    } <= names
     assert summary["throughput"]["batch"] == 8
     out = Path(config.out)
     assert (out / "summary.md").read_text().count("dpmpp_2m:8") >= 7
@@ -207,8 +240,11 @@ def test_real_view_coherence_is_the_classifier_accuracy_on_those_views(assets, e
     classifier, preprocess = load_classifier(assets["classifier"])
     images = torch.from_numpy(preprocess_images(arrays.images[held_out, 1], preprocess))
     expected = accuracy(classifier, images, torch.from_numpy(arrays.labels[held_out]))
-    row = next(r for r in result.summary["rows"]
-               if r["method"] == "real views" and r["group"] == "cam1 missing")
+    row = next(
+        r
+        for r in result.summary["rows"]
+        if r["method"] == "real views" and r["group"] == "cam1 missing"
+    )
     assert row["coherence"] == pytest.approx(expected)
     assert row["views"] == len(held_out)
 
@@ -216,8 +252,11 @@ def test_real_view_coherence_is_the_classifier_accuracy_on_those_views(assets, e
 def test_full_trade_off_point_is_reconstruction(evaluation):
     _, result, _ = evaluation
     tradeoff = result.summary["tradeoff"]
-    recon = [r for r in result.summary["rows"] if r["method"] == "reconstructed"
-             and r["group"] in result.summary["patterns"][:3]]  # single views, all cameras
+    recon = [
+        r
+        for r in result.summary["rows"]
+        if r["method"] == "reconstructed" and r["group"] in result.summary["patterns"][:3]
+    ]  # single views, all cameras
     full = next(p for p in tradeoff["latent"] if p["dtype"] == "float32" and p["views_sent"] == 3)
     assert full["psnr"] == pytest.approx(np.mean([r["psnr"] for r in recon]))
     for dtype in ("int8", "float16", "float32"):
@@ -229,25 +268,71 @@ def test_full_trade_off_point_is_reconstruction(evaluation):
 
 
 def test_cli_reports_missing_inputs_clearly(assets, tmp_path, capsys):
-    code = main(["--data", str(tmp_path / "nope"), "--model", str(assets["model"]),
-                 "--classifier", str(assets["classifier"]), "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "--data",
+            str(tmp_path / "nope"),
+            "--model",
+            str(assets["model"]),
+            "--classifier",
+            str(assets["classifier"]),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "nope: dataset folder does not exist" in capsys.readouterr().err
-    code = main(["--data", str(assets["data"]), "--model", str(tmp_path / "missing"),
-                 "--classifier", str(assets["classifier"]), "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "--data",
+            str(assets["data"]),
+            "--model",
+            str(tmp_path / "missing"),
+            "--classifier",
+            str(assets["classifier"]),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "missing.json does not exist" in capsys.readouterr().err
-    code = main(["--data", str(assets["data"]), "--model", str(assets["model"]),
-                 "--classifier", str(assets["classifier"]), "--samplers", "nope:3"])
+    code = main(
+        [
+            "--data",
+            str(assets["data"]),
+            "--model",
+            str(assets["model"]),
+            "--classifier",
+            str(assets["classifier"]),
+            "--samplers",
+            "nope:3",
+        ]
+    )
     assert code == 2 and "unknown sampler 'nope'" in capsys.readouterr().err
 
 
 def test_cli_runs_and_writes_its_results_section(assets, tmp_path, capsys):
     out, results = tmp_path / "docs" / "eval", tmp_path / "docs" / "RESULTS.md"
     results.parent.mkdir()
-    results.write_text("# Results\n\n## Model\nkept\n\n## Imputation (`mvld-eval`)\nold\n\n"
-                       "## Later\nalso kept\n")
-    argv = ["--data", str(assets["data"]), "--model", str(assets["model"]), "--classifier",
-            str(assets["classifier"]), "--out", str(out), "--frames", "3", "--fid-samples", "0",
-            "--samplers", "heun:10", "--results", str(results)]
+    results.write_text(
+        "# Results\n\n## Model\nkept\n\n## Imputation (`mvld-eval`)\nold\n\n## Later\nalso kept\n"
+    )
+    argv = [
+        "--data",
+        str(assets["data"]),
+        "--model",
+        str(assets["model"]),
+        "--classifier",
+        str(assets["classifier"]),
+        "--out",
+        str(out),
+        "--frames",
+        "3",
+        "--fid-samples",
+        "0",
+        "--samplers",
+        "heun:10",
+        "--results",
+        str(results),
+    ]
     code = main(argv)
     captured = capsys.readouterr()
     assert code == 0 and captured.out.strip() == str(out / "summary.json")
@@ -266,9 +351,16 @@ def test_fit_data_fits_the_baselines_elsewhere_and_holds_out_all_of_data(assets,
     from mvld.train.evaluation import load_inputs
 
     other = write_tiny_rig(tmp_path / "other", count=30, size=SIZE)
-    config = EvalConfig(data=str(assets["data"]), out=str(tmp_path / "out"),
-                        model=str(assets["model"]), classifier=str(assets["classifier"]),
-                        fit_data=str(other), fit_frames=12, frames=80, fid_samples=0)
+    config = EvalConfig(
+        data=str(assets["data"]),
+        out=str(tmp_path / "out"),
+        model=str(assets["model"]),
+        classifier=str(assets["classifier"]),
+        fit_data=str(other),
+        fit_frames=12,
+        frames=80,
+        fid_samples=0,
+    )
     inputs = load_inputs(config)
     complete = int(load_frame_arrays(other, SIZE, SIZE, limit=12).present.all(1).sum())
     assert 2 <= complete <= 12 and inputs.train_z.shape == (complete, 3, DIM)

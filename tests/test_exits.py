@@ -33,8 +33,9 @@ from mvld.model.checkpoint import checkpoint_paths
 # --- the policy itself, with real signals to this process
 
 
-def test_sigterm_and_ctrl_c_become_exit_codes_with_one_line(capsys: pytest.CaptureFixture[str]
-                                                            ) -> None:
+def test_sigterm_and_ctrl_c_become_exit_codes_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     @command("mvld-x", extras="train")
     def terminated(argv: list[str] | None = None) -> int:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -56,7 +57,7 @@ def test_sigterm_and_ctrl_c_become_exit_codes_with_one_line(capsys: pytest.Captu
 
 
 def test_a_stop_during_an_import_is_held_until_the_import_is_done(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Raised inside an import, a stop can abort the interpreter (a C extension that calls back
     into Python cannot unwind it), so it waits for the import to finish, then stops."""
@@ -64,7 +65,8 @@ def test_a_stop_during_an_import_is_held_until_the_import_is_done(
         "import os, signal, time\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(0.2)  # the signal arrives here, inside the import\n"
-        "FINISHED = True\n")
+        "FINISHED = True\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
 
     @command("mvld-x", extras="train")
@@ -83,19 +85,31 @@ def test_a_stop_during_an_import_is_held_until_the_import_is_done(
 
 
 @pytest.mark.slow  # a dozen interpreters importing torch
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, EXIT_SIGTERM),
-                                                (signal.SIGINT, EXIT_SIGINT)])
-def test_a_stop_while_torch_imports_ends_in_one_line_never_an_abort(signum: int, status: int
-                                                                    ) -> None:
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGTERM, EXIT_SIGTERM), (signal.SIGINT, EXIT_SIGINT)]
+)
+def test_a_stop_while_torch_imports_ends_in_one_line_never_an_abort(
+    signum: int, status: int
+) -> None:
     """Signals spread over ``mvld-eval``'s start (torch's import): each ends with the stop's
     status and one line; before the fix some aborted in pybind11 ("terminate called")."""
     runs = []
     for delay in (0.0, 0.15, 0.3, 0.45, 0.6, 0.8):  # after main is entered, before torch is in
         process = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from mvld.train.eval_cli import main; "
-             "print('main', flush=True); sys.exit(main())",
-             "--model", str(DEFAULT_MODEL), "--data", "/nonexistent"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from mvld.train.eval_cli import main; "
+                "print('main', flush=True); sys.exit(main())",
+                "--model",
+                str(DEFAULT_MODEL),
+                "--data",
+                "/nonexistent",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert process.stdout is not None and process.stdout.readline() == "main\n"
         runs.append((delay, process))
         time.sleep(delay)
@@ -110,14 +124,16 @@ def test_a_stop_while_torch_imports_ends_in_one_line_never_an_abort(signum: int,
 
 
 def test_a_missing_optional_module_is_named_other_import_errors_are_not_hidden(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     @command("mvld-x", extras="train,eval")
     def needs(argv: list[str] | None = None) -> int:
         raise ModuleNotFoundError("No module named 'matplotlib'", name=argv[0])
 
     assert needs(["matplotlib"]) == EXIT_USAGE
-    assert capsys.readouterr().err == ('mvld-x: matplotlib is not installed; this command needs '
-                                       'pip install "mvld[train,eval]"\n')
+    assert capsys.readouterr().err == (
+        'mvld-x: matplotlib is not installed; this command needs pip install "mvld[train,eval]"\n'
+    )
     assert needs(["pybullet"]) == EXIT_USAGE  # not in the command's extras: the sim one is added
     assert capsys.readouterr().err.endswith('pip install "mvld[train,eval,sim]"\n')
     with pytest.raises(ModuleNotFoundError):
@@ -139,8 +155,9 @@ def test_deferred_signals_wait_for_the_step_and_a_second_one_stops_at_once() -> 
 # --- bad output paths
 
 
-def test_bad_output_paths_are_one_line_errors(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_output_paths_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a_file = tmp_path / "report.html"
     a_file.write_text("not a folder")
     assert mvld_main(["demo", "--out", str(a_file)]) == EXIT_USAGE
@@ -155,15 +172,44 @@ def test_bad_output_paths_are_one_line_errors(tmp_path: Path,
 
 # --- training: a signal saves the last finished step, --resume continues it exactly
 
-TINY_AE = ["--image-size", "32", "--latent-dim", "16", "--channels", "8,16",
-           "--latent-channels", "0", "--res-blocks", "0", "--batch-size", "16",
-           "--lr-schedule", "constant", "--no-progress", "--threads", "1",
-           "--val-every", "5", "--checkpoint-every", "0"]
+TINY_AE = [
+    "--image-size",
+    "32",
+    "--latent-dim",
+    "16",
+    "--channels",
+    "8,16",
+    "--latent-channels",
+    "0",
+    "--res-blocks",
+    "0",
+    "--batch-size",
+    "16",
+    "--lr-schedule",
+    "constant",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--val-every",
+    "5",
+    "--checkpoint-every",
+    "0",
+]
 
 
 def _train(data: Path, out: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "mvld.train.cli", "ae", "--data", str(data), "--out", str(out),
-            *TINY_AE, *flags]
+    return [
+        sys.executable,
+        "-m",
+        "mvld.train.cli",
+        "ae",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *TINY_AE,
+        *flags,
+    ]
 
 
 def _default_sigint() -> None:
@@ -173,8 +219,12 @@ def _default_sigint() -> None:
 
 def _interrupt_training(data: Path, out: Path, signum: int) -> tuple[int, str]:
     """Start a long run, signal it once a few steps are done; (exit status, stderr)."""
-    process = subprocess.Popen(_train(data, out, "--steps", "100000"), stderr=subprocess.PIPE,
-                               text=True, preexec_fn=_default_sigint)
+    process = subprocess.Popen(
+        _train(data, out, "--steps", "100000"),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     try:
         metrics = out / "metrics.jsonl"
         deadline = time.monotonic() + 120
@@ -197,8 +247,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow  # three training processes: ~15 s alone, minutes on a loaded machine
-def test_sigint_saves_a_checkpoint_that_resume_continues_exactly(rig: Path, tmp_path: Path
-                                                                 ) -> None:
+def test_sigint_saves_a_checkpoint_that_resume_continues_exactly(rig: Path, tmp_path: Path) -> None:
     out = tmp_path / "split"
     status, stderr = _interrupt_training(rig, out, signal.SIGINT)
     assert status == EXIT_SIGINT, stderr
@@ -208,16 +257,24 @@ def test_sigint_saves_a_checkpoint_that_resume_continues_exactly(rig: Path, tmp_
     assert step >= 10 and f"SIGINT at step {step}/100000" in stderr
     assert (out / "last.train.safetensors").is_file()
 
-    resumed = subprocess.run(_train(rig, out, "--steps", str(step + 3), "--resume"),
-                             capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        _train(rig, out, "--steps", str(step + 3), "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr
-    straight = subprocess.run(_train(rig, tmp_path / "straight", "--steps", str(step + 3)),
-                              capture_output=True, text=True, timeout=120)
+    straight = subprocess.run(
+        _train(rig, tmp_path / "straight", "--steps", str(step + 3)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert straight.returncode == 0, straight.stderr
     assert json.loads((out / "last.json").read_text())["step"] == step + 3
-    assert ((out / "last.safetensors").read_bytes()
-            == (tmp_path / "straight" / "last.safetensors").read_bytes()), \
-        "the interrupted and resumed run differs from an uninterrupted one"
+    assert (out / "last.safetensors").read_bytes() == (
+        tmp_path / "straight" / "last.safetensors"
+    ).read_bytes(), "the interrupted and resumed run differs from an uninterrupted one"
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(rig: Path, tmp_path: Path) -> None:
@@ -247,16 +304,26 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux /proc")
-@pytest.mark.skipif(not checkpoint_paths(DEFAULT_MODEL)[0].is_file(),
-                    reason="the default model is not installed")
-@pytest.mark.parametrize(("signum", "status", "last_line"), [
-    (signal.SIGINT, EXIT_SIGINT, "mvld: interrupted"),
-    (signal.SIGTERM, EXIT_SIGTERM, "mvld: stopped (SIGTERM)")])
-def test_a_stopped_demo_stops_its_receiver(tmp_path: Path, signum: int, status: int,
-                                           last_line: str) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "mvld", "demo", "--out", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=_default_sigint)
+@pytest.mark.skipif(
+    not checkpoint_paths(DEFAULT_MODEL)[0].is_file(), reason="the default model is not installed"
+)
+@pytest.mark.parametrize(
+    ("signum", "status", "last_line"),
+    [
+        (signal.SIGINT, EXIT_SIGINT, "mvld: interrupted"),
+        (signal.SIGTERM, EXIT_SIGTERM, "mvld: stopped (SIGTERM)"),
+    ],
+)
+def test_a_stopped_demo_stops_its_receiver(
+    tmp_path: Path, signum: int, status: int, last_line: str
+) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mvld", "demo", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (children := _children(process.pid)):  # the receiver has been started
@@ -313,17 +380,26 @@ def test_commands_without_torch_name_the_extra_and_help_still_works(tmp_path: Pa
         ("mvld.train.eval_cli", "main", "--data", "x", "--out", out): ("mvld-eval", "train,eval"),
         ("mvld.cli", "main", "demo", "--out", out): ("mvld", "edge,sim,receiver,eval"),
     }
-    helps = [("mvld.train.cli", "main", "ae", "--help"), ("mvld.train.eval_cli", "main", "--help"),
-             ("mvld.entrypoints", "edge", "--help"), ("mvld.cli", "main", "demo", "--help")]
-    done = subprocess.run([sys.executable, "-c", _WITHOUT, json.dumps([*needs, *helps])],
-                          capture_output=True, text=True, timeout=120)
+    helps = [
+        ("mvld.train.cli", "main", "ae", "--help"),
+        ("mvld.train.eval_cli", "main", "--help"),
+        ("mvld.entrypoints", "edge", "--help"),
+        ("mvld.cli", "main", "demo", "--help"),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT, json.dumps([*needs, *helps])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     for case, (prog, extras) in needs.items():
         status, _, err = results[" ".join(case)]
         assert status == EXIT_USAGE, (case, status, err)
-        assert err == (f'{prog}: torch is not installed; this command needs pip install '
-                       f'"mvld[{extras}]"\n'), case
+        assert err == (
+            f'{prog}: torch is not installed; this command needs pip install "mvld[{extras}]"\n'
+        ), case
     for case in helps:
         status, stdout, err = results[" ".join(case)]
         assert status == 0 and stdout.startswith("usage:"), (case, status, err)

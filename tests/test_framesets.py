@@ -65,8 +65,9 @@ def test_a_failed_camera_reports_the_source_reason_not_just_stale() -> None:
         return ScriptedCamera(raise_at=10)  # read error after 9 frames, then gone
 
     reader = CameraReader("cam0", Opener(make), FAST)
-    never = CameraReader("cam1", Opener(lambda _: (_ for _ in ()).throw(SourceError("absent"))),
-                         FAST)
+    never = CameraReader(
+        "cam1", Opener(lambda _: (_ for _ in ()).throw(SourceError("absent"))), FAST
+    )
     capture = Capture([reader, never]).start()
     try:
         wait_for(lambda: reader.snapshot().reason == DISCONNECTED)

@@ -129,8 +129,7 @@ def test_a_persistent_fault_that_changes_kind_changes_reason() -> None:
 
 
 def test_no_alarm_on_a_long_healthy_noisy_stream_with_lighting_drift() -> None:
-    camera = SyntheticCamera(seed=11, lighting_amplitude=0.25, lighting_period=600,
-                             noise_sigma=4.0)
+    camera = SyntheticCamera(seed=11, lighting_amplitude=0.25, lighting_period=600, noise_sigma=4.0)
     monitor = HealthMonitor(CONFIG)
     for index in range(1000):
         health = monitor.update(camera.read(), index / 30)
@@ -314,9 +313,12 @@ def test_benchmark_scorer_counts_delays_clearing_and_false_alarms() -> None:
     scorer = bench.Scorer()
     timeline = (
         [(None, OK)] * 10  # healthy
-        + [("black", OK)] * 4 + [("black", FAILED)] * 6  # found after 4 frames
-        + [(None, FAILED)] * 3 + [(None, OK)] * 7  # cleared after 3 frames
-        + [(None, OBSTRUCTED)] * 2 + [(None, OK)] * 3  # one false alarm
+        + [("black", OK)] * 4
+        + [("black", FAILED)] * 6  # found after 4 frames
+        + [(None, FAILED)] * 3
+        + [(None, OK)] * 7  # cleared after 3 frames
+        + [(None, OBSTRUCTED)] * 2
+        + [(None, OK)] * 3  # one false alarm
         + [("blur_2", OK)] * 5  # missed
         + [(None, OK)] * 5
     )

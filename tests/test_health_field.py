@@ -37,8 +37,9 @@ def canvas() -> np.ndarray:
 class Stream:
     """A moving camera, its monitor and the frame clock (30 FPS timestamps)."""
 
-    def __init__(self, canvas: np.ndarray, motion: str, seed: int = 0,
-                 config: HealthConfig = CONFIG) -> None:
+    def __init__(
+        self, canvas: np.ndarray, motion: str, seed: int = 0, config: HealthConfig = CONFIG
+    ) -> None:
         self.camera = MovingCamera(canvas, motion, seed=seed)
         self.monitor = HealthMonitor(config, camera=motion)
         self.index = 0
@@ -55,8 +56,11 @@ class Stream:
 
 
 def confirm(reason: str) -> int:
-    return (CONFIG.confirm_failed_frames if reason in FAILED_REASONS
-            else CONFIG.confirm_obstructed_frames)
+    return (
+        CONFIG.confirm_failed_frames
+        if reason in FAILED_REASONS
+        else CONFIG.confirm_obstructed_frames
+    )
 
 
 def test_every_health_setting_is_documented() -> None:
@@ -74,10 +78,12 @@ def test_a_moving_healthy_camera_stays_ok(canvas: np.ndarray, motion: str) -> No
     assert not bad, bad[:3]
 
 
-@pytest.mark.parametrize("fault", ["black", "frozen", "noise", "occlusion_100", "blur_8",
-                                   "shift_25"])
-def test_strong_faults_on_a_panning_camera_are_found_and_clear(canvas: np.ndarray,
-                                                                fault: str) -> None:
+@pytest.mark.parametrize(
+    "fault", ["black", "frozen", "noise", "occlusion_100", "blur_8", "shift_25"]
+)
+def test_strong_faults_on_a_panning_camera_are_found_and_clear(
+    canvas: np.ndarray, fault: str
+) -> None:
     stream = Stream(canvas, "pan", seed=3)
     assert all(a.state == OK for a in stream.feed(60))
     injector = make_fault(fault, np.random.default_rng(1))
@@ -121,9 +127,10 @@ def test_a_re_aimed_camera_is_redirected_for_a_bounded_time_then_the_new_normal(
     assert covered[-1].reason in accepted_reasons("occlusion_100")
 
 
-@pytest.mark.parametrize(("fault", "second"), [("shift_25", "occlusion_100"),
-                                               ("shift_25", "blur_8"),
-                                               ("blur_8", "occlusion_100")])
+@pytest.mark.parametrize(
+    ("fault", "second"),
+    [("shift_25", "occlusion_100"), ("shift_25", "blur_8"), ("blur_8", "occlusion_100")],
+)
 def test_a_new_fault_on_an_alarmed_camera_gets_its_own_reason(fault: str, second: str) -> None:
     camera = SyntheticCamera(seed=8)
     monitor = HealthMonitor(CONFIG)
@@ -152,19 +159,24 @@ def test_a_30_percent_cover_is_occluded_within_a_second(seed: int) -> None:
 
 def test_health_specs_from_toml_per_camera_and_clear_errors(tmp_path: Path) -> None:
     path = tmp_path / "health.toml"
-    path.write_text("clear_frames = 20\ntimeout_s = 4.0\n\n[cameras.cam1]\n"
-                    "confirm_obstructed_frames = 30\n\n[cameras.cam2]\nprofile = \"off\"\n")
+    path.write_text(
+        "clear_frames = 20\ntimeout_s = 4.0\n\n[cameras.cam1]\n"
+        'confirm_obstructed_frames = 30\n\n[cameras.cam2]\nprofile = "off"\n'
+    )
     cameras = ("cam0", "cam1", "cam2")
     configs = resolve_health_specs([str(path), "0=off"], cameras)
-    assert (configs["cam0"].picture_checks, configs["cam1"].picture_checks,
-            configs["cam2"].picture_checks) == (False, True, False)
+    assert (
+        configs["cam0"].picture_checks,
+        configs["cam1"].picture_checks,
+        configs["cam2"].picture_checks,
+    ) == (False, True, False)
     assert configs["cam1"].clear_frames == 20 and configs["cam1"].confirm_obstructed_frames == 30
     assert configs["cam2"].timeout_s == 4.0
     assert resolve_health_specs(None, cameras)["cam0"] == HealthConfig()
     path.write_text("clear_frame = 3\n")
     with pytest.raises(ConfigError, match="unknown health setting"):
         resolve_health_specs([str(path)], cameras)
-    path.write_text("clear_frames = \"many\"\n")
+    path.write_text('clear_frames = "many"\n')
     with pytest.raises(ConfigError, match="clear_frames must be a int"):
         resolve_health_specs([str(path)], cameras)
     with pytest.raises(ConfigError, match="unknown camera"):

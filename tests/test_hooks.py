@@ -54,8 +54,9 @@ def results(model) -> list[FrameSetResult]:
     service = ReceiverService(ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1), model=model)
     try:
         layout = service.layout
-        items = [assemble(frame_set(model, "node-a", seq), layout, time.time(), None)
-                 for seq in range(3)]
+        items = [
+            assemble(frame_set(model, "node-a", seq), layout, time.time(), None) for seq in range(3)
+        ]
         return service.process(items)
     finally:
         service.close()
@@ -94,7 +95,6 @@ def test_classify_without_checkpoint_is_a_clear_startup_error() -> None:
         build_hooks(["classify:checkpoint=/nonexistent/model"], ReceiverMetrics())
 
 
-
 def _write_distribution(root: Path, name: str, entry_points: str) -> None:
     """An installed-distribution folder (dist-info) with the given entry_points.txt."""
     info = root / f"{name}-1.0.dist-info"
@@ -103,8 +103,9 @@ def _write_distribution(root: Path, name: str, entry_points: str) -> None:
     (info / "entry_points.txt").write_text(entry_points)
 
 
-def test_entry_point_taking_a_builtin_name_is_rejected(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_entry_point_taking_a_builtin_name_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _write_distribution(tmp_path, "clashing_hooks", "[mvld.tasks]\nsave = json:dumps\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match="registered twice"):
@@ -112,8 +113,10 @@ def test_entry_point_taking_a_builtin_name_is_rejected(tmp_path: Path,
 
 
 def test_dotted_path_hook_and_raising_hook_is_counted_not_fatal(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, results: list[FrameSetResult]) -> None:
-    (tmp_path / "my_hooks.py").write_text(textwrap.dedent("""
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, results: list[FrameSetResult]
+) -> None:
+    (tmp_path / "my_hooks.py").write_text(
+        textwrap.dedent("""
         class Seen:
             def __init__(self, prefix="x"):
                 self.prefix, self.seen, self.closed = prefix, [], False
@@ -129,7 +132,8 @@ def test_dotted_path_hook_and_raising_hook_is_counted_not_fatal(
         class NoLicence:
             def __init__(self):
                 raise RuntimeError("licence server unreachable")
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     metrics = ReceiverMetrics()
     with pytest.raises(ConfigError, match="failed to start: RuntimeError: licence"):
@@ -148,14 +152,21 @@ def test_results_have_every_view_with_imputed_cam1(results: list[FrameSetResult]
     for result in results:
         assert [v.camera_id for v in result.views] == list(CAMERAS)
         assert [v.provenance for v in result.views] == [
-            Provenance.OBSERVED, Provenance.IMPUTED, Provenance.OBSERVED]
+            Provenance.OBSERVED,
+            Provenance.IMPUTED,
+            Provenance.OBSERVED,
+        ]
         assert result.imputed_cameras == ["cam1"]
-        assert all(v.image.shape == (32, 32, 3) and v.image.dtype == np.uint8
-                   for v in result.views)
+        assert all(v.image.shape == (32, 32, 3) and v.image.dtype == np.uint8 for v in result.views)
 
 
 def test_save_png_and_mp4(tmp_path: Path, results: list[FrameSetResult]) -> None:
-    runner = build_hooks([f"save:dir={tmp_path / 'png'}", ], ReceiverMetrics())
+    runner = build_hooks(
+        [
+            f"save:dir={tmp_path / 'png'}",
+        ],
+        ReceiverMetrics(),
+    )
     for result in results:
         runner(result)
     runner.close()
@@ -178,11 +189,13 @@ def test_save_png_and_mp4(tmp_path: Path, results: list[FrameSetResult]) -> None
 def test_classify_then_jsonl_logs_labels(tmp_path: Path, results: list[FrameSetResult]) -> None:
     torch.manual_seed(0)
     classifier = ViewClassifier(ClassifierConfig(num_classes=4, image_size=32, channels=(8, 16)))
-    checkpoint = save_classifier(tmp_path / "classifier", classifier.eval(),
-                                 make_tiny_model().preprocess)
+    checkpoint = save_classifier(
+        tmp_path / "classifier", classifier.eval(), make_tiny_model().preprocess
+    )
     log_path = tmp_path / "log.jsonl"
-    runner = build_hooks([f"classify:checkpoint={checkpoint}", f"jsonl:path={log_path}"],
-                         ReceiverMetrics())
+    runner = build_hooks(
+        [f"classify:checkpoint={checkpoint}", f"jsonl:path={log_path}"], ReceiverMetrics()
+    )
     for result in results:
         runner(result)
     runner.close()
@@ -232,30 +245,65 @@ def test_hook_runner_rejects_duplicate_names() -> None:
 
 def test_pip_installed_example_hook_is_discovered_and_runs(tmp_path: Path) -> None:
     """pip install the example package into a folder, run mvld-receiver with it on PYTHONPATH."""
-    source = shutil.copytree(EXAMPLE, tmp_path / "src", ignore=shutil.ignore_patterns(
-        "build", "*.egg-info"))
+    source = shutil.copytree(
+        EXAMPLE, tmp_path / "src", ignore=shutil.ignore_patterns("build", "*.egg-info")
+    )
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), str(source)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     checkpoint = save_tiny_model(tmp_path)
     out = tmp_path / "imputed.tsv"
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(target), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
+    }
     process = subprocess.Popen(
-        [sys.executable, "-m", "mvld.receiver.cli", "--gpu", "-1", "--model", str(checkpoint),
-         "--bind", f"tcp://127.0.0.1:{port}", "--task", f"imputed-views:out={out}",
-         "--max-age-ms", "60000"],  # a cold first imputation on a busy machine may take > 1 s
-        env=env, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "mvld.receiver.cli",
+            "--gpu",
+            "-1",
+            "--model",
+            str(checkpoint),
+            "--bind",
+            f"tcp://127.0.0.1:{port}",
+            "--task",
+            f"imputed-views:out={out}",
+            "--max-age-ms",
+            "60000",
+        ],  # a cold first imputation on a busy machine may take > 1 s
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         model = make_tiny_model()
         with connected_publisher(f"tcp://127.0.0.1:{port}", timeout_s=30) as publisher:
             for seq in range(3):
                 publisher.send(wire(model, "edge-1", seq))
                 time.sleep(0.05)
-            wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3, 15,
-                       "the example hook's output")
+            wait_until(
+                lambda: out.exists() and len(out.read_text().splitlines()) >= 3,
+                15,
+                "the example hook's output",
+            )
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=20)

@@ -22,28 +22,44 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def random_stats(views: int, dim: int, seed: int = 0) -> LatentStats:
     gen = torch.Generator().manual_seed(seed)
-    return LatentStats(mean=torch.randn(views, dim, generator=gen) * 3,
-                       std=torch.rand(views, dim, generator=gen) * 2 + 0.5)
+    return LatentStats(
+        mean=torch.randn(views, dim, generator=gen) * 3,
+        std=torch.rand(views, dim, generator=gen) * 2 + 0.5,
+    )
 
 
 @pytest.fixture(scope="module")
 def model() -> MVLDModel:
     """A tiny complete model with a randomly initialised score network (non-zero output)."""
     torch.manual_seed(0)
-    score_net = ScoreNet(ScoreNetConfig(num_views=VIEWS, latent_dim=DIM, widths=(32, 16),
-                                        time_dim=16))
+    score_net = ScoreNet(
+        ScoreNetConfig(num_views=VIEWS, latent_dim=DIM, widths=(32, 16), time_dim=16)
+    )
     torch.nn.init.normal_(score_net.output.weight, std=0.1)  # zero-initialised otherwise
     autoencoder = Autoencoder(AutoencoderConfig(image_size=16, latent_dim=DIM, channels=(4,)))
-    return MVLDModel(preprocess=PreprocessConfig(height=16, width=16), autoencoder=autoencoder,
-                     score_net=score_net, sde=SDE, latent_stats=random_stats(VIEWS, DIM),
-                     fingerprint="test")
+    return MVLDModel(
+        preprocess=PreprocessConfig(height=16, width=16),
+        autoencoder=autoencoder,
+        score_net=score_net,
+        sde=SDE,
+        latent_stats=random_stats(VIEWS, DIM),
+        fingerprint="test",
+    )
 
 
 def frame_sets(batch: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw latents and a mask covering none, one, two and all views missing."""
     latents = torch.randn(batch, VIEWS, DIM, generator=torch.Generator().manual_seed(seed)) * 4
-    present = torch.tensor([[True, True, True], [True, False, True], [False, True, False],
-                            [False, False, False], [True, True, False], [False, True, True]])
+    present = torch.tensor(
+        [
+            [True, True, True],
+            [True, False, True],
+            [False, True, False],
+            [False, False, False],
+            [True, True, False],
+            [False, True, True],
+        ]
+    )
     return latents, present[:batch]
 
 
@@ -122,8 +138,9 @@ def test_imputation_is_deterministic_for_a_seed(model):
 
 def test_k_samples_give_a_per_view_uncertainty(model):
     latents, present = frame_sets()
-    result = Imputer.from_model(model, sampler="dpmpp_2m", steps=8)(latents, present,
-                                                                     samples=5, seed=0)
+    result = Imputer.from_model(model, sampler="dpmpp_2m", steps=8)(
+        latents, present, samples=5, seed=0
+    )
     assert result.samples.shape == (6, 5, VIEWS, DIM)
     assert torch.equal(result.samples[:, 0], result.latents)
     assert result.uncertainty.shape == (6, VIEWS)
@@ -137,8 +154,13 @@ def test_k_samples_give_a_per_view_uncertainty(model):
 
 def test_every_sampler_runs_through_the_imputer(model):
     latents, present = frame_sets()
-    for sampler, steps in (("euler_maruyama", 30), ("heun", 4), ("dpmpp_2m", 4),
-                           ("dpmpp_2m_sde", 4), ("adaptive", 200)):
+    for sampler, steps in (
+        ("euler_maruyama", 30),
+        ("heun", 4),
+        ("dpmpp_2m", 4),
+        ("dpmpp_2m_sde", 4),
+        ("adaptive", 200),
+    ):
         result = Imputer.from_model(model, sampler=sampler, steps=steps)(latents, present)
         assert torch.equal(result.latents[present], latents[present]), sampler
         assert bool(result.latents.isfinite().all()) and result.nfe > 0, sampler
@@ -163,8 +185,14 @@ def test_bad_configuration_and_inputs_are_rejected(model):
 def test_imputation_on_cuda_matches_the_contract(model):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
-    cuda_model = MVLDModel(model.preprocess, model.autoencoder, ScoreNet(model.score_net.config),
-                           model.sde, model.latent_stats, model.fingerprint)
+    cuda_model = MVLDModel(
+        model.preprocess,
+        model.autoencoder,
+        ScoreNet(model.score_net.config),
+        model.sde,
+        model.latent_stats,
+        model.fingerprint,
+    )
     cuda_model.score_net.load_state_dict(model.score_net.state_dict())
     cuda_model.score_net.cuda()
     latents, present = frame_sets()

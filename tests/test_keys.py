@@ -51,14 +51,19 @@ def test_a_well_formed_key_line_loads(tmp_path: Path) -> None:
     assert load_public_key(path) == GOOD.encode()
 
 
-@pytest.mark.parametrize("content", [
-    "", "garbage\n", 'curve\n    public-key = "short"\n',
-    f"curve\n    public-key = {GOOD}\n",  # not quoted
-    f'curve\n    public-key = "{GOOD}"   # a trailing note is not a comment\n',
-    f'curve\n    public-key = "{GOOD[:-1]}~"\n',  # ~ is not Z85
-    f'curve\n    public-key = "{GOOD}"\n    public-key = "{GOOD}"\n',
-    f'#   public-key = "{GOOD}"\n',  # only a comment holds a key
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        "garbage\n",
+        'curve\n    public-key = "short"\n',
+        f"curve\n    public-key = {GOOD}\n",  # not quoted
+        f'curve\n    public-key = "{GOOD}"   # a trailing note is not a comment\n',
+        f'curve\n    public-key = "{GOOD[:-1]}~"\n',  # ~ is not Z85
+        f'curve\n    public-key = "{GOOD}"\n    public-key = "{GOOD}"\n',
+        f'#   public-key = "{GOOD}"\n',  # only a comment holds a key
+    ],
+)
 def test_corrupt_key_file_is_a_config_error(tmp_path: Path, content: str) -> None:
     path = tmp_path / "bad.key"
     path.write_text(content)
@@ -83,15 +88,19 @@ def _key_with_a_hash() -> tuple[bytes, bytes]:
 
 
 def test_a_hash_inside_a_z85_key_is_key_text_and_whole_line_comments_are_skipped(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """PROTOCOL.md 11: only a line whose first non-blank is # is a comment."""
     public, secret = _key_with_a_hash()
     path = tmp_path / "node1.key_secret"
-    path.write_text("#   ZeroMQ CURVE Secret Certificate\n"
-                    '   #  public-key = "not a key: an indented comment line"\n'
-                    "metadata\ncurve\n"
-                    f'    public-key = "{public.decode()}"\n'
-                    f'    secret-key="{secret.decode()}"\n', encoding="utf-8")
+    path.write_text(
+        "#   ZeroMQ CURVE Secret Certificate\n"
+        '   #  public-key = "not a key: an indented comment line"\n'
+        "metadata\ncurve\n"
+        f'    public-key = "{public.decode()}"\n'
+        f'    secret-key="{secret.decode()}"\n',
+        encoding="utf-8",
+    )
     path.chmod(0o600)
     assert load_secret_key(path) == (public, secret)
     assert zmq.curve_public(secret) == public

@@ -45,13 +45,17 @@ print(" ".join(sorted({".".join(m.split(".")[:2]) for m in sys.modules if m.star
 
 
 def _modules(package: str) -> list[str]:
-    return [m for m in source_modules()
-            if (m == package or m.startswith(package + ".")) and not m.endswith(".__main__")]
+    return [
+        m
+        for m in source_modules()
+        if (m == package or m.startswith(package + ".")) and not m.endswith(".__main__")
+    ]
 
 
 def _import_blocked(blocked: str, modules: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _BLOCKED_IMPORT, blocked, *modules],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCKED_IMPORT, blocked, *modules], capture_output=True, text=True
+    )
 
 
 def test_edge_and_common_import_without_torch() -> None:
@@ -62,8 +66,12 @@ def test_edge_and_common_import_without_torch() -> None:
 
 
 def test_common_imports_no_other_wing() -> None:
-    result = subprocess.run([sys.executable, "-c", _LOADED_WINGS, *_modules("mvld.common")],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _LOADED_WINGS, *_modules("mvld.common")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.split() == ["mvld.common"]
 
 
@@ -82,9 +90,12 @@ def test_the_blocker_really_blocks() -> None:
 
 def _imports_of(module: str) -> set[str]:
     """Dotted names a module imports, at its top level or inside functions."""
-    top = next(p for p in sorted(STAGE_FOLDERS, key=len, reverse=True)
-               if module == p or module.startswith(p + "."))
-    relative = module[len(top):].lstrip(".").replace(".", "/")
+    top = next(
+        p
+        for p in sorted(STAGE_FOLDERS, key=len, reverse=True)
+        if module == p or module.startswith(p + ".")
+    )
+    relative = module[len(top) :].lstrip(".").replace(".", "/")
     folder = REPO_ROOT / STAGE_FOLDERS[top]
     path = folder / f"{relative}.py" if relative else folder / "__init__.py"
     if not path.is_file():
@@ -106,7 +117,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         stack.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                found.append([*stack[stack.index(target):], target])
+                found.append([*stack[stack.index(target) :], target])
             elif target not in state:
                 visit(target)
         stack.pop()
@@ -120,8 +131,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circles() -> None:
     modules = set(source_modules())
-    graph = {m: {n for n in _imports_of(m) if n in modules and n != m}
-             for m in modules}
+    graph = {m: {n for n in _imports_of(m) if n in modules and n != m} for m in modules}
     # a package's __init__ importing nothing of its own does not create edges, so a package
     # and its submodules never form a circle by themselves
     assert _cycles(graph) == []

@@ -111,6 +111,8 @@ def test_server_serves_metrics_over_http() -> None:
 
 def test_a_busy_port_is_a_config_error() -> None:
     registry = MetricsRegistry()
-    with MetricsServer(registry, port=0, host="127.0.0.1") as server, \
-            pytest.raises(ConfigError, match="cannot serve metrics"):
+    with (
+        MetricsServer(registry, port=0, host="127.0.0.1") as server,
+        pytest.raises(ConfigError, match="cannot serve metrics"),
+    ):
         MetricsServer(registry, port=server.port, host="127.0.0.1")

@@ -27,8 +27,9 @@ def test_preprocess_turns_bgr_capture_into_rgb_input() -> None:
     rgb = _frames()
     bgr = rgb[..., ::-1].copy()
     config = PreprocessConfig()
-    np.testing.assert_array_equal(preprocess_images(bgr, config, input_order="BGR"),
-                                  preprocess_images(rgb, config))
+    np.testing.assert_array_equal(
+        preprocess_images(bgr, config, input_order="BGR"), preprocess_images(rgb, config)
+    )
 
 
 def test_preprocess_resizes_to_the_model_size() -> None:
@@ -41,8 +42,9 @@ def test_preprocess_resizes_to_the_model_size() -> None:
 def test_postprocess_inverts_preprocess_exactly() -> None:
     frames = _frames()
     config = PreprocessConfig()
-    np.testing.assert_array_equal(postprocess_images(preprocess_images(frames, config), config),
-                                  frames)
+    np.testing.assert_array_equal(
+        postprocess_images(preprocess_images(frames, config), config), frames
+    )
 
 
 def test_preprocess_rejects_non_uint8_frames() -> None:
@@ -99,8 +101,14 @@ def test_score_net_depends_on_the_per_view_times() -> None:
 
 def test_spatial_latent_is_a_grid_that_keeps_where_things_are() -> None:
     """A spatial latent is C x h x w, flattened on the wire; a local change moves it most there."""
-    config = AutoencoderConfig(image_size=64, latent_dim=4 * 8 * 8, channels=(16, 16, 16),
-                               latent_channels=4, res_blocks=1, encoder_res_blocks=0)
+    config = AutoencoderConfig(
+        image_size=64,
+        latent_dim=4 * 8 * 8,
+        channels=(16, 16, 16),
+        latent_channels=4,
+        res_blocks=1,
+        encoder_res_blocks=0,
+    )
     assert config.latent_shape == (4, 8, 8)
     model = Autoencoder(config).eval()
     images = torch.zeros(2, 3, 64, 64)
@@ -123,8 +131,15 @@ def test_spatial_latent_size_must_match_its_grid() -> None:
 def test_conv_score_net_keeps_the_contract_and_starts_at_zero() -> None:
     from mvld.model.score_net import ConvScoreNet, make_score_net
 
-    config = ScoreNetConfig(num_views=3, latent_dim=4 * 8 * 8, widths=(16, 32), time_dim=16,
-                            kind="conv", latent_shape=(4, 8, 8), blocks=1)
+    config = ScoreNetConfig(
+        num_views=3,
+        latent_dim=4 * 8 * 8,
+        widths=(16, 32),
+        time_dim=16,
+        kind="conv",
+        latent_shape=(4, 8, 8),
+        blocks=1,
+    )
     net = make_score_net(config)
     assert isinstance(net, ConvScoreNet)
     x, tau = torch.randn(5, 3, 256), torch.rand(5, 3)
@@ -140,8 +155,15 @@ def test_conv_score_net_sees_every_view_and_its_time() -> None:
     from mvld.model.score_net import make_score_net
 
     torch.manual_seed(0)
-    config = ScoreNetConfig(num_views=3, latent_dim=64, widths=(16, 32), time_dim=16,
-                            kind="conv", latent_shape=(1, 8, 8), blocks=1)
+    config = ScoreNetConfig(
+        num_views=3,
+        latent_dim=64,
+        widths=(16, 32),
+        time_dim=16,
+        kind="conv",
+        latent_shape=(1, 8, 8),
+        blocks=1,
+    )
     net = make_score_net(config)
     torch.nn.init.normal_(net.output.weight, std=0.1)  # leave the zero start
     x, tau = torch.randn(1, 3, 64), torch.tensor([[0.0, 0.5, 0.5]])
@@ -158,8 +180,15 @@ def test_grid_attention_starts_as_identity_so_a_trained_net_can_be_warm_started(
     from mvld.model.score_net import make_score_net
 
     torch.manual_seed(0)
-    base = ScoreNetConfig(num_views=3, latent_dim=64, widths=(16, 32), time_dim=16,
-                          kind="conv", latent_shape=(1, 8, 8), blocks=1)
+    base = ScoreNetConfig(
+        num_views=3,
+        latent_dim=64,
+        widths=(16, 32),
+        time_dim=16,
+        kind="conv",
+        latent_shape=(1, 8, 8),
+        blocks=1,
+    )
     plain = make_score_net(base)
     torch.nn.init.normal_(plain.output.weight, std=0.1)
     with_attention = make_score_net(ScoreNetConfig(**{**base.__dict__, "attention_heads": 4}))

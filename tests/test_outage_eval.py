@@ -24,13 +24,23 @@ CPU = DistributedContext(device=torch.device("cpu"))
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("outages")
     data = write_tiny_rig(root / "data", count=80, drop_every=0)
-    (data / "dataset.json").write_text(json.dumps(
-        {"sequence": {"fps": 4, "scene_starts": ["000000", "000040"]}}))
-    ae = train_autoencoder(tiny_ae_config(data, root / "ae", latent_channels=2,
-                                          latent_dim=32), CPU)
-    score = train_score(tiny_score_config(data, ae, root / "score", kind="conv",
-                                          widths=(16, 16), attention_heads=0, memory=True,
-                                          memory_max_age_s=5.0), CPU)
+    (data / "dataset.json").write_text(
+        json.dumps({"sequence": {"fps": 4, "scene_starts": ["000000", "000040"]}})
+    )
+    ae = train_autoencoder(tiny_ae_config(data, root / "ae", latent_channels=2, latent_dim=32), CPU)
+    score = train_score(
+        tiny_score_config(
+            data,
+            ae,
+            root / "score",
+            kind="conv",
+            widths=(16, 16),
+            attention_heads=0,
+            memory=True,
+            memory_max_age_s=5.0,
+        ),
+        CPU,
+    )
     return data, score
 
 
@@ -44,38 +54,76 @@ def test_a_video_aware_network_trains_on_scenes(trained) -> None:
 
 def test_memory_training_refuses_a_dataset_without_order(tmp_path: Path, trained) -> None:
     data = write_tiny_rig(tmp_path / "plain", count=40, drop_every=0)
-    ae = train_autoencoder(tiny_ae_config(data, tmp_path / "ae", latent_channels=2,
-                                          latent_dim=32, steps=2), CPU)
+    ae = train_autoencoder(
+        tiny_ae_config(data, tmp_path / "ae", latent_channels=2, latent_dim=32, steps=2), CPU
+    )
     with pytest.raises(DatasetError, match="sequence dataset"):
-        train_score(tiny_score_config(data, ae, tmp_path / "score", kind="conv",
-                                      widths=(16, 16), attention_heads=0, memory=True), CPU)
+        train_score(
+            tiny_score_config(
+                data,
+                ae,
+                tmp_path / "score",
+                kind="conv",
+                widths=(16, 16),
+                attention_heads=0,
+                memory=True,
+            ),
+            CPU,
+        )
 
 
 def test_outage_evaluation_compares_memory_with_memoryless(tmp_path: Path, trained) -> None:
     data, score = trained
     out = tmp_path / "eval"
-    code = eval_main(["--data", str(data), "--model", str(score), "--reference", str(score),
-                      "--outages", "1,2.5,60", "--window", "2", "--starts-per-scene", "2",
-                      "--fid-samples", "0", "--samplers", "dpmpp_2m_sde:8", "--out", str(out)])
+    code = eval_main(
+        [
+            "--data",
+            str(data),
+            "--model",
+            str(score),
+            "--reference",
+            str(score),
+            "--outages",
+            "1,2.5,60",
+            "--window",
+            "2",
+            "--starts-per-scene",
+            "2",
+            "--fid-samples",
+            "0",
+            "--samplers",
+            "dpmpp_2m_sde:8",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [o["seconds"] for o in summary["outages"]] == [1.0, 2.5], "60 s fits no scene"
     one = summary["outages"][0]
     assert one["cases"] == 2 * 2 * 6, "2 scenes x 2 starts x (3 single + 3 pairs)"
     methods = one["methods"]
-    assert set(methods) == {"reconstructed", "hold last", "memory", "same model, no memory",
-                            "reference (memoryless)", "memory, new noise every frame"}
+    assert set(methods) == {
+        "reconstructed",
+        "hold last",
+        "memory",
+        "same model, no memory",
+        "reference (memoryless)",
+        "memory, new noise every frame",
+    }
     assert methods["reconstructed"]["psnr"] > methods["same model, no memory"]["psnr"]
     assert methods["hold last"]["flicker"] == pytest.approx(0.0), "a held frame never moves"
     assert all(m["coherence"] is not None for m in methods.values()), "labels: coherence"
-    assert (out / "strip_1s.png").is_file() and "| 1 s | memory |" in \
-        (out / "summary.md").read_text()
+    assert (out / "strip_1s.png").is_file() and "| 1 s | memory |" in (
+        out / "summary.md"
+    ).read_text()
 
 
 def test_outages_need_a_video_aware_model(tmp_path: Path, trained) -> None:
     data, _ = trained
-    code = eval_main(["--data", str(data), "--outages", "1", "--fid-samples", "0",
-                      "--out", str(tmp_path / "e")])
+    code = eval_main(
+        ["--data", str(data), "--outages", "1", "--fid-samples", "0", "--out", str(tmp_path / "e")]
+    )
     assert code == 2, "--outages without --model is a usage error"
 
 
@@ -98,24 +146,35 @@ def test_the_receiver_imputes_a_failed_camera_from_its_memory(trained) -> None:
     folder = FrameSetFolder(data)
     images = np.stack([np.stack(folder[i].views) for i in (10, 11)])  # [2, V, H, W, 3]
     with torch.inference_mode():
-        z = model.autoencoder.encoder(torch.from_numpy(preprocess_images(
-            list(images.reshape(-1, *images.shape[2:])), model.preprocess, "RGB")))
+        z = model.autoencoder.encoder(
+            torch.from_numpy(
+                preprocess_images(
+                    list(images.reshape(-1, *images.shape[2:])), model.preprocess, "RGB"
+                )
+            )
+        )
     z = z.numpy().reshape(2, 3, *model.autoencoder.config.latent_shape)  # as the edge sends it
     t0 = time.time()
 
     def message(seq: int, failed: tuple[int, ...]) -> bytes:
-        views = tuple(ViewRecord(f"cam{v}", "failed", "black", t0 + 0.5 * seq, None)
-                      if v in failed else
-                      ViewRecord(f"cam{v}", "ok", "none", t0 + 0.5 * seq, z[seq, v])
-                      for v in range(3))
-        return encode_frameset(FrameSetMessage("node-a", seq, t0 + 0.5 * seq,
-                                               model.fingerprint, views))
+        views = tuple(
+            ViewRecord(f"cam{v}", "failed", "black", t0 + 0.5 * seq, None)
+            if v in failed
+            else ViewRecord(f"cam{v}", "ok", "none", t0 + 0.5 * seq, z[seq, v])
+            for v in range(3)
+        )
+        return encode_frameset(
+            FrameSetMessage("node-a", seq, t0 + 0.5 * seq, model.fingerprint, views)
+        )
 
     collected: list = []
-    config = ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1, model=str(score), steps=8,
-                            max_age_ms=60_000.0)
-    with ReceiverService(config, extra_hooks=[("collect", collected.append)]) as service, \
-            connected_publisher(service.endpoints[0]) as publisher:
+    config = ReceiverConfig(
+        bind=("tcp://127.0.0.1:0",), gpu=-1, model=str(score), steps=8, max_age_ms=60_000.0
+    )
+    with (
+        ReceiverService(config, extra_hooks=[("collect", collected.append)]) as service,
+        connected_publisher(service.endpoints[0]) as publisher,
+    ):
         publisher.send(message(0, ()))
         wait_until(lambda: len(collected) >= 1, 30, "the whole frame set")
         publisher.send(message(1, (1,)))
@@ -126,8 +185,9 @@ def test_the_receiver_imputes_a_failed_camera_from_its_memory(trained) -> None:
     sent = torch.from_numpy(np.stack([v.latent for v in result.views]))[None]
     present = torch.tensor([[True, False, True]])
     seed = [node_seed("node-a")]
-    with_memory = service.imputer(sent, present, seed=seed, memory=remembered,
-                                  memory_age=torch.tensor([[0.5, 0.5, 0.5]])).latents[0, 1]
+    with_memory = service.imputer(
+        sent, present, seed=seed, memory=remembered, memory_age=torch.tensor([[0.5, 0.5, 0.5]])
+    ).latents[0, 1]
     without = service.imputer(sent, present, seed=seed).latents[0, 1]
     delivered = torch.from_numpy(result.view("cam1").latent)
     # Thread counts and batch shapes change float rounding, which the sampler amplifies a

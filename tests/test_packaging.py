@@ -21,14 +21,33 @@ def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Build from a copy of the sources: an in-tree build/ folder can hold stale modules.
     source = tmp_path_factory.mktemp("source") / "mvld"
     shutil.copytree(
-        REPO_ROOT, source,
-        ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
-                                      "__pycache__", ".pytest_cache", ".hypothesis"),
+        REPO_ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "runs",
+            "*.egg-info",
+            "__pycache__",
+            ".pytest_cache",
+            ".hypothesis",
+        ),
     )
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(out), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(source),
+        ],
         check=True,
         capture_output=True,
     )
@@ -40,7 +59,7 @@ def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _wheel_path(module: str) -> str:
     parts = module.split(".")
     is_package = any(
-        (REPO_ROOT / folder / "/".join(parts[len(pkg.split(".")):]) / "__init__.py").is_file()
+        (REPO_ROOT / folder / "/".join(parts[len(pkg.split(".")) :]) / "__init__.py").is_file()
         for pkg, folder in STAGE_FOLDERS.items()
         if module == pkg or module.startswith(pkg + ".")
     )
@@ -75,7 +94,10 @@ def test_every_module_imports_from_the_installed_wheel(built_wheel: Path, tmp_pa
     importable = [m for m in source_modules() if not m.endswith(".__main__")]
     result = subprocess.run(
         [sys.executable, "-c", script, *importable],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -85,8 +107,15 @@ def test_wheel_declares_every_console_script(built_wheel: Path) -> None:
         entry_points = next(
             wheel.read(n).decode() for n in wheel.namelist() if n.endswith("entry_points.txt")
         )
-    for script in ("mvld", "mvld-edge", "mvld-receiver", "mvld-export", "mvld-train",
-                   "mvld-eval", "mvld-data"):
+    for script in (
+        "mvld",
+        "mvld-edge",
+        "mvld-receiver",
+        "mvld-export",
+        "mvld-train",
+        "mvld-eval",
+        "mvld-data",
+    ):
         assert f"\n{script} = " in "\n" + entry_points, script
 
 

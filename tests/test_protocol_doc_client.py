@@ -37,8 +37,10 @@ from zmq.auth.thread import ThreadAuthenticator
 
 # ---- doc client: msgpack + pyzmq + numpy + json only ----------------------------------------
 
-DOC_DTYPES = {1: {"float32": "<f4", "float16": "<f2"},
-              2: {"float32": "<f4", "float16": "<f2", "int8": "i1"}}  # section 4.2
+DOC_DTYPES = {
+    1: {"float32": "<f4", "float16": "<f2"},
+    2: {"float32": "<f4", "float16": "<f2", "int8": "i1"},
+}  # section 4.2
 DOC_REASONS = {
     "ok": {"none"},
     "failed": {
@@ -104,9 +106,15 @@ def doc_unpack(data: bytes) -> Any:
     """Sections 2 and 6: one bounded msgpack map, no ext types, nothing after it."""
     if not isinstance(data, bytes) or len(data) > 1 << 20:
         raise malformed("not bytes or too large")
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_str_len=128,
-                                max_bin_len=4 * 65536, max_array_len=64, max_map_len=8,
-                                max_ext_len=0)
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        max_str_len=128,
+        max_bin_len=4 * 65536,
+        max_array_len=64,
+        max_map_len=8,
+        max_ext_len=0,
+    )
     unpacker.feed(data)
     try:
         value = _read(unpacker, data, 1)
@@ -200,12 +208,16 @@ def doc_decode(data: bytes) -> dict[str, Any]:
     return top
 
 
-def doc_admit(top: dict[str, Any], descriptor: dict[str, Any], receive_time: float,
-              last_seq: dict[str, int]) -> bool:
+def doc_admit(
+    top: dict[str, Any], descriptor: dict[str, Any], receive_time: float, last_seq: dict[str, int]
+) -> bool:
     """Section 8, items 3-7, from the model descriptor; True if within the clock window."""
     version = top["v"]
-    expected = (bytes.fromhex(descriptor["wire_fingerprint"]) if version == 2
-                else descriptor["encoder_fingerprint"])
+    expected = (
+        bytes.fromhex(descriptor["wire_fingerprint"])
+        if version == 2
+        else descriptor["encoder_fingerprint"]
+    )
     if top["enc"] != expected:
         raise DocRejection("fingerprint", "another encoder")
     shape = descriptor["latent"]["shape"] if version == 2 else descriptor["latent"]["v1_shape"]
@@ -234,15 +246,21 @@ def doc_latent_map(latent: np.ndarray, dt: str) -> dict[str, Any]:
     if dt == "int8":
         q, scale = doc_quantize(latent)
         return {"dt": dt, "sh": list(latent.shape), "s": scale, "b": q.tobytes()}
-    return {"dt": dt, "sh": list(latent.shape),
-            "b": np.asarray(latent).astype(DOC_DTYPES[2][dt]).tobytes()}
+    return {
+        "dt": dt,
+        "sh": list(latent.shape),
+        "b": np.asarray(latent).astype(DOC_DTYPES[2][dt]).tobytes(),
+    }
 
 
-def doc_encode(node: str, seq: int, t: float, enc: bytes | str, views: list[dict[str, Any]],
-               version: int = 2) -> bytes:
+def doc_encode(
+    node: str, seq: int, t: float, enc: bytes | str, views: list[dict[str, Any]], version: int = 2
+) -> bytes:
     """Sections 3-4: views are dicts with cam, st, why, tc and a latent map (or None)."""
-    wire_views = [{"cam": v["cam"], "st": v["st"], "why": v["why"], "tc": v["tc"],
-                   "lat": v.get("lat")} for v in views]
+    wire_views = [
+        {"cam": v["cam"], "st": v["st"], "why": v["why"], "tc": v["tc"], "lat": v.get("lat")}
+        for v in views
+    ]
     message = {"v": version, "node": node, "seq": seq, "t": t, "enc": enc, "views": wire_views}
     return msgpack.packb(message, use_bin_type=True)
 
@@ -256,9 +274,13 @@ def _subscription_notice(sock: zmq.Socket, deadline: float) -> zmq.Frame | None:
     return None
 
 
-def doc_publisher(ctx: zmq.Context, endpoint: str, keys: tuple[bytes, bytes, bytes] | None,
-                  timeout_s: float = 30.0, attempt_s: float = 5.0
-                  ) -> tuple[zmq.Socket, dict[str, Any]]:
+def doc_publisher(
+    ctx: zmq.Context,
+    endpoint: str,
+    keys: tuple[bytes, bytes, bytes] | None,
+    timeout_s: float = 30.0,
+    attempt_s: float = 5.0,
+) -> tuple[zmq.Socket, dict[str, Any]]:
     """Sections 10-12: XPUB, connect, CURVE client, wait for the subscription notice ``\\x01``;
     also the receiver's handshake properties of section 10.2 (those it sends). A notice that
     does not come within ``attempt_s`` (a loaded machine) is asked for again on a new socket."""
@@ -288,8 +310,9 @@ def doc_publisher(ctx: zmq.Context, endpoint: str, keys: tuple[bytes, bytes, byt
     return sock, announced
 
 
-def doc_receiver(ctx: zmq.Context, public: bytes, secret: bytes, allowed: set[bytes]
-                 ) -> tuple[ThreadAuthenticator, zmq.Socket, str]:
+def doc_receiver(
+    ctx: zmq.Context, public: bytes, secret: bytes, allowed: set[bytes]
+) -> tuple[ThreadAuthenticator, zmq.Socket, str]:
     """Sections 10-11: SUB, bind, subscribe to everything, CURVE server with a ZAP allow-list."""
 
     class AllowList:
@@ -328,8 +351,16 @@ def doc_read_key_file(path: Path) -> tuple[str | None, str | None]:
     return public, secret
 
 
-SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4",
-                      "I8": "|i1", "U8": "|u1", "BOOL": "|b1"}  # section 3, step 3
+SAFETENSORS_DTYPES = {
+    "F32": "<f4",
+    "F16": "<f2",
+    "F64": "<f8",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I8": "|i1",
+    "U8": "|u1",
+    "BOOL": "|b1",
+}  # section 3, step 3
 
 
 def doc_encoder_fingerprint(weights: Path) -> str:
@@ -337,17 +368,18 @@ def doc_encoder_fingerprint(weights: Path) -> str:
     u64 header length, a JSON header of dtype, shape and data_offsets, then the data)."""
     data = weights.read_bytes()
     (header_len,) = struct.unpack_from("<Q", data, 0)
-    header = json.loads(data[8:8 + header_len])
+    header = json.loads(data[8 : 8 + header_len])
     start = 8 + header_len
     prefix = "autoencoder.encoder."
-    tensors = sorted((name[len(prefix):], entry) for name, entry in header.items()
-                     if name.startswith(prefix))
+    tensors = sorted(
+        (name[len(prefix) :], entry) for name, entry in header.items() if name.startswith(prefix)
+    )
     digest = hashlib.sha256()
     for name, entry in tensors:
         shape = "[" + ", ".join(str(d) for d in entry["shape"]) + "]"
         digest.update(f"{name}|{SAFETENSORS_DTYPES[entry['dtype']]}|{shape}|".encode())
         begin, end = entry["data_offsets"]
-        digest.update(data[start + begin:start + end])
+        digest.update(data[start + begin : start + end])
     return digest.hexdigest()
 
 
@@ -399,13 +431,21 @@ GOLDEN = sorted((REPO / "tests" / "golden").glob("v*_*.msgpack"))
 def spatial_tiny_model(seed: int = 5) -> MVLDModel:
     """3 views, 16x16 images, a 2x4x4 spatial latent (32 values): sh is not just [D]."""
     torch.manual_seed(seed)
-    autoencoder = Autoencoder(AutoencoderConfig(image_size=16, latent_dim=32, channels=(8, 16),
-                                                latent_channels=2)).eval()
-    score_net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=32, widths=(32, 16),
-                                        time_dim=16)).eval()
+    autoencoder = Autoencoder(
+        AutoencoderConfig(image_size=16, latent_dim=32, channels=(8, 16), latent_channels=2)
+    ).eval()
+    score_net = ScoreNet(
+        ScoreNetConfig(num_views=3, latent_dim=32, widths=(32, 16), time_dim=16)
+    ).eval()
     stats = LatentStats(torch.randn(3, 32) * 0.1, torch.rand(3, 32) + 0.5)
-    return MVLDModel(PreprocessConfig(height=16, width=16), autoencoder, score_net, VPSDE(),
-                     stats, encoder_fingerprint(autoencoder.encoder))
+    return MVLDModel(
+        PreprocessConfig(height=16, width=16),
+        autoencoder,
+        score_net,
+        VPSDE(),
+        stats,
+        encoder_fingerprint(autoencoder.encoder),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -413,11 +453,17 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The spatial model saved, exported (encoder) and its model.json, read as a client would."""
     root = tmp_path_factory.mktemp("doc_client_model")
     checkpoint = save_mvld_model(root / "model", spatial_tiny_model())
-    export_model(checkpoint, root / "onnx", ExportOptions(exporter="torchscript",
-                                                          parts=("encoder",)))
+    export_model(
+        checkpoint, root / "onnx", ExportOptions(exporter="torchscript", parts=("encoder",))
+    )
     descriptor = json.loads((root / "onnx" / "model.json").read_text(encoding="utf-8"))
-    return {"checkpoint": checkpoint, "onnx": root / "onnx", "descriptor": descriptor,
-            "model_json": root / "onnx" / "model.json", "model": load_mvld_model(checkpoint)}
+    return {
+        "checkpoint": checkpoint,
+        "onnx": root / "onnx",
+        "descriptor": descriptor,
+        "model_json": root / "onnx" / "model.json",
+        "model": load_mvld_model(checkpoint),
+    }
 
 
 @pytest.fixture
@@ -432,10 +478,14 @@ def curve_files(tmp_path: Path) -> dict[str, Any]:
     (tmp_path / "allowed" / "node1.key").write_bytes(Path(node_public).read_bytes())
     receiver_public, receiver_secret = zmq.auth.load_certificate(server_secret)
     public, secret = zmq.auth.load_certificate(node_secret)
-    return {"receiver_secret_file": Path(server_secret), "receiver_public_file":
-            Path(server_public), "allow": tmp_path / "allowed", "node_secret_file":
-            Path(node_secret), "node": (public, secret, receiver_public),
-            "receiver": (receiver_public, receiver_secret)}
+    return {
+        "receiver_secret_file": Path(server_secret),
+        "receiver_public_file": Path(server_public),
+        "allow": tmp_path / "allowed",
+        "node_secret_file": Path(node_secret),
+        "node": (public, secret, receiver_public),
+        "receiver": (receiver_public, receiver_secret),
+    }
 
 
 def hex_block(heading: str) -> bytes:
@@ -450,27 +500,43 @@ def hex_block(heading: str) -> bytes:
     return bytes(data)
 
 
-def doc_views(descriptor: dict[str, Any], latents: dict[str, np.ndarray], dt: str = "int8",
-              now: float | None = None) -> list[dict[str, Any]]:
+def doc_views(
+    descriptor: dict[str, Any],
+    latents: dict[str, np.ndarray],
+    dt: str = "int8",
+    now: float | None = None,
+) -> list[dict[str, Any]]:
     """One view per descriptor camera: ok with the given latent, else failed (timeout)."""
     now = time.time() if now is None else now
     views = []
     for cam in descriptor["cameras"]:
         if cam in latents:
-            views.append({"cam": cam, "st": "ok", "why": "none", "tc": now,
-                          "lat": doc_latent_map(latents[cam], dt)})
+            views.append(
+                {
+                    "cam": cam,
+                    "st": "ok",
+                    "why": "none",
+                    "tc": now,
+                    "lat": doc_latent_map(latents[cam], dt),
+                }
+            )
         else:
             views.append({"cam": cam, "st": "failed", "why": "timeout", "tc": None, "lat": None})
     return views
 
 
-def _collecting_service(model: MVLDModel, curve: dict[str, Any] | None, **options: Any
-                        ) -> tuple[ReceiverService, list[FrameSetResult]]:
+def _collecting_service(
+    model: MVLDModel, curve: dict[str, Any] | None, **options: Any
+) -> tuple[ReceiverService, list[FrameSetResult]]:
     collected: list[FrameSetResult] = []
-    keys = {} if curve is None else {"keys": str(curve["receiver_secret_file"]),
-                                     "allow": str(curve["allow"])}
-    config = ReceiverConfig(bind=("tcp://127.0.0.1:0",), gpu=-1, max_age_ms=60_000.0, **keys,
-                            **options)
+    keys = (
+        {}
+        if curve is None
+        else {"keys": str(curve["receiver_secret_file"]), "allow": str(curve["allow"])}
+    )
+    config = ReceiverConfig(
+        bind=("tcp://127.0.0.1:0",), gpu=-1, max_age_ms=60_000.0, **keys, **options
+    )
     service = ReceiverService(config, model=model, extra_hooks=[("collect", collected.append)])
     return service, collected
 
@@ -483,14 +549,34 @@ def test_doc_hex_examples_are_what_the_project_encodes() -> None:
     v1 = hex_block("### 9.1 The same frame set in version 1")
     assert (len(v2), len(v1)) == (158, 146)
     fingerprint = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    example = FrameSetMessage("n1", 5, 1_700_000_000.5, fingerprint, (
-        ViewRecord("c0", "ok", "none", 1_700_000_000.25,
-                   QuantizedLatent(np.array([2, -4], np.int8), 0.5)),
-        ViewRecord("c1", "failed", "timeout", None)))
+    example = FrameSetMessage(
+        "n1",
+        5,
+        1_700_000_000.5,
+        fingerprint,
+        (
+            ViewRecord(
+                "c0",
+                "ok",
+                "none",
+                1_700_000_000.25,
+                QuantizedLatent(np.array([2, -4], np.int8), 0.5),
+            ),
+            ViewRecord("c1", "failed", "timeout", None),
+        ),
+    )
     assert v2 == encode_frameset(example)
-    example_v1 = FrameSetMessage("n1", 5, 1_700_000_000.5, "fp1", (
-        ViewRecord("c0", "ok", "none", 1_700_000_000.25, np.array([1.0, -2.0], np.float16)),
-        ViewRecord("c1", "failed", "timeout", None)), version=1)
+    example_v1 = FrameSetMessage(
+        "n1",
+        5,
+        1_700_000_000.5,
+        "fp1",
+        (
+            ViewRecord("c0", "ok", "none", 1_700_000_000.25, np.array([1.0, -2.0], np.float16)),
+            ViewRecord("c1", "failed", "timeout", None),
+        ),
+        version=1,
+    )
     assert v1 == encode_frameset(example_v1)
     for data in (v1, v2):
         decoded = doc_decode(data)
@@ -508,8 +594,9 @@ def test_doc_client_reads_and_rewrites_golden_files(path: Path) -> None:
     data = path.read_bytes()
     top = doc_decode(data)
     raw = msgpack.unpackb(data, raw=False)  # only to take q and s over unchanged
-    views = [{**v, "lat": raw_v["lat"]} for v, raw_v in zip(top["views"], raw["views"],
-                                                             strict=True)]
+    views = [
+        {**v, "lat": raw_v["lat"]} for v, raw_v in zip(top["views"], raw["views"], strict=True)
+    ]
     assert doc_encode(top["node"], top["seq"], top["t"], top["enc"], views, top["v"]) == data
     project = decode_frameset(data)
     for view, mine in zip(project.views, top["views"], strict=True):
@@ -522,15 +609,25 @@ def test_doc_client_messages_decode_in_the_project() -> None:
     latent = np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4)
     for dt in ("int8", "float16", "float32"):
         views = [
-            {"cam": "left", "st": "ok", "why": "none", "tc": 1_700_000_000.0,
-             "lat": doc_latent_map(latent, dt)},
+            {
+                "cam": "left",
+                "st": "ok",
+                "why": "none",
+                "tc": 1_700_000_000.0,
+                "lat": doc_latent_map(latent, dt),
+            },
             {"cam": "right", "st": "withheld", "why": "policy", "tc": 1_700_000_000.5},
             {"cam": "rear", "st": "failed", "why": "end_of_stream", "tc": None},
         ]
         data = doc_encode("jetson-3", 2**64 - 1, 12.0, b"\x01" * 8, views)
         msg = decode_frameset(data)
         assert (msg.version, msg.node_id, msg.seq, msg.send_time, msg.encoder_fingerprint) == (
-            2, "jetson-3", 2**64 - 1, 12.0, "01" * 8)
+            2,
+            "jetson-3",
+            2**64 - 1,
+            12.0,
+            "01" * 8,
+        )
         assert [(v.camera_id, v.status.value, v.reason.value) for v in msg.views] == [
             ("left", "ok", "none"), ("right", "withheld", "policy"),
             ("rear", "failed", "end_of_stream")]  # fmt: skip
@@ -555,10 +652,18 @@ def _cases(descriptor: dict[str, Any], fingerprint: str) -> dict[str, tuple[list
     latents = {cam: rng.standard_normal(shape).astype(np.float32) for cam in ("cam0", "cam2")}
     enc = bytes.fromhex(descriptor["wire_fingerprint"])
 
-    def v2(seq: int = 0, views: list | None = None, t: float | None = None, **top: Any
-           ) -> dict[str, Any]:
-        return {"v": 2, "node": "doc-node", "seq": seq, "t": now if t is None else t,
-                "enc": enc, "views": views or doc_views(descriptor, latents, now=now), **top}
+    def v2(
+        seq: int = 0, views: list | None = None, t: float | None = None, **top: Any
+    ) -> dict[str, Any]:
+        return {
+            "v": 2,
+            "node": "doc-node",
+            "seq": seq,
+            "t": now if t is None else t,
+            "enc": enc,
+            "views": views or doc_views(descriptor, latents, now=now),
+            **top,
+        }
 
     def packed(message: dict[str, Any], **options: Any) -> bytes:
         return msgpack.packb(message, use_bin_type=True, **options)
@@ -572,13 +677,15 @@ def _cases(descriptor: dict[str, Any], fingerprint: str) -> dict[str, tuple[list
                 items = list(obj.items())
                 if rest == ():
                     items.append((key, value))
-                body = b"".join(packer.pack(k) + walk(v, rest[1:] if rest and rest[0] == k
-                                                      else None) for k, v in items)
+                body = b"".join(
+                    packer.pack(k) + walk(v, rest[1:] if rest and rest[0] == k else None)
+                    for k, v in items
+                )
                 return packer.pack_map_header(len(items)) + body
             if isinstance(obj, list):
                 return packer.pack_array_header(len(obj)) + b"".join(
-                    walk(v, rest[1:] if rest and rest[0] == i else None)
-                    for i, v in enumerate(obj))
+                    walk(v, rest[1:] if rest and rest[0] == i else None) for i, v in enumerate(obj)
+                )
             return packer.pack(obj)
 
         return walk(message, path)
@@ -591,15 +698,27 @@ def _cases(descriptor: dict[str, Any], fingerprint: str) -> dict[str, tuple[list
         return message
 
     def shaped(new_shape: tuple[int, ...], version: int = 2) -> bytes:
-        message = v2(views=[{**view, "lat": None if view["lat"] is None else doc_latent_map(
-            latents[view["cam"]].reshape(new_shape), "float32" if version == 1 else "int8")}
-            for view in doc_views(descriptor, latents, now=now)])
+        message = v2(
+            views=[
+                {
+                    **view,
+                    "lat": None
+                    if view["lat"] is None
+                    else doc_latent_map(
+                        latents[view["cam"]].reshape(new_shape),
+                        "float32" if version == 1 else "int8",
+                    ),
+                }
+                for view in doc_views(descriptor, latents, now=now)
+            ]
+        )
         if version == 1:
             message = {**message, "v": 1, "enc": fingerprint}
         return packed(message)
 
-    float32_tc = packed(v2()).replace(b"\xa2tc" + struct.pack(">Bd", 0xCB, now),
-                                      b"\xa2tc" + struct.pack(">Bf", 0xCA, now), 1)
+    float32_tc = packed(v2()).replace(
+        b"\xa2tc" + struct.pack(">Bd", 0xCB, now), b"\xa2tc" + struct.pack(">Bf", 0xCA, now), 1
+    )
     float_with_s = v2(views=doc_views(descriptor, latents, "float16", now))
     for view in float_with_s["views"]:
         if view["lat"] is not None:
@@ -607,9 +726,20 @@ def _cases(descriptor: dict[str, Any], fingerprint: str) -> dict[str, tuple[list
     elements = int(descriptor["latent"]["elements"])
     uint8 = with_latent(dt="uint8", s=None, b=bytes(elements))
     absent = v2(views=[v for v in doc_views(descriptor, latents, now=now) if v["cam"] != "cam2"])
-    project_made = encode_frameset(FrameSetMessage("doc-node", 0, now, fingerprint, tuple(
-        ViewRecord(cam, "ok", "none", now, quantize_latent(latents.get(cam, latents["cam0"])))
-        for cam in descriptor["cameras"])))
+    project_made = encode_frameset(
+        FrameSetMessage(
+            "doc-node",
+            0,
+            now,
+            fingerprint,
+            tuple(
+                ViewRecord(
+                    cam, "ok", "none", now, quantize_latent(latents.get(cam, latents["cam0"]))
+                )
+                for cam in descriptor["cameras"]
+            ),
+        )
+    )
     return {
         "valid": ([packed(v2())], "delivered"),
         "project-encoded": ([project_made], "delivered"),
@@ -625,8 +755,24 @@ def _cases(descriptor: dict[str, Any], fingerprint: str) -> dict[str, tuple[list
         "enc-as-hex-str": ([packed(v2(enc=descriptor["wire_fingerprint"]))], "malformed"),
         "enc-full-32-bytes": ([packed(v2(enc=bytes.fromhex(fingerprint)))], "malformed"),
         "v1-full-fingerprint": ([shaped((elements,), version=1)], "delivered"),
-        "unknown-camera": ([packed(v2(views=[{"cam": "cam9", "st": "failed", "why": "timeout",
-                                               "tc": None, "lat": None}]))], "unknown_camera"),
+        "unknown-camera": (
+            [
+                packed(
+                    v2(
+                        views=[
+                            {
+                                "cam": "cam9",
+                                "st": "failed",
+                                "why": "timeout",
+                                "tc": None,
+                                "lat": None,
+                            }
+                        ]
+                    )
+                )
+            ],
+            "unknown_camera",
+        ),
         # item 3: integer latents only with their scale, shapes exactly the model's
         "int8-without-s": ([packed(with_latent(s=None))], "malformed"),
         "int8-s-zero": ([packed(with_latent(s=0.0))], "malformed"),
@@ -645,8 +791,19 @@ def _cases(descriptor: dict[str, Any], fingerprint: str) -> dict[str, tuple[list
         "t-zero": ([packed(v2(t=0.0))], "out_of_window"),
         "t-1e15": ([packed(v2(t=1e15))], "out_of_window"),
         "tc-zero": ([packed(v2(views=doc_views(descriptor, latents, now=0.0)))], "out_of_window"),
-        "v1-int-t": ([packed({**v2(views=doc_views(descriptor, {}, now=now)), "v": 1,
-                               "enc": fingerprint, "t": int(now)})], "delivered"),
+        "v1-int-t": (
+            [
+                packed(
+                    {
+                        **v2(views=doc_views(descriptor, {}, now=now)),
+                        "v": 1,
+                        "enc": fingerprint,
+                        "t": int(now),
+                    }
+                )
+            ],
+            "delivered",
+        ),
         # item 5: a repeated seq is a duplicate; a smaller one a restart
         "repeated-seq": ([packed(v2(seq=4)), packed(v2(seq=4))], "duplicate"),
         "restart": ([packed(v2(seq=4)), packed(v2(seq=1))], "delivered"),
@@ -669,29 +826,40 @@ def _doc_verdict(messages: list[bytes], descriptor: dict[str, Any]) -> str:
 def _project_verdict(messages: list[bytes], model: MVLDModel) -> str:
     metrics = ReceiverMetrics()
     backlog = NodeBacklog(metrics, per_node=8)
-    layout = camera_layout((), model.num_views, model.autoencoder.config.latent_dim,
-                           model.autoencoder.config.latent_shape)
+    layout = camera_layout(
+        (),
+        model.num_views,
+        model.autoencoder.config.latent_dim,
+        model.autoencoder.config.latent_shape,
+    )
     with LatentSubscriber("tcp://127.0.0.1:0", latest_only=False) as subscriber:
         ingest = Ingest(subscriber, layout, model.fingerprint, backlog, metrics)
         verdict = ""
         for data in messages:
             drops, windows = metrics.drops(), metrics.clock_window.value()
             if ingest.handle(data, None, time.time()):
-                verdict = "delivered" if metrics.clock_window.value() == windows \
-                    else "out_of_window"
+                verdict = (
+                    "delivered" if metrics.clock_window.value() == windows else "out_of_window"
+                )
             else:
                 [verdict] = [r for r, n in metrics.drops().items() if n != drops.get(r, 0)]
     return verdict
 
 
-CASE_NAMES = sorted(_cases({"latent": {"shape": [2, 4, 4], "elements": 32},
-                            "wire_fingerprint": "00" * 8,
-                            "cameras": ["cam0", "cam1", "cam2"]}, "00" * 32))
+CASE_NAMES = sorted(
+    _cases(
+        {
+            "latent": {"shape": [2, 4, 4], "elements": 32},
+            "wire_fingerprint": "00" * 8,
+            "cameras": ["cam0", "cam1", "cam2"],
+        },
+        "00" * 32,
+    )
+)
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_doc_client_and_project_reach_the_same_verdict(exported: dict[str, Any],
-                                                       case: str) -> None:
+def test_doc_client_and_project_reach_the_same_verdict(exported: dict[str, Any], case: str) -> None:
     descriptor = exported["descriptor"]
     model = exported["model"]
     messages, expected = _cases(descriptor, model.fingerprint)[case]
@@ -699,14 +867,19 @@ def test_doc_client_and_project_reach_the_same_verdict(exported: dict[str, Any],
     assert _project_verdict(messages, model) == expected
 
 
-def _verdict_over_sockets(messages: list[bytes], model: MVLDModel,
-                          clock: Callable[[], float] = time.time) -> str:
+def _verdict_over_sockets(
+    messages: list[bytes], model: MVLDModel, clock: Callable[[], float] = time.time
+) -> str:
     """The doc client's XPUB sends each message to the real ingest loop over tcp (CONFLATE on,
     as the receiver runs), one at a time; the verdict on the last one, from the counters."""
     metrics = ReceiverMetrics()
     backlog = NodeBacklog(metrics, per_node=8)
-    layout = camera_layout((), model.num_views, model.autoencoder.config.latent_dim,
-                           model.autoencoder.config.latent_shape)
+    layout = camera_layout(
+        (),
+        model.num_views,
+        model.autoencoder.config.latent_dim,
+        model.autoencoder.config.latent_shape,
+    )
     stop = threading.Event()
     ctx = zmq.Context()
     verdict = ""
@@ -720,15 +893,23 @@ def _verdict_over_sockets(messages: list[bytes], model: MVLDModel,
                 drops, windows = metrics.drops(), metrics.clock_window.value()
                 pub.send(data, zmq.NOBLOCK)
                 wait_until(lambda n=count: metrics.received.value() == n, 5, "the message")
-                wait_until(lambda n=count: metrics.accepted.value() + sum(
-                    metrics.drops().values()) - metrics.drops().get("duplicate", 0) >= n,
-                    5, "its verdict")
+                wait_until(
+                    lambda n=count: (
+                        metrics.accepted.value()
+                        + sum(metrics.drops().values())
+                        - metrics.drops().get("duplicate", 0)
+                        >= n
+                    ),
+                    5,
+                    "its verdict",
+                )
                 changed = [r for r, n in metrics.drops().items() if n != drops.get(r, 0)]
                 if changed:
                     [verdict] = changed
                 else:
-                    verdict = "delivered" if metrics.clock_window.value() == windows \
-                        else "out_of_window"
+                    verdict = (
+                        "delivered" if metrics.clock_window.value() == windows else "out_of_window"
+                    )
             pub.close()
         finally:
             stop.set()
@@ -738,26 +919,34 @@ def _verdict_over_sockets(messages: list[bytes], model: MVLDModel,
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_every_case_reaches_the_same_verdict_over_real_sockets(exported: dict[str, Any],
-                                                               case: str) -> None:
+def test_every_case_reaches_the_same_verdict_over_real_sockets(
+    exported: dict[str, Any], case: str
+) -> None:
     messages, expected = _cases(exported["descriptor"], exported["model"].fingerprint)[case]
     assert _verdict_over_sockets(messages, exported["model"]) == expected
 
 
-@pytest.mark.parametrize(("offset_s", "expected"), [(59.0, "delivered"), (-59.0, "delivered"),
-                                                   (61.0, "out_of_window"),
-                                                   (-61.0, "out_of_window")])
-def test_the_clock_window_is_judged_by_the_receivers_clock(exported: dict[str, Any],
-                                                          offset_s: float,
-                                                          expected: str) -> None:
+@pytest.mark.parametrize(
+    ("offset_s", "expected"),
+    [(59.0, "delivered"), (-59.0, "delivered"), (61.0, "out_of_window"), (-61.0, "out_of_window")],
+)
+def test_the_clock_window_is_judged_by_the_receivers_clock(
+    exported: dict[str, Any], offset_s: float, expected: str
+) -> None:
     """Section 8 item 6, with the receiver's clock injected: 60 s either way of it."""
     descriptor, model = exported["descriptor"], exported["model"]
     sent_at = 1_700_000_000.0
     latent = np.ones(descriptor["latent"]["shape"], np.float32)
-    data = doc_encode("node1", 0, sent_at, bytes.fromhex(descriptor["wire_fingerprint"]),
-                      doc_views(descriptor, {"cam0": latent}, now=sent_at))
+    data = doc_encode(
+        "node1",
+        0,
+        sent_at,
+        bytes.fromhex(descriptor["wire_fingerprint"]),
+        doc_views(descriptor, {"cam0": latent}, now=sent_at),
+    )
     assert doc_admit(doc_decode(data), descriptor, sent_at + offset_s, {}) == (
-        expected == "delivered")
+        expected == "delivered"
+    )
     assert _verdict_over_sockets([data], model, clock=lambda: sent_at + offset_s) == expected
 
 
@@ -775,11 +964,16 @@ def test_a_plain_msgpack_decoder_would_be_fooled_by_duplicates(exported: dict[st
 
 
 def test_export_descriptor_states_what_the_receiver_and_the_edge_use(
-        exported: dict[str, Any]) -> None:
+    exported: dict[str, Any],
+) -> None:
     descriptor = exported["descriptor"]
     model = exported["model"]
-    layout = camera_layout((), model.num_views, model.autoencoder.config.latent_dim,
-                           model.autoencoder.config.latent_shape)
+    layout = camera_layout(
+        (),
+        model.num_views,
+        model.autoencoder.config.latent_dim,
+        model.autoencoder.config.latent_shape,
+    )
     assert descriptor["encoder_fingerprint"] == model.fingerprint
     assert descriptor["wire_fingerprint"] == model.fingerprint[:16]
     assert descriptor["cameras"] == list(layout.camera_ids) and descriptor["num_views"] == 3
@@ -793,12 +987,16 @@ def test_export_descriptor_states_what_the_receiver_and_the_edge_use(
     with OnnxRuntimeEncoder(exported["onnx"]) as encoder:  # what the edge sends
         assert encoder.fingerprint == model.fingerprint
         assert encoder.latent_shape == (2, 4, 4)
-    assert descriptor["graphs"]["encoder"]["file_sha256"] == hashlib.sha256(
-        onnx.read_bytes()).hexdigest() != model.fingerprint  # section 3: not a file hash
+    assert (
+        descriptor["graphs"]["encoder"]["file_sha256"]
+        == hashlib.sha256(onnx.read_bytes()).hexdigest()
+        != model.fingerprint
+    )  # section 3: not a file hash
 
 
 def test_a_third_party_recomputes_the_encoder_fingerprint_from_the_weights_file(
-        exported: dict[str, Any]) -> None:
+    exported: dict[str, Any],
+) -> None:
     weights = exported["checkpoint"].with_suffix(".safetensors")
     assert doc_encoder_fingerprint(weights) == exported["descriptor"]["encoder_fingerprint"]
     shipped = REPO / "common" / "assets" / "default_model"
@@ -807,39 +1005,49 @@ def test_a_third_party_recomputes_the_encoder_fingerprint_from_the_weights_file(
 
 
 def test_the_receiver_logs_its_model_and_wire_fingerprint_at_start_up(
-        exported: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    exported: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
     """Section 3.1: the start-up log line gives the values model.json gives."""
     descriptor = exported["descriptor"]
     service, _ = _collecting_service(exported["model"], None)
     with caplog.at_level(logging.INFO, logger="mvld.receiver.service"), service:
         pass
     [line] = [r.getMessage() for r in caplog.records if "encoder fingerprint" in r.getMessage()]
-    assert line.startswith("model ") and (
-        f"encoder fingerprint {descriptor['encoder_fingerprint']} (protocol v2 enc = its first "
-        f"8 bytes, {descriptor['wire_fingerprint']}); latent shape "
-        f"{descriptor['latent']['shape']}") in line
+    assert (
+        line.startswith("model ")
+        and (
+            f"encoder fingerprint {descriptor['encoder_fingerprint']} (protocol v2 enc = its first "
+            f"8 bytes, {descriptor['wire_fingerprint']}); latent shape "
+            f"{descriptor['latent']['shape']}"
+        )
+        in line
+    )
 
 
 # --- both directions over CURVE: the real receiver and the real edge ------------------------
 
 
-def test_doc_client_to_the_real_receiver_over_curve(exported: dict[str, Any],
-                                                    curve_files: dict[str, Any]) -> None:
+def test_doc_client_to_the_real_receiver_over_curve(
+    exported: dict[str, Any], curve_files: dict[str, Any]
+) -> None:
     descriptor = exported["descriptor"]
     model = exported["model"]
-    latent = np.random.default_rng(1).standard_normal(descriptor["latent"]["shape"]).astype(
-        np.float32)
+    latent = (
+        np.random.default_rng(1).standard_normal(descriptor["latent"]["shape"]).astype(np.float32)
+    )
     service, collected = _collecting_service(model, curve_files)
-    views = [view for view in doc_views(descriptor, {"cam0": latent})
-             if view["cam"] != "cam2"]  # cam2 absent (section 8)
-    data = doc_encode("node1", 0, time.time(), bytes.fromhex(descriptor["wire_fingerprint"]),
-                      views)
+    views = [
+        view for view in doc_views(descriptor, {"cam0": latent}) if view["cam"] != "cam2"
+    ]  # cam2 absent (section 8)
+    data = doc_encode("node1", 0, time.time(), bytes.fromhex(descriptor["wire_fingerprint"]), views)
     ctx = zmq.Context()
     with service:
         pub, announced = doc_publisher(ctx, service.endpoints[0], curve_files["node"])
         try:
-            assert announced == {"X-MVLD-Enc": descriptor["wire_fingerprint"],
-                                 "X-MVLD-Cameras": descriptor["cameras"]}, "section 10.2"
+            assert announced == {
+                "X-MVLD-Enc": descriptor["wire_fingerprint"],
+                "X-MVLD-Cameras": descriptor["cameras"],
+            }, "section 10.2"
             pub.send(data, zmq.NOBLOCK)  # once: the subscription was awaited (section 10)
             wait_until(lambda: collected, 15, "the doc client's frame set")
         finally:
@@ -848,11 +1056,14 @@ def test_doc_client_to_the_real_receiver_over_curve(exported: dict[str, Any],
     [result] = collected
     assert (result.node_id, result.seq) == ("node1", 0)
     assert [(v.status, v.reason, v.provenance.value) for v in result.views] == [
-        ("ok", "none", "observed"), ("failed", "timeout", "imputed"),
-        ("absent", "absent", "imputed")]
+        ("ok", "none", "observed"),
+        ("failed", "timeout", "imputed"),
+        ("absent", "absent", "imputed"),
+    ]
     q, scale = doc_quantize(latent)
-    assert np.array_equal(result.view("cam0").latent,
-                          (q.astype(np.float64) * scale).astype(np.float32).reshape(-1))
+    assert np.array_equal(
+        result.view("cam0").latent, (q.astype(np.float64) * scale).astype(np.float32).reshape(-1)
+    )
     assert result.client_key == curve_files["node"][0].decode()
     assert result.clock_ok and service.metrics.drops() == {}
 
@@ -887,21 +1098,27 @@ if "docfeed" not in registered_schemes():
 
 
 @pytest.mark.parametrize("latent_dtype", ["int8", "float16"])
-def test_the_real_edge_to_the_doc_receiver_over_curve(exported: dict[str, Any],
-                                                      curve_files: dict[str, Any],
-                                                      latent_dtype: str) -> None:
+def test_the_real_edge_to_the_doc_receiver_over_curve(
+    exported: dict[str, Any], curve_files: dict[str, Any], latent_dtype: str
+) -> None:
     descriptor = exported["descriptor"]
     receiver_public, receiver_secret = curve_files["receiver"]
     node_public = curve_files["node"][0]
     ctx = zmq.Context()
     auth, sock, endpoint = doc_receiver(ctx, receiver_public, receiver_secret, {node_public})
-    config = EdgeConfig(cameras=("docfeed://0", "docfeed://1", "docfeed://2"),
-                        connect=(endpoint,), model=exported["onnx"], node_id="edge-real",
-                        backend="onnxruntime", fps=30.0, max_framesets=45,
-                        capture=CaptureConfig(read_timeout_s=0.1),
-                        key_secret=curve_files["node_secret_file"],
-                        server_key=curve_files["receiver_public_file"],
-                        latent_dtype=latent_dtype)
+    config = EdgeConfig(
+        cameras=("docfeed://0", "docfeed://1", "docfeed://2"),
+        connect=(endpoint,),
+        model=exported["onnx"],
+        node_id="edge-real",
+        backend="onnxruntime",
+        fps=30.0,
+        max_framesets=45,
+        capture=CaptureConfig(read_timeout_s=0.1),
+        key_secret=curve_files["node_secret_file"],
+        server_key=curve_files["receiver_public_file"],
+        latent_dtype=latent_dtype,
+    )
     node = EdgeNode(config)
     thread = threading.Thread(target=node.run, daemon=True)
     received: list[bytes] = []
@@ -938,14 +1155,23 @@ def test_the_real_edge_to_the_doc_receiver_over_curve(exported: dict[str, Any],
 # --- issue 17 item 6: the real edge says why the real receiver refuses it -------------------
 
 
-@pytest.mark.parametrize(("refusal", "state", "hint"), [
-    ("unlisted-key", "refused(auth)", "not in the receiver's --allow folder"),
-    ("other-model", "refused(fingerprint)", "expects encoder fingerprint"),
-    ("other-cameras", "refused(cameras)", "accepts the cameras left,right,rear"),
-])
+@pytest.mark.parametrize(
+    ("refusal", "state", "hint"),
+    [
+        ("unlisted-key", "refused(auth)", "not in the receiver's --allow folder"),
+        ("other-model", "refused(fingerprint)", "expects encoder fingerprint"),
+        ("other-cameras", "refused(cameras)", "accepts the cameras left,right,rear"),
+    ],
+)
 def test_the_real_edge_says_why_the_real_receiver_refuses_it(
-        exported: dict[str, Any], curve_files: dict[str, Any], tmp_path: Path,
-        caplog: pytest.LogCaptureFixture, refusal: str, state: str, hint: str) -> None:
+    exported: dict[str, Any],
+    curve_files: dict[str, Any],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    refusal: str,
+    state: str,
+    hint: str,
+) -> None:
     """A key missing from the allow-list is an authentication error on the edge's status line
     (not "receiver none"); a receiver of another model is named as refusing the fingerprint."""
     from mvld.common.keys import generate_keypair
@@ -962,21 +1188,33 @@ def test_the_real_edge_says_why_the_real_receiver_refuses_it(
         options = {"cameras": ("left", "right", "rear")}
     service, collected = _collecting_service(model, curve, **options)
     with service, caplog.at_level(logging.INFO):
-        config = EdgeConfig(cameras=("docfeed://0", "docfeed://1", "docfeed://2"),
-                            connect=(service.endpoints[0],), model=exported["onnx"],
-                            node_id="edge-refused", backend="onnxruntime", fps=30.0,
-                            max_framesets=30, status_every_s=0.2,
-                            capture=CaptureConfig(read_timeout_s=0.1), **keys)
+        config = EdgeConfig(
+            cameras=("docfeed://0", "docfeed://1", "docfeed://2"),
+            connect=(service.endpoints[0],),
+            model=exported["onnx"],
+            node_id="edge-refused",
+            backend="onnxruntime",
+            fps=30.0,
+            max_framesets=30,
+            status_every_s=0.2,
+            capture=CaptureConfig(read_timeout_s=0.1),
+            **keys,
+        )
         EdgeNode(config).run()
         received = service.metrics.received.value()
         drops = service.metrics.drops()
-    status = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
-        "edge edge-refused:")]
+    status = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("edge edge-refused:")
+    ]
     assert status and f"receiver {state}" in status[-1], status
     assert not any("receiver none" in line for line in status[1:]), status
-    [warning] = [r.getMessage() for r in caplog.records
-                 if r.levelno == logging.WARNING and r.name == "mvld.common.transport"
-                 and "CurveZMQ client key" not in r.getMessage()]
+    [warning] = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+        and r.name == "mvld.common.transport"
+        and "CurveZMQ client key" not in r.getMessage()
+    ]
     assert hint in warning
     assert not collected
     if refusal == "unlisted-key":
@@ -990,8 +1228,9 @@ def test_the_real_edge_says_why_the_real_receiver_refuses_it(
 
 
 @pytest.mark.parametrize("latest_only", [True, False])
-def test_a_doc_client_multipart_message_follows_section_10_1(exported: dict[str, Any],
-                                                             latest_only: bool) -> None:
+def test_a_doc_client_multipart_message_follows_section_10_1(
+    exported: dict[str, Any], latest_only: bool
+) -> None:
     descriptor = exported["descriptor"]
     model = exported["model"]
     rng = np.random.default_rng(2)
@@ -1030,15 +1269,19 @@ def test_a_doc_client_multipart_message_follows_section_10_1(exported: dict[str,
 
 
 def test_the_minimal_client_of_section_12_delivers_its_first_message(
-        exported: dict[str, Any], curve_files: dict[str, Any]) -> None:
+    exported: dict[str, Any], curve_files: dict[str, Any]
+) -> None:
     code = DOC.split("## 12. Minimal client", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     assert "import time" in code
     model = exported["model"]
     public, secret, server = curve_files["node"]
     service, collected = _collecting_service(model, curve_files)
-    namespace: dict[str, Any] = {"model_json_path": str(exported["model_json"]),
-                                 "my_public_z85": public, "my_secret_z85": secret,
-                                 "receiver_public_z85": server}
+    namespace: dict[str, Any] = {
+        "model_json_path": str(exported["model_json"]),
+        "my_public_z85": public,
+        "my_secret_z85": secret,
+        "receiver_public_z85": server,
+    }
     with service:
         namespace["receiver_endpoint"] = service.endpoints[0]
         try:
@@ -1063,11 +1306,13 @@ def test_a_hash_inside_a_z85_key_is_key_text_not_a_comment(tmp_path: Path) -> No
         public, secret = zmq.curve_keypair()
         if b"#" in public and b"#" in secret:
             break
-    text = ("#   ZeroMQ CURVE Secret Certificate\n"
-            '#   public-key = "this line is a comment: never a key"\n'
-            "metadata\ncurve\n"
-            f'    public-key = "{public.decode()}"\n'
-            f'    secret-key = "{secret.decode()}"\n')
+    text = (
+        "#   ZeroMQ CURVE Secret Certificate\n"
+        '#   public-key = "this line is a comment: never a key"\n'
+        "metadata\ncurve\n"
+        f'    public-key = "{public.decode()}"\n'
+        f'    secret-key = "{secret.decode()}"\n'
+    )
     path = tmp_path / "node1.key_secret"
     path.write_text(text, encoding="utf-8")
     path.chmod(0o600)
@@ -1096,13 +1341,21 @@ def test_project_publisher_to_doc_receiver_over_curve() -> None:
     ctx = zmq.Context()
     auth, sock, endpoint = doc_receiver(ctx, server_public, server_secret, {node_public})
     latent = np.arange(15, dtype=np.float32).reshape(3, 5) - 7
-    expected = FrameSetMessage("edge-7", 123_456, time.time(), "ab" * 32, (
-        ViewRecord("c0", "ok", "none", time.time(), quantize_latent(latent)),
-        ViewRecord("c1", "obstructed", "dirty", time.time()),
-        ViewRecord("c2", "failed", "disconnected", None)))
+    expected = FrameSetMessage(
+        "edge-7",
+        123_456,
+        time.time(),
+        "ab" * 32,
+        (
+            ViewRecord("c0", "ok", "none", time.time(), quantize_latent(latent)),
+            ViewRecord("c1", "obstructed", "dirty", time.time()),
+            ViewRecord("c2", "failed", "disconnected", None),
+        ),
+    )
     try:
-        with LatentPublisher(endpoint, curve=CurveClientKeys(node_public, node_secret,
-                                                             server_public)) as pub:
+        with LatentPublisher(
+            endpoint, curve=CurveClientKeys(node_public, node_secret, server_public)
+        ) as pub:
             deadline = time.monotonic() + 5
             while not pub.has_subscriber:  # the SUB attaches the node while it is polled
                 assert not sock.poll(5) and time.monotonic() < deadline
@@ -1114,29 +1367,39 @@ def test_project_publisher_to_doc_receiver_over_curve() -> None:
         auth.stop()
         ctx.term()
     assert (top["v"], top["node"], top["seq"], top["enc"]) == (
-        2, "edge-7", 123_456, bytes.fromhex("ab" * 8))
+        2,
+        "edge-7",
+        123_456,
+        bytes.fromhex("ab" * 8),
+    )
     assert [(v["cam"], v["st"], v["why"]) for v in top["views"]] == [
-        ("c0", "ok", "none"), ("c1", "obstructed", "dirty"), ("c2", "failed", "disconnected")]
+        ("c0", "ok", "none"),
+        ("c1", "obstructed", "dirty"),
+        ("c2", "failed", "disconnected"),
+    ]
     q, scale = doc_quantize(latent)
     assert np.array_equal(top["views"][0]["lat"], (q * np.float64(scale)).astype(np.float32))
 
 
-@pytest.mark.parametrize(("item", "statement"), [
-    ("2: enc is a hash of the weights", "sha256 digest over the encoder's *weights*"),
-    ("2: enc is no file hash", "It is **not** a hash of a file"),
-    ("2: the descriptor", "`mvld-export onnx` writes **`model.json`** beside `encoder.onnx`"),
-    ("2: camera ids", "`cam0` … `cam{V−1}`, one per model view in view order"),
-    ("3: shapes exactly", "MUST equal the model's latent shape"),
-    ("4: float 64 times", "**Version 2: msgpack float 64 (`0xcb`) only**"),
-    ("4: the clock window", "more than **60 s** away"),
-    ("5: a repeated seq", "**dropped, counted as `duplicate`**"),
-    ("6: multipart", "### 10.1 Multipart messages"),
-    ("6: absent", "`absent` is **not** a wire status"),
-    ("8: # in Z85 keys", "parser MUST NOT strip text after a `#` inside a line"),
-    ("17.6: the receiver's model", "`ZMQ_METADATA` to `X-MVLD-Enc:<wire fingerprint>`"),
-    ("17.6: a refused handshake", "`ZMQ_EVENT_HANDSHAKE_FAILED_AUTH` with the ZAP status code"),
-    ("1: duplicate keys", "a map MUST NOT hold the same key twice, at any level"),
-])
+@pytest.mark.parametrize(
+    ("item", "statement"),
+    [
+        ("2: enc is a hash of the weights", "sha256 digest over the encoder's *weights*"),
+        ("2: enc is no file hash", "It is **not** a hash of a file"),
+        ("2: the descriptor", "`mvld-export onnx` writes **`model.json`** beside `encoder.onnx`"),
+        ("2: camera ids", "`cam0` … `cam{V−1}`, one per model view in view order"),
+        ("3: shapes exactly", "MUST equal the model's latent shape"),
+        ("4: float 64 times", "**Version 2: msgpack float 64 (`0xcb`) only**"),
+        ("4: the clock window", "more than **60 s** away"),
+        ("5: a repeated seq", "**dropped, counted as `duplicate`**"),
+        ("6: multipart", "### 10.1 Multipart messages"),
+        ("6: absent", "`absent` is **not** a wire status"),
+        ("8: # in Z85 keys", "parser MUST NOT strip text after a `#` inside a line"),
+        ("17.6: the receiver's model", "`ZMQ_METADATA` to `X-MVLD-Enc:<wire fingerprint>`"),
+        ("17.6: a refused handshake", "`ZMQ_EVENT_HANDSHAKE_FAILED_AUTH` with the ZAP status code"),
+        ("1: duplicate keys", "a map MUST NOT hold the same key twice, at any level"),
+    ],
+)
 def test_the_document_states_each_rule(item: str, statement: str) -> None:
     """The rules a client needs in words (issue 18); the behaviour is tested above."""
     assert statement in DOC, item

@@ -48,9 +48,15 @@ def test_ingest_drops_a_flooding_node_and_keeps_a_normal_one() -> None:
     metrics = ReceiverMetrics()
     clock = FakeClock()
     with LatentSubscriber("tcp://127.0.0.1:0") as subscriber:
-        ingest = Ingest(subscriber, CameraLayout.default(VIEWS, LATENT), model.fingerprint,
-                        NodeBacklog(metrics, per_node=1000), metrics, warn_interval_s=60.0,
-                        rate_limiter=RateLimiter(30, clock=clock))
+        ingest = Ingest(
+            subscriber,
+            CameraLayout.default(VIEWS, LATENT),
+            model.fingerprint,
+            NodeBacklog(metrics, per_node=1000),
+            metrics,
+            warn_interval_s=60.0,
+            rate_limiter=RateLimiter(30, clock=clock),
+        )
         flood = [encode_frameset(frame_set(model, "flood", seq)) for seq in range(100)]
         normal = [encode_frameset(frame_set(model, "normal", seq)) for seq in range(10)]
         for data in flood:

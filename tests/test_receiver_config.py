@@ -26,9 +26,10 @@ def test_threads_flag_reaches_the_config() -> None:
     assert config_from_args(build_parser().parse_args([])).threads is None
 
 
-@pytest.mark.parametrize("field, value, flag", [("threads", 0, "--threads"),
-                                                ("steps", 0, "--steps"),
-                                                ("max_batch", -1, "--max-batch")])
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [("threads", 0, "--threads"), ("steps", 0, "--steps"), ("max_batch", -1, "--max-batch")],
+)
 def test_non_positive_values_are_refused(field: str, value: int, flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
         ReceiverConfig(**{field: value})
@@ -51,15 +52,26 @@ def test_without_keys_the_default_bind_is_loopback_and_with_keys_every_interface
     assert ReceiverConfig().bind == ("tcp://127.0.0.1:5555",)
     assert ReceiverConfig(keys="r.key_secret", allow="allowed").bind == ("tcp://*:5555",)
     assert ReceiverConfig(bind=("tcp://*:6000",)).bind == ("tcp://*:6000",), "explicit wins"
-    args = build_parser().parse_args(["--bind", "tcp://*:1,tcp://127.0.0.1:2", "--bind",
-                                      "ipc:///tmp/r"])
+    args = build_parser().parse_args(
+        ["--bind", "tcp://*:1,tcp://127.0.0.1:2", "--bind", "ipc:///tmp/r"]
+    )
     assert config_from_args(args).bind == ("tcp://*:1", "tcp://127.0.0.1:2", "ipc:///tmp/r")
 
 
-@pytest.mark.parametrize("endpoint, local", [
-    ("tcp://127.0.0.1:5555", True), ("tcp://localhost:1", True), ("tcp://[::1]:1", True),
-    ("ipc:///tmp/mvld", True), ("inproc://x", True), ("tcp://*:5555", False),
-    ("tcp://0.0.0.0:5555", False), ("tcp://10.1.2.3:5555", False), ("tcp://eth0:5555", False)])
+@pytest.mark.parametrize(
+    "endpoint, local",
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://localhost:1", True),
+        ("tcp://[::1]:1", True),
+        ("ipc:///tmp/mvld", True),
+        ("inproc://x", True),
+        ("tcp://*:5555", False),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://10.1.2.3:5555", False),
+        ("tcp://eth0:5555", False),
+    ],
+)
 def test_which_endpoints_only_this_machine_can_reach(endpoint: str, local: bool) -> None:
     assert is_local_endpoint(endpoint) is local
 
@@ -70,27 +82,29 @@ def test_metrics_listen_on_loopback_unless_told_otherwise() -> None:
     assert config_from_args(args).metrics_host == "0.0.0.0"
 
 
-def test_an_unauthenticated_public_bind_is_warned_about(caplog: pytest.LogCaptureFixture
-                                                        ) -> None:
+def test_an_unauthenticated_public_bind_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     model = make_tiny_model()
     for bind, warned in (("tcp://127.0.0.1:0", False), ("tcp://*:0", True)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="mvld.receiver.service"):
             ReceiverService(ReceiverConfig(bind=(bind,), gpu=-1), model=model).close()
-        warnings = [r.getMessage() for r in caplog.records if "without CurveZMQ" in
-                    r.getMessage()]
+        warnings = [r.getMessage() for r in caplog.records if "without CurveZMQ" in r.getMessage()]
         assert bool(warnings) is warned, (bind, warnings)
     assert "tcp://*:0" in warnings[0] and "--keys/--allow" in warnings[0]
 
 
 def test_help_gives_every_option_a_line_and_its_default() -> None:
     text = " ".join(build_parser().format_help().split())
-    for shown in ("--steps N sampler steps (default: 20)", "--backlog N frame sets kept per "
-                  "node, newest first; deep enough for one node to fill a batch within the "
-                  "latency budget (default: --max-rate x budget, 4 to --max-batch)",
-                  "--max-batch N frame sets per imputation "
-                  "call at most (default: 64)", "(default: tcp://127.0.0.1:5555; tcp://*:5555 "
-                  "with --keys)", "-v, --verbose", "--log-level"):
+    for shown in (
+        "--steps N sampler steps (default: 20)",
+        "--backlog N frame sets kept per "
+        "node, newest first; deep enough for one node to fill a batch within the "
+        "latency budget (default: --max-rate x budget, 4 to --max-batch)",
+        "--max-batch N frame sets per imputation call at most (default: 64)",
+        "(default: tcp://127.0.0.1:5555; tcp://*:5555 with --keys)",
+        "-v, --verbose",
+        "--log-level",
+    ):
         assert shown in text, shown
     assert "(default: '')" not in text and "issue" not in text
 
@@ -101,17 +115,21 @@ def test_print_config_reads_back_and_flags_override_the_file(tmp_path: Path) -> 
     first.write_text(printed)
     again = _stdout_of(["--config", str(first), "--print-config"])
     assert again == printed
-    config = config_from_args(build_parser().parse_args(["--config", str(first),
-                                                         "--steps", "8"]))
+    config = config_from_args(build_parser().parse_args(["--config", str(first), "--steps", "8"]))
     assert config.tasks == ("save:dir=x,format=png",) and config.gpu == -1 and config.steps == 8
 
 
-@pytest.mark.parametrize("text, message", [
-    ('bnd = "tcp://*:1"\n', "unknown option 'bnd'; valid: allow, backlog_per_node, bind"),
-    ("steps = 2.5\n", "steps must be an integer, got 2.5"),
-    ("steps = \n", "not valid TOML")])
-def test_a_bad_config_file_is_one_line_naming_the_problem(tmp_path: Path, text: str,
-                                                          message: str) -> None:
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('bnd = "tcp://*:1"\n', "unknown option 'bnd'; valid: allow, backlog_per_node, bind"),
+        ("steps = 2.5\n", "steps must be an integer, got 2.5"),
+        ("steps = \n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_naming_the_problem(
+    tmp_path: Path, text: str, message: str
+) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -145,9 +163,15 @@ def test_sigterm_at_any_moment_of_start_up_exits_0() -> None:
     assert script
     delays = [0.1, 0.5, 1.0]
     started = time.monotonic()
-    processes = [subprocess.Popen([script, "--gpu", "-1", "--bind", "tcp://127.0.0.1:0"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for _ in delays]
+    processes = [
+        subprocess.Popen(
+            [script, "--gpu", "-1", "--bind", "tcp://127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in delays
+    ]
     try:
         for process, delay_s in zip(processes, delays, strict=True):
             while not _sigterm_caught(process.pid):

@@ -45,8 +45,14 @@ def ingest(model):
     metrics = ReceiverMetrics()
     subscriber = LatentSubscriber("tcp://127.0.0.1:0", latest_only=False, recv_hwm=1000)
     backlog = NodeBacklog(metrics, per_node=8)
-    ingest = Ingest(subscriber, CameraLayout.default(VIEWS, LATENT), model.fingerprint, backlog,
-                    metrics, warn_interval_s=60.0)
+    ingest = Ingest(
+        subscriber,
+        CameraLayout.default(VIEWS, LATENT),
+        model.fingerprint,
+        backlog,
+        metrics,
+        warn_interval_s=60.0,
+    )
     yield ingest
     subscriber.close()
 
@@ -89,17 +95,39 @@ def test_fingerprint_mismatch_is_counted_and_rejected(ingest: Ingest, model) -> 
 
 def _bad_messages(model) -> dict[str, list[bytes]]:
     good = frame_set(model, "node-a", 0)
-    other_camera = FrameSetMessage("node-a", 1, time.time(), model.fingerprint, (
-        ViewRecord("cam9", ViewStatus.OK, ReasonCode.NONE, time.time(), good.views[0].latent),))
-    short_latent = FrameSetMessage("node-a", 2, time.time(), model.fingerprint, (
-        ViewRecord("cam0", ViewStatus.OK, ReasonCode.NONE, time.time(),
-                   np.zeros(LATENT - 1, np.float32)),))
+    other_camera = FrameSetMessage(
+        "node-a",
+        1,
+        time.time(),
+        model.fingerprint,
+        (ViewRecord("cam9", ViewStatus.OK, ReasonCode.NONE, time.time(), good.views[0].latent),),
+    )
+    short_latent = FrameSetMessage(
+        "node-a",
+        2,
+        time.time(),
+        model.fingerprint,
+        (
+            ViewRecord(
+                "cam0",
+                ViewStatus.OK,
+                ReasonCode.NONE,
+                time.time(),
+                np.zeros(LATENT - 1, np.float32),
+            ),
+        ),
+    )
     packed = msgpack.unpackb(encode_frameset(good), raw=False)
     return {
         "malformed": [
-            b"", b"\x00garbage", b"\xc1", encode_frameset(good)[:-5],
-            msgpack.packb({**packed, "v": 3}), msgpack.packb({**packed, "seq": -1}),
-            msgpack.packb({**packed, "extra": 1}), msgpack.packb([1, 2, 3]),
+            b"",
+            b"\x00garbage",
+            b"\xc1",
+            encode_frameset(good)[:-5],
+            msgpack.packb({**packed, "v": 3}),
+            msgpack.packb({**packed, "seq": -1}),
+            msgpack.packb({**packed, "extra": 1}),
+            msgpack.packb([1, 2, 3]),
             msgpack.packb({**packed, "views": [{**packed["views"][0], "st": "exploded"}]}),
         ],
         "unknown_camera": [encode_frameset(other_camera)],
@@ -107,8 +135,7 @@ def _bad_messages(model) -> dict[str, list[bytes]]:
     }
 
 
-def test_malformed_messages_are_counted_by_reason_and_never_crash(ingest: Ingest,
-                                                                   model) -> None:
+def test_malformed_messages_are_counted_by_reason_and_never_crash(ingest: Ingest, model) -> None:
     bad = _bad_messages(model)
     with _publisher(ingest) as publisher:
         for messages in bad.values():
@@ -130,11 +157,15 @@ def test_node_id_stays_bound_to_its_curve_key(ingest: Ingest, model) -> None:
 def _pending(node: str, seq: int, receive_time: float | None = None) -> PendingFrameSet:
     views = VIEWS
     return PendingFrameSet(
-        message=FrameSetMessage(node, seq, 0.0, "0f1e2d3c4b5a6978", (
-            ViewRecord("cam0", "failed", "timeout", None),)),
-        receive_time=time.time() if receive_time is None else receive_time, client_key=None,
-        latents=np.zeros((views, LATENT), np.float32), present=np.zeros(views, bool),
-        records=(None,) * views)
+        message=FrameSetMessage(
+            node, seq, 0.0, "0f1e2d3c4b5a6978", (ViewRecord("cam0", "failed", "timeout", None),)
+        ),
+        receive_time=time.time() if receive_time is None else receive_time,
+        client_key=None,
+        latents=np.zeros((views, LATENT), np.float32),
+        present=np.zeros(views, bool),
+        records=(None,) * views,
+    )
 
 
 def test_backlog_stays_bounded_under_overload_and_counts_every_drop() -> None:
@@ -187,7 +218,11 @@ def test_a_repeated_seq_is_counted_as_duplicate_and_dropped(ingest: Ingest, mode
         _receive(ingest, 7)
     assert ingest.metrics.drops() == {"duplicate": 3}
     assert sorted((i.message.node_id, i.message.seq) for i in ingest.backlog.take(10)) == [
-        ("node-a", 0), ("node-a", 4), ("node-a", 5), ("node-b", 4)]
+        ("node-a", 0),
+        ("node-a", 4),
+        ("node-a", 5),
+        ("node-b", 4),
+    ]
 
 
 def test_a_multipart_message_is_malformed(ingest: Ingest, model) -> None:
@@ -208,31 +243,54 @@ def test_a_multipart_message_is_malformed(ingest: Ingest, model) -> None:
     assert len(ingest.backlog.take(10)) == 1
 
 
-def _message(model, seq: int, shape: tuple[int, ...], version: int = 2,
-             dtype: str = "float32", fingerprint: str | None = None) -> bytes:
+def _message(
+    model,
+    seq: int,
+    shape: tuple[int, ...],
+    version: int = 2,
+    dtype: str = "float32",
+    fingerprint: str | None = None,
+) -> bytes:
     latents = frame_set(model, "node-a", seq, failed=()).views
-    views = tuple(ViewRecord(v.camera_id, "ok", "none", v.capture_time,
-                             quantize_latent(np.asarray(v.latent).reshape(shape), dtype))
-                  for v in latents)
-    return encode_frameset(FrameSetMessage("node-a", seq, time.time(),
-                                           fingerprint or model.fingerprint, views, version))
+    views = tuple(
+        ViewRecord(
+            v.camera_id,
+            "ok",
+            "none",
+            v.capture_time,
+            quantize_latent(np.asarray(v.latent).reshape(shape), dtype),
+        )
+        for v in latents
+    )
+    return encode_frameset(
+        FrameSetMessage(
+            "node-a", seq, time.time(), fingerprint or model.fingerprint, views, version
+        )
+    )
 
 
 def test_latent_shape_is_checked_exactly(ingest: Ingest, model) -> None:
     """Issue 18, item 3: any shape with the right element count used to be accepted."""
-    good = [_message(model, 0, (LATENT,)), _message(model, 1, (LATENT,), version=1),
-            _message(model, 2, (LATENT,), dtype="int8"),
-            _message(model, 3, (LATENT,), dtype="float16")]
-    bad = [_message(model, 10, (1, LATENT)), _message(model, 11, (2, LATENT // 2)),
-           _message(model, 12, (LATENT // 2, 2), version=1)]
+    good = [
+        _message(model, 0, (LATENT,)),
+        _message(model, 1, (LATENT,), version=1),
+        _message(model, 2, (LATENT,), dtype="int8"),
+        _message(model, 3, (LATENT,), dtype="float16"),
+    ]
+    bad = [
+        _message(model, 10, (1, LATENT)),
+        _message(model, 11, (2, LATENT // 2)),
+        _message(model, 12, (LATENT // 2, 2), version=1),
+    ]
     for data in good + bad:
         ingest.handle(data, None, time.time())
     assert ingest.metrics.drops() == {"latent_shape": len(bad)}
     items = ingest.backlog.take(10)
     assert sorted(i.message.seq for i in items) == [0, 1, 2, 3]
     exact = next(i for i in items if i.message.seq == 0)
-    assert np.array_equal(exact.latents, np.stack(
-        [v.latent for v in frame_set(model, "node-a", 0, failed=()).views]))
+    assert np.array_equal(
+        exact.latents, np.stack([v.latent for v in frame_set(model, "node-a", 0, failed=()).views])
+    )
     dequantized = next(i for i in items if i.message.seq == 2).latents
     floats = np.stack([v.latent for v in frame_set(model, "node-a", 2, failed=()).views])
     per_view_scale = np.abs(floats).max(axis=1, keepdims=True) / 127
@@ -241,10 +299,12 @@ def test_latent_shape_is_checked_exactly(ingest: Ingest, model) -> None:
 
 def test_a_spatial_model_takes_its_grid_in_v2_and_the_flat_vector_in_v1(model) -> None:
     layout = CameraLayout.default(VIEWS, LATENT, (4, 2, 2))
-    for data, version, accepted in [(_message(model, 0, (4, 2, 2)), 2, True),
-                                    (_message(model, 0, (LATENT,)), 2, False),
-                                    (_message(model, 0, (LATENT,), version=1), 1, True),
-                                    (_message(model, 0, (4, 2, 2), version=1), 1, False)]:
+    for data, version, accepted in [
+        (_message(model, 0, (4, 2, 2)), 2, True),
+        (_message(model, 0, (LATENT,)), 2, False),
+        (_message(model, 0, (LATENT,), version=1), 1, True),
+        (_message(model, 0, (4, 2, 2), version=1), 1, False),
+    ]:
         message = decode_frameset(data)
         assert message.version == version
         try:
@@ -255,8 +315,9 @@ def test_a_spatial_model_takes_its_grid_in_v2_and_the_flat_vector_in_v1(model) -
             assert accepted and item.latents.shape == (VIEWS, LATENT) and item.present.all()
 
 
-def test_fingerprints_of_both_versions_are_compared_in_their_own_form(ingest: Ingest,
-                                                                      model) -> None:
+def test_fingerprints_of_both_versions_are_compared_in_their_own_form(
+    ingest: Ingest, model
+) -> None:
     other = "f" * 64
     same_prefix = model.fingerprint[:16] + "0" * 48  # v2 sees only the first 8 bytes
     messages = {
@@ -273,23 +334,29 @@ def test_fingerprints_of_both_versions_are_compared_in_their_own_form(ingest: In
     assert sorted(i.message.seq for i in ingest.backlog.take(10)) == [0, 1, 5]
 
 
-@pytest.mark.parametrize(("send_time", "capture_time", "in_window"), [
-    (None, None, True),
-    (0.0, None, False),  # issue 18, item 4: t = 0 and t = 1e15 poisoned the latency figures
-    (1e15, None, False),
-    (None, 0.0, False),
-    (None, 1e15, False),
-    ("past", None, False),
-    ("future", "future", False),
-    ("near", "near", True),
-])
+@pytest.mark.parametrize(
+    ("send_time", "capture_time", "in_window"),
+    [
+        (None, None, True),
+        (0.0, None, False),  # issue 18, item 4: t = 0 and t = 1e15 poisoned the latency figures
+        (1e15, None, False),
+        (None, 0.0, False),
+        (None, 1e15, False),
+        ("past", None, False),
+        ("future", "future", False),
+        ("near", "near", True),
+    ],
+)
 def test_times_outside_the_clock_window_are_counted_and_flagged(
-        ingest: Ingest, model, send_time: float | str | None, capture_time: float | str | None,
-        in_window: bool) -> None:
+    ingest: Ingest,
+    model,
+    send_time: float | str | None,
+    capture_time: float | str | None,
+    in_window: bool,
+) -> None:
     now = time.time()
     shift = {"past": now - 61.0, "future": now + 61.0, "near": now - 59.0}
-    good = frame_set(model, "node-a", 0,
-                     capture_time=shift.get(capture_time, capture_time))  # type: ignore[arg-type]
+    good = frame_set(model, "node-a", 0, capture_time=shift.get(capture_time, capture_time))  # type: ignore[arg-type]
     t = shift.get(send_time, send_time) if send_time is not None else good.send_time
     message = FrameSetMessage("node-a", 0, t, model.fingerprint, good.views)
     assert ingest.handle(encode_frameset(message), None, now)
@@ -300,28 +367,39 @@ def test_times_outside_the_clock_window_are_counted_and_flagged(
 
 
 _MSGPACK_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-    | st.text(max_size=20) | st.binary(max_size=64),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
-                                                                max_size=4),
-    max_leaves=10)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=64),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(max_size=512) | _MSGPACK_VALUES.map(
-    lambda value: msgpack.packb(value, use_bin_type=True)))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.binary(max_size=512)
+    | _MSGPACK_VALUES.map(lambda value: msgpack.packb(value, use_bin_type=True))
+)
 def test_any_bytes_are_dropped_with_a_reason_never_raised(ingest: Ingest, data: bytes) -> None:
     before = sum(ingest.metrics.drops().values())
     assert ingest.handle(data, None, time.time()) is False
     assert sum(ingest.metrics.drops().values()) == before + 1
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(key=st.sampled_from(["v", "node", "seq", "t", "enc", "views"]), value=_MSGPACK_VALUES)
-def test_a_mutated_field_is_dropped_or_accepted_never_raised(ingest: Ingest, model, key: str,
-                                                              value: object) -> None:
+def test_a_mutated_field_is_dropped_or_accepted_never_raised(
+    ingest: Ingest, model, key: str, value: object
+) -> None:
     packed = msgpack.unpackb(wire(model, "node-a", 0), raw=False)
     data = msgpack.packb({**packed, key: value}, use_bin_type=True)
     accepted_before = ingest.metrics.accepted.value()

@@ -55,8 +55,17 @@ def test_thread_default_leaves_busy_cores_alone() -> None:
 
 def _conv_net() -> ConvScoreNet:
     torch.manual_seed(0)
-    net = ConvScoreNet(ScoreNetConfig(num_views=3, latent_dim=64, widths=(16, 32), time_dim=16,
-                                      kind="conv", latent_shape=(4, 4, 4), blocks=1)).eval()
+    net = ConvScoreNet(
+        ScoreNetConfig(
+            num_views=3,
+            latent_dim=64,
+            widths=(16, 32),
+            time_dim=16,
+            kind="conv",
+            latent_shape=(4, 4, 4),
+            blocks=1,
+        )
+    ).eval()
     torch.nn.init.normal_(net.output.weight, std=0.1)
     return net
 

@@ -50,13 +50,28 @@ def run_folder(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_rig(tmp_path_factory.mktemp("replay_data") / "data", count=FRAME_SETS,
-                          size=32)
+    return write_tiny_rig(
+        tmp_path_factory.mktemp("replay_data") / "data", count=FRAME_SETS, size=32
+    )
 
 
 def _replay(dataset: Path, out: Path, model: Path, *args: str) -> dict:
-    code = data_main(["replay", str(dataset), "--out", str(out), "--model", str(model),
-                      "--fps", "20", "--steps", "8", "-q", *args])
+    code = data_main(
+        [
+            "replay",
+            str(dataset),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--fps",
+            "20",
+            "--steps",
+            "8",
+            "-q",
+            *args,
+        ]
+    )
     assert code == 0, (out / "logs" / "receiver.log").read_text()[-3000:]
     return json.loads((out / "summary.json").read_text())
 
@@ -67,12 +82,14 @@ def _framesets(out: Path) -> list[dict]:
 
 def _complete_stems(dataset: Path) -> list[str]:
     with FrameSetFolder(dataset) as folder:
-        return [stem for stem, row in zip(folder.stems, folder.presence(), strict=True)
-                if row.all()]
+        return [
+            stem for stem, row in zip(folder.stems, folder.presence(), strict=True) if row.all()
+        ]
 
 
 def test_a_missing_camera_comes_back_imputed_and_every_frame_set_is_accounted_for(
-        dataset: Path, model_folder: Path, tmp_path: Path) -> None:
+    dataset: Path, model_folder: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     summary = _replay(dataset, out, model_folder, "--missing", "cam1")
     stems = _complete_stems(dataset)
@@ -103,22 +120,38 @@ def test_a_missing_camera_comes_back_imputed_and_every_frame_set_is_accounted_fo
 
     # Lockstep: every frame set holds a frame no earlier frame set had, for every camera, so
     # frame set i is frame i of each camera folder (a reused frame keeps its capture time).
-    results = [json.loads(line)
-               for line in (out / "logs" / "results.jsonl").read_text().splitlines()]
-    times = np.array([[view["capture_time"] for view in r["views"]]
-                      for r in sorted(results, key=lambda r: r["seq"])])
+    results = [
+        json.loads(line) for line in (out / "logs" / "results.jsonl").read_text().splitlines()
+    ]
+    times = np.array(
+        [
+            [view["capture_time"] for view in r["views"]]
+            for r in sorted(results, key=lambda r: r["seq"])
+        ]
+    )
     assert (np.diff(times, axis=0) > 0).all()
     assert not (out / ".sources").exists() and not (out / ".receiver-save").exists()
 
 
 def test_a_random_pattern_withholds_one_seeded_camera_per_frame_set(
-        dataset: Path, run_folder: Path, tmp_path: Path) -> None:
-    summary = _replay(dataset, tmp_path / "out", run_folder, "--missing-random", "1",
-                      "--seed", "3", "--frames", "6")
+    dataset: Path, run_folder: Path, tmp_path: Path
+) -> None:
+    summary = _replay(
+        dataset,
+        tmp_path / "out",
+        run_folder,
+        "--missing-random",
+        "1",
+        "--seed",
+        "3",
+        "--frames",
+        "6",
+    )
     assert summary["sent"] == 6 and summary["received"] == 6
     records = _framesets(tmp_path / "out")
-    imputed = [[view["camera"] for view in r["views"] if view["provenance"] == "imputed"]
-               for r in records]
+    imputed = [
+        [view["camera"] for view in r["views"] if view["provenance"] == "imputed"] for r in records
+    ]
     assert all(len(cameras) == 1 for cameras in imputed), imputed
     assert len({cameras[0] for cameras in imputed}) > 1  # a pattern, not one fixed camera
     assert summary["imputed_views"] == 6
@@ -130,8 +163,8 @@ def _error_of(capsys: pytest.CaptureFixture, *argv: str) -> str:
 
 
 def test_bad_input_is_one_clear_line_before_anything_starts(
-        dataset: Path, model_folder: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
+    dataset: Path, model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = str(tmp_path / "out")
     model = ["--model", str(model_folder)]
     assert "does not exist" in _error_of(capsys, str(tmp_path / "nope"), "--out", out, *model)
@@ -140,15 +173,15 @@ def test_bad_input_is_one_clear_line_before_anything_starts(
     small = write_tiny_rig(tmp_path / "small", count=3, size=24)
     error = _error_of(capsys, str(small), "--out", out, *model)
     assert "32x32" in error and "24x24" in error and "--size 32x32" in error
-    error = _error_of(capsys, str(dataset), "--out", out, *model, "--missing", "0,1",
-                      "--missing-random", "1")
+    error = _error_of(
+        capsys, str(dataset), "--out", out, *model, "--missing", "0,1", "--missing-random", "1"
+    )
     assert "no camera to send" in error
     error = _error_of(capsys, str(dataset), "--out", out, "--model", str(dataset))
     assert "incomplete" in error
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.txt").write_text("x")
-    assert "not empty" in _error_of(capsys, str(dataset), "--out", str(tmp_path / "full"),
-                                    *model)
+    assert "not empty" in _error_of(capsys, str(dataset), "--out", str(tmp_path / "full"), *model)
     assert not (tmp_path / "out" / "logs").exists()  # nothing was started
 
 

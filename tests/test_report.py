@@ -21,14 +21,26 @@ START = 1000.0
 
 def _result(seq: int, when: float) -> dict:
     image = np.zeros((8, 8, 3), np.uint8)
-    views = [{"cam": f"cam{c}", "status": "ok" if c != 1 or when < 2 else "failed",
-              "reason": None, "capture_time": START + when,
-              "provenance": "unconditioned" if seq == 0 else
-              ("observed" if c != 1 or when < 2 else "imputed"),
-              "image": {"b": image.tobytes(), "dt": "uint8", "sh": [8, 8, 3]}}
-             for c in range(3)]
-    return {"seq": seq, "node": "demo-node", "send_time": START + when, "latency_s": 0.1,
-            "views": views}
+    views = [
+        {
+            "cam": f"cam{c}",
+            "status": "ok" if c != 1 or when < 2 else "failed",
+            "reason": None,
+            "capture_time": START + when,
+            "provenance": "unconditioned"
+            if seq == 0
+            else ("observed" if c != 1 or when < 2 else "imputed"),
+            "image": {"b": image.tobytes(), "dt": "uint8", "sh": [8, 8, 3]},
+        }
+        for c in range(3)
+    ]
+    return {
+        "seq": seq,
+        "node": "demo-node",
+        "send_time": START + when,
+        "latency_s": 0.1,
+        "views": views,
+    }
 
 
 @pytest.fixture
@@ -60,7 +72,7 @@ def test_report_tables_time_axis_legend_and_words(record: DemoRecord, tmp_path: 
     assert "<b>unconditioned</b>: generated from the model alone" in text
     assert "(10 of them before 0 s" in text
     health = cv2.imread(str(tmp_path / "health.png"))[:, :, ::-1]
-    grey = np.array([int(DROPPED_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
+    grey = np.array([int(DROPPED_COLOUR[i : i + 2], 16) for i in (1, 3, 5)])
     shaded = np.all(np.abs(health.astype(int) - grey) <= 2, axis=2)
     columns = np.where(shaded.sum(axis=0) > 0.3 * health.shape[0])[0]
     assert len(columns) > 0, "the dropped stretch is not drawn"

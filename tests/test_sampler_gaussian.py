@@ -51,21 +51,33 @@ def model() -> GaussianEps:
     return GaussianEps(*gaussian_problem(), SDE)
 
 
-def run(eps_model: Callable, name: str, pattern: tuple[bool, ...], sde: VPSDE = SDE,
-        seed: int = 0, samples: int = SAMPLES, dtype: torch.dtype = torch.float64
-        ) -> tuple[SamplerOutput, torch.Tensor, torch.Tensor]:
+def run(
+    eps_model: Callable,
+    name: str,
+    pattern: tuple[bool, ...],
+    sde: VPSDE = SDE,
+    seed: int = 0,
+    samples: int = SAMPLES,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[SamplerOutput, torch.Tensor, torch.Tensor]:
     """Sample the missing views given ``CLEAN``; also return x_obs and the mask."""
     observed = torch.tensor(pattern).expand(samples, -1)
     x_obs = CLEAN.to(dtype).expand(samples, -1, -1).clone()
     generator = torch.Generator().manual_seed(seed)
-    out = get_sampler(name)(eps_model, x_obs, observed, sde=sde, steps=STEPS[name],
-                            generator=generator)
+    out = get_sampler(name)(
+        eps_model, x_obs, observed, sde=sde, steps=STEPS[name], generator=generator
+    )
     return out, x_obs, observed
 
 
-def check(model: GaussianEps, name: str, pattern: tuple[bool, ...],
-          eps_model: Callable | None = None, sde: VPSDE = SDE, dtype: torch.dtype = torch.float64
-          ) -> tuple[float, float]:
+def check(
+    model: GaussianEps,
+    name: str,
+    pattern: tuple[bool, ...],
+    eps_model: Callable | None = None,
+    sde: VPSDE = SDE,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[float, float]:
     """Whitened moment errors of ``name``'s samples against the exact conditional."""
     out, _, _ = run(eps_model or model, name, pattern, sde, dtype=dtype)
     mask = torch.tensor(pattern)
@@ -81,7 +93,8 @@ def passes(errors: tuple[float, float]) -> bool:
 
 
 CASES = [("euler_maruyama", "view0")] + [
-    (name, pattern) for name in ("heun", "dpmpp_2m", "dpmpp_2m_sde", "adaptive")
+    (name, pattern)
+    for name in ("heun", "dpmpp_2m", "dpmpp_2m_sde", "adaptive")
     for pattern in PATTERNS
 ]
 
@@ -132,16 +145,21 @@ FAULTS = {
 APPLIES = {  # faults that can occur in each sampler's code path
     "euler_maruyama": list(FAULTS),
     "heun": ["score_sign", "wrong_beta_max", "missing_clamp", "grid_0_to_1", "grid_reversed"],
-    "dpmpp_2m": ["score_sign", "wrong_beta_max", "missing_clamp", "grid_0_to_1",
-                 "grid_reversed"],
-    "dpmpp_2m_sde": ["score_sign", "wrong_beta_max", "missing_clamp", "grid_0_to_1",
-                     "grid_reversed"],
+    "dpmpp_2m": ["score_sign", "wrong_beta_max", "missing_clamp", "grid_0_to_1", "grid_reversed"],
+    "dpmpp_2m_sde": [
+        "score_sign",
+        "wrong_beta_max",
+        "missing_clamp",
+        "grid_0_to_1",
+        "grid_reversed",
+    ],
     "adaptive": ["score_sign", "wrong_beta_max", "missing_clamp"],
 }
 
 
-@pytest.mark.parametrize(("name", "fault"),
-                         [(name, fault) for name, faults in APPLIES.items() for fault in faults])
+@pytest.mark.parametrize(
+    ("name", "fault"), [(name, fault) for name, faults in APPLIES.items() for fault in faults]
+)
 def test_broken_sampler_fails_the_same_check(model, monkeypatch, name, fault):
     spec = FAULTS[fault]
     if "patch" in spec:
@@ -189,9 +207,14 @@ def test_reported_nfe_counts_every_model_call(model, name):
 def test_heun_default_is_19_evaluations_and_callback_sees_every_step(model):
     seen = []
     observed = torch.tensor(PATTERNS["view0"]).expand(8, -1)
-    out = sampler_module.sample_heun(model, CLEAN.expand(8, -1, -1), observed, sde=SDE,
-                                     generator=torch.Generator().manual_seed(0),
-                                     callback=seen.append)
+    out = sampler_module.sample_heun(
+        model,
+        CLEAN.expand(8, -1, -1),
+        observed,
+        sde=SDE,
+        generator=torch.Generator().manual_seed(0),
+        callback=seen.append,
+    )
     assert out.nfe == 19 and [info["i"] for info in seen] == list(range(10))
     assert seen[-1]["nfe"] == 19 and float(seen[-1]["t"]) == 0.0
 
@@ -210,7 +233,8 @@ def test_registry_rejects_duplicates_and_lists_valid_names():
     assert set(STEPS) <= set(sampler_module.sampler_names())
     with pytest.raises(ConfigError, match="already registered"):
         sampler_module.register_sampler("heun", nfe=lambda s: s, min_steps=1)(
-            sampler_module.sample_heun)
+            sampler_module.sample_heun
+        )
     valid = "valid: adaptive, dpmpp_2m, dpmpp_2m_sde, euler_maruyama, heun"
     with pytest.raises(ConfigError, match=valid):
         get_sampler("ddim")
@@ -231,12 +255,19 @@ def test_bad_inputs_are_rejected(model):
     with pytest.raises(ValueError, match="bool mask"):
         get_sampler("heun")(model, x_obs, torch.ones(4, 3), sde=SDE, steps=10, generator=None)
     with pytest.raises(ConfigError, match="steps >= 2"):
-        get_sampler("heun")(model, x_obs, torch.ones(4, 3, dtype=torch.bool), sde=SDE, steps=1,
-                            generator=None)
+        get_sampler("heun")(
+            model, x_obs, torch.ones(4, 3, dtype=torch.bool), sde=SDE, steps=1, generator=None
+        )
 
 
 def test_adaptive_gives_up_loudly_when_its_step_budget_is_spent(model):
     with pytest.raises(MVLDError, match="not done after 5 attempted steps"):
         observed = torch.tensor(PATTERNS["view0"]).expand(8, -1)
-        sampler_module.sample_adaptive(model, CLEAN.expand(8, -1, -1), observed, sde=SDE,
-                                       steps=5, generator=torch.Generator().manual_seed(0))
+        sampler_module.sample_adaptive(
+            model,
+            CLEAN.expand(8, -1, -1),
+            observed,
+            sde=SDE,
+            steps=5,
+            generator=torch.Generator().manual_seed(0),
+        )

@@ -31,8 +31,9 @@ def test_drift_and_diffusion() -> None:
     x = torch.ones(2, 3)
     t = torch.tensor([0.0, 1.0])
     torch.testing.assert_close(sde.drift(x, t), torch.tensor([[-0.05] * 3, [-10.0] * 3]))
-    torch.testing.assert_close(sde.diffusion(t), torch.tensor([0.1, 20.0], dtype=torch.float64)
-                               .sqrt())
+    torch.testing.assert_close(
+        sde.diffusion(t), torch.tensor([0.1, 20.0], dtype=torch.float64).sqrt()
+    )
 
 
 def test_per_view_times_broadcast_over_latent_dimensions() -> None:
@@ -56,8 +57,9 @@ def test_euler_maruyama_forward_simulation_matches_the_marginal() -> None:
         t = torch.full((x.shape[0],), i * dt, dtype=torch.float64)
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float64)
         x = x + sde.drift(x, t) * dt + append_dims(sde.diffusion(t), 2) * math.sqrt(dt) * noise
-    mean, std = sde.marginal(torch.full((1, 1), 2.0, dtype=torch.float64),
-                             torch.tensor([t_end], dtype=torch.float64))
+    mean, std = sde.marginal(
+        torch.full((1, 1), 2.0, dtype=torch.float64), torch.tensor([t_end], dtype=torch.float64)
+    )
     assert x.mean().item() == pytest.approx(mean.item(), abs=0.02)
     assert x.std().item() == pytest.approx(std.item(), abs=0.02)
 

@@ -41,10 +41,10 @@ SHIPPED = ("common", "edge", "receiver", "export", "train", "mvld", "bench", "ex
 BIN = Path(sys.executable).parent
 
 
-def _run(command: list[str], timeout_s: float = 120, **kwargs: object
-         ) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                          **kwargs)  # type: ignore[call-overload]
+def _run(
+    command: list[str], timeout_s: float = 120, **kwargs: object
+) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, **kwargs)  # type: ignore[call-overload]
 
 
 # -- key files and the CLIs --------------------------------------------------------------------
@@ -70,20 +70,50 @@ def test_receiver_cli_refuses_a_secret_key_readable_by_others(tmp_path: Path) ->
     allow = tmp_path / "allow"
     allow.mkdir()
     (allow / "node.key").write_bytes(public.read_bytes())
-    done = _run([sys.executable, "-m", "mvld.receiver.cli", "--gpu", "-1", "--bind",
-                 f"tcp://127.0.0.1:{free_port()}", "--model", str(save_tiny_model(tmp_path)),
-                 "--keys", str(secret), "--allow", str(allow)])
+    done = _run(
+        [
+            sys.executable,
+            "-m",
+            "mvld.receiver.cli",
+            "--gpu",
+            "-1",
+            "--bind",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--model",
+            str(save_tiny_model(tmp_path)),
+            "--keys",
+            str(secret),
+            "--allow",
+            str(allow),
+        ]
+    )
     assert done.returncode == 2
     assert "chmod 600" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_edge_cli_refuses_a_secret_key_readable_by_others(tmp_path: Path,
-                                                          model_folder: Path) -> None:  # noqa: F811
+def test_edge_cli_refuses_a_secret_key_readable_by_others(
+    tmp_path: Path,
+    model_folder: Path,  # noqa: F811
+) -> None:
     server_public, _ = generate_keypair(tmp_path / "server", "receiver")
     _, secret = _readable_secret(tmp_path, "node", 0o604)
-    done = _run([str(BIN / "mvld-edge"), "--cams", "sim://0", "--connect",
-                 f"tcp://127.0.0.1:{free_port()}", "--model", str(model_folder), "--keys",
-                 str(secret), "--server-key", str(server_public), "--frames", "1"])
+    done = _run(
+        [
+            str(BIN / "mvld-edge"),
+            "--cams",
+            "sim://0",
+            "--connect",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--model",
+            str(model_folder),
+            "--keys",
+            str(secret),
+            "--server-key",
+            str(server_public),
+            "--frames",
+            "1",
+        ]
+    )
     assert done.returncode == 2
     assert "chmod 600" in done.stderr and "Traceback" not in done.stderr
 
@@ -125,8 +155,13 @@ def test_no_unsafe_deserialisation_in_the_shipped_code() -> None:
 
 def test_the_search_finds_what_it_looks_for(tmp_path: Path) -> None:
     """The patterns are not vacuous: each flags a known-bad line."""
-    bad = ["import pickle", "x = np.load(f, allow_pickle=True)", "yaml.load(text)",
-           "import joblib", "eval(text)"]
+    bad = [
+        "import pickle",
+        "x = np.load(f, allow_pickle=True)",
+        "yaml.load(text)",
+        "import joblib",
+        "eval(text)",
+    ]
     for line in bad:
         assert any(re.search(p, line) for p in UNSAFE), line
     assert not any(re.search(p, "model.eval()") for p in UNSAFE)

@@ -34,8 +34,9 @@ def test_episode_is_a_pure_function_of_seed_and_episode(rig: SimRig) -> None:
         for view_a, view_b in zip(a.views, b.views, strict=True):
             np.testing.assert_array_equal(view_a, view_b)
     different = next(render_episode(rig, 8, 3, 1))
-    assert any(not np.array_equal(x, y) for x, y in zip(different.views, first[0].views,
-                                                         strict=True))
+    assert any(
+        not np.array_equal(x, y) for x, y in zip(different.views, first[0].views, strict=True)
+    )
 
 
 def test_views_are_rgb_images_of_the_configured_size(rig: SimRig) -> None:
@@ -53,8 +54,10 @@ def test_consecutive_frames_differ_and_the_scene_moves(rig: SimRig) -> None:
     frames = list(render_episode(rig, 1, 0, 6))
     for previous, current in itertools.pairwise(frames):
         assert current.label == previous.label
-        changed = [np.abs(a.astype(int) - b).sum() for a, b in
-                   zip(previous.views, current.views, strict=True)]
+        changed = [
+            np.abs(a.astype(int) - b).sum()
+            for a, b in zip(previous.views, current.views, strict=True)
+        ]
         assert min(changed) > 0, "every camera sees the scene move"
     assert frames[-1].time_s == pytest.approx(5 / rig.config.fps)
 
@@ -80,13 +83,16 @@ def test_label_cannot_be_read_from_a_fixed_pixel(rig: SimRig) -> None:
     train, test = slice(0, 60), slice(60, None)
 
     def lookup(column: np.ndarray, rows: slice) -> np.ndarray:
-        table = {value: np.bincount(labels[train][column[train] == value]).argmax()
-                 for value in np.unique(column[train])}
+        table = {
+            value: np.bincount(labels[train][column[train] == value]).argmax()
+            for value in np.unique(column[train])
+        }
         fallback = np.bincount(labels[train]).argmax()
         return np.array([table.get(value, fallback) for value in column[rows]])
 
-    train_accuracy = [np.mean(lookup(pixels[:, j], train) == labels[train])
-                      for j in range(pixels.shape[1])]
+    train_accuracy = [
+        np.mean(lookup(pixels[:, j], train) == labels[train]) for j in range(pixels.shape[1])
+    ]
     best = int(np.argmax(train_accuracy))
     test_accuracy = np.mean(lookup(pixels[:, best], test) == labels[test])
     assert test_accuracy < 0.5, f"pixel {best} predicts the label ({test_accuracy:.2f})"
@@ -111,8 +117,9 @@ def test_calibration_matches_the_rendered_object_position(rig: SimRig) -> None:
     height, width = rig.config.image_size
     position, _ = rig._client.getBasePositionAndOrientation(rig._central)
     for v, camera in enumerate(rig.config.cameras):
-        _, _, _, _, mask = rig._client.getCameraImage(width, height, rig._views[v],
-                                                      rig._projections[v])
+        _, _, _, _, mask = rig._client.getCameraImage(
+            width, height, rig._views[v], rig._projections[v]
+        )
         rows, cols = np.nonzero(np.asarray(mask).reshape(height, width) == rig._central)
         point = camera.world_to_camera(rig.config.target) @ np.array([*position, 1.0])
         u, w_v, w = camera.intrinsics(height, width) @ point[:3]

@@ -149,8 +149,13 @@ def test_sim_realtime_paces_at_fps_and_times_out() -> None:
 def test_recording_gives_up_when_no_camera_delivers(tmp_path: Path) -> None:
     from mvld.edge.sources.record import RecordJob, record_dataset
 
-    job = RecordJob(uris=("sim://0?fps=0.1&seed=3",), out=tmp_path / "rec", frames=5,
-                    timeout_s=0.05, idle_limit_s=0.3)
+    job = RecordJob(
+        uris=("sim://0?fps=0.1&seed=3",),
+        out=tmp_path / "rec",
+        frames=5,
+        timeout_s=0.05,
+        idle_limit_s=0.3,
+    )
     start = time.monotonic()
     with pytest.raises(SourceError, match=r"no camera delivered a frame for 0.3 s; recorded 1"):
         record_dataset(job)

@@ -151,7 +151,8 @@ def test_parity_thresholds_per_precision() -> None:
 
 
 def test_cli_without_tensorrt_exits_with_a_clear_message(
-        exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exported: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are present here")
     code = export_main(["trt", "--onnx", str(exported / "encoder.onnx"), "--precision", "fp16"])
@@ -172,8 +173,9 @@ def tensorrt_ready() -> None:
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_engine_builds_caches_and_matches_onnxruntime(tensorrt_ready: None, exported: Path,
-                                                       tmp_path: Path, precision: str) -> None:
+def test_engine_builds_caches_and_matches_onnxruntime(
+    tensorrt_ready: None, exported: Path, tmp_path: Path, precision: str
+) -> None:
     options = BuildOptions(precision=precision, cache_dir=tmp_path)
     try:
         first = build_engine(exported / "encoder.onnx", options)
@@ -187,8 +189,9 @@ def test_engine_builds_caches_and_matches_onnxruntime(tensorrt_ready: None, expo
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_tensorrt_encoder_matches_onnxruntime_on_frames(tensorrt_ready: None,
-                                                        exported: Path) -> None:
+def test_tensorrt_encoder_matches_onnxruntime_on_frames(
+    tensorrt_ready: None, exported: Path
+) -> None:
     build_engine(exported / "encoder.onnx", BuildOptions(precision="fp32", max_batch=8))
     frames = [np.random.default_rng(i).integers(0, 255, (40, 40, 3), np.uint8) for i in range(5)]
     encoder = open_encoder(exported)
@@ -217,9 +220,12 @@ sys.exit(code)
 
 def test_engine_building_needs_no_torch(exported: Path) -> None:
     """A Jetson builds its engines without torch: ``mvld-export trt`` must not import it."""
-    result = subprocess.run([sys.executable, "-c", _TRT_WITHOUT_TORCH,
-                             str(exported / "encoder.onnx")], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _TRT_WITHOUT_TORCH, str(exported / "encoder.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     reason = tensorrt_unavailable_reason()
     assert result.returncode == (EXIT_UNAVAILABLE if reason else 0), result.stderr
     if reason:

@@ -60,9 +60,26 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _command(data: Path, run: Path, toml: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mvld.train.cli", "all", "--data", str(data), "--out",
-            str(run), "--config", str(toml), "--eval-frames", "8", "--exporter", "torchscript",
-            "--no-progress", "--threads", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mvld.train.cli",
+        "all",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--config",
+        str(toml),
+        "--eval-frames",
+        "8",
+        "--exporter",
+        "torchscript",
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +91,13 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     toml.write_text(TINY_TOML)
     run = root / "run"
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(_command(data, run, toml), stderr=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env=env)
+    first = subprocess.Popen(
+        _command(data, run, toml),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     seen = []
     for line in first.stderr:
         seen.append(line)
@@ -83,16 +105,19 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             first.send_signal(signal.SIGINT)
             break
     _, err = first.communicate(timeout=120)
-    state = {"first_rc": first.returncode, "first_err": "".join(seen) + err,
-             "markers_after_stop": {s: completed(run, s) is not None for s in STAGES}}
-    second = subprocess.run(_command(data, run, toml, "--resume"), capture_output=True,
-                            text=True, env=env, timeout=300)
+    state = {
+        "first_rc": first.returncode,
+        "first_err": "".join(seen) + err,
+        "markers_after_stop": {s: completed(run, s) is not None for s in STAGES},
+    }
+    second = subprocess.run(
+        _command(data, run, toml, "--resume"), capture_output=True, text=True, env=env, timeout=300
+    )
     return state | {"second": second, "run": run, "data": data, "toml": toml}
 
 
 @pytest.mark.slow
-def test_sigint_stops_inside_a_stage_and_resume_skips_the_completed_ones(interrupted_run
-                                                                         ) -> None:
+def test_sigint_stops_inside_a_stage_and_resume_skips_the_completed_ones(interrupted_run) -> None:
     assert interrupted_run["first_rc"] == 130, interrupted_run["first_err"][-2000:]
     markers = interrupted_run["markers_after_stop"]
     assert markers["ae"] and markers["latents"], markers
@@ -104,8 +129,10 @@ def test_sigint_stops_inside_a_stage_and_resume_skips_the_completed_ones(interru
         assert f"{stage}: complete" in log and "skipped" in log
     assert "resumed" in log and "at step 100" in log  # the score stage went on from its stop
     run = interrupted_run["run"]
-    steps = [json.loads(line)["step"] for line in
-             (run / "score" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run / "score" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 200  # no step trained twice
     assert all(completed(run, s) for s in STAGES)
 
@@ -120,8 +147,11 @@ def test_the_run_writes_a_deployable_model_and_the_verdict(interrupted_run) -> N
     assert verdict == json.loads((run / "score" / "verdict.json").read_text())
     assert verdict["coherence_measured"] and verdict["reconstruction"]["psnr"] > 0
     methods = {(r["missing"], r["method"]) for r in verdict["imputation"]}
-    assert methods == {(m, x) for m in (1, 2) for x in (
-        "dpmpp_2m_sde:20", "mean_latent", "nearest_neighbour", "ridge_regressor")}
+    assert methods == {
+        (m, x)
+        for m in (1, 2)
+        for x in ("dpmpp_2m_sde:20", "mean_latent", "nearest_neighbour", "ridge_regressor")
+    }
     report = (run / "report.md").read_text()
     assert report in second.stdout  # the same table in the terminal
     assert "**Verdict:**" in report and verdict["sentence"] in report
@@ -130,14 +160,18 @@ def test_the_run_writes_a_deployable_model_and_the_verdict(interrupted_run) -> N
 
 
 @pytest.mark.slow
-def test_a_rerun_of_a_complete_run_trains_nothing(interrupted_run,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_a_rerun_of_a_complete_run_trains_nothing(
+    interrupted_run, caplog: pytest.LogCaptureFixture
+) -> None:
     run = interrupted_run["run"]
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     config = TrainAllConfig(data=str(interrupted_run["data"]), out=str(run), progress=False)
     with caplog.at_level(logging.INFO, logger="mvld"):
-        result = run_pipeline(config, DistributedContext(device=torch.device("cpu")),
-                              stage_tables(str(interrupted_run["toml"])))
+        result = run_pipeline(
+            config,
+            DistributedContext(device=torch.device("cpu")),
+            stage_tables(str(interrupted_run["toml"])),
+        )
     assert caplog.text.count("skipped") == len(STAGES)
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     assert result.report == (run / "report.md").read_text()
@@ -145,8 +179,9 @@ def test_a_rerun_of_a_complete_run_trains_nothing(interrupted_run,
 
 
 @pytest.mark.slow
-def test_a_score_network_with_random_weights_is_reported_as_losing(interrupted_run,
-                                                                   tmp_path: Path) -> None:
+def test_a_score_network_with_random_weights_is_reported_as_losing(
+    interrupted_run, tmp_path: Path
+) -> None:
     run = interrupted_run["run"]
     model = load_mvld_model(run / "score" / "best")
     torch.manual_seed(0)
@@ -154,8 +189,7 @@ def test_a_score_network_with_random_weights_is_reported_as_losing(interrupted_r
         for parameter in model.score_net.parameters():
             parameter.normal_(0.0, 0.5)
     save_mvld_model(tmp_path / "broken", model)
-    config = TrainAllConfig(data=str(interrupted_run["data"]), out=str(tmp_path),
-                            eval_frames=8)
+    config = TrainAllConfig(data=str(interrupted_run["data"]), out=str(tmp_path), eval_frames=8)
     verdict = evaluate_run(config, tmp_path / "broken", run / "classifier" / "last")
     assert not verdict["imputer_wins"]
     lost = {(x["missing"], x["baseline"], x["metric"]) for x in verdict["losses"]}
@@ -170,8 +204,7 @@ def test_unlabelled_data_gives_a_psnr_only_verdict(interrupted_run, tmp_path: Pa
     config = TrainAllConfig(data=str(data), out=str(tmp_path), eval_frames=8)
     verdict = evaluate_run(config, interrupted_run["run"] / "score" / "best", None)
     assert not verdict["coherence_measured"]
-    assert all(r["coherence"] is None and r["psnr"] is not None
-               for r in verdict["imputation"])
+    assert all(r["coherence"] is None and r["psnr"] is not None for r in verdict["imputation"])
 
 
 def test_budget_plan_fills_the_training_share_and_keeps_a_floor() -> None:
@@ -206,18 +239,30 @@ def test_later_stages_absorb_the_time_an_earlier_one_overran(tmp_path: Path) -> 
 def test_step_time_is_measured_on_each_stages_real_network() -> None:
     from mvld.train.pipeline import PROBE_STEPS, measure_step_seconds, stage_configs
 
-    tables = {"ae": {"image_size": 32, "channels": [8, 16], "latent_channels": 0,
-                     "latent_dim": 16, "batch_size": 4},
-              "score": {"widths": [16], "time_dim": 8, "batch_size": 4},
-              "classifier": {"channels": [4], "batch_size": 4}}
+    tables = {
+        "ae": {
+            "image_size": 32,
+            "channels": [8, 16],
+            "latent_channels": 0,
+            "latent_dim": 16,
+            "batch_size": 4,
+        },
+        "score": {"widths": [16], "time_dim": 8, "batch_size": 4},
+        "classifier": {"channels": [4], "batch_size": 4},
+    }
     configs = stage_configs(TrainAllConfig(data="d", out="r"), tables, {"ae": 50})
     assert configs["ae"].steps == 50 and configs["ae"].val_every == 50 // 8
     assert configs["classifier"].image_size == 32  # the autoencoder's size
     for stage in ("ae", "score", "classifier"):
         ticks = itertools.count()  # an injected clock: every reading 1 s later
-        seconds = measure_step_seconds(stage, configs[stage], 3, configs["ae"],
-                                       torch.device("cpu"),
-                                       clock=functools.partial(next, ticks))
+        seconds = measure_step_seconds(
+            stage,
+            configs[stage],
+            3,
+            configs["ae"],
+            torch.device("cpu"),
+            clock=functools.partial(next, ticks),
+        )
         assert seconds == 1.0
         assert next(ticks) == 2 * PROBE_STEPS  # one start and one stop per timed step
 
@@ -261,17 +306,25 @@ def test_interrupted_stage_is_not_discarded_without_resume(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_mvld_eval_runs_on_unlabelled_data_and_says_coherence_is_skipped(interrupted_run,
-                                                                         tmp_path: Path) -> None:
+def test_mvld_eval_runs_on_unlabelled_data_and_says_coherence_is_skipped(
+    interrupted_run, tmp_path: Path
+) -> None:
     from mvld.train.eval_report import write_outputs
     from mvld.train.evaluation import EvalConfig, evaluate, parse_samplers
 
     data = write_tiny_rig(tmp_path / "rig", count=40)
     (data / "labels.csv").unlink()
-    config = EvalConfig(data=str(data), out=str(tmp_path / "eval"),
-                        model=str(interrupted_run["run"] / "score" / "best"),
-                        samplers=parse_samplers("dpmpp_2m:8"), fid_samples=0, frames=4,
-                        grid_rows=1, grid_samples=1, throughput_batch=4)
+    config = EvalConfig(
+        data=str(data),
+        out=str(tmp_path / "eval"),
+        model=str(interrupted_run["run"] / "score" / "best"),
+        samplers=parse_samplers("dpmpp_2m:8"),
+        fid_samples=0,
+        frames=4,
+        grid_rows=1,
+        grid_samples=1,
+        throughput_batch=4,
+    )
     result = evaluate(config)
     summary = json.loads(write_outputs(result, config.out).read_text())
     assert summary["data"]["labelled"] is False and summary["data"]["classifier"] is None
@@ -297,13 +350,20 @@ def test_the_receivers_ridge_imputer_is_the_evaluated_ridge_baseline(tmp_path: P
     stats = LatentStats(mean=torch.full((3, 4), 2.0), std=torch.full((3, 4), 3.0))
     imputer = RidgeImputer(fits, stats)
     z = torch.randn(6, 3, 4, generator=generator)
-    present = torch.tensor([[True, False, True], [False, False, True], [True, True, True],
-                            [False, True, False], [False, False, False], [True, True, False]])
+    present = torch.tensor(
+        [
+            [True, False, True],
+            [False, False, True],
+            [True, True, True],
+            [False, True, False],
+            [False, False, False],
+            [True, True, False],
+        ]
+    )
     result = imputer(stats.destandardise(z), present)
     expected = RidgeRegressor(train_z)(z, present)
     expected[4] = train_z.double().mean(0).float()  # nothing observed: the training mean
-    torch.testing.assert_close(stats.standardise(result.latents), expected, rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(stats.standardise(result.latents), expected, rtol=1e-4, atol=1e-4)
     assert result.provenance[4] == [Provenance.UNCONDITIONED] * 3
     assert result.provenance[0] == [Provenance.OBSERVED, Provenance.IMPUTED, Provenance.OBSERVED]
     assert torch.equal(imputer(stats.destandardise(z), present).latents, result.latents)
@@ -311,18 +371,24 @@ def test_the_receivers_ridge_imputer_is_the_evaluated_ridge_baseline(tmp_path: P
         imputer(stats.destandardise(z), present, samples=2)
 
 
-def test_receiver_logs_the_verdict_beside_the_checkpoint(tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture
-                                                         ) -> None:
+def test_receiver_logs_the_verdict_beside_the_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from mvld.receiver.imputation import log_model_verdict
 
     with caplog.at_level(logging.INFO, logger="mvld"):
         assert log_model_verdict(tmp_path / "best") is None
     assert "no model verdict" in caplog.text
     caplog.clear()
-    (tmp_path / "verdict.json").write_text(json.dumps({
-        "imputer_wins": False, "sentence": "The diffusion imputer loses to ridge_regressor.",
-        "best_psnr": {"1": "ridge_regressor"}}))
+    (tmp_path / "verdict.json").write_text(
+        json.dumps(
+            {
+                "imputer_wins": False,
+                "sentence": "The diffusion imputer loses to ridge_regressor.",
+                "best_psnr": {"1": "ridge_regressor"},
+            }
+        )
+    )
     with caplog.at_level(logging.INFO, logger="mvld"):
         assert log_model_verdict(tmp_path / "best")["imputer_wins"] is False
     warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
@@ -332,7 +398,8 @@ def test_receiver_logs_the_verdict_beside_the_checkpoint(tmp_path: Path,
 
 @pytest.mark.slow
 def test_the_receiver_serves_the_runs_ridge_imputer_and_logs_its_verdict(
-        interrupted_run, caplog: pytest.LogCaptureFixture) -> None:
+    interrupted_run, caplog: pytest.LogCaptureFixture
+) -> None:
     from mvld.receiver.ridge_imputer import RidgeImputer
     from mvld.receiver.service import ReceiverConfig, ReceiverService
 

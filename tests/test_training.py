@@ -64,8 +64,9 @@ def test_masked_loss_ignores_the_observed_dimensions() -> None:
     base = multi_time_loss(net, sde, z0, observed, t, noise)
     # Change everything about the observed views' noise: the loss must not move.
     other_noise = torch.where(observed[..., None], 100 * torch.randn_like(noise), noise)
-    torch.testing.assert_close(multi_time_loss(net, sde, z0, observed, t, other_noise), base,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        multi_time_loss(net, sde, z0, observed, t, other_noise), base, rtol=0, atol=0
+    )
     # Change a missing view's noise: the loss must move.
     moved = noise.clone()
     moved[:, :, 0] += torch.where(observed, 0.0, 3.0)
@@ -76,10 +77,12 @@ def test_masked_loss_is_the_mean_over_missing_dimensions() -> None:
     net = ScoreNet(ScoreNetConfig(num_views=3, latent_dim=4, widths=(16,)))  # outputs zero
     noise = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
     observed = torch.tensor([[True, False, True], [False, False, False]])
-    loss = multi_time_loss(net, VPSDE(), torch.zeros(2, 3, 4), observed, torch.full((2,), 0.3),
-                           noise)
-    torch.testing.assert_close(loss, torch.stack([noise[0, 1].pow(2).mean(),
-                                                  noise[1].pow(2).mean()]))
+    loss = multi_time_loss(
+        net, VPSDE(), torch.zeros(2, 3, 4), observed, torch.full((2,), 0.3), noise
+    )
+    torch.testing.assert_close(
+        loss, torch.stack([noise[0, 1].pow(2).mean(), noise[1].pow(2).mean()])
+    )
 
 
 def test_observed_views_enter_the_network_clean_with_time_zero() -> None:
@@ -117,8 +120,9 @@ def test_best_checkpoint_is_the_best_validation(trained_ae: Path) -> None:
     assert (out / "best.safetensors").stat().st_size > 0
 
 
-def test_score_training_lowers_the_conditional_loss(rig: Path, trained_ae: Path,
-                                                    tmp_path: Path) -> None:
+def test_score_training_lowers_the_conditional_loss(
+    rig: Path, trained_ae: Path, tmp_path: Path
+) -> None:
     path = train_score(tiny_score_config(rig, trained_ae, tmp_path, steps=120, val_every=40), CPU)
     losses = [record["val_cond"] for record in _metrics(tmp_path)]
     assert losses[-1] < losses[0] - 0.05, losses
@@ -127,8 +131,9 @@ def test_score_training_lowers_the_conditional_loss(rig: Path, trained_ae: Path,
     assert (tmp_path / "latents.safetensors").is_file()
 
 
-def test_latent_statistics_standardise_the_training_latents(rig: Path, trained_ae: Path,
-                                                             tmp_path: Path) -> None:
+def test_latent_statistics_standardise_the_training_latents(
+    rig: Path, trained_ae: Path, tmp_path: Path
+) -> None:
     from mvld.train.score_training import _prepare_latents
 
     config = tiny_score_config(rig, trained_ae, tmp_path)
@@ -139,8 +144,9 @@ def test_latent_statistics_standardise_the_training_latents(rig: Path, trained_a
 
 
 @pytest.mark.parametrize("stage", ["ae", "score"])
-def test_resume_continues_the_same_run(stage: str, rig: Path, trained_ae: Path,
-                                       tmp_path: Path) -> None:
+def test_resume_continues_the_same_run(
+    stage: str, rig: Path, trained_ae: Path, tmp_path: Path
+) -> None:
     def config(out: Path, **kw):
         if stage == "ae":
             return tiny_ae_config(rig, out, checkpoint_every=10, **kw)
@@ -153,20 +159,23 @@ def test_resume_continues_the_same_run(stage: str, rig: Path, trained_ae: Path,
     a = json.loads(straight.read_text())
     b = json.loads(resumed.read_text())
     assert a["step"] == b["step"] == 20
-    assert (straight.with_suffix(".safetensors").read_bytes()
-            == resumed.with_suffix(".safetensors").read_bytes())
+    assert (
+        straight.with_suffix(".safetensors").read_bytes()
+        == resumed.with_suffix(".safetensors").read_bytes()
+    )
 
 
-def test_cli_trains_both_stages_from_a_toml_file(rig: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_trains_both_stages_from_a_toml_file(
+    rig: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "train.toml"
     config.write_text(
         f'data = "{rig}"\nprogress = false\n'
         f'[ae]\nout = "{tmp_path / "ae"}"\nimage_size = 32\nlatent_channels = 0\nlatent_dim = 8\n'
-        'channels = [8, 16]\n'
-        'batch_size = 16\nsteps = 4\n'
+        "channels = [8, 16]\n"
+        "batch_size = 16\nsteps = 4\n"
         f'[score]\nout = "{tmp_path / "score"}"\nwidths = [16]\ntime_dim = 8\n'
-        'batch_size = 8\nsteps = 4\n'
+        "batch_size = 8\nsteps = 4\n"
     )
     assert train_main(["ae", "--config", str(config), "--seed", "3"]) == 0
     assert train_main(["score", "--config", str(config), "--ae", str(tmp_path / "ae")]) == 0
@@ -177,14 +186,24 @@ def test_cli_trains_both_stages_from_a_toml_file(rig: Path, tmp_path: Path,
     assert saved["seed"] == 3 and saved["steps"] == 4
 
 
-def test_cli_reports_bad_input_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                       ) -> None:
+def test_cli_reports_bad_input_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
-    assert train_main(["ae", "--data", str(tmp_path / "empty"), "--out",
-                       str(tmp_path / "o")]) == 2
+    assert train_main(["ae", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "mvld-train ae:" in capsys.readouterr().err
-    assert train_main(["score", "--data", str(tmp_path / "empty"), "--ae",
-                       str(tmp_path / "none"), "--out", str(tmp_path / "s")]) == 2
+    assert (
+        train_main(
+            [
+                "score",
+                "--data",
+                str(tmp_path / "empty"),
+                "--ae",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("lerning_rate = 1\n")
@@ -212,9 +231,17 @@ def test_classifier_learns_the_labels_and_reloads(rig: Path, tmp_path: Path) -> 
     from mvld.train.classifier_training import train_classifier
     from mvld.train.config import ClassifierTrainConfig
 
-    config = ClassifierTrainConfig(data=str(rig), out=str(tmp_path), image_size=32,
-                                   channels=(8, 16), batch_size=16, steps=80, val_every=40,
-                                   lr=1e-2, progress=False)
+    config = ClassifierTrainConfig(
+        data=str(rig),
+        out=str(tmp_path),
+        image_size=32,
+        channels=(8, 16),
+        batch_size=16,
+        steps=80,
+        val_every=40,
+        lr=1e-2,
+        progress=False,
+    )
     path = train_classifier(config, CPU)
     assert _metrics(tmp_path)[-1]["val_accuracy"] >= 0.5  # 4 balanced classes: chance 0.25
     classifier, preprocess = load_classifier(path)
@@ -223,21 +250,26 @@ def test_classifier_learns_the_labels_and_reloads(rig: Path, tmp_path: Path) -> 
     assert 0.0 <= accuracy(classifier, images, torch.tensor([0, 1])) <= 1.0
 
 
-def test_bf16_mixed_precision_trains_and_saves_float32_weights(rig: Path, tmp_path: Path
-                                                               ) -> None:
+def test_bf16_mixed_precision_trains_and_saves_float32_weights(rig: Path, tmp_path: Path) -> None:
     """``--precision bf16`` autocasts the forward pass; the model file stays float32."""
-    path = train_autoencoder(tiny_ae_config(rig, tmp_path, steps=60, val_every=20,
-                                            precision="bf16"), CPU)
+    path = train_autoencoder(
+        tiny_ae_config(rig, tmp_path, steps=60, val_every=20, precision="bf16"), CPU
+    )
     psnrs = [record["val_psnr"] for record in _metrics(tmp_path)]
     assert psnrs[-1] > psnrs[0] + 2.0, psnrs
     autoencoder, _, _ = load_autoencoder(path)
     assert {p.dtype for p in autoencoder.parameters()} == {torch.float32}
     # The forward pass really ran in bf16: the same seeded steps in fp32 end elsewhere.
-    runs = {precision: train_autoencoder(tiny_ae_config(rig, tmp_path / precision, steps=5,
-                                                        precision=precision), CPU)
-            for precision in ("fp32", "bf16")}
-    assert (runs["fp32"].with_suffix(".safetensors").read_bytes()
-            != runs["bf16"].with_suffix(".safetensors").read_bytes())
+    runs = {
+        precision: train_autoencoder(
+            tiny_ae_config(rig, tmp_path / precision, steps=5, precision=precision), CPU
+        )
+        for precision in ("fp32", "bf16")
+    }
+    assert (
+        runs["fp32"].with_suffix(".safetensors").read_bytes()
+        != runs["bf16"].with_suffix(".safetensors").read_bytes()
+    )
     with pytest.raises(ConfigError, match="precision"):
         load_config(AETrainConfig, "ae", None, {"data": str(rig), "precision": "fp8"})
 
@@ -277,18 +309,22 @@ def test_unknown_schedule_is_a_config_error(rig: Path, capsys: pytest.CaptureFix
     assert "lr_schedule" in capsys.readouterr().err
 
 
-def test_spatial_latent_trains_a_conv_score_network_end_to_end(rig: Path, tmp_path: Path
-                                                                ) -> None:
+def test_spatial_latent_trains_a_conv_score_network_end_to_end(rig: Path, tmp_path: Path) -> None:
     """The default family: a grid latent per view and, by default, a convolutional score net."""
     from mvld.model.score_net import ConvScoreNet
     from mvld.receiver.imputation import Imputer
 
-    ae = train_autoencoder(tiny_ae_config(rig, tmp_path / "ae", latent_channels=2, res_blocks=1,
-                                          encoder_res_blocks=0, steps=20), CPU)
+    ae = train_autoencoder(
+        tiny_ae_config(
+            rig, tmp_path / "ae", latent_channels=2, res_blocks=1, encoder_res_blocks=0, steps=20
+        ),
+        CPU,
+    )
     autoencoder, _, _ = load_autoencoder(ae)
     assert autoencoder.config.latent_shape == (2, 8, 8) and autoencoder.config.latent_dim == 128
-    last = train_score(tiny_score_config(rig, ae, tmp_path / "score", widths=(8, 16), blocks=1,
-                                         steps=20), CPU)
+    last = train_score(
+        tiny_score_config(rig, ae, tmp_path / "score", widths=(8, 16), blocks=1, steps=20), CPU
+    )
     model = load_mvld_model(last)
     assert isinstance(model.score_net, ConvScoreNet) and model.score_net.config.kind == "conv"
     latents = torch.randn(2, 3, 128)
@@ -299,17 +335,28 @@ def test_spatial_latent_trains_a_conv_score_network_end_to_end(rig: Path, tmp_pa
 
 
 def test_warm_start_adds_attention_to_a_trained_conv_net_without_changing_it(
-        rig: Path, tmp_path: Path) -> None:
+    rig: Path, tmp_path: Path
+) -> None:
     """``init``: the new net (with attention) starts as the old one, latent statistics too."""
-    ae = train_autoencoder(tiny_ae_config(rig, tmp_path / "ae", latent_channels=2, steps=10),
-                           CPU)
-    old = load_mvld_model(train_score(tiny_score_config(
-        rig, ae, tmp_path / "old", widths=(8, 16), blocks=1, attention_heads=0, steps=20), CPU))
+    ae = train_autoencoder(tiny_ae_config(rig, tmp_path / "ae", latent_channels=2, steps=10), CPU)
+    old = load_mvld_model(
+        train_score(
+            tiny_score_config(
+                rig, ae, tmp_path / "old", widths=(8, 16), blocks=1, attention_heads=0, steps=20
+            ),
+            CPU,
+        )
+    )
     tiny = dict(widths=(8, 16), blocks=1, attention_heads=4, steps=1, lr=1e-12, seed=5)
-    warm = load_mvld_model(train_score(tiny_score_config(
-        rig, ae, tmp_path / "warm", init=str(tmp_path / "old" / "last"), **tiny), CPU))
-    cold = load_mvld_model(train_score(tiny_score_config(rig, ae, tmp_path / "cold", **tiny),
-                                       CPU))
+    warm = load_mvld_model(
+        train_score(
+            tiny_score_config(
+                rig, ae, tmp_path / "warm", init=str(tmp_path / "old" / "last"), **tiny
+            ),
+            CPU,
+        )
+    )
+    cold = load_mvld_model(train_score(tiny_score_config(rig, ae, tmp_path / "cold", **tiny), CPU))
     assert warm.score_net.attention is not None
     x, tau = torch.randn(4, 3, 128), torch.rand(4, 3)
     with torch.no_grad():
@@ -317,5 +364,15 @@ def test_warm_start_adds_attention_to_a_trained_conv_net_without_changing_it(
         assert not torch.allclose(cold.score_net(x, tau), old.score_net(x, tau), atol=1e-3)
     assert torch.equal(warm.latent_stats.mean, old.latent_stats.mean)
     with pytest.raises(ConfigError, match="another score network"):
-        train_score(tiny_score_config(rig, ae, tmp_path / "bad", widths=(16, 32), blocks=1,
-                                      init=str(tmp_path / "old" / "last"), steps=1), CPU)
+        train_score(
+            tiny_score_config(
+                rig,
+                ae,
+                tmp_path / "bad",
+                widths=(16, 32),
+                blocks=1,
+                init=str(tmp_path / "old" / "last"),
+                steps=1,
+            ),
+            CPU,
+        )

@@ -55,8 +55,11 @@ def test_random_rule_is_seeded() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"rule": "nope"}, "valid rules"), ({"max_views": 0}, "at least 1"),
-     ({"budget_bytes": 0}, "positive")],
+    [
+        ({"rule": "nope"}, "valid rules"),
+        ({"max_views": 0}, "at least 1"),
+        ({"budget_bytes": 0}, "positive"),
+    ],
 )
 def test_bad_config_is_a_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -273,14 +273,17 @@ def settle(sub: LatentSubscriber, pub: LatentPublisher, want: str, timeout: floa
     return state
 
 
-@pytest.mark.parametrize(("who", "state", "hint"), [
-    ("unlisted", "refused(auth)", "not in the receiver's --allow folder"),
-    ("wrong-server-key", "refused(handshake)", "is --server-key that receiver's public key"),
-    ("no-curve", "refused(handshake)", "give --keys and --server-key"),  # either detail
-])
+@pytest.mark.parametrize(
+    ("who", "state", "hint"),
+    [
+        ("unlisted", "refused(auth)", "not in the receiver's --allow folder"),
+        ("wrong-server-key", "refused(handshake)", "is --server-key that receiver's public key"),
+        ("no-curve", "refused(handshake)", "give --keys and --server-key"),  # either detail
+    ],
+)
 def test_a_refused_handshake_is_an_authentication_error_not_receiver_none(
-        curve_keys: CurveTrio, caplog: pytest.LogCaptureFixture, who: str, state: str,
-        hint: str) -> None:
+    curve_keys: CurveTrio, caplog: pytest.LogCaptureFixture, who: str, state: str, hint: str
+) -> None:
     server, _, intruder = curve_keys
     bogus_server = CurveClientKeys(intruder.public, intruder.secret, intruder.public)
     curve = {"unlisted": intruder, "no-curve": None, "wrong-server-key": bogus_server}[who]
@@ -313,7 +316,8 @@ def test_an_allowed_node_of_the_right_model_sees_the_receiver_up(curve_keys: Cur
 
 @pytest.mark.parametrize("latest_only", [True, False])
 def test_a_receiver_of_another_model_is_reported_as_refusing_the_fingerprint(
-        caplog: pytest.LogCaptureFixture, latest_only: bool) -> None:
+    caplog: pytest.LogCaptureFixture, latest_only: bool
+) -> None:
     """The receiver's X-MVLD-Enc handshake property reaches the node with CONFLATE on or off,
     and the subscription it rides on still delivers every message exactly once."""
     with (
@@ -329,18 +333,23 @@ def test_a_receiver_of_another_model_is_reported_as_refusing_the_fingerprint(
     assert FP_B[:16] in warning and FP_A[:16] in warning
 
 
-@pytest.mark.parametrize(("receiver_cameras", "state"), [
-    (("cam0", "cam1", "cam2"), "up"),
-    (("cam0", "cam1", "cam2", "cam3"), "up"),  # a camera may be absent (PROTOCOL.md 8)
-    (("cam0", "cam1"), "refused(cameras)"),  # cam2 is unknown there: every set is dropped
-    (("left", "right", "rear"), "refused(cameras)"),
-])
+@pytest.mark.parametrize(
+    ("receiver_cameras", "state"),
+    [
+        (("cam0", "cam1", "cam2"), "up"),
+        (("cam0", "cam1", "cam2", "cam3"), "up"),  # a camera may be absent (PROTOCOL.md 8)
+        (("cam0", "cam1"), "refused(cameras)"),  # cam2 is unknown there: every set is dropped
+        (("left", "right", "rear"), "refused(cameras)"),
+    ],
+)
 def test_a_receiver_without_one_of_the_nodes_cameras_is_reported(
-        receiver_cameras: tuple[str, ...], state: str) -> None:
+    receiver_cameras: tuple[str, ...], state: str
+) -> None:
     with (
         LatentSubscriber(ANY_PORT, fingerprint=FP_A, camera_ids=receiver_cameras) as sub,
-        LatentPublisher(sub.endpoints, fingerprint=FP_A,
-                        camera_ids=("cam0", "cam1", "cam2")) as pub,
+        LatentPublisher(
+            sub.endpoints, fingerprint=FP_A, camera_ids=("cam0", "cam1", "cam2")
+        ) as pub,
     ):
         assert settle(sub, pub, state) == state
 

@@ -14,24 +14,47 @@ IMPUTER = "dpmpp_2m_sde:20"
 
 
 def _row(method: str, missing: int, psnr: float, coherence: float | None) -> dict:
-    return {"method": method, "kind": "x", "group": f"{missing} missing (pooled)",
-            "missing_views": missing, "psnr": psnr, "ssim": 0.5, "coherence": coherence}
+    return {
+        "method": method,
+        "kind": "x",
+        "group": f"{missing} missing (pooled)",
+        "missing_views": missing,
+        "psnr": psnr,
+        "ssim": 0.5,
+        "coherence": coherence,
+    }
 
 
-def _rows(ours: dict[int, tuple[float, float | None]], baseline_psnr: float = 20.0,
-          baseline_coherence: float | None = 0.5) -> list[dict]:
+def _rows(
+    ours: dict[int, tuple[float, float | None]],
+    baseline_psnr: float = 20.0,
+    baseline_coherence: float | None = 0.5,
+) -> list[dict]:
     rows = [_row(IMPUTER, m, p, c) for m, (p, c) in ours.items()]
     for name in ("mean_latent", "nearest_neighbour", "ridge_regressor"):
         rows += [_row(name, m, baseline_psnr, baseline_coherence) for m in ours]
-    rows.append({"method": IMPUTER, "group": "all patterns (pooled)", "missing_views": None,
-                 "psnr": 0.0, "ssim": 0.0, "coherence": 0.0})  # ignored: mixed counts
+    rows.append(
+        {
+            "method": IMPUTER,
+            "group": "all patterns (pooled)",
+            "missing_views": None,
+            "psnr": 0.0,
+            "ssim": 0.0,
+            "coherence": 0.0,
+        }
+    )  # ignored: mixed counts
     return rows
 
 
 def _good_evidence(**changes) -> TrainingEvidence:
-    values = dict(reconstruction_psnr=30.0, reconstruction_ssim=0.9,
-                  ae_val_psnr=[20.0, 29.9, 30.0], score_val_loss=[0.8, 0.5, 0.499],
-                  train_frame_sets=5000, labelled=True)
+    values = dict(
+        reconstruction_psnr=30.0,
+        reconstruction_ssim=0.9,
+        ae_val_psnr=[20.0, 29.9, 30.0],
+        score_val_loss=[0.8, 0.5, 0.499],
+        train_frame_sets=5000,
+        labelled=True,
+    )
     return TrainingEvidence(**(values | changes))
 
 

@@ -66,8 +66,9 @@ def as_float32(value: Any) -> np.ndarray:
     return np.asarray(value).astype(np.float32)
 
 
-def mixed_message(dtype: str = "float32", shape: tuple[int, ...] = (2, 3),
-                  version: int = PROTOCOL_VERSION) -> FrameSetMessage:
+def mixed_message(
+    dtype: str = "float32", shape: tuple[int, ...] = (2, 3), version: int = PROTOCOL_VERSION
+) -> FrameSetMessage:
     """One view of every status."""
     return FrameSetMessage(
         node_id="node-1",
@@ -144,7 +145,8 @@ def pack_pairs(obj: Any) -> bytes:
     packer = msgpack.Packer(use_bin_type=True)
     if isinstance(obj, Pairs):
         return packer.pack_map_header(len(obj)) + b"".join(
-            pack_pairs(k) + pack_pairs(v) for k, v in obj)
+            pack_pairs(k) + pack_pairs(v) for k, v in obj
+        )
     if isinstance(obj, dict):
         return pack_pairs(Pairs(obj.items()))
     if isinstance(obj, list):
@@ -154,16 +156,20 @@ def pack_pairs(obj: Any) -> bytes:
 
 def with_duplicate(raw: dict[str, Any], path: tuple[Any, ...], key: str, value: Any) -> bytes:
     """``raw`` packed with ``key`` written a second time (``value``) in the map at ``path``."""
+
     def convert(obj: Any, rest: tuple[Any, ...]) -> Any:
         if isinstance(obj, dict):
-            pairs = Pairs((k, convert(v, rest[1:] if rest and rest[0] == k else ("-",)))
-                          for k, v in obj.items())
+            pairs = Pairs(
+                (k, convert(v, rest[1:] if rest and rest[0] == k else ("-",)))
+                for k, v in obj.items()
+            )
             if not rest:
                 pairs.append((key, value))
             return pairs
         if isinstance(obj, list):
-            return [convert(v, rest[1:] if rest and rest[0] == i else ("-",))
-                    for i, v in enumerate(obj)]
+            return [
+                convert(v, rest[1:] if rest and rest[0] == i else ("-",)) for i, v in enumerate(obj)
+            ]
         return obj
 
     return pack_pairs(convert(raw, path))
@@ -226,13 +232,15 @@ def test_version_1_accepts_integer_and_float32_times_from_foreign_clients() -> N
     decoded = decode_frameset(pack(raw))
     assert decoded.send_time == 1_700_000_000.0 and type(decoded.send_time) is float
     assert decoded.views[0].capture_time == 5.0
-    single = decode_frameset(msgpack.packb(wire_dict(mixed_message(version=1)),
-                                           use_single_float=True))
+    single = decode_frameset(
+        msgpack.packb(wire_dict(mixed_message(version=1)), use_single_float=True)
+    )
     assert single.send_time == 1_700_000_000.0  # float 32: 128 s resolution, v1 allowed it
 
 
-@pytest.mark.parametrize(("path", "value"), [(("t",), 1_700_000_000),
-                                             (("views", 0, "tc"), 1_700_000_000)])
+@pytest.mark.parametrize(
+    ("path", "value"), [(("t",), 1_700_000_000), (("views", 0, "tc"), 1_700_000_000)]
+)
 def test_version_2_refuses_integer_times(path: tuple[Any, ...], value: int) -> None:
     raw = wire_dict()
     _set(path, value)(raw)
@@ -250,8 +258,11 @@ def test_version_2_refuses_float32_times() -> None:
     raw = wire_dict()
     raw["t"] = 1_700_000_000.5  # a float 64 t, float 32 tc only
     packed = msgpack.Packer(use_bin_type=True)
-    tc_only = pack(raw).replace(packed.pack("tc") + packed.pack(1_700_000_000.0),
-                                packed.pack("tc") + struct.pack(">Bf", 0xca, 1.7e9), 1)
+    tc_only = pack(raw).replace(
+        packed.pack("tc") + packed.pack(1_700_000_000.0),
+        packed.pack("tc") + struct.pack(">Bf", 0xCA, 1.7e9),
+        1,
+    )
     assert tc_only != pack(raw)
     with pytest.raises(ProtocolError, match=r"views\[0\]\.tc: must be a msgpack float 64"):
         decode_frameset(tc_only)
@@ -266,8 +277,9 @@ def test_v2_carries_the_first_8_bytes_of_the_fingerprint_as_bin() -> None:
     assert wire_fingerprint(FP.upper()) == FP[:16]
 
 
-@pytest.mark.parametrize("fingerprint", ["sha256:0f1e2d3c4b5a69788796", "0f1e2d3c4b5a697", "",
-                                         "g" * 64])
+@pytest.mark.parametrize(
+    "fingerprint", ["sha256:0f1e2d3c4b5a69788796", "0f1e2d3c4b5a697", "", "g" * 64]
+)
 def test_v2_needs_a_hex_fingerprint_of_at_least_8_bytes(fingerprint: str) -> None:
     with pytest.raises(ProtocolError, match="encoder_fingerprint"):
         FrameSetMessage("n", 0, 1.0, fingerprint, _views())
@@ -277,13 +289,21 @@ def test_v2_sizes_of_three_512_value_views() -> None:
     """The numbers in PROTOCOL.md section 4.3 (node "edge", seq 123456, views cam0..cam2)."""
     sizes = {}
     for dtype in ("int8", "float16", "float32"):
-        views = tuple(ViewRecord(f"cam{i}", "ok", "none", 1_700_000_000.25,
-                                 latent((8, 8, 8), dtype, offset=i)) for i in range(3))
-        sizes[dtype] = len(encode_frameset(FrameSetMessage("edge", 123_456, 1_700_000_000.5,
-                                                           FP, views)))
+        views = tuple(
+            ViewRecord(
+                f"cam{i}", "ok", "none", 1_700_000_000.25, latent((8, 8, 8), dtype, offset=i)
+            )
+            for i in range(3)
+        )
+        sizes[dtype] = len(
+            encode_frameset(FrameSetMessage("edge", 123_456, 1_700_000_000.5, FP, views))
+        )
     assert sizes == {"int8": 1810, "float16": 3322, "float32": 6394}
     assert {k: v - 3 * 512 * LATENT_DTYPES[k].itemsize for k, v in sizes.items()} == {
-        "int8": 274, "float16": 250, "float32": 250}
+        "int8": 274,
+        "float16": 250,
+        "float32": 250,
+    }
 
 
 def test_every_status_has_a_reason_vocabulary() -> None:
@@ -344,15 +364,27 @@ def test_golden_files_decode_to_their_messages(name: str) -> None:
         (lambda: FrameSetMessage("n", 0, 1.0, "", _views()), "encoder_fingerprint"),
         (lambda: FrameSetMessage("n", 0, 1.0, "", _views(), version=1), "encoder_fingerprint"),
         (
-            lambda: FrameSetMessage("n", 0, 1.0, "f", (
-                ViewRecord("a", "ok", "none", 1.0, latent((2,), "int8")),), version=1),
+            lambda: FrameSetMessage(
+                "n",
+                0,
+                1.0,
+                "f",
+                (ViewRecord("a", "ok", "none", 1.0, latent((2,), "int8")),),
+                version=1,
+            ),
             "version 1 has no scale",
         ),
         (
-            lambda: FrameSetMessage("n", 0, 1.0, FP, (
-                ViewRecord("a", "ok", "none", 1.0, latent((2,), "int8")),
-                ViewRecord("b", "ok", "none", 1.0, latent((2,), "float16")),
-            )),
+            lambda: FrameSetMessage(
+                "n",
+                0,
+                1.0,
+                FP,
+                (
+                    ViewRecord("a", "ok", "none", 1.0, latent((2,), "int8")),
+                    ViewRecord("b", "ok", "none", 1.0, latent((2,), "float16")),
+                ),
+            ),
             "share dtype and shape",
         ),
         (
@@ -408,12 +440,14 @@ def test_int8_quantization_is_symmetric_per_view_and_bounded() -> None:
     assert q.scale == pytest.approx(float(np.abs(x).max()) / 127)
     assert int(np.abs(q.values).max()) == 127 and q.values.min() >= -127
     assert np.abs(q.dequantize() - x).max() <= q.scale / 2 + 1e-6
-    lat = wire_dict(FrameSetMessage("n", 0, 1.0, FP, (
-        ViewRecord("c", "ok", "none", 1.0, q),)))["views"][0]["lat"]
+    lat = wire_dict(FrameSetMessage("n", 0, 1.0, FP, (ViewRecord("c", "ok", "none", 1.0, q),)))[
+        "views"
+    ][0]["lat"]
     assert list(lat) == ["dt", "sh", "s", "b"] and lat["dt"] == "int8" and lat["sh"] == [8, 8, 8]
     assert lat["s"] == q.scale and lat["b"] == q.values.tobytes() and len(lat["b"]) == 512
-    decoded = decode_frameset(pack({**wire_dict(), "views": [{**wire_dict()["views"][0],
-                                                               "lat": lat}]}))
+    decoded = decode_frameset(
+        pack({**wire_dict(), "views": [{**wire_dict()["views"][0], "lat": lat}]})
+    )
     expected = (q.values.astype(np.float64) * q.scale).astype(np.float32)
     assert decoded.views[0].latent.tobytes() == expected.tobytes()
 
@@ -438,8 +472,8 @@ def test_decoded_int8_may_use_minus_128_and_a_float32_scale() -> None:
     raw["views"][4]["lat"]["b"] = np.array([-128, 127], np.int8).tobytes()
     raw["views"][0]["lat"]["s"] = 0.5
     raw["views"][4]["lat"]["s"] = 0.5
-    float64_scale = pack("s") + struct.pack(">Bd", 0xcb, 0.5)
-    float32_scale = pack("s") + struct.pack(">Bf", 0xca, 0.5)
+    float64_scale = pack("s") + struct.pack(">Bd", 0xCB, 0.5)
+    float32_scale = pack("s") + struct.pack(">Bf", 0xCA, 0.5)
     data = pack(raw).replace(float64_scale, float32_scale)
     assert data.count(float32_scale) == 2
     decoded = decode_frameset(data)
@@ -449,19 +483,22 @@ def test_decoded_int8_may_use_minus_128_and_a_float32_scale() -> None:
 # --- duplicate keys ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "key", "value", "where"), [
-    ((), "seq", 99, r"^message: duplicate key 'seq'"),
-    ((), "node", "intruder", r"^message: duplicate key 'node'"),
-    ((), "v", 9, r"^message: duplicate key 'v'"),
-    (("views", 0), "st", "failed", r"^message: views\[0\]: duplicate key 'st'"),
-    (("views", 1), "cam", "cam9", r"^message: views\[1\]: duplicate key 'cam'"),
-    (("views", 0, "lat"), "b", b"\0" * 24, r"^message: views\[0\]\.lat: duplicate key 'b'"),
-    (("views", 0, "lat"), "dt", "float16", r"views\[0\]\.lat: duplicate key 'dt'"),
-])
+@pytest.mark.parametrize(
+    ("path", "key", "value", "where"),
+    [
+        ((), "seq", 99, r"^message: duplicate key 'seq'"),
+        ((), "node", "intruder", r"^message: duplicate key 'node'"),
+        ((), "v", 9, r"^message: duplicate key 'v'"),
+        (("views", 0), "st", "failed", r"^message: views\[0\]: duplicate key 'st'"),
+        (("views", 1), "cam", "cam9", r"^message: views\[1\]: duplicate key 'cam'"),
+        (("views", 0, "lat"), "b", b"\0" * 24, r"^message: views\[0\]\.lat: duplicate key 'b'"),
+        (("views", 0, "lat"), "dt", "float16", r"views\[0\]\.lat: duplicate key 'dt'"),
+    ],
+)
 @pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
-def test_duplicate_keys_are_rejected_at_every_level(path: tuple[Any, ...], key: str,
-                                                    value: Any, where: str,
-                                                    version: int) -> None:
+def test_duplicate_keys_are_rejected_at_every_level(
+    path: tuple[Any, ...], key: str, value: Any, where: str, version: int
+) -> None:
     """msgpack-python lets the last value win; the protocol does not (issue 18, item 1)."""
     raw = wire_dict(mixed_message(version=version))
     data = with_duplicate(raw, path, key, value)

@@ -38,10 +38,20 @@ SMALL_LIMITS = WireLimits(max_message_bytes=4096, max_latent_elements=256, max_v
 def _valid_message(version: int) -> FrameSetMessage:
     dtype = "int8" if version == 2 else "float32"
     views = (
-        ViewRecord("cam0", "ok", "none", 10.0,
-                   quantize_latent(np.linspace(-1, 1, 12, dtype=np.float32), dtype)),
-        ViewRecord("cam1", "ok", "none", 10.5,
-                   quantize_latent(np.linspace(1, 2, 12, dtype=np.float32), dtype)),
+        ViewRecord(
+            "cam0",
+            "ok",
+            "none",
+            10.0,
+            quantize_latent(np.linspace(-1, 1, 12, dtype=np.float32), dtype),
+        ),
+        ViewRecord(
+            "cam1",
+            "ok",
+            "none",
+            10.5,
+            quantize_latent(np.linspace(1, 2, 12, dtype=np.float32), dtype),
+        ),
         ViewRecord("cam2", "obstructed", "dirty", 10.0),
         ViewRecord("cam3", "failed", "read_error", None),
     )
@@ -86,8 +96,9 @@ plain_values = st.recursive(
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=20)
     | st.binary(max_size=40),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=6), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=6), children, max_size=5)
+    ),
     max_leaves=12,
 )
 
@@ -123,12 +134,13 @@ def test_random_bytes(data: bytes) -> None:
 @FUZZ
 @given(VALIDS, st.integers(min_value=0, max_value=len(VALID_V1) - 1))
 def test_every_truncation_is_rejected(valid: bytes, cut: int) -> None:
-    assert decode_or_reject(valid[:cut % len(valid)]) is None
+    assert decode_or_reject(valid[: cut % len(valid)]) is None
 
 
 @FUZZ
-@given(VALIDS, st.lists(st.tuples(st.integers(0, len(VALID_V1) - 1), st.integers(0, 255)),
-                        max_size=6))
+@given(
+    VALIDS, st.lists(st.tuples(st.integers(0, len(VALID_V1) - 1), st.integers(0, 255)), max_size=6)
+)
 def test_byte_flips_of_a_valid_message(valid: bytes, flips: list[tuple[int, int]]) -> None:
     data = bytearray(valid)
     for index, value in flips:

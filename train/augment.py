@@ -62,13 +62,18 @@ def mirror_invariant(data: str | Path) -> bool:
 def augment_for_dataset(data: str | Path, mirror: bool) -> AugmentConfig:
     """The classifier's augmentation for ``data``: mirroring when asked or declared safe."""
     allowed = mirror or mirror_invariant(data)
-    log.info("classifier augmentation: %s", "with horizontal mirroring" if allowed else
-             "no mirroring (pass --mirror, or see docs/DATASETS.md, if labels survive it)")
+    log.info(
+        "classifier augmentation: %s",
+        "with horizontal mirroring"
+        if allowed
+        else "no mirroring (pass --mirror, or see docs/DATASETS.md, if labels survive it)",
+    )
     return replace(AugmentConfig(), flip_prob=MIRROR_PROB if allowed else 0.0)
 
 
-def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator
-             ) -> torch.Tensor:
+def _uniform(
+    shape: tuple[int, ...], low: float, high: float, generator: torch.Generator
+) -> torch.Tensor:
     return low + (high - low) * torch.rand(shape, generator=generator)
 
 
@@ -88,8 +93,9 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return flat.reshape(count, channels, height, width)
 
 
-def augment_views(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator
-                  ) -> torch.Tensor:
+def augment_views(
+    images: torch.Tensor, config: AugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
     """A randomly transformed copy of a batch of preprocessed views ``[N, C, H, W]``."""
     count, _, height, width = images.shape
     out = images

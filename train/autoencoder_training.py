@@ -40,26 +40,32 @@ def view_pairs(present: np.ndarray, frame_indices: np.ndarray) -> np.ndarray:
     return np.stack([frame_indices[frames], views], axis=1)
 
 
-def images_for(arrays: FrameArrays, pairs: np.ndarray, preprocess: PreprocessConfig
-               ) -> torch.Tensor:
+def images_for(
+    arrays: FrameArrays, pairs: np.ndarray, preprocess: PreprocessConfig
+) -> torch.Tensor:
     """Preprocessed float images ``[M, 3, H, W]`` of the given (frame set, view) pairs."""
     return torch.from_numpy(preprocess_images(arrays.images[pairs[:, 0], pairs[:, 1]], preprocess))
 
 
 @torch.no_grad()
-def reconstruction_psnr(model: Autoencoder, images: torch.Tensor, preprocess: PreprocessConfig,
-                        batch: int = 256) -> float:
+def reconstruction_psnr(
+    model: Autoencoder, images: torch.Tensor, preprocess: PreprocessConfig, batch: int = 256
+) -> float:
     """Mean PSNR (dB) of the reconstructed views as uint8 images, as ``mvld-eval`` reports it."""
     model.eval()
     device = next(model.parameters()).device
-    outputs = [model(images[i:i + batch].to(device)).cpu() for i in range(0, len(images), batch)]
+    outputs = [model(images[i : i + batch].to(device)).cpu() for i in range(0, len(images), batch)]
     model.train()
     decoded = postprocess_images(torch.cat(outputs).numpy(), preprocess)
     return float(psnr(decoded, postprocess_images(images.numpy(), preprocess)).mean())
 
 
-def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,
-                        preprocess: PreprocessConfig, ssim_weight: float) -> torch.Tensor:
+def reconstruction_loss(
+    reconstruction: torch.Tensor,
+    images: torch.Tensor,
+    preprocess: PreprocessConfig,
+    ssim_weight: float,
+) -> torch.Tensor:
     """L1, plus ``ssim_weight * (1 - SSIM)`` on the preprocessing's value range."""
     loss = nn.functional.l1_loss(reconstruction, images)
     if ssim_weight > 0:
@@ -74,9 +80,13 @@ def autoencoder_config_for(config: AETrainConfig) -> AutoencoderConfig:
     grid = config.image_size // 2 ** len(config.channels)
     latent_dim = config.latent_channels * grid**2 if config.latent_channels else config.latent_dim
     return AutoencoderConfig(
-        image_size=config.image_size, latent_dim=latent_dim, channels=config.channels,
-        res_blocks=config.res_blocks, latent_channels=config.latent_channels,
-        encoder_res_blocks=config.encoder_res_blocks)
+        image_size=config.image_size,
+        latent_dim=latent_dim,
+        channels=config.channels,
+        res_blocks=config.res_blocks,
+        latent_channels=config.latent_channels,
+        encoder_res_blocks=config.encoder_res_blocks,
+    )
 
 
 def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
@@ -92,10 +102,13 @@ def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
         val_pairs = evenly_spaced(train_pairs, config.val_images)
     sampler = EpochSampler(len(train_pairs), config.batch_size, config.seed)
     if sampler.steps_per_epoch == 0:
-        raise DatasetError(f"{config.data}: {len(train_pairs)} training views are fewer than "
-                           f"one batch of {config.batch_size}; lower --batch-size")
-    log.info("autoencoder: %d training views, %d validation views", len(train_pairs),
-             len(val_pairs))
+        raise DatasetError(
+            f"{config.data}: {len(train_pairs)} training views are fewer than "
+            f"one batch of {config.batch_size}; lower --batch-size"
+        )
+    log.info(
+        "autoencoder: %d training views, %d validation views", len(train_pairs), len(val_pairs)
+    )
 
     torch.manual_seed(config.seed)
     arch = autoencoder_config_for(config)
@@ -126,27 +139,48 @@ def train_autoencoder(config: AETrainConfig, ctx: DistributedContext) -> Path:
         save_autoencoder(out / "last", model, preprocess, extra)
         improved = metrics.get("val_psnr", -1.0) > best
         best = max(best, metrics.get("val_psnr", -1.0))
-        save_training_state(out / "last", TrainingState(
-            step=step, modules={}, optimizer=optimizer.state_dict(), info={"best": best}))
+        save_training_state(
+            out / "last",
+            TrainingState(
+                step=step, modules={}, optimizer=optimizer.state_dict(), info={"best": best}
+            ),
+        )
         if improved:
             promote_to_best(out)
 
-    run_loop(ctx=ctx, start_step=start_step, steps=config.steps,
-             samples_per_step=config.batch_size, val_every=config.val_every,
-             checkpoint_every=config.checkpoint_every, out=out, progress=config.progress,
-             desc="autoencoder", train_step=train_step, validate=validate, save=save)
+    run_loop(
+        ctx=ctx,
+        start_step=start_step,
+        steps=config.steps,
+        samples_per_step=config.batch_size,
+        val_every=config.val_every,
+        checkpoint_every=config.checkpoint_every,
+        out=out,
+        progress=config.progress,
+        desc="autoencoder",
+        train_step=train_step,
+        validate=validate,
+        save=save,
+    )
     return checkpoint_paths(out / "last")[0]
 
 
-def _maybe_resume(config: AETrainConfig, model: Autoencoder, optimizer: torch.optim.Optimizer,
-                  arch: AutoencoderConfig, preprocess: PreprocessConfig) -> tuple[int, float]:
+def _maybe_resume(
+    config: AETrainConfig,
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    arch: AutoencoderConfig,
+    preprocess: PreprocessConfig,
+) -> tuple[int, float]:
     """Load ``OUT/last`` into the model and optimiser when resuming; ``(step, best PSNR)``."""
     if not config.resume:
         return 0, -1.0
     loaded, loaded_preprocess, _ = load_autoencoder(Path(config.out) / "last")
     if loaded.config != arch or loaded_preprocess != preprocess:
-        raise ConfigError(f"cannot resume {config.out}: its architecture differs from the "
-                          "requested one (pass the same options as the first run)")
+        raise ConfigError(
+            f"cannot resume {config.out}: its architecture differs from the "
+            "requested one (pass the same options as the first run)"
+        )
     model.load_state_dict(loaded.state_dict())
     state = load_training_state(Path(config.out) / "last")
     optimizer.load_state_dict(state.optimizer)

@@ -72,7 +72,7 @@ class NearestNeighbour:
             if bank.shape[1] == 0:
                 continue  # nothing observed: every neighbour is as near; keep index 0
             for start in range(0, len(rows), self.chunk):
-                part = rows[start:start + self.chunk]
+                part = rows[start : start + self.chunk]
                 query = z[part][:, observed].double().flatten(1).cpu()
                 index[part] = torch.cdist(query, bank).argmin(1)
         return index
@@ -100,8 +100,9 @@ class RidgeRegressor:
             x_mean, y_mean = x.mean(0), y.mean(0)
             xc, yc = x - x_mean, y - y_mean
             gram = xc.T @ xc + self.alpha * torch.eye(xc.shape[1], dtype=xc.dtype)
-            weights = (torch.linalg.solve(gram, xc.T @ yc) if xc.shape[1]
-                       else xc.new_zeros(0, yc.shape[1]))  # [D_obs, D_mis]
+            weights = (
+                torch.linalg.solve(gram, xc.T @ yc) if xc.shape[1] else xc.new_zeros(0, yc.shape[1])
+            )  # [D_obs, D_mis]
             self._fits[mask] = (x_mean, y_mean, weights)
         return self._fits[mask]
 

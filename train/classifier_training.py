@@ -49,9 +49,14 @@ def train_classifier(config: ClassifierTrainConfig, ctx: DistributedContext) -> 
     if sampler.steps_per_epoch == 0:
         raise DatasetError(f"{len(train_pairs)} labelled views are fewer than one batch")
     torch.manual_seed(config.seed)
-    classifier = ViewClassifier(ClassifierConfig(
-        num_classes=int(arrays.labels.max()) + 1, image_size=config.image_size,
-        channels=config.channels, convs_per_stage=config.convs_per_stage)).to(ctx.device)
+    classifier = ViewClassifier(
+        ClassifierConfig(
+            num_classes=int(arrays.labels.max()) + 1,
+            image_size=config.image_size,
+            channels=config.channels,
+            convs_per_stage=config.convs_per_stage,
+        )
+    ).to(ctx.device)
     augment = augment_for_dataset(config.data, config.mirror) if config.augment else None
     optimizer = torch.optim.Adam(classifier.parameters(), lr=config.lr)
     trained = ctx.wrap(classifier)
@@ -81,12 +86,30 @@ def train_classifier(config: ClassifierTrainConfig, ctx: DistributedContext) -> 
         return {"val_accuracy": accuracy(classifier, val_images, val_labels)}
 
     def save(step: int, metrics: dict[str, float]) -> None:
-        save_classifier(out / "last", classifier, preprocess,
-                        {"training": config_to_dict(config), "step": step, "metrics": metrics,
-                         "label_counts": np.bincount(arrays.labels[labelled]).tolist()})
+        save_classifier(
+            out / "last",
+            classifier,
+            preprocess,
+            {
+                "training": config_to_dict(config),
+                "step": step,
+                "metrics": metrics,
+                "label_counts": np.bincount(arrays.labels[labelled]).tolist(),
+            },
+        )
 
-    run_loop(ctx=ctx, start_step=0, steps=config.steps, samples_per_step=config.batch_size,
-             val_every=config.val_every, checkpoint_every=config.checkpoint_every, out=out,
-             progress=config.progress, desc="classifier", train_step=train_step,
-             validate=validate, save=save)
+    run_loop(
+        ctx=ctx,
+        start_step=0,
+        steps=config.steps,
+        samples_per_step=config.batch_size,
+        val_every=config.val_every,
+        checkpoint_every=config.checkpoint_every,
+        out=out,
+        progress=config.progress,
+        desc="classifier",
+        train_step=train_step,
+        validate=validate,
+        save=save,
+    )
     return checkpoint_paths(out / "last")[0]

@@ -43,10 +43,15 @@ if TYPE_CHECKING:
 STAGES: dict[str, tuple[type[CommonTrainConfig] | type[TrainAllConfig], str]] = {
     "ae": (AETrainConfig, "train the shared autoencoder on every view of a dataset folder"),
     "score": (ScoreTrainConfig, "train the score network on the latents of a trained autoencoder"),
-    "classifier": (ClassifierTrainConfig,
-                   "train the downstream label classifier on single real views"),
-    "all": (TrainAllConfig, "every stage into one run folder, the ONNX export and a verdict "
-            "against the baselines; resumable, with an optional --budget (docs/TRAINING.md)"),
+    "classifier": (
+        ClassifierTrainConfig,
+        "train the downstream label classifier on single real views",
+    ),
+    "all": (
+        TrainAllConfig,
+        "every stage into one run folder, the ONNX export and a verdict "
+        "against the baselines; resumable, with an optional --budget (docs/TRAINING.md)",
+    ),
 }
 
 
@@ -68,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(config: CommonTrainConfig | TrainAllConfig, ctx: DistributedContext,
-           config_file: str | None) -> Path:
+def _train(
+    config: CommonTrainConfig | TrainAllConfig, ctx: DistributedContext, config_file: str | None
+) -> Path:
     """Run the stage ``config`` belongs to (its class names it, as in ``STAGES``)."""
     from mvld.train.pipeline import run_pipeline, train_stage
 
@@ -86,16 +92,20 @@ def _stage_tables_toml(config: TrainAllConfig, config_file: str | None) -> str:
     from mvld.common.config_flags import ConfigOptions, Section
     from mvld.train.pipeline import stage_configs
 
-    shared = ", ".join(("data", "device", "seed", "val_fraction", "threads", "skip_bad",
-                        "progress"))
+    shared = ", ".join(
+        ("data", "device", "seed", "val_fraction", "threads", "skip_bad", "progress")
+    )
     text = ""
     for name, stage_config in stage_configs(config, stage_tables(config_file)).items():
         stage_cls = type(stage_config)
         from_run = shared + (", ae" if name == "score" else "") + ", out and resume"
-        text += (f"\n# the {name} stage, as `mvld-train all` runs it: {from_run} come from the "
-                 "run" + (", steps from --budget" if config.budget else "") + "\n")
+        text += (
+            f"\n# the {name} stage, as `mvld-train all` runs it: {from_run} come from the "
+            "run" + (", steps from --budget" if config.budget else "") + "\n"
+        )
         text += ConfigOptions([Section(stage_cls, name)]).to_toml(
-            {stage_cls: config_to_dict(stage_config)})
+            {stage_cls: config_to_dict(stage_config)}
+        )
     return text
 
 

@@ -35,7 +35,7 @@ class DistributedContext:
         if batch.shape[0] % self.world_size:
             raise ConfigError(f"batch {batch.shape[0]} is not divisible by {self.world_size} ranks")
         size = batch.shape[0] // self.world_size
-        return batch[self.rank * size:(self.rank + 1) * size]
+        return batch[self.rank * size : (self.rank + 1) * size]
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model wrapped in DDP when distributed, else itself."""

@@ -33,14 +33,22 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in rows]]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
 
 
 def _metric_cells(row: dict) -> list[str]:
     fid = "-" if row["fid"] is None else f"{row['fid']:.1f} ({row['fid_views']})"
-    return [_fmt(row["coherence"]), _fmt(row["psnr"], 2), _fmt(row["ssim"]),
-            _fmt(row["fd_classifier"], 2), fid]
+    return [
+        _fmt(row["coherence"]),
+        _fmt(row["psnr"], 2),
+        _fmt(row["ssim"]),
+        _fmt(row["fd_classifier"], 2),
+        fid,
+    ]
 
 
 def methods_table(summary: dict) -> list[str]:
@@ -52,21 +60,38 @@ def methods_table(summary: dict) -> list[str]:
         nfe = "-" if method is None else str(method["nfe"])
         ms = "-" if method is None else f"{1000 * method['seconds_per_frame_set']:.3f}"
         lines.append([row["method"], row["kind"], nfe, ms, *_metric_cells(row)])
-    return _table(["method", "kind", "NFE", "ms / frame set", "coherence", "PSNR dB", "SSIM",
-                   "FD classifier", "FID (views)"], lines)
+    return _table(
+        [
+            "method",
+            "kind",
+            "NFE",
+            "ms / frame set",
+            "coherence",
+            "PSNR dB",
+            "SSIM",
+            "FD classifier",
+            "FID (views)",
+        ],
+        lines,
+    )
 
 
 def patterns_table(summary: dict) -> list[str]:
     """Every pattern and pool, every method."""
-    lines = [[row["group"], row["method"], *_metric_cells(row)]
-             for row in summary["rows"] if row["group"] != ALL]
-    return _table(["missing", "method", "coherence", "PSNR dB", "SSIM", "FD classifier",
-                   "FID (views)"], lines)
+    lines = [
+        [row["group"], row["method"], *_metric_cells(row)]
+        for row in summary["rows"]
+        if row["group"] != ALL
+    ]
+    return _table(
+        ["missing", "method", "coherence", "PSNR dB", "SSIM", "FD classifier", "FID (views)"], lines
+    )
 
 
 def tradeoff_tables(tradeoff: dict) -> list[str]:
     """MVLD points (k views sent, each precision) with the best point of every codec sweep that
     fits the same bytes, the verdict per metric, then the codec sweeps."""
+
     def quality(point: dict) -> str:
         fid = "" if point.get("fid") is None else f", FID {point['fid']:.1f}"
         return f"{point['psnr']:.2f} dB, SSIM {point['ssim']:.3f}{fid}"
@@ -77,60 +102,117 @@ def tradeoff_tables(tradeoff: dict) -> list[str]:
         return f"q{point['quality']} {point['bytes_per_frame_set']:.0f} B: {quality(point)}"
 
     sweeps = list(tradeoff["codecs"])
-    matched = [[str(r["views_sent"]), r["dtype"], f"{r['bytes']:.0f}", quality(r),
-                _fmt(r["coherence"]), *(codec_cell(r.get(name)) for name in sweeps)]
-               for r in tradeoff["matched"]]
-    lines = _table(["views sent", "latent", "bytes / frame set", "MVLD, all views",
-                    "coherence", *(f"best {name} within budget" for name in sweeps)], matched)
-    verdicts = [[c["metric"], f"{c['wins']} of {c['comparisons']}",
-                 "; ".join(f"k={x['views_sent']} {x['dtype']} vs {x['codec']}: "
-                           f"{x['mvld']:.3f} vs {x['codec_value']:.3f}" for x in c["losses"])
-                 or "none"]
-                for c in tradeoff.get("curve_above", [])]
-    sweep = [[name, str(p["quality"]), f"{p['bytes_per_frame_set']:.0f}", _fmt(p["psnr"], 2),
-              _fmt(p["ssim"]), _fmt(p["coherence"])]
-             for name, points in tradeoff["codecs"].items() for p in points]
-    return [*lines, "", *_table(["metric", "MVLD better at matched bytes", "where not"],
-                                verdicts),
-            "", *_table(["codec", "quality", "bytes / frame set", "PSNR dB", "SSIM",
-                         "coherence"], sweep)]
+    matched = [
+        [
+            str(r["views_sent"]),
+            r["dtype"],
+            f"{r['bytes']:.0f}",
+            quality(r),
+            _fmt(r["coherence"]),
+            *(codec_cell(r.get(name)) for name in sweeps),
+        ]
+        for r in tradeoff["matched"]
+    ]
+    lines = _table(
+        [
+            "views sent",
+            "latent",
+            "bytes / frame set",
+            "MVLD, all views",
+            "coherence",
+            *(f"best {name} within budget" for name in sweeps),
+        ],
+        matched,
+    )
+    verdicts = [
+        [
+            c["metric"],
+            f"{c['wins']} of {c['comparisons']}",
+            "; ".join(
+                f"k={x['views_sent']} {x['dtype']} vs {x['codec']}: "
+                f"{x['mvld']:.3f} vs {x['codec_value']:.3f}"
+                for x in c["losses"]
+            )
+            or "none",
+        ]
+        for c in tradeoff.get("curve_above", [])
+    ]
+    sweep = [
+        [
+            name,
+            str(p["quality"]),
+            f"{p['bytes_per_frame_set']:.0f}",
+            _fmt(p["psnr"], 2),
+            _fmt(p["ssim"]),
+            _fmt(p["coherence"]),
+        ]
+        for name, points in tradeoff["codecs"].items()
+        for p in points
+    ]
+    return [
+        *lines,
+        "",
+        *_table(["metric", "MVLD better at matched bytes", "where not"], verdicts),
+        "",
+        *_table(["codec", "quality", "bytes / frame set", "PSNR dB", "SSIM", "coherence"], sweep),
+    ]
 
 
 def targets_table(targets: list[dict]) -> list[str]:
     """The issue's targets with their measured values."""
     verdict = {True: "holds", False: "missed", None: "reported"}
-    return _table(["target", "measured", "result"],
-                  [[t["target"], t["gap"], verdict[t["holds"]]] for t in targets])
+    return _table(
+        ["target", "measured", "result"],
+        [[t["target"], t["gap"], verdict[t["holds"]]] for t in targets],
+    )
 
 
 def markdown(summary: dict) -> str:
     """The tables of one evaluation as markdown (the body of a RESULTS.md section)."""
     data, settings, speed = summary["data"], summary["settings"], summary["throughput"]
     labelled = "labelled" if data.get("labelled", True) else "(unlabelled)"
-    skipped = ("" if data.get("labelled", True) else
-               " Coherence and the classifier's Fréchet distance are skipped: no labels.")
-    lines = [f"Held-out frame sets: stems {data['held_out_stems'][0]}-{data['held_out_stems'][1]}"
-             f" (last {settings['val_fraction']:.0%} of the dataset, whole scenes); "
-             f"{data['evaluated']} complete {labelled} frame sets evaluated; baselines fitted on "
-             f"{data['train_complete']} complete training frame sets. FID on up to "
-             f"{settings['fid_samples']} imputed views per method and pattern.{skipped}", "",
-             "### Targets", "", *targets_table(summary["targets"]), "",
-             "### All patterns pooled", "", *methods_table(summary), "",
-             f"CPU throughput ({speed['sampler']}, batch {speed['batch']}, 1 of "
-             f"{len(summary['cameras'])} views missing, {speed['nfe']} NFE, "
-             f"{speed['torch_threads']} torch threads): "
-             f"**{speed['frame_sets_per_second']:.1f} frame sets/s** with every view decoded "
-             f"({1000 * speed['seconds_per_batch']:.1f} ms imputation + "
-             f"{1000 * speed['decode_seconds_per_batch']:.1f} ms decoding per batch; "
-             f"{speed['frame_sets_per_second_without_decoding']:.1f} frame sets/s without "
-             f"decoding). Score network {speed['score_mflop_per_evaluation']:.1f} MFLOP per "
-             f"evaluation, decoder {speed['decoder_mflop_per_frame_set']:.0f} MFLOP per frame "
-             f"set: {speed['achieved_gflops']:.1f} GFLOP/s, "
-             f"{speed['fraction_of_matmul_limit']:.0%} of this CPU's float32 matmul throughput "
-             f"({speed['matmul_gflops_float32']:.0f} GFLOP/s at the same thread count).", "",
-             "### Per missing-view pattern", "", *patterns_table(summary), "",
-             f"### Bandwidth trade-off ({summary['tradeoff']['method']})", "",
-             *tradeoff_tables(summary["tradeoff"]), ""]
+    skipped = (
+        ""
+        if data.get("labelled", True)
+        else " Coherence and the classifier's Fréchet distance are skipped: no labels."
+    )
+    lines = [
+        f"Held-out frame sets: stems {data['held_out_stems'][0]}-{data['held_out_stems'][1]}"
+        f" (last {settings['val_fraction']:.0%} of the dataset, whole scenes); "
+        f"{data['evaluated']} complete {labelled} frame sets evaluated; baselines fitted on "
+        f"{data['train_complete']} complete training frame sets. FID on up to "
+        f"{settings['fid_samples']} imputed views per method and pattern.{skipped}",
+        "",
+        "### Targets",
+        "",
+        *targets_table(summary["targets"]),
+        "",
+        "### All patterns pooled",
+        "",
+        *methods_table(summary),
+        "",
+        f"CPU throughput ({speed['sampler']}, batch {speed['batch']}, 1 of "
+        f"{len(summary['cameras'])} views missing, {speed['nfe']} NFE, "
+        f"{speed['torch_threads']} torch threads): "
+        f"**{speed['frame_sets_per_second']:.1f} frame sets/s** with every view decoded "
+        f"({1000 * speed['seconds_per_batch']:.1f} ms imputation + "
+        f"{1000 * speed['decode_seconds_per_batch']:.1f} ms decoding per batch; "
+        f"{speed['frame_sets_per_second_without_decoding']:.1f} frame sets/s without "
+        f"decoding). Score network {speed['score_mflop_per_evaluation']:.1f} MFLOP per "
+        f"evaluation, decoder {speed['decoder_mflop_per_frame_set']:.0f} MFLOP per frame "
+        f"set: {speed['achieved_gflops']:.1f} GFLOP/s, "
+        f"{speed['fraction_of_matmul_limit']:.0%} of this CPU's float32 matmul throughput "
+        f"({speed['matmul_gflops_float32']:.0f} GFLOP/s at the same thread count).",
+        "",
+        "### Per missing-view pattern",
+        "",
+        *patterns_table(summary),
+        "",
+        f"### Bandwidth trade-off ({summary['tradeoff']['method']})",
+        "",
+        *tradeoff_tables(summary["tradeoff"]),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -164,8 +246,16 @@ def grid_image(example: GridExample) -> np.ndarray:
         rows.append(np.concatenate(row, 1))
     width = rows[0].shape[1]
     header = np.full((HEADER, width, 3), 255, np.uint8)
-    cv2.putText(header, f"observed | true ({example.pattern}) | samples", (2, HEADER - 5),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(
+        header,
+        f"observed | true ({example.pattern}) | samples",
+        (2, HEADER - 5),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        0.35,
+        (0, 0, 0),
+        1,
+        cv2.LINE_AA,
+    )
     spacer = np.full((GAP, width, 3), 255, np.uint8)
     parts: list[np.ndarray] = [header]
     for row_image in rows:
@@ -205,9 +295,11 @@ def _plot_coherence(plt, summary: dict, path: Path) -> None:
 
 def _plot_tradeoff(plt, tradeoff: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, metric, label in ((axes[0], "psnr", "PSNR of all views (dB)"),
-                              (axes[1], "ssim", "SSIM of all views"),
-                              (axes[2], "coherence", "coherence of all views")):
+    for ax, metric, label in (
+        (axes[0], "psnr", "PSNR of all views (dB)"),
+        (axes[1], "ssim", "SSIM of all views"),
+        (axes[2], "coherence", "coherence of all views"),
+    ):
         if all(p[metric] is None for p in tradeoff["latent"]):  # coherence without labels
             ax.set_axis_off()
             ax.set_title(f"{label}: not measured (no labels)", fontsize=8)
@@ -219,8 +311,13 @@ def _plot_tradeoff(plt, tradeoff: dict, path: Path) -> None:
             for p, x, y in zip(points, xs, ys, strict=True):
                 ax.annotate(f"k={p['views_sent']}", (x, y), fontsize=7)
         for name, points in tradeoff["codecs"].items():
-            ax.plot([p["bytes_per_frame_set"] for p in points], [p[metric] for p in points],
-                    "x-" if "tiled" in name else "^-", label=name, alpha=0.8)
+            ax.plot(
+                [p["bytes_per_frame_set"] for p in points],
+                [p[metric] for p in points],
+                "x-" if "tiled" in name else "^-",
+                label=name,
+                alpha=0.8,
+            )
         if metric == "coherence" and tradeoff["real_coherence"] is not None:
             ax.axhline(tradeoff["real_coherence"], color="grey", ls=":", label="real views")
         ax.set_xscale("log")
@@ -266,8 +363,11 @@ def write_outputs(result: EvalResult, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary
-    summary["files"] = {"markdown": "summary.md", "grids": write_grids(result.grids, out),
-                        "plots": write_plots(summary, out)}
+    summary["files"] = {
+        "markdown": "summary.md",
+        "grids": write_grids(result.grids, out),
+        "plots": write_plots(summary, out),
+    }
     (out / "summary.md").write_text(markdown(summary))
     path = out / "summary.json"
     path.write_text(json.dumps(finite(summary), indent=1, allow_nan=False))
@@ -281,21 +381,34 @@ def results_section(summary: dict, out: Path, results: Path, command: str) -> st
     """The docs/RESULTS.md section: command, hardware, tables, plots and grids."""
     rel = Path(os.path.relpath(out, results.parent)).as_posix()
     hw = summary["hardware"]
-    lines = [RESULTS_HEADING, "",
-             "Generated by `mvld-eval` (docs/EVAL.md explains every number). Command:", "",
-             "```bash", command, "```", "",
-             f"Hardware: {hw['cpu']}, {hw['cpu_count']} cores shared with other jobs "
-             f"(1-min load average {hw['load_average_1min']:.1f} at the end of the run), "
-             f"torch {hw['torch']} with {hw['torch_threads']} threads, device {hw['device']}"
-             + (f" ({hw['gpu']})" if "gpu" in hw else "") + ".", "",
-             markdown(summary), ""]
+    lines = [
+        RESULTS_HEADING,
+        "",
+        "Generated by `mvld-eval` (docs/EVAL.md explains every number). Command:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Hardware: {hw['cpu']}, {hw['cpu_count']} cores shared with other jobs "
+        f"(1-min load average {hw['load_average_1min']:.1f} at the end of the run), "
+        f"torch {hw['torch']} with {hw['torch_threads']} threads, device {hw['device']}"
+        + (f" ({hw['gpu']})" if "gpu" in hw else "")
+        + ".",
+        "",
+        markdown(summary),
+        "",
+    ]
     plots = summary["files"]["plots"]
     if plots:
         lines += [f"![{name[:-4]}]({rel}/{name})" for name in plots] + [""]
     grids = summary["files"]["grids"]
     if grids:
-        lines += ["Image grids (each row a held-out frame set: observed views | true missing "
-                  "views | samples of the first sampler):", ""]
+        lines += [
+            "Image grids (each row a held-out frame set: observed views | true missing "
+            "views | samples of the first sampler):",
+            "",
+        ]
         lines += [f"![{name[:-4]}]({rel}/{name})" for name in grids] + [""]
     return "\n".join(lines)
 
@@ -308,7 +421,7 @@ def update_results(results: Path, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         following = text.find("\n## ", start + len(RESULTS_HEADING))
-        rest = "" if following < 0 else text[following + 1:]
+        rest = "" if following < 0 else text[following + 1 :]
         text = text[:start] + section + ("\n" + rest if rest else "")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(text.rstrip("\n") + "\n")

@@ -78,14 +78,21 @@ def group_row(method: str, kind: str, group: Group, compare_to_real: bool = True
     """One summary row: coherence, PSNR, SSIM, Fréchet distances, sample counts."""
     scores = [s for s, _ in group.parts]
     real = [r for _, r in group.parts]
-    row = {"method": method, "kind": kind, "group": group.name,
-           "missing_views": group.missing_views,
-           "views": int(sum(_view_count(s) for s in scores)),
-           "coherence": _mean([None if s.correct is None else s.correct.astype(float)
-                               for s in scores]),
-           "psnr": _mean([s.psnr for s in scores]), "ssim": _mean([s.ssim for s in scores]),
-           "fd_classifier": None, "fid": None,
-           "fid_views": int(sum(len(s.inception) for s in scores if s.inception is not None))}
+    row = {
+        "method": method,
+        "kind": kind,
+        "group": group.name,
+        "missing_views": group.missing_views,
+        "views": int(sum(_view_count(s) for s in scores)),
+        "coherence": _mean(
+            [None if s.correct is None else s.correct.astype(float) for s in scores]
+        ),
+        "psnr": _mean([s.psnr for s in scores]),
+        "ssim": _mean([s.ssim for s in scores]),
+        "fd_classifier": None,
+        "fid": None,
+        "fid_views": int(sum(len(s.inception) for s in scores if s.inception is not None)),
+    }
     if compare_to_real:
         row["fd_classifier"] = _frechet([s.features for s in scores], [r.features for r in real])
         row["fid"] = _frechet([s.inception for s in scores], [r.inception for r in real])
@@ -98,8 +105,9 @@ def groups_of(per_pattern: dict[str, tuple[int, ViewScores, ViewScores]]) -> lis
     for count in sorted({m for m, _, _ in per_pattern.values()}):
         parts = [(s, r) for m, s, r in per_pattern.values() if m == count]
         groups.append(Group(f"{count} missing (pooled)", count, parts))
-    groups.append(Group("all patterns (pooled)", None,
-                        [(s, r) for _, s, r in per_pattern.values()]))
+    groups.append(
+        Group("all patterns (pooled)", None, [(s, r) for _, s, r in per_pattern.values()])
+    )
     return groups
 
 
@@ -117,8 +125,15 @@ def fast_vs_reference(rows: list[dict], methods: list[dict]) -> list[dict]:
     fast = next((m for m in samplers if 0 < m["nfe"] <= FAST_MAX_NFE), None)
     em = [m for m in samplers if m["label"].startswith("euler_maruyama:")]
     if fast is None or not em:
-        return [_target("fast_vs_reference", "needs a sampler with <= 20 NFE and euler_maruyama",
-                        None, None, "not measured")]
+        return [
+            _target(
+                "fast_vs_reference",
+                "needs a sampler with <= 20 NFE and euler_maruyama",
+                None,
+                None,
+                "not measured",
+            )
+        ]
     ref = max(em, key=lambda m: m["nfe"])
     f, r = _pooled(rows, fast["label"]), _pooled(rows, ref["label"])
     if f is None or r is None:
@@ -126,19 +141,37 @@ def fast_vs_reference(rows: list[dict], methods: list[dict]) -> list[dict]:
     out = []
     if f["coherence"] is not None and r["coherence"] is not None:
         points = 100.0 * (r["coherence"] - f["coherence"])
-        out.append(_target("fast_coherence_vs_reference",
-                           f"{fast['label']} within {COHERENCE_POINTS_TARGET} coherence points "
-                           f"of {ref['label']}", points, points <= COHERENCE_POINTS_TARGET,
-                           f"{points:+.2f} points (reference minus fast)"))
+        out.append(
+            _target(
+                "fast_coherence_vs_reference",
+                f"{fast['label']} within {COHERENCE_POINTS_TARGET} coherence points "
+                f"of {ref['label']}",
+                points,
+                points <= COHERENCE_POINTS_TARGET,
+                f"{points:+.2f} points (reference minus fast)",
+            )
+        )
     gap_db = r["psnr"] - f["psnr"]
-    out.append(_target("fast_psnr_vs_reference", f"{fast['label']} within {PSNR_DB_TARGET} dB "
-                       f"PSNR of {ref['label']}", gap_db, gap_db <= PSNR_DB_TARGET,
-                       f"{gap_db:+.2f} dB (reference minus fast)"))
+    out.append(
+        _target(
+            "fast_psnr_vs_reference",
+            f"{fast['label']} within {PSNR_DB_TARGET} dB PSNR of {ref['label']}",
+            gap_db,
+            gap_db <= PSNR_DB_TARGET,
+            f"{gap_db:+.2f} dB (reference minus fast)",
+        )
+    )
     if f["fid"] is not None and r["fid"]:
         ratio = f["fid"] / r["fid"]
-        out.append(_target("fast_fid_vs_reference", f"{fast['label']} FID <= "
-                           f"{FID_RATIO_TARGET:.2f} x {ref['label']} FID", ratio,
-                           ratio <= FID_RATIO_TARGET, f"ratio {ratio:.3f}"))
+        out.append(
+            _target(
+                "fast_fid_vs_reference",
+                f"{fast['label']} FID <= {FID_RATIO_TARGET:.2f} x {ref['label']} FID",
+                ratio,
+                ratio <= FID_RATIO_TARGET,
+                f"ratio {ratio:.3f}",
+            )
+        )
     return out
 
 
@@ -155,16 +188,25 @@ def beats_baselines(rows: list[dict], methods: list[dict]) -> list[dict]:
             theirs = _pooled(rows, base["label"], group)
             if ours is None or theirs is None:
                 continue
-            for metric, better in (("coherence", np.greater), ("psnr", np.greater),
-                                   ("fid", np.less)):
+            for metric, better in (
+                ("coherence", np.greater),
+                ("psnr", np.greater),
+                ("fid", np.less),
+            ):
                 if ours[metric] is None or theirs[metric] is None:
                     continue
                 holds = bool(better(ours[metric], theirs[metric]))
                 missing = group.split(" ", 1)[0]
-                out.append(_target(f"beats_{base['label']}_{metric}_{missing}_missing",
-                                   f"{missing} missing: {samplers[0]['label']} {metric} better "
-                                   f"than {base['label']}", ours[metric] - theirs[metric],
-                                   holds, f"{ours[metric]:.4g} vs {theirs[metric]:.4g}"))
+                out.append(
+                    _target(
+                        f"beats_{base['label']}_{metric}_{missing}_missing",
+                        f"{missing} missing: {samplers[0]['label']} {metric} better "
+                        f"than {base['label']}",
+                        ours[metric] - theirs[metric],
+                        holds,
+                        f"{ours[metric]:.4g} vs {theirs[metric]:.4g}",
+                    )
+                )
     return out
 
 
@@ -176,10 +218,16 @@ def single_missing_ratio(rows: list[dict], methods: list[dict]) -> list[dict]:
     if ours is None or real is None or not real["coherence"]:
         return []
     ratio = ours["coherence"] / real["coherence"]
-    return [_target("single_missing_coherence_ratio",
-                    f"1 missing: {samplers[0]['label']} coherence >= "
-                    f"{REAL_FRACTION_TARGET:.0%} of real views", ratio,
-                    ratio >= REAL_FRACTION_TARGET, f"{ratio:.1%} of real views")]
+    return [
+        _target(
+            "single_missing_coherence_ratio",
+            f"1 missing: {samplers[0]['label']} coherence >= "
+            f"{REAL_FRACTION_TARGET:.0%} of real views",
+            ratio,
+            ratio >= REAL_FRACTION_TARGET,
+            f"{ratio:.1%} of real views",
+        )
+    ]
 
 
 def check_targets(rows: list[dict], methods: list[dict], throughput: dict | None) -> list[dict]:
@@ -187,7 +235,13 @@ def check_targets(rows: list[dict], methods: list[dict], throughput: dict | None
     out = fast_vs_reference(rows, methods) + beats_baselines(rows, methods)
     out += single_missing_ratio(rows, methods)
     if throughput is not None:
-        out.append(_target("cpu_throughput", "reported (frame sets per second)",
-                           throughput["frame_sets_per_second"], None,
-                           f"batch {throughput['batch']}, {throughput['nfe']} NFE"))
+        out.append(
+            _target(
+                "cpu_throughput",
+                "reported (frame sets per second)",
+                throughput["frame_sets_per_second"],
+                None,
+                f"batch {throughput['batch']}, {throughput['nfe']} NFE",
+            )
+        )
     return out

@@ -99,8 +99,9 @@ class EvalConfig:
     out: str
     model: str | None = None  # None: the packaged default model
     classifier: str | None = None  # None: the packaged default classifier
-    samplers: tuple[SamplerSpec, ...] = field(default_factory=lambda: parse_samplers(
-        DEFAULT_SAMPLERS))
+    samplers: tuple[SamplerSpec, ...] = field(
+        default_factory=lambda: parse_samplers(DEFAULT_SAMPLERS)
+    )
     fid_samples: int = 100  # imputed views per (method, pattern) for Inception FID; 0: skip
     frames: int = 400  # held-out frame sets evaluated (evenly spaced over the held-out tail)
     val_fraction: float = 0.1
@@ -154,13 +155,15 @@ def _resolve(path: str | None, default: Path, what: str) -> Path:
     if path is not None:
         return Path(path)
     if not checkpoint_paths(default)[0].is_file():
-        raise ConfigError(f"no default {what} is packaged in this installation; name one "
-                          f"with --{what}")
+        raise ConfigError(
+            f"no default {what} is packaged in this installation; name one with --{what}"
+        )
     return default
 
 
-def _select(arrays, config: EvalConfig, labelled: bool = True
-            ) -> tuple[np.ndarray, np.ndarray, dict]:
+def _select(
+    arrays, config: EvalConfig, labelled: bool = True
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Complete training frame sets, evaluated held-out frame sets, and the split's record.
 
     With ``labelled`` only labelled held-out frame sets are evaluated (coherence needs them).
@@ -175,13 +178,20 @@ def _select(arrays, config: EvalConfig, labelled: bool = True
         test_idx = test_idx[arrays.labels[test_idx] != NO_LABEL]
     if len(test_idx) < 2 or (len(train_idx) < 2 and config.fit_data is None):
         kind = "labelled " if labelled else ""
-        raise DatasetError(f"{config.data}: fewer than 2 complete {kind}frame sets in the "
-                           "training or held-out split")
+        raise DatasetError(
+            f"{config.data}: fewer than 2 complete {kind}frame sets in the "
+            "training or held-out split"
+        )
     chosen = evenly_spaced(test_idx, config.frames)
-    split = {"val_fraction": config.val_fraction, "frame_sets": len(arrays.stems),
-             "train_complete": len(train_idx), "held_out": len(test_all),
-             "held_out_complete_labelled": len(test_idx), "evaluated": len(chosen),
-             "held_out_stems": [arrays.stems[test_all[0]], arrays.stems[test_all[-1]]]}
+    split = {
+        "val_fraction": config.val_fraction,
+        "frame_sets": len(arrays.stems),
+        "train_complete": len(train_idx),
+        "held_out": len(test_all),
+        "held_out_complete_labelled": len(test_idx),
+        "evaluated": len(chosen),
+        "held_out_stems": [arrays.stems[test_all[0]], arrays.stems[test_all[-1]]],
+    }
     return train_idx, chosen, split
 
 
@@ -193,8 +203,10 @@ def load_inputs(config: EvalConfig) -> EvalInputs:
     model = load_mvld_model(model_path, device=config.device)
     arrays = load_frame_arrays(config.data, model.preprocess.height, model.preprocess.width)
     if arrays.num_views != model.num_views:
-        raise DatasetError(f"{config.data} has {arrays.num_views} cameras; the model was "
-                           f"trained for {model.num_views}")
+        raise DatasetError(
+            f"{config.data} has {arrays.num_views} cameras; the model was "
+            f"trained for {model.num_views}"
+        )
     labelled = bool((arrays.labels != NO_LABEL).any())
     classifier = classifier_preprocess = classifier_path = None
     if labelled:
@@ -202,25 +214,42 @@ def load_inputs(config: EvalConfig) -> EvalInputs:
         classifier, classifier_preprocess = load_classifier(classifier_path)
         classifier = classifier.to(config.device)
     else:
-        log.warning("%s has no labels: coherence and the classifier's Fréchet distance are "
-                    "skipped (PSNR, SSIM and FID only)", config.data)
+        log.warning(
+            "%s has no labels: coherence and the classifier's Fréchet distance are "
+            "skipped (PSNR, SSIM and FID only)",
+            config.data,
+        )
     train_idx, chosen, split = _select(arrays, config, labelled)
-    log.info("encoding %d frame sets (%d complete training, %d held-out evaluated)",
-             len(train_idx) + len(chosen), len(train_idx), len(chosen))
-    latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays,
-                                  rows=np.concatenate([train_idx, chosen]))
+    log.info(
+        "encoding %d frame sets (%d complete training, %d held-out evaluated)",
+        len(train_idx) + len(chosen),
+        len(train_idx),
+        len(chosen),
+    )
+    latents = encode_frame_arrays(
+        model.autoencoder, model.preprocess, arrays, rows=np.concatenate([train_idx, chosen])
+    )
     train_latents = latents[train_idx]
     if config.fit_data is not None:
         train_latents, fitted = _fit_latents(config, model)
         split |= {"fit_data": config.fit_data, "train_complete": fitted}
-    split |= {"model": str(model_path), "labelled": labelled,
-              "classifier": None if classifier_path is None else str(classifier_path)}
-    return EvalInputs(model=model, classifier=classifier,
-                      classifier_preprocess=classifier_preprocess, cameras=arrays.cameras,
-                      train_z=model.latent_stats.standardise(train_latents),
-                      images=arrays.images[chosen], labels=arrays.labels[chosen],
-                      latents=latents[chosen], stems=[arrays.stems[i] for i in chosen],
-                      split=split)
+    split |= {
+        "model": str(model_path),
+        "labelled": labelled,
+        "classifier": None if classifier_path is None else str(classifier_path),
+    }
+    return EvalInputs(
+        model=model,
+        classifier=classifier,
+        classifier_preprocess=classifier_preprocess,
+        cameras=arrays.cameras,
+        train_z=model.latent_stats.standardise(train_latents),
+        images=arrays.images[chosen],
+        labels=arrays.labels[chosen],
+        latents=latents[chosen],
+        stems=[arrays.stems[i] for i in chosen],
+        split=split,
+    )
 
 
 def _fit_latents(config: EvalConfig, model: MVLDModel) -> tuple[torch.Tensor, int]:
@@ -228,17 +257,22 @@ def _fit_latents(config: EvalConfig, model: MVLDModel) -> tuple[torch.Tensor, in
     assert config.fit_data is not None
     if not Path(config.fit_data).is_dir():
         raise DatasetError(f"{config.fit_data}: baseline dataset folder does not exist")
-    log.info("loading up to %d frame sets of %s for the baselines", config.fit_frames,
-             config.fit_data)
-    arrays = load_frame_arrays(config.fit_data, model.preprocess.height, model.preprocess.width,
-                               limit=config.fit_frames)
+    log.info(
+        "loading up to %d frame sets of %s for the baselines", config.fit_frames, config.fit_data
+    )
+    arrays = load_frame_arrays(
+        config.fit_data, model.preprocess.height, model.preprocess.width, limit=config.fit_frames
+    )
     if arrays.num_views != model.num_views:
-        raise DatasetError(f"{config.fit_data} has {arrays.num_views} cameras; the model was "
-                           f"trained for {model.num_views}")
+        raise DatasetError(
+            f"{config.fit_data} has {arrays.num_views} cameras; the model was "
+            f"trained for {model.num_views}"
+        )
     complete = np.flatnonzero(arrays.present.all(1))
     if len(complete) < 2:
-        raise DatasetError(f"{config.fit_data}: fewer than 2 complete frame sets to fit the "
-                           "baselines on")
+        raise DatasetError(
+            f"{config.fit_data}: fewer than 2 complete frame sets to fit the baselines on"
+        )
     latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays, rows=complete)
     return latents[complete], len(complete)
 
@@ -252,8 +286,14 @@ class Judge:
     Without a classifier (unlabelled data) ``correct`` and ``features`` stay ``None``.
     """
 
-    def __init__(self, classifier: ViewClassifier | None, preprocess: PreprocessConfig | None,
-                 inception: InceptionFeatures | None, fid_samples: int, batch: int = 256) -> None:
+    def __init__(
+        self,
+        classifier: ViewClassifier | None,
+        preprocess: PreprocessConfig | None,
+        inception: InceptionFeatures | None,
+        fid_samples: int,
+        batch: int = 256,
+    ) -> None:
         self.classifier = None if classifier is None else classifier.eval()
         self.preprocess = preprocess
         self.inception, self.fid_samples, self.batch = inception, fid_samples, batch
@@ -267,15 +307,21 @@ class Judge:
         device = next(classifier.parameters()).device
         predictions, features = [], []
         for start in range(0, len(images), self.batch):
-            x = torch.from_numpy(preprocess_images(images[start:start + self.batch],
-                                                   preprocess)).to(device)
+            x = torch.from_numpy(
+                preprocess_images(images[start : start + self.batch], preprocess)
+            ).to(device)
             feats = classifier.features(x)
             predictions.append(classifier.head(feats).argmax(1).cpu().numpy())
             features.append(feats.double().cpu().numpy())
         return np.concatenate(predictions), np.concatenate(features)
 
-    def score(self, images: np.ndarray, labels: np.ndarray, truth: np.ndarray | None,
-              inception_count: int | None = None) -> ViewScores:
+    def score(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        truth: np.ndarray | None,
+        inception_count: int | None = None,
+    ) -> ViewScores:
         """Judge uint8 views ``[M, H, W, 3]`` with their labels and (optionally) true views.
 
         Inception features are taken for the first ``inception_count`` views (default:
@@ -289,10 +335,13 @@ class Judge:
         inception = None
         if self.inception is not None and count:
             inception = self.inception(images[:count])
-        return ViewScores(correct=correct, features=features,
-                          psnr=None if truth is None else psnr(images, truth),
-                          ssim=None if truth is None else ssim(images, truth),
-                          inception=inception)
+        return ViewScores(
+            correct=correct,
+            features=features,
+            psnr=None if truth is None else psnr(images, truth),
+            ssim=None if truth is None else ssim(images, truth),
+            inception=inception,
+        )
 
 
 # ---------------------------------------------------------------- methods
@@ -313,8 +362,9 @@ def _masks(mask: tuple[bool, ...], count: int) -> torch.Tensor:
     return torch.tensor(mask).expand(count, -1).clone()
 
 
-def run_sampler(inputs: EvalInputs, spec: SamplerSpec, patterns: list[tuple[bool, ...]],
-                seed: int) -> MethodRun:
+def run_sampler(
+    inputs: EvalInputs, spec: SamplerSpec, patterns: list[tuple[bool, ...]], seed: int
+) -> MethodRun:
     """Impute every pattern with one sampler: one batched call over all patterns' rows."""
     imputer = Imputer.from_model(inputs.model, sampler=spec.name, steps=spec.steps)
     count = len(inputs.latents)
@@ -323,18 +373,27 @@ def run_sampler(inputs: EvalInputs, spec: SamplerSpec, patterns: list[tuple[bool
     result = imputer(inputs.latents.repeat(len(patterns), 1, 1), present, seed=seed)
     parts = result.latents.split(count)
     log.info("%s: %d NFE, %.2f s", spec.label, result.nfe, result.seconds)
-    return MethodRun(spec.label, "sampler", dict(zip(patterns, parts, strict=True)), result.nfe,
-                     result.seconds / len(present))
+    return MethodRun(
+        spec.label,
+        "sampler",
+        dict(zip(patterns, parts, strict=True)),
+        result.nfe,
+        result.seconds / len(present),
+    )
 
 
 def fit_baselines(train_z: torch.Tensor) -> dict[str, LatentBaseline]:
     """The baselines of docs/EVAL.md, fitted on standardised training latents."""
-    return {"mean_latent": MeanLatent(train_z), "nearest_neighbour": NearestNeighbour(train_z),
-            "ridge_regressor": RidgeRegressor(train_z)}
+    return {
+        "mean_latent": MeanLatent(train_z),
+        "nearest_neighbour": NearestNeighbour(train_z),
+        "ridge_regressor": RidgeRegressor(train_z),
+    }
 
 
-def run_baseline(inputs: EvalInputs, name: str, baseline: LatentBaseline,
-                 patterns: list[tuple[bool, ...]]) -> MethodRun:
+def run_baseline(
+    inputs: EvalInputs, name: str, baseline: LatentBaseline, patterns: list[tuple[bool, ...]]
+) -> MethodRun:
     """Impute every pattern with a baseline in standardised space."""
     stats = inputs.model.latent_stats
     z = stats.standardise(inputs.latents)
@@ -360,8 +419,10 @@ def score_references(inputs: EvalInputs, judge: Judge) -> tuple[ViewScores, View
     log.info("scoring %d real and reconstructed views", len(real))
     recon = LatentDecoder.from_model(inputs.model)(inputs.latents.reshape(count * views, -1))
     limit = min(judge.fid_samples, count) * views
-    return (judge.score(real, labels, None, inception_count=limit),
-            judge.score(recon, labels, real, inception_count=limit))
+    return (
+        judge.score(real, labels, None, inception_count=limit),
+        judge.score(recon, labels, real, inception_count=limit),
+    )
 
 
 def subset(scores: ViewScores, index: np.ndarray, fid_samples: int) -> ViewScores:
@@ -372,11 +433,13 @@ def subset(scores: ViewScores, index: np.ndarray, fid_samples: int) -> ViewScore
         if head.max() >= len(scores.inception):
             raise ValueError("reference Inception features do not cover the subset")
         inception = scores.inception[head]
-    return ViewScores(correct=None if scores.correct is None else scores.correct[index],
-                      features=None if scores.features is None else scores.features[index],
-                      psnr=None if scores.psnr is None else scores.psnr[index],
-                      ssim=None if scores.ssim is None else scores.ssim[index],
-                      inception=inception)
+    return ViewScores(
+        correct=None if scores.correct is None else scores.correct[index],
+        features=None if scores.features is None else scores.features[index],
+        psnr=None if scores.psnr is None else scores.psnr[index],
+        ssim=None if scores.ssim is None else scores.ssim[index],
+        inception=inception,
+    )
 
 
 def missing_index(mask: tuple[bool, ...], count: int) -> np.ndarray:
@@ -385,8 +448,9 @@ def missing_index(mask: tuple[bool, ...], count: int) -> np.ndarray:
     return (np.arange(count)[:, None] * len(mask) + missing[None, :]).reshape(-1)
 
 
-def score_method(inputs: EvalInputs, judge: Judge, run: MethodRun
-                 ) -> dict[tuple[bool, ...], ViewScores]:
+def score_method(
+    inputs: EvalInputs, judge: Judge, run: MethodRun
+) -> dict[tuple[bool, ...], ViewScores]:
     """Decode and judge the imputed views of every pattern, frame-major ``[N * m]``."""
     flat_truth = inputs.images.reshape(-1, *inputs.images.shape[2:])
     views = inputs.images.shape[1]
@@ -395,8 +459,7 @@ def score_method(inputs: EvalInputs, judge: Judge, run: MethodRun
     for mask, latents in run.latents.items():
         index = missing_index(mask, len(inputs.latents))
         images = decode(latents.reshape(-1, latents.shape[-1])[index])
-        out[mask] = judge.score(images, np.repeat(inputs.labels, views)[index],
-                                flat_truth[index])
+        out[mask] = judge.score(images, np.repeat(inputs.labels, views)[index], flat_truth[index])
     log.info("%s: scored", run.label)
     return out
 
@@ -415,24 +478,33 @@ class GridExample:
     samples: np.ndarray  # uint8 [R, K, m, H, W, 3]
 
 
-def sample_grids(inputs: EvalInputs, spec: SamplerSpec, patterns: list[tuple[bool, ...]],
-                 rows: int, samples: int, seed: int) -> list[GridExample]:
+def sample_grids(
+    inputs: EvalInputs,
+    spec: SamplerSpec,
+    patterns: list[tuple[bool, ...]],
+    rows: int,
+    samples: int,
+    seed: int,
+) -> list[GridExample]:
     """K samples of each pattern's missing views for ``rows`` evenly spaced frame sets."""
     pick = np.unique(np.linspace(0, len(inputs.latents) - 1, rows).round().astype(int))
     imputer = Imputer.from_model(inputs.model, sampler=spec.name, steps=spec.steps)
     out = []
     for mask in patterns:
-        result = imputer(inputs.latents[pick], _masks(mask, len(pick)), samples=samples,
-                         seed=seed)
+        result = imputer(inputs.latents[pick], _masks(mask, len(pick)), samples=samples, seed=seed)
         observed = [v for v, p in enumerate(mask) if p]
         missing = [v for v, p in enumerate(mask) if not p]
         drawn = result.samples[:, :, missing]  # [R, K, m, D]
         images = LatentDecoder.from_model(inputs.model)(drawn.reshape(-1, drawn.shape[-1]))
-        out.append(GridExample(pattern=pattern_name(mask, inputs.cameras),
-                               stems=[inputs.stems[i] for i in pick],
-                               observed=inputs.images[pick][:, observed],
-                               truth=inputs.images[pick][:, missing],
-                               samples=images.reshape(*drawn.shape[:3], *images.shape[1:])))
+        out.append(
+            GridExample(
+                pattern=pattern_name(mask, inputs.cameras),
+                stems=[inputs.stems[i] for i in pick],
+                observed=inputs.images[pick][:, observed],
+                truth=inputs.images[pick][:, missing],
+                samples=images.reshape(*drawn.shape[:3], *images.shape[1:]),
+            )
+        )
     return out
 
 
@@ -481,17 +553,24 @@ def imputation_throughput(inputs: EvalInputs, batch: int, seed: int, repeats: in
     decoder_flops = views * forward_flops(inputs.model.autoencoder.decoder, z[:, 0]) // 2
     work = batch * (imputed.nfe * score_flops + decoder_flops)
     peak = matmul_gflops()
-    return {"sampler": f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}", "batch": batch, "nfe": imputed.nfe,
-            "missing_per_frame_set": 1, "repeats": repeats, "seconds_per_batch": impute,
-            "decode_seconds_per_batch": decoding,
-            "frame_sets_per_second": batch / (impute + decoding),
-            "frame_sets_per_second_without_decoding": batch / impute,
-            "score_mflop_per_evaluation": score_flops / 1e6,
-            "decoder_mflop_per_frame_set": decoder_flops / 1e6,
-            "achieved_gflops": work / (impute + decoding) / 1e9,
-            "matmul_gflops_float32": peak,
-            "fraction_of_matmul_limit": work / (impute + decoding) / 1e9 / peak,
-            "torch_threads": torch.get_num_threads(), "device": str(z.device)}
+    return {
+        "sampler": f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}",
+        "batch": batch,
+        "nfe": imputed.nfe,
+        "missing_per_frame_set": 1,
+        "repeats": repeats,
+        "seconds_per_batch": impute,
+        "decode_seconds_per_batch": decoding,
+        "frame_sets_per_second": batch / (impute + decoding),
+        "frame_sets_per_second_without_decoding": batch / impute,
+        "score_mflop_per_evaluation": score_flops / 1e6,
+        "decoder_mflop_per_frame_set": decoder_flops / 1e6,
+        "achieved_gflops": work / (impute + decoding) / 1e9,
+        "matmul_gflops_float32": peak,
+        "fraction_of_matmul_limit": work / (impute + decoding) / 1e9 / peak,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(z.device),
+    }
 
 
 # ---------------------------------------------------------------- the whole run
@@ -505,23 +584,34 @@ class EvalResult:
     grids: list[GridExample]
 
 
-def build_rows(inputs: EvalInputs, patterns: list[tuple[bool, ...]], runs: list[MethodRun],
-               per_method: dict[str, dict[tuple[bool, ...], ViewScores]], real: ViewScores,
-               recon: ViewScores, fid_samples: int) -> list[dict]:
+def build_rows(
+    inputs: EvalInputs,
+    patterns: list[tuple[bool, ...]],
+    runs: list[MethodRun],
+    per_method: dict[str, dict[tuple[bool, ...], ViewScores]],
+    real: ViewScores,
+    recon: ViewScores,
+    fid_samples: int,
+) -> list[dict]:
     """Summary rows of the references (real, reconstructed) and every method, every group."""
     count = len(inputs.latents)
     real_of, recon_of = {}, {}
     for mask in patterns:
         index = missing_index(mask, count)
-        real_of[mask], recon_of[mask] = (subset(real, index, fid_samples),
-                                         subset(recon, index, fid_samples))
+        real_of[mask], recon_of[mask] = (
+            subset(real, index, fid_samples),
+            subset(recon, index, fid_samples),
+        )
 
     def groups(scores_of: dict[tuple[bool, ...], ViewScores]) -> list[Group]:
-        return groups_of({pattern_name(m, inputs.cameras): (sum(not p for p in m), scores_of[m],
-                                                            real_of[m]) for m in patterns})
+        return groups_of(
+            {
+                pattern_name(m, inputs.cameras): (sum(not p for p in m), scores_of[m], real_of[m])
+                for m in patterns
+            }
+        )
 
-    rows = [group_row("real views", "reference", g, compare_to_real=False)
-            for g in groups(real_of)]
+    rows = [group_row("real views", "reference", g, compare_to_real=False) for g in groups(real_of)]
     rows += [group_row("reconstructed", "reference", g) for g in groups(recon_of)]
     for run in runs:
         rows += [group_row(run.label, run.kind, g) for g in groups(per_method[run.label])]
@@ -544,12 +634,16 @@ def _tradeoff_quality(inputs: EvalInputs, judge: Judge, real: ViewScores):
         if with_fid and judge.inception is not None and fid_frames and real.inception is not None:
             frames = np.arange(fid_frames)  # frame set n from pattern n mod P: each set once
             picks = decoded[frames % repeats, frames].reshape(-1, *inputs.images.shape[2:])
-            fid = frechet_distance(judge.inception(picks), real.inception[:fid_frames * views])
+            fid = frechet_distance(judge.inception(picks), real.inception[: fid_frames * views])
         if scores.psnr is None or scores.ssim is None:
             raise RuntimeError("views judged against their true views must have PSNR and SSIM")
         coherence = None if scores.correct is None else float(scores.correct.mean())
-        return {"psnr": float(scores.psnr.mean()), "ssim": float(scores.ssim.mean()),
-                "coherence": coherence, "fid": fid}
+        return {
+            "psnr": float(scores.psnr.mean()),
+            "ssim": float(scores.ssim.mean()),
+            "coherence": coherence,
+            "fid": fid,
+        }
 
     return quality
 
@@ -566,43 +660,68 @@ def latent_points(inputs: EvalInputs, spec: SamplerSpec, seed: int, quality) -> 
         for sent in range(1, views + 1):
             decoded, sizes = [], []
             for mask in sent_patterns(views, sent):
-                received, nbytes = over_the_wire(raw, np.array(mask), shape, dtype,
-                                                 inputs.model.fingerprint)
+                received, nbytes = over_the_wire(
+                    raw, np.array(mask), shape, dtype, inputs.model.fingerprint
+                )
                 latents = torch.from_numpy(received)
                 if sent < views:
                     latents = imputer(latents, _masks(mask, count), seed=seed).latents
                 decoded.append(decode(latents))
                 sizes.append(float(nbytes.mean()))
-            points.append({"dtype": dtype, "views_sent": sent, "patterns": len(decoded),
-                           "bytes": float(np.mean(sizes)),
-                           **quality(np.stack(decoded), True)})
-            log.info("tradeoff: %s, %d of %d views sent: %.0f B, %.2f dB", dtype, sent, views,
-                     points[-1]["bytes"], points[-1]["psnr"])
+            points.append(
+                {
+                    "dtype": dtype,
+                    "views_sent": sent,
+                    "patterns": len(decoded),
+                    "bytes": float(np.mean(sizes)),
+                    **quality(np.stack(decoded), True),
+                }
+            )
+            log.info(
+                "tradeoff: %s, %d of %d views sent: %.0f B, %.2f dB",
+                dtype,
+                sent,
+                views,
+                points[-1]["bytes"],
+                points[-1]["psnr"],
+            )
     return points
 
 
-def build_tradeoff(inputs: EvalInputs, judge: Judge, spec: SamplerSpec, real: ViewScores,
-                   seed: int) -> dict:
+def build_tradeoff(
+    inputs: EvalInputs, judge: Judge, spec: SamplerSpec, real: ViewScores, seed: int
+) -> dict:
     """Bytes per frame set vs quality of all views: MVLD (k sent, each precision) and codecs."""
     quality = _tradeoff_quality(inputs, judge, real)
     latent = latent_points(inputs, spec, seed, quality)
     codecs = codec_sweeps(inputs.images, quality)
     matched = matched_budgets(latent, codecs, inputs.images, quality)
     real_coherence = None if real.correct is None else float(real.correct.mean())
-    return {"method": spec.label, "real_coherence": real_coherence,
-            "latent": latent, "codecs": codecs, "matched": matched,
-            "curve_above": [curve_above(matched, "psnr"), curve_above(matched, "ssim"),
-                            curve_above(matched, "fid", higher_is_better=False)]}
+    return {
+        "method": spec.label,
+        "real_coherence": real_coherence,
+        "latent": latent,
+        "codecs": codecs,
+        "matched": matched,
+        "curve_above": [
+            curve_above(matched, "psnr"),
+            curve_above(matched, "ssim"),
+            curve_above(matched, "fid", higher_is_better=False),
+        ],
+    }
 
 
-def run_methods(inputs: EvalInputs, config: EvalConfig, patterns: list[tuple[bool, ...]]
-                ) -> list[MethodRun]:
+def run_methods(
+    inputs: EvalInputs, config: EvalConfig, patterns: list[tuple[bool, ...]]
+) -> list[MethodRun]:
     """Every requested sampler, then every baseline, on every pattern."""
     present = _masks(patterns[0], 2)  # warm-up: the first call pays one-off allocation costs
     Imputer.from_model(inputs.model, steps=2)(inputs.latents[:2], present, seed=config.seed)
     runs = [run_sampler(inputs, spec, patterns, config.seed) for spec in config.samplers]
-    runs += [run_baseline(inputs, name, baseline, patterns)
-             for name, baseline in fit_baselines(inputs.train_z).items()]
+    runs += [
+        run_baseline(inputs, name, baseline, patterns)
+        for name, baseline in fit_baselines(inputs.train_z).items()
+    ]
     return runs
 
 
@@ -610,8 +729,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     """The full evaluation of docs/EVAL.md; progress goes to the ``logging`` INFO level."""
     inputs = load_inputs(config)
     inception = InceptionFeatures(device=config.device) if config.fid_samples else None
-    judge = Judge(inputs.classifier, inputs.classifier_preprocess, inception,
-                  config.fid_samples)
+    judge = Judge(inputs.classifier, inputs.classifier_preprocess, inception, config.fid_samples)
     patterns = missing_patterns(len(inputs.cameras))
     real, recon = score_references(inputs, judge)
     runs = run_methods(inputs, config, patterns)
@@ -620,32 +738,61 @@ def evaluate(config: EvalConfig) -> EvalResult:
     tradeoff = build_tradeoff(inputs, judge, config.samplers[0], real, config.seed)
     throughput = imputation_throughput(inputs, config.throughput_batch, config.seed)
     log.info("throughput: %.1f frame sets/s", throughput["frame_sets_per_second"])
-    grids = sample_grids(inputs, config.samplers[0], patterns, config.grid_rows,
-                         config.grid_samples, config.seed)
-    methods = [{"label": r.label, "kind": r.kind, "nfe": r.nfe, "batch": len(inputs.latents),
-                "seconds_per_frame_set": r.seconds_per_frame_set} for r in runs]
-    summary = {"schema": SCHEMA, "settings": _settings(config),
-               "hardware": hardware(config.device), "data": inputs.split,
-               "cameras": inputs.cameras, "patterns": [pattern_name(m, inputs.cameras)
-                                                       for m in patterns],
-               "methods": methods, "rows": rows, "tradeoff": tradeoff, "throughput": throughput,
-               "targets": check_targets(rows, methods, throughput)}
+    grids = sample_grids(
+        inputs, config.samplers[0], patterns, config.grid_rows, config.grid_samples, config.seed
+    )
+    methods = [
+        {
+            "label": r.label,
+            "kind": r.kind,
+            "nfe": r.nfe,
+            "batch": len(inputs.latents),
+            "seconds_per_frame_set": r.seconds_per_frame_set,
+        }
+        for r in runs
+    ]
+    summary = {
+        "schema": SCHEMA,
+        "settings": _settings(config),
+        "hardware": hardware(config.device),
+        "data": inputs.split,
+        "cameras": inputs.cameras,
+        "patterns": [pattern_name(m, inputs.cameras) for m in patterns],
+        "methods": methods,
+        "rows": rows,
+        "tradeoff": tradeoff,
+        "throughput": throughput,
+        "targets": check_targets(rows, methods, throughput),
+    }
     return EvalResult(summary, grids)
 
 
 def hardware(device: str) -> dict:
     """Where the numbers were measured: CPU model, cores, torch, threads, device."""
-    info = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": device,
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    info = {
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
 
 
 def _settings(config: EvalConfig) -> dict:
-    return {"data": config.data, "model": config.model, "classifier": config.classifier,
-            "samplers": [s.label for s in config.samplers], "fid_samples": config.fid_samples,
-            "frames": config.frames, "val_fraction": config.val_fraction,
-            "device": config.device, "seed": config.seed, "quick": config.quick,
-            "throughput_batch": config.throughput_batch}
+    return {
+        "data": config.data,
+        "model": config.model,
+        "classifier": config.classifier,
+        "samplers": [s.label for s in config.samplers],
+        "fid_samples": config.fid_samples,
+        "frames": config.frames,
+        "val_fraction": config.val_fraction,
+        "device": config.device,
+        "seed": config.seed,
+        "quick": config.quick,
+        "throughput_batch": config.throughput_batch,
+    }

@@ -36,8 +36,9 @@ class FrameArrays:
         return len(self.cameras)
 
 
-def load_frame_arrays(root: str | Path, height: int, width: int, skip_bad: bool = False,
-                      limit: int | None = None) -> FrameArrays:
+def load_frame_arrays(
+    root: str | Path, height: int, width: int, skip_bad: bool = False, limit: int | None = None
+) -> FrameArrays:
     """Decode the frame sets of ``root`` and resize their views to ``height x width``.
 
     With ``limit``, only that many frame sets, evenly spaced over the folder, are decoded.
@@ -84,7 +85,7 @@ def split_train_val(count: int, val_fraction: float) -> tuple[np.ndarray, np.nda
     if count - val_count < 1:
         raise DatasetError(f"a dataset of {count} frame sets is too small to split")
     indices = np.arange(count)
-    return indices[: count - val_count], indices[count - val_count:]
+    return indices[: count - val_count], indices[count - val_count :]
 
 
 def evenly_spaced(items: np.ndarray, count: int) -> np.ndarray:

@@ -15,8 +15,10 @@ _WINDOW, _SIGMA = 11, 1.5
 
 def _pair(images: np.ndarray, truth: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     if images.shape != truth.shape or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected two uint8 [N, H, W, 3] arrays of one shape; got "
-                         f"{images.shape} and {truth.shape}")
+        raise ValueError(
+            f"expected two uint8 [N, H, W, 3] arrays of one shape; got "
+            f"{images.shape} and {truth.shape}"
+        )
     return _as_double(images), _as_double(truth)
 
 
@@ -63,8 +65,9 @@ def ssim_index(x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Ten
     mu_x, mu_y, xx, yy, xy = _blur(torch.cat([x, y, x * x, y * y, x * y], 1), window).chunk(5, 1)
     var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     mu_x, mu_y = mu_x + middle, mu_y + middle
-    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1)
-                                                         * (var_x + var_y + c2))
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
     return index.flatten(1).mean(1)
 
 

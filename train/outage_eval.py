@@ -73,8 +73,9 @@ class Case:
     rows: tuple[int, ...]  # consecutive rows, the last at the outage's full length
 
 
-def plan_cases(scene: np.ndarray, fps: float, outage_s: float, views: int, starts: int,
-               window: int) -> list[Case]:
+def plan_cases(
+    scene: np.ndarray, fps: float, outage_s: float, views: int, starts: int, window: int
+) -> list[Case]:
     """Every (scene, start, failed cameras) whose outage of ``outage_s`` fits in its scene."""
     length = max(window, round(outage_s * fps))
     patterns = [c for k in (1, 2) if k < views for c in combinations(range(views), k)]
@@ -104,29 +105,35 @@ class _FrameCache:
         todo = sorted(rows - self.images.keys())
         height, width = self.model.preprocess.height, self.model.preprocess.width
         for start in range(0, len(todo), 128):
-            chunk = todo[start:start + 128]
+            chunk = todo[start : start + 128]
             views = []
             for row in chunk:
                 frame_set = self.folder[row]
                 complete = [view for view in frame_set.views if view is not None]
                 if len(complete) != len(frame_set.views):
-                    raise DatasetError(f"frame set {self.folder.stems[row]} misses a view: "
-                                       f"outages are played on complete frame sets")
+                    raise DatasetError(
+                        f"frame set {self.folder.stems[row]} misses a view: "
+                        f"outages are played on complete frame sets"
+                    )
                 views.append(np.stack([resize_frame(v, height, width) for v in complete]))
             stacked = np.stack(views)  # [n, V, H, W, 3]
-            x = torch.from_numpy(preprocess_images(stacked.reshape(-1, *stacked.shape[2:]),
-                                                   self.model.preprocess))
+            x = torch.from_numpy(
+                preprocess_images(stacked.reshape(-1, *stacked.shape[2:]), self.model.preprocess)
+            )
             with torch.inference_mode():
-                z = self.model.autoencoder.encoder(x).float().reshape(len(chunk),
-                                                                      stacked.shape[1], -1)
+                z = (
+                    self.model.autoencoder.encoder(x)
+                    .float()
+                    .reshape(len(chunk), stacked.shape[1], -1)
+                )
             for i, row in enumerate(chunk):
                 self.images[row], self.latents[row] = stacked[i], z[i]
             log.info("outages: encoded %d of %d frame sets", start + len(chunk), len(todo))
 
 
-def _inputs(cases: list[Case], cache: _FrameCache, fps: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int],
-                       list[int]]:
+def _inputs(
+    cases: list[Case], cache: _FrameCache, fps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
     """Stacked ``latents, present, memory, memory_age`` over every case's rows, the rows and
     their sampler seeds (one per case, as the receiver seeds one per node)."""
     latents, present, memory, age, rows, seeds = [], [], [], [], [], []
@@ -136,13 +143,20 @@ def _inputs(cases: list[Case], cache: _FrameCache, fps: float
             failed[list(case.failed)] = True
             latents.append(cache.latents[row])
             present.append(~failed)
-            memory.append(torch.where(failed[:, None], cache.latents[case.start - 1],
-                                      cache.latents[row - 1]))
+            memory.append(
+                torch.where(failed[:, None], cache.latents[case.start - 1], cache.latents[row - 1])
+            )
             age.append(torch.where(failed, (row - case.start + 1) / fps, 1 / fps))
             rows.append(row)
             seeds.append(number)
-    return (torch.stack(latents), torch.stack(present), torch.stack(memory),
-            torch.stack(age).float(), rows, seeds)
+    return (
+        torch.stack(latents),
+        torch.stack(present),
+        torch.stack(memory),
+        torch.stack(age).float(),
+        rows,
+        seeds,
+    )
 
 
 def evaluate_outages(config: OutageConfig) -> tuple[dict, dict[float, np.ndarray]]:
@@ -150,8 +164,9 @@ def evaluate_outages(config: OutageConfig) -> tuple[dict, dict[float, np.ndarray
     of consecutive frames of one failed camera (rows: ``summary["strip_rows"]``)."""
     model = load_mvld_model(config.model, device=config.device)
     if not getattr(model.score_net.config, "memory", False):
-        raise ConfigError(f"{config.model}: not a video-aware model (train with "
-                          f"`mvld-train score --memory`)")
+        raise ConfigError(
+            f"{config.model}: not a video-aware model (train with `mvld-train score --memory`)"
+        )
     reference = load_mvld_model(config.reference or DEFAULT_MODEL, device=config.device)
     if reference.fingerprint != model.fingerprint:
         raise ConfigError("the reference model uses another encoder: latents would differ")
@@ -160,8 +175,11 @@ def evaluate_outages(config: OutageConfig) -> tuple[dict, dict[float, np.ndarray
     if scenes is None:
         raise DatasetError(f"{config.data}: not a sequence dataset (docs/DATASETS.md)")
     views = len(folder.cameras)
-    labels = None if folder.labels is None else np.array(
-        [folder.labels.get(stem, -1) for stem in folder.stems])
+    labels = (
+        None
+        if folder.labels is None
+        else np.array([folder.labels.get(stem, -1) for stem in folder.stems])
+    )
     judge = _judge(config, labels is not None)
     decode = LatentDecoder.from_model(model)
     cache = _FrameCache(folder, model)
@@ -169,30 +187,46 @@ def evaluate_outages(config: OutageConfig) -> tuple[dict, dict[float, np.ndarray
     imputers = {
         "memory": Imputer.from_model(model, sampler=spec.name, steps=spec.steps),
         "same model, no memory": Imputer.from_model(model, sampler=spec.name, steps=spec.steps),
-        "reference (memoryless)": Imputer.from_model(reference, sampler=spec.name,
-                                                     steps=spec.steps),
+        "reference (memoryless)": Imputer.from_model(
+            reference, sampler=spec.name, steps=spec.steps
+        ),
     }
-    summary: dict = {"data": config.data, "model": config.model,
-                     "reference": str(config.reference or DEFAULT_MODEL),
-                     "sampler": f"{spec.name}:{spec.steps}", "fps": scenes.fps,
-                     "window": config.window, "outages": [],
-                     "strip_rows": ["true", "reconstructed", "hold last", *imputers,
-                                    "memory, new noise every frame"]}
+    summary: dict = {
+        "data": config.data,
+        "model": config.model,
+        "reference": str(config.reference or DEFAULT_MODEL),
+        "sampler": f"{spec.name}:{spec.steps}",
+        "fps": scenes.fps,
+        "window": config.window,
+        "outages": [],
+        "strip_rows": [
+            "true",
+            "reconstructed",
+            "hold last",
+            *imputers,
+            "memory, new noise every frame",
+        ],
+    }
     strips: dict[float, np.ndarray] = {}
     for outage in config.outages_s:
-        cases = plan_cases(scenes.scene, scenes.fps, outage, views, config.starts_per_scene,
-                           config.window)
+        cases = plan_cases(
+            scenes.scene, scenes.fps, outage, views, config.starts_per_scene, config.window
+        )
         if not cases:
             log.warning("no scene is long enough for a %.3g s outage; skipped", outage)
             continue
-        needed = {r for c in cases for r in c.rows} | {r - 1 for c in cases for r in c.rows} \
+        needed = (
+            {r for c in cases for r in c.rows}
+            | {r - 1 for c in cases for r in c.rows}
             | {c.start - 1 for c in cases}
+        )
         cache.load(needed)
         latents, present, memory, age, rows, seeds = _inputs(cases, cache, scenes.fps)
         missing = ~present
         truth = np.stack([cache.images[r] for r in rows])[missing.numpy()]
-        view_labels = None if labels is None else np.repeat(labels[rows], views)[
-            missing.numpy().reshape(-1)]
+        view_labels = (
+            None if labels is None else np.repeat(labels[rows], views)[missing.numpy().reshape(-1)]
+        )
         results = {}
         outputs = {
             "reconstructed": latents,
@@ -201,23 +235,35 @@ def evaluate_outages(config: OutageConfig) -> tuple[dict, dict[float, np.ndarray
         seeded = [config.seed * 1_000_003 + s for s in seeds]
         for name, imputer in imputers.items():
             remembers = name == "memory"
-            outputs[name] = imputer(latents, present, seed=seeded,
-                                    memory=memory if remembers else None,
-                                    memory_age=age if remembers else None).latents
+            outputs[name] = imputer(
+                latents,
+                present,
+                seed=seeded,
+                memory=memory if remembers else None,
+                memory_age=age if remembers else None,
+            ).latents
         fresh = list(range(len(rows)))  # every frame its own noise: what seeding by node avoids
         outputs["memory, new noise every frame"] = imputers["memory"](
-            latents, present, seed=fresh, memory=memory, memory_age=age).latents
+            latents, present, seed=fresh, memory=memory, memory_age=age
+        ).latents
         first = int(missing[0].sum())  # failed cameras of the first case
-        strip = [truth[:config.window * first:first]]  # its first failed camera, in a row
+        strip = [truth[: config.window * first : first]]  # its first failed camera, in a row
         for name, z in outputs.items():
             images = decode(z[missing])
-            strip.append(images[:config.window * first:first])
-            results[name] = _score(judge, images, truth, view_labels, config.window,
-                                   len(cases), missing)
+            strip.append(images[: config.window * first : first])
+            results[name] = _score(
+                judge, images, truth, view_labels, config.window, len(cases), missing
+            )
             log.info("outage %.3g s, %s: %s", outage, name, results[name])
         strips[outage] = np.concatenate([np.concatenate(list(row), axis=1) for row in strip])
-        summary["outages"].append({"seconds": outage, "cases": len(cases),
-                                   "imputed_views": int(missing.sum()), "methods": results})
+        summary["outages"].append(
+            {
+                "seconds": outage,
+                "cases": len(cases),
+                "imputed_views": int(missing.sum()),
+                "methods": results,
+            }
+        )
     return summary, strips
 
 
@@ -230,18 +276,27 @@ def _judge(config: OutageConfig, labelled: bool) -> Judge:
     return Judge(classifier, preprocess, inception, config.fid_samples)
 
 
-def _score(judge: Judge, images: np.ndarray, truth: np.ndarray, labels: np.ndarray | None,
-           window: int, cases: int, missing: torch.Tensor) -> dict:
+def _score(
+    judge: Judge,
+    images: np.ndarray,
+    truth: np.ndarray,
+    labels: np.ndarray | None,
+    window: int,
+    cases: int,
+    missing: torch.Tensor,
+) -> dict:
     """PSNR, SSIM, coherence, FID and flicker of the imputed views of one method."""
     scores = judge.score(images, labels if labels is not None else np.zeros(len(images)), truth)
     if scores.psnr is None or scores.ssim is None:
         raise RuntimeError("views judged against their true views must have PSNR and SSIM")
     if labels is not None and scores.correct is None:
         raise RuntimeError("labelled views must be judged with a classifier")
-    coherence = (None if labels is None or scores.correct is None
-                 else float(np.mean(scores.correct)))
-    result = {"psnr": float(np.mean(scores.psnr)), "ssim": float(np.mean(scores.ssim)),
-              "coherence": coherence}
+    coherence = None if labels is None or scores.correct is None else float(np.mean(scores.correct))
+    result = {
+        "psnr": float(np.mean(scores.psnr)),
+        "ssim": float(np.mean(scores.ssim)),
+        "coherence": coherence,
+    }
     if judge.inception is not None and scores.inception is not None and len(images) >= 2:
         count = min(judge.fid_samples, len(images))
         real = judge.inception(truth[:count])
@@ -251,8 +306,7 @@ def _score(judge: Judge, images: np.ndarray, truth: np.ndarray, labels: np.ndarr
     return result
 
 
-def _flicker(images: np.ndarray, truth: np.ndarray, per_case: np.ndarray, window: int
-             ) -> float:
+def _flicker(images: np.ndarray, truth: np.ndarray, per_case: np.ndarray, window: int) -> float:
     """Consecutive-frame change of the imputed views over the true views' change.
 
     ``images`` and ``truth`` hold, case after case, ``window`` frames of its failed cameras
@@ -271,19 +325,22 @@ def _flicker(images: np.ndarray, truth: np.ndarray, per_case: np.ndarray, window
 
 def outage_table(summary: dict) -> str:
     """The summary as a markdown table."""
-    lines = ["| outage | method | PSNR dB | SSIM | coherence | FID | flicker |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| outage | method | PSNR dB | SSIM | coherence | FID | flicker |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for outage in summary["outages"]:
         for name, r in outage["methods"].items():
             coherence = "n/a" if r["coherence"] is None else f"{r['coherence']:.3f}"
             fid = f"{r['fid']:.1f}" if "fid" in r else "n/a"
-            lines.append(f"| {outage['seconds']:g} s | {name} | {r['psnr']:.2f} | "
-                         f"{r['ssim']:.3f} | {coherence} | {fid} | {r['flicker']:.2f} |")
+            lines.append(
+                f"| {outage['seconds']:g} s | {name} | {r['psnr']:.2f} | "
+                f"{r['ssim']:.3f} | {coherence} | {fid} | {r['flicker']:.2f} |"
+            )
     return "\n".join(lines)
 
 
-def write_outage_outputs(summary: dict, strips: dict[float, np.ndarray], out: str | Path
-                         ) -> Path:
+def write_outage_outputs(summary: dict, strips: dict[float, np.ndarray], out: str | Path) -> Path:
     """``summary.json``, ``summary.md`` and ``strip_<S>s.png`` per outage into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

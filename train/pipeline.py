@@ -108,8 +108,12 @@ def mark_complete(run: Path, stage: str, outputs: list[Path], info: dict | None 
     missing = [str(p) for p in outputs if not p.exists()]
     if missing:
         raise RuntimeError(f"stage {stage} finished without its outputs {missing}")
-    marker = {"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "outputs": [str(p.relative_to(run)) for p in outputs], **(info or {})}
+    marker = {
+        "stage": stage,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "outputs": [str(p.relative_to(run)) for p in outputs],
+        **(info or {}),
+    }
     path = stage_folder(run, stage) / MARKER
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -123,7 +127,7 @@ def invalidate_after(run: Path, stage: str) -> None:
     Called before ``stage`` runs; an interrupted later stage cannot be resumed on top of a
     redone earlier one (its encoder or latents changed), so nothing of it is kept.
     """
-    for later in STAGES[STAGES.index(stage) + 1:]:
+    for later in STAGES[STAGES.index(stage) + 1 :]:
         folder = stage_folder(run, later)
         if folder.is_dir():
             log.info("removing %s: it depends on %s, which runs again", folder, stage)
@@ -143,12 +147,17 @@ class BudgetPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``RUN/plan.json``)."""
-        return {"budget": self.budget, "budget_s": parse_budget(self.budget),
-                "steps": self.steps, "step_seconds": self.step_seconds}
+        return {
+            "budget": self.budget,
+            "budget_s": parse_budget(self.budget),
+            "steps": self.steps,
+            "step_seconds": self.step_seconds,
+        }
 
 
-def steps_for(stage: str, budget_s: float, spent_s: float, pending: list[str],
-              step_seconds: dict[str, float]) -> int:
+def steps_for(
+    stage: str, budget_s: float, spent_s: float, pending: list[str], step_seconds: dict[str, float]
+) -> int:
     """Steps of ``stage`` so that it and the ``pending`` stages after it fill what is left.
 
     What is left is ``TRAINING_SHARE`` of the budget minus the wall-clock seconds the finished
@@ -166,8 +175,10 @@ def plan_steps(budget_s: float, step_seconds: dict[str, float]) -> dict[str, int
     ``step_seconds`` holds the stages that will train; their shares are renormalised (no
     classifier without labels).
     """
-    return {stage: steps_for(stage, budget_s, 0.0, list(step_seconds), step_seconds)
-            for stage in step_seconds}
+    return {
+        stage: steps_for(stage, budget_s, 0.0, list(step_seconds), step_seconds)
+        for stage in step_seconds
+    }
 
 
 def _timed_steps(step: Callable[[], None], clock: Callable[[], float]) -> float:
@@ -189,12 +200,18 @@ def _optimiser_step(model: nn.Module, loss_of: Callable[[], torch.Tensor]) -> Ca
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return step
 
 
-def measure_step_seconds(stage: str, config: CommonTrainConfig, views: int,
-                         ae_config: AETrainConfig, device: torch.device,
-                         clock: Callable[[], float] = time.perf_counter) -> float:
+def measure_step_seconds(
+    stage: str,
+    config: CommonTrainConfig,
+    views: int,
+    ae_config: AETrainConfig,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Seconds of one training step of ``stage``: its real network and batch, synthetic data."""
     from mvld.common.preprocess import PreprocessConfig
     from mvld.model.autoencoder import Autoencoder
@@ -236,9 +253,14 @@ def measure_step_seconds(stage: str, config: CommonTrainConfig, views: int,
                 return multi_time_loss(model, sde, z0, observed, t, noise).mean()
     else:
         assert isinstance(config, ClassifierTrainConfig)
-        model = ViewClassifier(ClassifierConfig(
-            num_classes=10, image_size=config.image_size, channels=config.channels,
-            convs_per_stage=config.convs_per_stage)).to(device)
+        model = ViewClassifier(
+            ClassifierConfig(
+                num_classes=10,
+                image_size=config.image_size,
+                channels=config.channels,
+                convs_per_stage=config.convs_per_stage,
+            )
+        ).to(device)
         size = config.image_size
         images = (torch.rand(batch, 3, size, size, generator=generator) * 2 - 1).to(device)
         labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
@@ -247,19 +269,22 @@ def measure_step_seconds(stage: str, config: CommonTrainConfig, views: int,
             with autocast(device, config.precision):
                 logits = model(images)
             return nn.functional.cross_entropy(logits.float(), labels)
+
     return _timed_steps(_optimiser_step(model, loss_of), clock)
 
 
 # ---------------------------------------------------------------- stage configurations
 
 
-def _config_as(configs: dict[str, CommonTrainConfig], stage: str,
-              cls: type[StageConfigT]) -> StageConfigT:
+def _config_as(
+    configs: dict[str, CommonTrainConfig], stage: str, cls: type[StageConfigT]
+) -> StageConfigT:
     """``configs[stage]``, checked to be of the stage's own config class ``cls``."""
     config = configs[stage]
     if not isinstance(config, cls):
-        raise TypeError(f"the {stage} stage's config is a {type(config).__name__}, "
-                        f"not a {cls.__name__}")
+        raise TypeError(
+            f"the {stage} stage's config is a {type(config).__name__}, not a {cls.__name__}"
+        )
     return config
 
 
@@ -269,17 +294,27 @@ def _cadence(table: dict[str, Any], steps: int) -> dict[str, int]:
     return {name: every for name in ("val_every", "checkpoint_every") if name not in table}
 
 
-def stage_configs(config: TrainAllConfig, tables: dict[str, dict[str, Any]],
-                  steps: dict[str, int] | None = None) -> dict[str, CommonTrainConfig]:
+def stage_configs(
+    config: TrainAllConfig, tables: dict[str, dict[str, Any]], steps: dict[str, int] | None = None
+) -> dict[str, CommonTrainConfig]:
     """Each training stage's config: table options < the run's own < ``steps`` (a budget)."""
     run = Path(config.out)
-    shared = {"data": config.data, "device": config.device, "seed": config.seed,
-              "val_fraction": config.val_fraction, "threads": config.threads,
-              "skip_bad": config.skip_bad, "progress": config.progress}
+    shared = {
+        "data": config.data,
+        "device": config.device,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "threads": config.threads,
+        "skip_bad": config.skip_bad,
+        "progress": config.progress,
+    }
     steps = steps or {}
     built: dict[str, CommonTrainConfig] = {}
-    for stage, cls in (("ae", AETrainConfig), ("score", ScoreTrainConfig),
-                       ("classifier", ClassifierTrainConfig)):
+    for stage, cls in (
+        ("ae", AETrainConfig),
+        ("score", ScoreTrainConfig),
+        ("classifier", ClassifierTrainConfig),
+    ):
         table = dict(tables.get(stage, {}))
         values = table | shared | {"out": str(stage_folder(run, stage)), "resume": False}
         if stage == "score":
@@ -301,8 +336,13 @@ def _views_and_labels(config: TrainAllConfig) -> tuple[int, bool]:
         return len(folder.cameras), labelled
 
 
-def load_or_make_plan(config: TrainAllConfig, tables: dict[str, dict[str, Any]], views: int,
-                      labelled: bool, device: torch.device) -> BudgetPlan | None:
+def load_or_make_plan(
+    config: TrainAllConfig,
+    tables: dict[str, dict[str, Any]],
+    views: int,
+    labelled: bool,
+    device: torch.device,
+) -> BudgetPlan | None:
     """The budget's plan: ``RUN/plan.json`` when it was made for the same budget, else measured.
 
     Reusing it keeps an interrupted stage's step count, so ``--resume`` repeats its schedule.
@@ -322,10 +362,12 @@ def load_or_make_plan(config: TrainAllConfig, tables: dict[str, dict[str, Any]],
     stages = [s for s in TRAINING_STAGES if s != "classifier" or labelled]
     seconds = {}
     for stage in stages:
-        seconds[stage] = measure_step_seconds(stage, configs[stage], views,
-                                              _config_as(configs, "ae", AETrainConfig), device)
-        log.info("budget: %s step %.3f s (batch %d)", stage, seconds[stage],
-                 configs[stage].batch_size)
+        seconds[stage] = measure_step_seconds(
+            stage, configs[stage], views, _config_as(configs, "ae", AETrainConfig), device
+        )
+        log.info(
+            "budget: %s step %.3f s (batch %d)", stage, seconds[stage], configs[stage].batch_size
+        )
     plan = BudgetPlan(config.budget, plan_steps(budget_s, seconds), seconds)
     log.info("budget %s: steps %s", config.budget, plan.steps)
     save_plan(Path(config.out), plan)
@@ -347,11 +389,16 @@ def resize_for_budget(run: Path, stage: str, plan: BudgetPlan) -> int:
     markers = {s: completed(run, s) for s in plan.step_seconds}
     spent = sum(float(m.get("seconds", 0.0)) for m in markers.values() if m)
     pending = [s for s in plan.step_seconds if markers[s] is None]
-    plan.steps[stage] = steps_for(stage, parse_budget(plan.budget), spent, pending,
-                                  plan.step_seconds)
+    plan.steps[stage] = steps_for(
+        stage, parse_budget(plan.budget), spent, pending, plan.step_seconds
+    )
     save_plan(run, plan)
-    log.info("budget: %s gets %d steps (%.0f s of training spent so far)", stage,
-             plan.steps[stage], spent)
+    log.info(
+        "budget: %s gets %d steps (%.0f s of training spent so far)",
+        stage,
+        plan.steps[stage],
+        spent,
+    )
     return plan.steps[stage]
 
 
@@ -372,8 +419,10 @@ def _resume_flag(config: TrainAllConfig, stage: str) -> bool:
     """Whether a training stage continues from ``STAGE/last``; refuses to discard one."""
     interrupted = state_path(stage_folder(Path(config.out), stage) / "last").is_file()
     if interrupted and not config.resume:
-        raise ConfigError(f"{stage_folder(Path(config.out), stage)} holds an interrupted run: "
-                          "pass --resume to continue it, or delete that folder to start over")
+        raise ConfigError(
+            f"{stage_folder(Path(config.out), stage)} holds an interrupted run: "
+            "pass --resume to continue it, or delete that folder to start over"
+        )
     return interrupted and stage != "classifier"  # the classifier has no --resume
 
 
@@ -404,8 +453,7 @@ def encode_latent_cache(config: TrainAllConfig, ae: Path, score_out: Path) -> Pa
     from mvld.train.latents import encode_frame_arrays, save_latent_cache
 
     autoencoder, preprocess, fingerprint = load_autoencoder(ae)
-    arrays = load_frame_arrays(config.data, preprocess.height, preprocess.width,
-                               config.skip_bad)
+    arrays = load_frame_arrays(config.data, preprocess.height, preprocess.width, config.skip_bad)
     latents = encode_frame_arrays(autoencoder, preprocess, arrays)
     score_out.mkdir(parents=True, exist_ok=True)
     path = score_out / "latents.safetensors"
@@ -423,8 +471,9 @@ def _validation_history(folder: Path, key: str) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def save_receiver_ridge(path: Path, train_z: torch.Tensor, fingerprint: str,
-                        alpha: float = 1.0) -> Path:
+def save_receiver_ridge(
+    path: Path, train_z: torch.Tensor, fingerprint: str, alpha: float = 1.0
+) -> Path:
     """Fit the ridge baseline for every presence pattern and save it for ``--imputer ridge``."""
     from mvld.receiver.ridge_imputer import save_ridge_weights
     from mvld.train.baselines import RidgeRegressor
@@ -434,9 +483,14 @@ def save_receiver_ridge(path: Path, train_z: torch.Tensor, fingerprint: str,
     return save_ridge_weights(path, {m: ridge.fit(m) for m in masks}, fingerprint, alpha)
 
 
-def evaluate_run(config: TrainAllConfig, model: Path, classifier: Path | None,
-                 ae_folder: Path | None = None, score_folder: Path | None = None,
-                 ridge_out: Path | None = None) -> dict:
+def evaluate_run(
+    config: TrainAllConfig,
+    model: Path,
+    classifier: Path | None,
+    ae_folder: Path | None = None,
+    score_folder: Path | None = None,
+    ridge_out: Path | None = None,
+) -> dict:
     """The verdict of ``model`` on the held-out frame sets (fast sampler against baselines).
 
     With ``ridge_out`` the ridge baseline of the verdict is also saved there for the receiver.
@@ -456,10 +510,17 @@ def evaluate_run(config: TrainAllConfig, model: Path, classifier: Path | None,
 
     spec = SamplerSpec(DEFAULT_SAMPLER, DEFAULT_STEPS)
     eval_config = EvalConfig(
-        data=config.data, out=str(stage_folder(Path(config.out), "eval")), model=str(model),
-        classifier=None if classifier is None else str(classifier), samplers=(spec,),
-        fid_samples=0, frames=config.eval_frames, val_fraction=config.val_fraction,
-        device=config.device, seed=config.seed)
+        data=config.data,
+        out=str(stage_folder(Path(config.out), "eval")),
+        model=str(model),
+        classifier=None if classifier is None else str(classifier),
+        samplers=(spec,),
+        fid_samples=0,
+        frames=config.eval_frames,
+        val_fraction=config.val_fraction,
+        device=config.device,
+        seed=config.seed,
+    )
     inputs = load_inputs(eval_config)
     judge = Judge(inputs.classifier, inputs.classifier_preprocess, None, 0)
     patterns = missing_patterns(len(inputs.cameras))
@@ -468,15 +529,17 @@ def evaluate_run(config: TrainAllConfig, model: Path, classifier: Path | None,
     per_method = {run.label: score_method(inputs, judge, run) for run in runs}
     rows = build_rows(inputs, patterns, runs, per_method, real, recon, 0)
     if recon.psnr is None or recon.ssim is None:
-        raise RuntimeError("reconstructed views are judged against the true views: "
-                           "they must have PSNR and SSIM")
+        raise RuntimeError(
+            "reconstructed views are judged against the true views: they must have PSNR and SSIM"
+        )
     evidence = TrainingEvidence(
         reconstruction_psnr=float(recon.psnr.mean()),
         reconstruction_ssim=float(recon.ssim.mean()),
         ae_val_psnr=_validation_history(ae_folder, "val_psnr") if ae_folder else [],
         score_val_loss=_validation_history(score_folder, "val_cond") if score_folder else [],
         train_frame_sets=int(inputs.split["train_complete"]),
-        labelled=inputs.classifier is not None)
+        labelled=inputs.classifier is not None,
+    )
     verdict = build_verdict(rows, spec.label, evidence)
     verdict["data"] = inputs.split
     if ridge_out is not None:
@@ -490,12 +553,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_pipeline(config: TrainAllConfig, ctx: DistributedContext,
-                 tables: dict[str, dict[str, Any]] | None = None) -> PipelineResult:
+def run_pipeline(
+    config: TrainAllConfig, ctx: DistributedContext, tables: dict[str, dict[str, Any]] | None = None
+) -> PipelineResult:
     """Run (or skip, or resume) every stage into ``config.out``; the verdict at the end."""
     if ctx.world_size > 1:
-        raise ConfigError("mvld-train all runs in one process; under torchrun use the stage "
-                          "commands (mvld-train ae / score / classifier)")
+        raise ConfigError(
+            "mvld-train all runs in one process; under torchrun use the stage "
+            "commands (mvld-train ae / score / classifier)"
+        )
     tables = tables or {}
     run = Path(config.out)
     run.mkdir(parents=True, exist_ok=True)
@@ -511,8 +577,13 @@ def run_pipeline(config: TrainAllConfig, ctx: DistributedContext,
     for number, stage in enumerate(stages, start=1):
         marker = completed(run, stage)
         if marker is not None:
-            log.info("stage %d/%d %s: complete (%s), skipped", number, len(stages), stage,
-                     stage_folder(run, stage) / MARKER)
+            log.info(
+                "stage %d/%d %s: complete (%s), skipped",
+                number,
+                len(stages),
+                stage,
+                stage_folder(run, stage) / MARKER,
+            )
             continue
         log.info("stage %d/%d %s", number, len(stages), stage)
         resume = _resume_flag(config, stage) if stage in TRAINING_STAGES else False
@@ -527,8 +598,12 @@ def run_pipeline(config: TrainAllConfig, ctx: DistributedContext,
             began = time.monotonic()
             train_stage(stage_config, ctx)
             name = "last" if stage == "classifier" else "best"
-            mark_complete(run, stage, _model_files(folder, name),
-                          {"steps": stage_config.steps, "seconds": time.monotonic() - began})
+            mark_complete(
+                run,
+                stage,
+                _model_files(folder, name),
+                {"steps": stage_config.steps, "seconds": time.monotonic() - began},
+            )
         elif stage == "latents":
             folder.mkdir(parents=True, exist_ok=True)
             cache = encode_latent_cache(config, ae_best, stage_folder(run, "score"))
@@ -538,13 +613,11 @@ def run_pipeline(config: TrainAllConfig, ctx: DistributedContext,
 
             options = ExportOptions(exporter=config.exporter, frames=Path(config.data))
             exported = export_model(score_best, folder, options)
-            mark_complete(run, stage, [Path(g.path) for g in exported]
-                          + [folder / "model.json"])
+            mark_complete(run, stage, [Path(g.path) for g in exported] + [folder / "model.json"])
         else:
             folder.mkdir(parents=True, exist_ok=True)
             ridge = run / "score" / RIDGE_FILE  # beside the checkpoint: --imputer ridge
-            verdict = evaluate_run(config, score_best, classifier, run / "ae", run / "score",
-                                   ridge)
+            verdict = evaluate_run(config, score_best, classifier, run / "ae", run / "score", ridge)
             report = report_markdown(verdict)
             text = json.dumps(verdict, indent=1) + "\n"
             _write_atomic(run / VERDICT_FILE, text)
@@ -555,4 +628,3 @@ def run_pipeline(config: TrainAllConfig, ctx: DistributedContext,
         verdict = json.loads((run / VERDICT_FILE).read_text())
     report = (run / REPORT_FILE).read_text()
     return PipelineResult(model=score_best, report=report, verdict=verdict, run=run)
-

@@ -53,8 +53,9 @@ from mvld.train.state import (
 log = logging.getLogger(__name__)
 
 
-def draw_observed_masks(batch: int, views: int, cond_prob: float, generator: torch.Generator
-                        ) -> torch.Tensor:
+def draw_observed_masks(
+    batch: int, views: int, cond_prob: float, generator: torch.Generator
+) -> torch.Tensor:
     """bool ``[B, V]``: per sample, all False (joint) or a random non-empty proper subset."""
     conditional = torch.rand(batch, generator=generator) < cond_prob  # [B]
     count = torch.randint(1, views, (batch,), generator=generator)  # observed views, 1..V-1
@@ -62,9 +63,15 @@ def draw_observed_masks(batch: int, views: int, cond_prob: float, generator: tor
     return (ranks < count[:, None]) & conditional[:, None]
 
 
-def multi_time_loss(score_net: nn.Module, sde: VPSDE, z0: torch.Tensor, observed: torch.Tensor,
-                    t: torch.Tensor, noise: torch.Tensor, memory: MemoryDraw | None = None
-                    ) -> torch.Tensor:
+def multi_time_loss(
+    score_net: nn.Module,
+    sde: VPSDE,
+    z0: torch.Tensor,
+    observed: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    memory: MemoryDraw | None = None,
+) -> torch.Tensor:
     """Per-sample loss ``[B]``: mean squared epsilon error over the missing dimensions only.
 
     ``z0 [B, V, D]`` clean latents, ``observed [B, V]`` bool, ``t [B]`` time of the missing
@@ -75,24 +82,30 @@ def multi_time_loss(score_net: nn.Module, sde: VPSDE, z0: torch.Tensor, observed
     mean, std = sde.marginal(z0, tau)
     keep = observed[..., None]  # [B, V, 1]
     zt = torch.where(keep, z0, mean + std * noise)
-    eps = score_net(zt, tau) if memory is None else score_net(zt, tau, memory.latents,
-                                                                memory.age)
+    eps = score_net(zt, tau) if memory is None else score_net(zt, tau, memory.latents, memory.age)
     missing = (~keep).to(z0.dtype).expand_as(z0)  # [B, V, D]
     squared = (eps - noise) ** 2 * missing
     return squared.flatten(1).sum(1) / missing.flatten(1).sum(1)
 
 
-def score_net_config_for(config: ScoreTrainConfig, views: int, ae: AutoencoderConfig
-                         ) -> ScoreNetConfig:
+def score_net_config_for(
+    config: ScoreTrainConfig, views: int, ae: AutoencoderConfig
+) -> ScoreNetConfig:
     """The score network a training config asks for, shaped by the autoencoder's latent."""
     kind = config.kind if config.kind != "auto" else ("conv" if ae.latent_channels else "mlp")
     if kind == "conv" and not ae.latent_channels:
         raise ConfigError("a conv score network needs a spatial latent (latent_channels > 0)")
     return ScoreNetConfig(
-        num_views=views, latent_dim=ae.latent_dim, widths=config.widths or SCORE_WIDTHS[kind],
-        time_dim=config.time_dim, kind=kind,
-        latent_shape=ae.latent_shape if kind == "conv" else (), blocks=config.blocks,
-        attention_heads=config.attention_heads if kind == "conv" else 0, memory=config.memory)
+        num_views=views,
+        latent_dim=ae.latent_dim,
+        widths=config.widths or SCORE_WIDTHS[kind],
+        time_dim=config.time_dim,
+        kind=kind,
+        latent_shape=ae.latent_shape if kind == "conv" else (),
+        blocks=config.blocks,
+        attention_heads=config.attention_heads if kind == "conv" else 0,
+        memory=config.memory,
+    )
 
 
 @dataclass
@@ -132,9 +145,14 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext) -> Prepa
     arch = score_net_config_for(config, arrays.num_views, autoencoder.config)
     sde = VPSDE(beta_min=config.beta_min, beta_max=config.beta_max)
     torch.manual_seed(config.seed)
-    shell = MVLDModel(preprocess=preprocess, autoencoder=autoencoder.cpu(),
-                      score_net=make_score_net(arch), sde=sde, latent_stats=stats,
-                      fingerprint=fingerprint)
+    shell = MVLDModel(
+        preprocess=preprocess,
+        autoencoder=autoencoder.cpu(),
+        score_net=make_score_net(arch),
+        sde=sde,
+        latent_stats=stats,
+        fingerprint=fingerprint,
+    )
     if config.init:
         _warm_start(config.init, shell)
     z = shell.latent_stats.standardise(latents)
@@ -142,13 +160,20 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext) -> Prepa
     if config.memory:
         scenes = read_scenes(config.data, arrays.stems)
         if scenes is None:
-            raise DatasetError(f"{config.data}: --memory needs a sequence dataset (frame order "
-                               f"and scene cuts in dataset.json or render.json, "
-                               f"docs/DATASETS.md)")
-        memory = SceneMemory(z, present, scenes, drop=config.memory_drop,
-                             max_age_s=config.memory_max_age_s)
-        log.info("score: video-aware, %d scenes at %.3g fps, memories up to %.3g s",
-                 int(scenes.scene.max()) + 1, scenes.fps, config.memory_max_age_s)
+            raise DatasetError(
+                f"{config.data}: --memory needs a sequence dataset (frame order "
+                f"and scene cuts in dataset.json or render.json, "
+                f"docs/DATASETS.md)"
+            )
+        memory = SceneMemory(
+            z, present, scenes, drop=config.memory_drop, max_age_s=config.memory_max_age_s
+        )
+        log.info(
+            "score: video-aware, %d scenes at %.3g fps, memories up to %.3g s",
+            int(scenes.scene.max()) + 1,
+            scenes.fps,
+            config.memory_max_age_s,
+        )
     train_rows, val_rows = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
     return PreparedLatents(shell, z[train_rows], z[val_rows], train_rows, val_rows, memory)
 
@@ -164,20 +189,27 @@ def _warm_start(path: str, shell: MVLDModel) -> None:
         raise ConfigError(f"--init {path}: trained on another autoencoder")
     try:
         missing, unexpected = shell.score_net.load_state_dict(
-            previous.score_net.state_dict(), strict=False)
+            previous.score_net.state_dict(), strict=False
+        )
     except RuntimeError as exc:  # a tensor of another shape
         raise ConfigError(f"--init {path}: another score network: {exc}") from exc
     if unexpected:
-        raise ConfigError(f"--init {path}: layers the new score network lacks: "
-                          f"{sorted(unexpected)[:5]}")
+        raise ConfigError(
+            f"--init {path}: layers the new score network lacks: {sorted(unexpected)[:5]}"
+        )
     shell.latent_stats = previous.latent_stats
-    log.info("warm start from %s (%d new tensors keep their initialisation)", path,
-             len(missing))
+    log.info("warm start from %s (%d new tensors keep their initialisation)", path, len(missing))
 
 
 @torch.no_grad()
-def validation_losses(score_net: nn.Module, sde: VPSDE, z: torch.Tensor, t_min: float,
-                      seed: int, memory: MemoryDraw | None = None) -> dict[str, float]:
+def validation_losses(
+    score_net: nn.Module,
+    sde: VPSDE,
+    z: torch.Tensor,
+    t_min: float,
+    seed: int,
+    memory: MemoryDraw | None = None,
+) -> dict[str, float]:
     """Joint and conditional (one random observed subset per sample) losses, fixed noise.
 
     With ``memory`` (one draw per sample) the conditional loss is also measured without it
@@ -194,11 +226,11 @@ def validation_losses(score_net: nn.Module, sde: VPSDE, z: torch.Tensor, t_min: 
         observed = draw_observed_masks(batch, views, prob, generator).to(device)
         t = (t_min + (1 - t_min) * torch.rand(batch, generator=generator)).to(device)
         noise = torch.randn(z.shape, generator=generator).to(device)
-        results[name] = multi_time_loss(score_net, sde, z, observed, t, noise,
-                                        memory).mean().item()
+        results[name] = multi_time_loss(score_net, sde, z, observed, t, noise, memory).mean().item()
         if memory is not None and name == "val_cond":
-            results["val_cond_no_memory"] = multi_time_loss(
-                score_net, sde, z, observed, t, noise).mean().item()
+            results["val_cond_no_memory"] = (
+                multi_time_loss(score_net, sde, z, observed, t, noise).mean().item()
+            )
     return results
 
 
@@ -207,14 +239,23 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     prepared = _prepare_latents(config, ctx)
-    model, z_train, z_val, memory = (prepared.shell, prepared.z_train, prepared.z_val,
-                                     prepared.memory)
-    val_memory = None if memory is None else memory.draw(
-        prepared.val_rows, torch.Generator().manual_seed(config.seed + 1))
+    model, z_train, z_val, memory = (
+        prepared.shell,
+        prepared.z_train,
+        prepared.z_val,
+        prepared.memory,
+    )
+    val_memory = (
+        None
+        if memory is None
+        else memory.draw(prepared.val_rows, torch.Generator().manual_seed(config.seed + 1))
+    )
     sampler = EpochSampler(len(z_train), config.batch_size, config.seed)
     if sampler.steps_per_epoch == 0:
-        raise DatasetError(f"{len(z_train)} complete frame sets are fewer than one batch of "
-                           f"{config.batch_size}; lower --batch-size")
+        raise DatasetError(
+            f"{len(z_train)} complete frame sets are fewer than one batch of "
+            f"{config.batch_size}; lower --batch-size"
+        )
     score_net = model.score_net.to(ctx.device)
     optimizer = torch.optim.Adam(score_net.parameters(), lr=config.lr)
     ema = ExponentialMovingAverage(score_net, config.ema_decay)
@@ -235,8 +276,9 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
         drawn = None
         if memory is not None:
             full = memory.draw(prepared.train_rows[rows], generator)
-            drawn = MemoryDraw(ctx.shard(full.latents).to(ctx.device),
-                               ctx.shard(full.age).to(ctx.device))
+            drawn = MemoryDraw(
+                ctx.shard(full.latents).to(ctx.device), ctx.shard(full.age).to(ctx.device)
+            )
         with autocast(ctx.device, config.precision):
             loss = multi_time_loss(trained, sde, z0, observed, t, noise, drawn).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -255,22 +297,42 @@ def train_score(config: ScoreTrainConfig, ctx: DistributedContext) -> Path:
         save_mvld_model(out / "last", model, extra)
         score = metrics.get("val_cond", float("inf"))
         improved, best = score < best, min(best, score)
-        save_training_state(out / "last", TrainingState(
-            step=step, modules={"score_net": score_net.state_dict()},
-            optimizer=optimizer.state_dict(), info={"best": best}))
+        save_training_state(
+            out / "last",
+            TrainingState(
+                step=step,
+                modules={"score_net": score_net.state_dict()},
+                optimizer=optimizer.state_dict(),
+                info={"best": best},
+            ),
+        )
         if improved:
             promote_to_best(out)
 
-    run_loop(ctx=ctx, start_step=start_step, steps=config.steps,
-             samples_per_step=config.batch_size, val_every=config.val_every,
-             checkpoint_every=config.checkpoint_every, out=out, progress=config.progress,
-             desc="score", train_step=train_step, validate=validate, save=save)
+    run_loop(
+        ctx=ctx,
+        start_step=start_step,
+        steps=config.steps,
+        samples_per_step=config.batch_size,
+        val_every=config.val_every,
+        checkpoint_every=config.checkpoint_every,
+        out=out,
+        progress=config.progress,
+        desc="score",
+        train_step=train_step,
+        validate=validate,
+        save=save,
+    )
     return checkpoint_paths(out / "last")[0]
 
 
-def _maybe_resume(config: ScoreTrainConfig, model: MVLDModel, score_net: nn.Module,
-                  optimizer: torch.optim.Optimizer, ema: ExponentialMovingAverage
-                  ) -> tuple[int, float]:
+def _maybe_resume(
+    config: ScoreTrainConfig,
+    model: MVLDModel,
+    score_net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: ExponentialMovingAverage,
+) -> tuple[int, float]:
     """Load ``OUT/last`` (EMA weights) and its training state; ``(step, best val loss)``."""
     if not config.resume:
         return 0, float("inf")
@@ -283,4 +345,3 @@ def _maybe_resume(config: ScoreTrainConfig, model: MVLDModel, score_net: nn.Modu
     optimizer.load_state_dict(state.optimizer)
     log.info("resumed %s at step %d", config.out, state.step)
     return state.step, float(state.info.get("best", float("inf")))
-

@@ -46,8 +46,7 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-                         ) -> dict[str, Any]:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in tensors.items():
         _, index, key = name.split(".", 2)
@@ -65,8 +64,12 @@ def save_training_state(checkpoint: str | Path, state: TrainingState) -> Path:
     for module, weights in state.modules.items():
         tensors |= {f"module.{module}.{k}": v for k, v in weights.items()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"step": state.step, "optimizer": optimizer_meta, "info": state.info,
-            "modules": sorted(state.modules)}
+    meta = {
+        "step": state.step,
+        "optimizer": optimizer_meta,
+        "info": state.info,
+        "modules": sorted(state.modules),
+    }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"mvld_training_state": json.dumps(meta)})
     tmp.replace(path)
@@ -88,13 +91,14 @@ def load_training_state(checkpoint: str | Path) -> TrainingState:
     optimizer_tensors = {}
     for key, tensor in tensors.items():
         if key.startswith("module."):
-            module, name = key[len("module."):].split(".", 1)
+            module, name = key[len("module.") :].split(".", 1)
             modules[module][name] = tensor
         else:
             optimizer_tensors[key] = tensor
     optimizer = _unflatten_optimizer(optimizer_tensors, meta["optimizer"])
-    return TrainingState(step=int(meta["step"]), modules=modules, optimizer=optimizer,
-                         info=meta["info"])
+    return TrainingState(
+        step=int(meta["step"]), modules=modules, optimizer=optimizer, info=meta["info"]
+    )
 
 
 def promote_to_best(out: Path) -> None:

@@ -56,15 +56,23 @@ CODEC_SWEEPS = {
     "jpeg": CodecSweep("jpeg", tiled=False),
     "jpeg_tiled": CodecSweep("jpeg", tiled=True),
 }
-_CODEC_FLAGS = {"jpeg": (".jpg", cv2.IMWRITE_JPEG_QUALITY),
-                "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY)}
+_CODEC_FLAGS = {
+    "jpeg": (".jpg", cv2.IMWRITE_JPEG_QUALITY),
+    "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY),
+}
 
 
 # ---------------------------------------------------------------- MVLD on the wire
 
 
-def frameset_message(latents: np.ndarray, sent: np.ndarray, latent_shape: tuple[int, ...],
-                     dtype: str, fingerprint: str, seq: int = 0) -> FrameSetMessage:
+def frameset_message(
+    latents: np.ndarray,
+    sent: np.ndarray,
+    latent_shape: tuple[int, ...],
+    dtype: str,
+    fingerprint: str,
+    seq: int = 0,
+) -> FrameSetMessage:
     """The message an edge sends for one frame set: latents ``[V, D]``, ``sent [V]`` bool."""
     records = []
     for v, is_sent in enumerate(sent):
@@ -74,12 +82,22 @@ def frameset_message(latents: np.ndarray, sent: np.ndarray, latent_shape: tuple[
             records.append(ViewRecord(camera, ViewStatus.OK, ReasonCode.NONE, 1.7e9, latent))
         else:
             records.append(ViewRecord(camera, ViewStatus.WITHHELD, ReasonCode.POLICY, 1.7e9))
-    return FrameSetMessage(node_id="node0", seq=seq, send_time=1.7e9,
-                           encoder_fingerprint=fingerprint, views=tuple(records))
+    return FrameSetMessage(
+        node_id="node0",
+        seq=seq,
+        send_time=1.7e9,
+        encoder_fingerprint=fingerprint,
+        views=tuple(records),
+    )
 
 
-def over_the_wire(latents: np.ndarray, sent: np.ndarray, latent_shape: tuple[int, ...],
-                  dtype: str, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
+def over_the_wire(
+    latents: np.ndarray,
+    sent: np.ndarray,
+    latent_shape: tuple[int, ...],
+    dtype: str,
+    fingerprint: str,
+) -> tuple[np.ndarray, np.ndarray]:
     """What the receiver gets: ``(latents [N, V, D] float32, zeros where not sent; bytes [N])``.
 
     Every frame set is encoded into a real message and decoded again, so the bytes are the
@@ -88,8 +106,9 @@ def over_the_wire(latents: np.ndarray, sent: np.ndarray, latent_shape: tuple[int
     received = np.zeros(latents.shape, np.float32)
     sizes = np.empty(len(latents), np.int64)
     for n, frame_latents in enumerate(latents):
-        data = encode_frameset(frameset_message(frame_latents, sent, latent_shape, dtype,
-                                                fingerprint, seq=n))
+        data = encode_frameset(
+            frameset_message(frame_latents, sent, latent_shape, dtype, fingerprint, seq=n)
+        )
         sizes[n] = len(data)
         for v, view in enumerate(decode_frameset(data).views):
             if view.latent is not None:
@@ -121,8 +140,13 @@ def _code_image(rgb: np.ndarray, sweep: CodecSweep, quality: int) -> tuple[np.nd
     """Encode and decode one RGB image; ``(decoded RGB at the input size, bytes)``."""
     suffix, flag = _CODEC_FLAGS[sweep.codec]
     height, width = rgb.shape[:2]
-    small = rgb if sweep.downscale == 1 else cv2.resize(
-        rgb, (width // sweep.downscale, height // sweep.downscale), interpolation=cv2.INTER_AREA)
+    small = (
+        rgb
+        if sweep.downscale == 1
+        else cv2.resize(
+            rgb, (width // sweep.downscale, height // sweep.downscale), interpolation=cv2.INTER_AREA
+        )
+    )
     ok, data = cv2.imencode(suffix, cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [flag, int(quality)])
     if not ok:
         raise ConfigError(f"OpenCV cannot encode {sweep.codec} at quality {quality}")
@@ -135,8 +159,7 @@ def _code_image(rgb: np.ndarray, sweep: CodecSweep, quality: int) -> tuple[np.nd
     return decoded, len(data)
 
 
-def code_frames(images: np.ndarray, sweep: CodecSweep, quality: int
-                ) -> tuple[np.ndarray, float]:
+def code_frames(images: np.ndarray, sweep: CodecSweep, quality: int) -> tuple[np.ndarray, float]:
     """All views of ``images`` (uint8 ``[N, V, H, W, 3]`` RGB) through a codec.
 
     Returns the decoded views (same shape) and the mean bytes per frame set.
@@ -162,8 +185,9 @@ Quality = Callable[[np.ndarray, bool], dict]
 """``quality(decoded uint8 [N, V, H, W, 3], with_fid) -> {"psnr", "ssim", "coherence", "fid"}``."""
 
 
-def codec_sweeps(images: np.ndarray, quality: Quality,
-                 qualities: tuple[int, ...] = DEFAULT_QUALITIES) -> dict[str, list[dict]]:
+def codec_sweeps(
+    images: np.ndarray, quality: Quality, qualities: tuple[int, ...] = DEFAULT_QUALITIES
+) -> dict[str, list[dict]]:
     """Every codec sweep at every quality: bytes per frame set and quality of all views.
 
     FID is left out here (``None``); :func:`matched_budgets` adds it to the matched points.
@@ -173,8 +197,9 @@ def codec_sweeps(images: np.ndarray, quality: Quality,
         out[name] = []
         for q in qualities:
             decoded, size = code_frames(images, sweep, q)
-            out[name].append({"quality": int(q), "bytes_per_frame_set": size,
-                              **quality(decoded, False)})
+            out[name].append(
+                {"quality": int(q), "bytes_per_frame_set": size, **quality(decoded, False)}
+            )
         log.info("%s: %d qualities coded", name, len(qualities))
     return out
 
@@ -185,8 +210,9 @@ def best_within_budget(points: list[dict], budget: float) -> dict | None:
     return max(fitting, key=lambda p: p["quality"]) if fitting else None
 
 
-def matched_budgets(latent_points: list[dict], codecs: dict[str, list[dict]],
-                    images: np.ndarray, quality: Quality) -> list[dict]:
+def matched_budgets(
+    latent_points: list[dict], codecs: dict[str, list[dict]], images: np.ndarray, quality: Quality
+) -> list[dict]:
     """For every MVLD point, the best point of every codec sweep that fits its bytes.
 
     The FID of a matched codec point is computed once per (sweep, quality) and reused.
@@ -194,15 +220,16 @@ def matched_budgets(latent_points: list[dict], codecs: dict[str, list[dict]],
     fid_cache: dict[tuple[str, int], float | None] = {}
     rows = []
     for point in latent_points:
-        row = {k: point[k] for k in ("views_sent", "dtype", "bytes", "psnr", "ssim",
-                                     "coherence", "fid")}
+        row = {
+            k: point[k]
+            for k in ("views_sent", "dtype", "bytes", "psnr", "ssim", "coherence", "fid")
+        }
         for name, points in codecs.items():
             best = best_within_budget(points, point["bytes"])
             if best is not None and (name, best["quality"]) not in fid_cache:
                 decoded, _ = code_frames(images, CODEC_SWEEPS[name], best["quality"])
                 fid_cache[name, best["quality"]] = quality(decoded, True)["fid"]
-            row[name] = None if best is None else {
-                **best, "fid": fid_cache[name, best["quality"]]}
+            row[name] = None if best is None else {**best, "fid": fid_cache[name, best["quality"]]}
         rows.append(row)
     return rows
 
@@ -222,7 +249,13 @@ def curve_above(rows: list[dict], metric: str, higher_is_better: bool = True) ->
             if better:
                 wins += 1
             else:
-                losses.append({"views_sent": row["views_sent"], "dtype": row["dtype"],
-                               "codec": name, "mvld": mine, "codec_value": theirs})
-    return {"metric": metric, "comparisons": wins + len(losses), "wins": wins,
-            "losses": losses}
+                losses.append(
+                    {
+                        "views_sent": row["views_sent"],
+                        "dtype": row["dtype"],
+                        "codec": name,
+                        "mvld": mine,
+                        "codec_value": theirs,
+                    }
+                )
+    return {"metric": metric, "comparisons": wins + len(losses), "wins": wins, "losses": losses}

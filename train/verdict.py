@@ -62,8 +62,15 @@ def imputation_table(rows: list[dict], imputer: str) -> list[dict]:
         for method in (imputer, *BASELINES):
             row = _pooled(rows, method, missing)
             if row is not None:
-                table.append({"missing": missing, "method": method, "psnr": row["psnr"],
-                              "ssim": row["ssim"], "coherence": row["coherence"]})
+                table.append(
+                    {
+                        "missing": missing,
+                        "method": method,
+                        "psnr": row["psnr"],
+                        "ssim": row["ssim"],
+                        "coherence": row["coherence"],
+                    }
+                )
     return table
 
 
@@ -77,16 +84,20 @@ def losses(table: list[dict], imputer: str) -> list[Loss]:
             if mine is None or mine[metric] is None or row[metric] is None:
                 continue
             if mine[metric] < row[metric]:
-                found.append(Loss(row["missing"], row["method"], metric, mine[metric],
-                                  row[metric]))
+                found.append(Loss(row["missing"], row["method"], metric, mine[metric], row[metric]))
     return found
 
 
 def _comparisons(table: list[dict], imputer: str) -> int:
     """How many (count, baseline, metric) comparisons ``losses`` makes."""
     ours = {r["missing"]: r for r in table if r["method"] == imputer}
-    return sum(1 for r in table if r["method"] != imputer and r["missing"] in ours
-               for m in METRICS if r[m] is not None and ours[r["missing"]][m] is not None)
+    return sum(
+        1
+        for r in table
+        if r["method"] != imputer and r["missing"] in ours
+        for m in METRICS
+        if r[m] is not None and ours[r["missing"]][m] is not None
+    )
 
 
 def best_psnr(table: list[dict]) -> dict[str, str]:
@@ -99,8 +110,9 @@ def best_psnr(table: list[dict]) -> dict[str, str]:
     return {k: r["method"] for k, r in best.items()}
 
 
-def still_improving(history: list[float], min_gain: float, relative: bool = False,
-                    lower_is_better: bool = False) -> bool:
+def still_improving(
+    history: list[float], min_gain: float, relative: bool = False, lower_is_better: bool = False
+) -> bool:
     """Whether the last validation still moved the right way by more than ``min_gain``."""
     values = [v for v in history if v is not None and math.isfinite(v)]
     if len(values) < 2:
@@ -115,23 +127,32 @@ def likely_cause(evidence: TrainingEvidence) -> tuple[str, str]:
     """``(cause, what to do)`` of a lost comparison, the most upstream cause first."""
     recon = evidence.reconstruction_psnr
     if recon is not None and recon < RECONSTRUCTION_LOW_DB:
-        return (f"the autoencoder is under-trained (held-out reconstruction {recon:.1f} dB, "
-                f"below {RECONSTRUCTION_LOW_DB:.0f} dB)",
-                "train the autoencoder longer: a larger --budget or more [ae] steps")
+        return (
+            f"the autoencoder is under-trained (held-out reconstruction {recon:.1f} dB, "
+            f"below {RECONSTRUCTION_LOW_DB:.0f} dB)",
+            "train the autoencoder longer: a larger --budget or more [ae] steps",
+        )
     if still_improving(evidence.ae_val_psnr, STILL_IMPROVING_DB):
-        return ("the autoencoder is under-trained (its validation PSNR was still rising)",
-                "train the autoencoder longer: a larger --budget or more [ae] steps")
-    if still_improving(evidence.score_val_loss, STILL_FALLING, relative=True,
-                       lower_is_better=True):
-        return ("the score network is under-trained (its validation loss was still falling)",
-                "train the score network longer: a larger --budget or more [score] steps")
+        return (
+            "the autoencoder is under-trained (its validation PSNR was still rising)",
+            "train the autoencoder longer: a larger --budget or more [ae] steps",
+        )
+    if still_improving(evidence.score_val_loss, STILL_FALLING, relative=True, lower_is_better=True):
+        return (
+            "the score network is under-trained (its validation loss was still falling)",
+            "train the score network longer: a larger --budget or more [score] steps",
+        )
     if evidence.train_frame_sets < FEW_FRAME_SETS:
-        return (f"there is too little data ({evidence.train_frame_sets} complete training "
-                f"frame sets; a few thousand are needed)",
-                "record more frame sets and train again")
-    return ("training has converged without an edge over the baselines on this data",
-            "try a larger model or budget; until then a deterministic imputer predicts the "
-            "missing views better")
+        return (
+            f"there is too little data ({evidence.train_frame_sets} complete training "
+            f"frame sets; a few thousand are needed)",
+            "record more frame sets and train again",
+        )
+    return (
+        "training has converged without an edge over the baselines on this data",
+        "try a larger model or budget; until then a deterministic imputer predicts the "
+        "missing views better",
+    )
 
 
 def build_verdict(rows: list[dict], imputer: str, evidence: TrainingEvidence) -> dict:
@@ -145,25 +166,41 @@ def build_verdict(rows: list[dict], imputer: str, evidence: TrainingEvidence) ->
         cause = advice = None
     elif wins:
         what = "PSNR and coherence" if evidence.labelled else "PSNR"
-        sentence = (f"The diffusion imputer ({imputer}) beats every baseline on {what} for "
-                    "every number of missing views.")
+        sentence = (
+            f"The diffusion imputer ({imputer}) beats every baseline on {what} for "
+            "every number of missing views."
+        )
         cause = advice = None
     else:
         cause, advice = likely_cause(evidence)
         worst = max(lost, key=lambda x: (x.metric == "psnr", x.theirs - x.ours))
-        shown = (f"PSNR {worst.ours:.2f} vs {worst.theirs:.2f} dB" if worst.metric == "psnr"
-                 else f"{worst.metric} {worst.ours:.3f} vs {worst.theirs:.3f}")
-        sentence = (f"The diffusion imputer loses to {worst.baseline} with {worst.missing} "
-                    f"missing ({shown}; {len(lost)} of {_comparisons(table, imputer)} "
-                    f"comparisons lost): likely {cause}; {advice}.")
-    return {"schema": SCHEMA, "imputer": imputer, "imputer_wins": wins,
-            "coherence_measured": evidence.labelled,
-            "reconstruction": {"psnr": evidence.reconstruction_psnr,
-                               "ssim": evidence.reconstruction_ssim},
-            "imputation": table, "best_psnr": best_psnr(table),
-            "losses": [asdict(x) for x in lost],
-            "cause": cause, "advice": advice, "sentence": sentence,
-            "evidence": asdict(evidence)}
+        shown = (
+            f"PSNR {worst.ours:.2f} vs {worst.theirs:.2f} dB"
+            if worst.metric == "psnr"
+            else f"{worst.metric} {worst.ours:.3f} vs {worst.theirs:.3f}"
+        )
+        sentence = (
+            f"The diffusion imputer loses to {worst.baseline} with {worst.missing} "
+            f"missing ({shown}; {len(lost)} of {_comparisons(table, imputer)} "
+            f"comparisons lost): likely {cause}; {advice}."
+        )
+    return {
+        "schema": SCHEMA,
+        "imputer": imputer,
+        "imputer_wins": wins,
+        "coherence_measured": evidence.labelled,
+        "reconstruction": {
+            "psnr": evidence.reconstruction_psnr,
+            "ssim": evidence.reconstruction_ssim,
+        },
+        "imputation": table,
+        "best_psnr": best_psnr(table),
+        "losses": [asdict(x) for x in lost],
+        "cause": cause,
+        "advice": advice,
+        "sentence": sentence,
+        "evidence": asdict(evidence),
+    }
 
 
 def _cell(value: float | None, digits: int) -> str:
@@ -176,18 +213,28 @@ def report_markdown(verdict: dict) -> str:
     The same text is printed in the terminal; a markdown table reads well in both.
     """
     recon = verdict["reconstruction"]
-    lines = ["# Training verdict", "",
-             f"Held-out reconstruction: PSNR {_cell(recon['psnr'], 2)} dB, "
-             f"SSIM {_cell(recon['ssim'], 3)}.", "",
-             "| missing views | method | PSNR dB | SSIM | coherence |", "|---|---|---|---|---|"]
+    lines = [
+        "# Training verdict",
+        "",
+        f"Held-out reconstruction: PSNR {_cell(recon['psnr'], 2)} dB, "
+        f"SSIM {_cell(recon['ssim'], 3)}.",
+        "",
+        "| missing views | method | PSNR dB | SSIM | coherence |",
+        "|---|---|---|---|---|",
+    ]
     for row in verdict["imputation"]:
-        lines.append(f"| {row['missing']} | {row['method']} | {_cell(row['psnr'], 2)} | "
-                     f"{_cell(row['ssim'], 3)} | {_cell(row['coherence'], 3)} |")
+        lines.append(
+            f"| {row['missing']} | {row['method']} | {_cell(row['psnr'], 2)} | "
+            f"{_cell(row['ssim'], 3)} | {_cell(row['coherence'], 3)} |"
+        )
     if not verdict["coherence_measured"]:
         lines += ["", "Coherence is not measured: the dataset has no labels."]
     if verdict["best_psnr"]:
         best = "; ".join(f"{k} missing: {m}" for k, m in verdict["best_psnr"].items())
-        lines += ["", f"Best PSNR on this data: {best}. The receiver serves the diffusion "
-                  "imputer by default, the ridge regressor with `--imputer ridge`."]
+        lines += [
+            "",
+            f"Best PSNR on this data: {best}. The receiver serves the diffusion "
+            "imputer by default, the ridge regressor with `--imputer ridge`.",
+        ]
     lines += ["", f"**Verdict:** {verdict['sentence']}", ""]
     return "\n".join(lines)

@@ -64,8 +64,9 @@ def redact(uri: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
-def csi_pipeline(sensor_id: int, width: int = 1280, height: int = 720, fps: int = 30,
-                 flip: int = 0) -> str:
+def csi_pipeline(
+    sensor_id: int, width: int = 1280, height: int = 720, fps: int = 30, flip: int = 0
+) -> str:
     """The GStreamer pipeline for a Jetson CSI sensor, ending in a BGR appsink for OpenCV.
 
     nvarguscamerasrc delivers NV12 in NVMM (GPU) memory; nvvidconv converts to BGRx in CPU
@@ -87,7 +88,8 @@ def _int_options(uri: str, options: dict[str, object]) -> dict[str, int]:
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         raise ConfigError(
-            f"{redact(uri)}: unknown option(s) {unknown}; valid: {list(OPTION_NAMES)}")
+            f"{redact(uri)}: unknown option(s) {unknown}; valid: {list(OPTION_NAMES)}"
+        )
     values: dict[str, int] = {}
     for name, value in options.items():
         try:
@@ -96,17 +98,20 @@ def _int_options(uri: str, options: dict[str, object]) -> dict[str, int]:
             values[name] = int(value)
         except (TypeError, ValueError) as exc:
             raise ConfigError(
-                f"{redact(uri)}: option {name} must be an int, got {value!r}") from exc
+                f"{redact(uri)}: option {name} must be an int, got {value!r}"
+            ) from exc
         if values[name] < 0:
             raise ConfigError(f"{redact(uri)}: option {name} must be >= 0, got {value!r}")
     return values
 
 
 def _size_properties(values: dict[str, int]) -> tuple[tuple[int, float], ...]:
-    wanted = [(cv2.CAP_PROP_FRAME_WIDTH, values.get("width")),
-              (cv2.CAP_PROP_FRAME_HEIGHT, values.get("height")),
-              (cv2.CAP_PROP_FPS, values.get("fps")),
-              (cv2.CAP_PROP_BUFFERSIZE, 1)]  # newest frame, not a driver backlog
+    wanted = [
+        (cv2.CAP_PROP_FRAME_WIDTH, values.get("width")),
+        (cv2.CAP_PROP_FRAME_HEIGHT, values.get("height")),
+        (cv2.CAP_PROP_FPS, values.get("fps")),
+        (cv2.CAP_PROP_BUFFERSIZE, 1),
+    ]  # newest frame, not a driver backlog
     return tuple((prop, float(value)) for prop, value in wanted if value)
 
 
@@ -132,8 +137,7 @@ def camera_spec(uri: str, **options: object) -> CameraSpec:
     if scheme == "v4l2":
         if not parts.path.startswith("/dev/"):
             raise ConfigError(f"{uri}: expected v4l2:///dev/videoN")
-        return CameraSpec(uri, v4l2_target(parts.path), cv2.CAP_V4L2, (),
-                          _size_properties(values))
+        return CameraSpec(uri, v4l2_target(parts.path), cv2.CAP_V4L2, (), _size_properties(values))
     if scheme == "csi":
         if not parts.netloc.isdigit():
             raise ConfigError(f"{uri}: expected csi://N with a sensor number N")

@@ -26,7 +26,7 @@ DEFAULT_FOLDER_FPS = 10.0
 
 def path_of(uri: str) -> Path:
     """The file system path of a ``file://`` URI or a plain path."""
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
 class FileSource:

@@ -90,8 +90,10 @@ def _record_loop(
         views = [_read_view(job, source, v, result) for v, source in enumerate(sources)]
         if all(view is None for view in views):
             if time.monotonic() - last_delivery > job.idle_limit_s:
-                raise SourceError(f"no camera delivered a frame for {job.idle_limit_s:g} s; "
-                                  f"recorded {result.frame_sets} frame sets")
+                raise SourceError(
+                    f"no camera delivered a frame for {job.idle_limit_s:g} s; "
+                    f"recorded {result.frame_sets} frame sets"
+                )
             continue
         last_delivery = time.monotonic()
         _check_sizes(views, writer.image_size, job.uris)

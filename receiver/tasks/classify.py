@@ -28,8 +28,10 @@ class ClassifyViews:
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu") -> None:
         if not checkpoint:
-            raise ConfigError("task classify needs checkpoint=PATH, a classifier trained with "
-                              "`mvld-train classifier` (e.g. --task classify:checkpoint=RUN/last)")
+            raise ConfigError(
+                "task classify needs checkpoint=PATH, a classifier trained with "
+                "`mvld-train classifier` (e.g. --task classify:checkpoint=RUN/last)"
+            )
         try:
             self.device = torch.device(device)
         except RuntimeError as exc:
@@ -48,8 +50,9 @@ class ClassifyViews:
         probs = self.probabilities(np.stack([view.image for view in result.views]))
         fused = probs.mean(axis=0)
         result.annotations["classify"] = {
-            "views": {view.camera_id: _label(p) for view, p in zip(result.views, probs,
-                                                                     strict=True)},
+            "views": {
+                view.camera_id: _label(p) for view, p in zip(result.views, probs, strict=True)
+            },
             "fused": _label(fused),
         }
 

@@ -35,8 +35,11 @@ RESULT_VERSION = 1
 
 def _array(array: np.ndarray) -> dict[str, Any]:
     array = np.ascontiguousarray(array)
-    return {"dt": array.dtype.name, "sh": list(array.shape),
-            "b": array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()}
+    return {
+        "dt": array.dtype.name,
+        "sh": list(array.shape),
+        "b": array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(),
+    }
 
 
 def encode_result(result: FrameSetResult, images: bool = True) -> bytes:

@@ -55,8 +55,9 @@ class SaveFrameSets:
         if key not in self._videos:
             path = self.root / node / f"{camera}.mp4"
             path.parent.mkdir(parents=True, exist_ok=True)
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), self.fps,
-                                     (shape[1], shape[0]))
+            writer = cv2.VideoWriter(
+                str(path), cv2.VideoWriter.fourcc(*"mp4v"), self.fps, (shape[1], shape[0])
+            )
             if not writer.isOpened():
                 raise OSError(f"OpenCV cannot write MP4 to {path}")
             self._videos[key] = writer

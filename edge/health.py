@@ -158,7 +158,8 @@ class HealthConfig:
     cover_min_bare: float = 0.3  # share of bare cells in the region: occluded, else dirty
     dirty_ratio: float = 0.6  # a cell keeping less texture (short-term average) ...
     dirty_changed_level: float = 8.0  # ... and changing colour this much is degraded
-    dirty_min_fraction: float = 0.08  # share of textured cells degraded: dirty
+    dirty_min_fraction: float = 0.08  # share of textured cells degraded: dirty ...
+    dirty_min_cells: int = 3  # ... and at least this many (one cell of a bare view is no sign)
     short_term_rate: float = 0.3  # weight of the short-term texture average
     max_clipped: float = 0.3  # cells with more over/underexposed pixels are not judged
     # defocused
@@ -968,6 +969,7 @@ class HealthMonitor:
             covered_fraction=region_fraction,
             bare_fraction=bare,
             degraded_fraction=degraded_fraction,
+            degraded_cells=float(np.count_nonzero(degraded)),
             sharpness_kept=sharpness_kept,
             coarse_kept=coarse_kept,
             similarity=-1.0 if match.similarity is None else match.similarity,
@@ -991,7 +993,10 @@ class HealthMonitor:
         elif (
             (lost_detail and coarse_kept > config.dirty_min_coarse)
             or cover
-            or (degraded_fraction >= config.dirty_min_fraction)
+            or (
+                degraded_fraction >= config.dirty_min_fraction
+                and np.count_nonzero(degraded) >= config.dirty_min_cells
+            )
         ):
             verdict = DIRTY  # a haze with spots, a region that kept some texture, dimmed cells
         elif not matched:

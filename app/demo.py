@@ -261,9 +261,9 @@ class DemoProcesses:
             query: dict[str, object] = {**SIM_OPTIONS, "fps": fps, "size": self.size}
             if camera == self.plan.stop_camera:
                 query["stop"] = "-".join(f"{s:.3f}" for s in self.plan.stop)
-                query["epoch"] = str(self.epoch_path)
             if camera == self.plan.cover_camera:
                 query["cover"] = "-".join(f"{s:.3f}" for s in self.plan.cover)
+            if camera in (self.plan.stop_camera, self.plan.cover_camera):
                 query["epoch"] = str(self.epoch_path)
             if camera == 0:
                 query["clock"] = str(self.clock_path)

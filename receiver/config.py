@@ -242,12 +242,8 @@ class ReceiverConfig:
         if not self.bind:  # safe by default: unauthenticated means this machine only
             default = PUBLIC_BIND if self.keys is not None else LOOPBACK_BIND
             object.__setattr__(self, "bind", (default,))
-        if self.backlog_per_node is None:
-            object.__setattr__(
-                self,
-                "backlog_per_node",
-                backlog_depth(self.max_batch, self.max_rate, self.latency_budget_ms),
-            )
+        # resolved once, so --print-config shows the depth in use
+        object.__setattr__(self, "backlog_per_node", self.backlog)
         if self.latency_budget_ms < 0:
             raise ConfigError(
                 f"--latency-budget-ms must be >= 0 (0 = fixed window), got {self.latency_budget_ms}"

@@ -36,11 +36,16 @@ def _window(text: str | None) -> tuple[float, float] | None:
     return start, end
 
 
-def write_fault_epoch(path: Path, start_wall: float) -> None:
-    """Start the fault clock of every source given ``epoch=path`` (written atomically)."""
+def _write_json(path: Path, data: dict[str, float]) -> None:
+    """Readers polling ``path`` see no file or the whole of it, never a part."""
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"start_wall": start_wall}))
+    temporary.write_text(json.dumps(data))
     temporary.replace(path)
+
+
+def write_fault_epoch(path: Path, start_wall: float) -> None:
+    """Start the fault clock of every source given ``epoch=path``."""
+    _write_json(path, {"start_wall": start_wall})
 
 
 class DemoFaultSource:
@@ -103,9 +108,7 @@ class DemoFaultSource:
             raise SourceError(f"{self.uri}: camera stopped (demo fault)")
         if self.clock is not None and not self.clock.exists():
             start = frame.timestamp - frame.index / self.sim.options.fps
-            temporary = self.clock.with_suffix(".tmp")
-            temporary.write_text(json.dumps({"start_wall": start, "fps": self.sim.options.fps}))
-            temporary.replace(self.clock)
+            _write_json(self.clock, {"start_wall": start, "fps": self.sim.options.fps})
         if self._inside(self.cover, frame.timestamp):
             return dataclasses.replace(frame, image=self.occlusion.apply(frame.image))
         return frame

@@ -11,13 +11,17 @@ scene boundary, which this script checks against ``render.json``):
 - coherence with 1 of V views missing: the classifier's accuracy on views imputed with
   ``mvld.receiver.imputation.Imputer``, their PSNR/SSIM against the real view, next to the
   real view (the ceiling), the mean latent and the nearest training frame set in latent
-  space given the observed views (the baselines of docs/EVAL.md).
+  space given the observed views (the baselines of docs/EVAL.md), and the ridge imputer the
+  receiver serves (``--imputer ridge``) when its weights lie beside the model;
+- with ``--compare``, other score networks on the same autoencoder imputing the same frame
+  sets with the same seeds (an A/B of score networks side by side).
 
 Usage::
 
     python bench/bench_default_model.py --data runs/sim3x64x12000    # the packaged model
     python bench/bench_default_model.py --data D --model runs/score --classifier C --out R
     python bench/bench_default_model.py --data D --autoencoder runs/ae/last   # stage 1 only
+    python bench/bench_default_model.py --data D --compare runs/score_prior/last  # A/B
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ import numpy as np
 import torch
 
 from mvld.common.dataset import FrameSetFolder
-from mvld.common.default_model import DEFAULT_CLASSIFIER
+from mvld.common.default_model import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 from mvld.common.preprocess import PreprocessConfig, preprocess_images, resize_frame
 from mvld.model.autoencoder import Autoencoder
 from mvld.model.checkpoint import MVLDModel, load_autoencoder, load_mvld_model
 from mvld.model.classifier import ViewClassifier, accuracy, load_classifier
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS, Imputer
+from mvld.receiver.ridge_imputer import RidgeImputer, ridge_path
 from mvld.train.baselines import NearestNeighbour
 from mvld.train.frames import NO_LABEL, evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.image_quality import psnr, ssim
@@ -182,8 +187,14 @@ def impute_one_missing(
     sampler: str,
     steps: int,
     seed: int,
+    others: dict[str, Imputer | RidgeImputer] | None = None,
+    samples: int = 1,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """For each missing view v: ``{method: latents [N, D] of view v}`` with v dropped."""
+    """For each missing view v: ``{method: latents [N, D] of view v}`` with v dropped.
+
+    ``others`` are further imputers (named) run on the same inputs with the same seeds. With
+    ``samples`` K > 1 each diffusion imputer also gives the mean of its K samples
+    (``... mean of K``): closer to the truth on average, blurrier."""
     imputer = Imputer.from_model(model, sampler=sampler, steps=steps)
     stats = model.latent_stats
     nearest = NearestNeighbour(stats.standardise(train_latents))  # the mvld-eval baseline
@@ -193,7 +204,7 @@ def impute_one_missing(
         present = torch.ones(held.latents.shape[:2], dtype=torch.bool)
         present[:, v] = False
         started = time.perf_counter()
-        imputed = imputer(held.latents, present, seed=seed + v)
+        imputed = imputer(held.latents, present, samples=samples, seed=seed + v)
         log.info(
             "view %d: %d frame sets imputed, %d NFE, %.1f s",
             v,
@@ -209,7 +220,31 @@ def impute_one_missing(
             "mean_latent": mean,
             "reconstructed": held.latents[:, v],
         }
+        if samples > 1:
+            results[f"view{v}"][f"diffusion, mean of {samples}"] = imputed.posterior_mean()[:, v]
+        for name, other in (others or {}).items():
+            k = samples if isinstance(other, Imputer) else 1
+            done = other(held.latents, present, samples=k, seed=seed + v)
+            results[f"view{v}"][name] = done.latents[:, v]
+            if k > 1:
+                results[f"view{v}"][f"{name}, mean of {k}"] = done.posterior_mean()[:, v]
     return results
+
+
+def other_imputers(
+    model: MVLDModel, model_path: str | None, compare: list[str], sampler: str, steps: int
+) -> dict[str, Imputer | RidgeImputer]:
+    """The ridge imputer beside the model (if fitted) and the ``--compare`` score networks."""
+    found: dict[str, Imputer | RidgeImputer] = {}
+    checkpoint = model_path or str(DEFAULT_MODEL)
+    if ridge_path(checkpoint).is_file():
+        found["ridge"] = RidgeImputer.beside(checkpoint, model)
+    for path in compare:
+        other = load_mvld_model(path)
+        if other.fingerprint != model.fingerprint:
+            raise SystemExit(f"--compare {path}: trained on another autoencoder than the model")
+        found[f"diffusion {path}"] = Imputer.from_model(other, sampler=sampler, steps=steps)
+    return found
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -262,13 +297,17 @@ def _one_missing_report(
     train_latents = training_latents(
         args.data, model, args.latents, int(held.split["frame_sets"]), held.train
     )
-    per_view = impute_one_missing(held, model, train_latents, args.sampler, args.steps, args.seed)
+    others = other_imputers(model, args.model, args.compare, args.sampler, args.steps)
+    per_view = impute_one_missing(
+        held, model, train_latents, args.sampler, args.steps, args.seed, others, args.samples
+    )
     methods = next(iter(per_view.values())).keys()
     real = np.concatenate([held.images[:, v] for v in range(len(per_view))])
     labels = np.tile(held.labels, len(per_view))
     scores: dict[str, object] = {
         "sampler": args.sampler,
         "steps": args.steps,
+        "samples": args.samples,
         "real": image_scores(real, None, labels, classifier, preprocess),
     }
     stats = model.latent_stats
@@ -287,14 +326,14 @@ def _one_missing_report(
 def format_table(report: dict[str, object]) -> str:
     """A plain-text table of the report."""
     lines = [
-        f"{'views':<36}{'PSNR dB':>9}{'SSIM':>8}{'accuracy':>10}{'count':>7}{'latent MSE':>12}"
+        f"{'views':<56}{'PSNR dB':>9}{'SSIM':>8}{'accuracy':>10}{'count':>7}{'latent MSE':>12}"
     ]
 
     def add(name: str, row: dict[str, float]) -> None:
         psnr = f"{row['psnr_db']:>9.2f}" if "psnr_db" in row else f"{'-':>9}"
         ssim = f"{row['ssim']:>8.3f}" if "ssim" in row else f"{'-':>8}"
         mse = f"{row['latent_mse']:>12.3f}" if "latent_mse" in row else f"{'-':>12}"
-        lines.append(f"{name:<36}{psnr}{ssim}{100 * row['accuracy']:>9.1f}%{row['count']:>7d}{mse}")
+        lines.append(f"{name:<56}{psnr}{ssim}{100 * row['accuracy']:>9.1f}%{row['count']:>7d}{mse}")
 
     for name, row in report["all_views"].items():  # type: ignore[union-attr]
         add(f"all views, {name}", row)
@@ -338,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="latent cache of the score run (OUT/latents.safetensors): spares "
         "encoding the training split for the nearest-neighbour baseline",
+    )
+    parser.add_argument(
+        "--compare",
+        type=lambda text: [p for p in text.split(",") if p],
+        default=[],
+        metavar="CKPT,...",
+        help="further MVLD checkpoints on the same autoencoder, imputed side by side",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="K",
+        help="samples per frame set; K > 1 also scores the mean of the K (default 1)",
     )
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)

@@ -253,6 +253,12 @@ def load_mvld_model(
             f"{where}: score network, latent statistics and autoencoder disagree "
             f"on the latent shape (expected [V, D] = {list(expected)})"
         )
+    if score_config.prior_sde and score_config.prior_sde != (sde.beta_min, sde.beta_max):
+        raise ConfigError(
+            f"{where}: the score network's regression prior is shifted with the SDE "
+            f"{list(score_config.prior_sde)}, the model samples with "
+            f"{[sde.beta_min, sde.beta_max]}"
+        )
     score_net = make_score_net(score_config)
     _load_weights(score_net, _subset(tensors, "score_net."), where)
     return MVLDModel(

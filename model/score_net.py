@@ -14,12 +14,18 @@ Linear -> GELU -> Linear, added in every block; no separate mask input is needed
   With ``memory`` it also takes each camera's last observed latent and its age (video-aware
   imputation, :func:`memory_features`): zero-initialised layers add them to the input and to
   the time embedding, so a memoryless network warm-starts one with memory unchanged.
+  With ``prior_sde`` it carries a :class:`RegressionPrior` (residual diffusion, as in
+  CorrDiff): a linear estimate of the missing views from the observed ones, whose weights
+  training fits and the checkpoint stores. The network then denoises the residual
+  ``z - prior`` (its input is shifted by ``alpha(tau) * prior``; the noise and so the eps
+  contract are unchanged) and sees the estimate as input planes, so it starts from the
+  regression's answer instead of the mean and only has to learn what a linear map misses.
 
 :func:`make_score_net` builds either from its config.
 """
 
 from dataclasses import asdict, dataclass, field
-from itertools import pairwise
+from itertools import combinations, pairwise
 from typing import Any, TypeAlias
 
 import torch
@@ -45,10 +51,13 @@ class ScoreNetConfig:
     blocks: int = 2  # conv: residual blocks per level on the way down (and up)
     attention_heads: int = 0  # conv: self-attention heads over the coarsest grid; 0: none
     memory: bool = False  # conv: also conditioned on each camera's last observed latent + age
+    prior_sde: tuple[float, ...] = ()  # conv: (beta_min, beta_max) of the VP SDE to shift a
+    # regression prior with (residual diffusion); empty: no prior
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
+        object.__setattr__(self, "prior_sde", tuple(float(b) for b in self.prior_sde))
         if self.num_views < 2:
             raise ConfigError("the score network needs at least 2 views")
         if not self.widths or any(w % self.groups for w in self.widths):
@@ -76,6 +85,15 @@ class ScoreNetConfig:
                 )
         if self.memory and self.kind != "conv":
             raise ConfigError("memory conditioning needs the conv score network")
+        if self.prior_sde and (
+            self.kind != "conv"
+            or len(self.prior_sde) != 2
+            or not 0 <= self.prior_sde[0] < self.prior_sde[1]
+        ):
+            raise ConfigError(
+                f"prior_sde must be (beta_min, beta_max) of a VP SDE on a conv score network; "
+                f"got {list(self.prior_sde)} on {self.kind}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -83,6 +101,7 @@ class ScoreNetConfig:
             **asdict(self),
             "widths": list(self.widths),
             "latent_shape": list(self.latent_shape),
+            "prior_sde": list(self.prior_sde),
         }
 
     @classmethod
@@ -91,7 +110,8 @@ class ScoreNetConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown score network keys {sorted(unknown)}")
-        data = {**data, **{k: tuple(data[k]) for k in ("widths", "latent_shape") if k in data}}
+        tuples = ("widths", "latent_shape", "prior_sde")
+        data = {**data, **{k: tuple(data[k]) for k in tuples if k in data}}
         return cls(**data)
 
 
@@ -228,6 +248,75 @@ def memory_features(memory_age: torch.Tensor) -> torch.Tensor:
     return torch.stack([has.to(scaled.dtype), torch.where(has, scaled, 1.0)], dim=-1)
 
 
+def observed_patterns(views: int) -> list[tuple[bool, ...]]:
+    """Every presence pattern with at least one view observed and one missing."""
+    return [
+        tuple(v in chosen for v in range(views))
+        for count in range(1, views)
+        for chosen in combinations(range(views), count)
+    ]
+
+
+def pattern_key(mask: tuple[bool, ...]) -> str:
+    """``(True, False, True) -> "101"``: the name a pattern's tensors are stored under."""
+    return "".join("1" if p else "0" for p in mask)
+
+
+class RegressionPrior(nn.Module):
+    """Linear estimates of missing views from observed ones, one map per presence pattern.
+
+    ``y = y_mean + (x - x_mean) W`` on standardised latents, as the ridge baseline fits it;
+    the maps are buffers (fitted by training, stored in the checkpoint, never trained by
+    gradient). Every pattern is evaluated densely and the matching one selected per sample, so
+    the module has no data-dependent control flow (it traces and exports).
+    """
+
+    def __init__(self, views: int, dim: int) -> None:
+        super().__init__()
+        self.views, self.dim = views, dim
+        self.patterns = observed_patterns(views)
+        for mask in self.patterns:
+            seen = sum(mask)
+            key = pattern_key(mask)
+            self.register_buffer(f"x_mean_{key}", torch.zeros(seen * dim))
+            self.register_buffer(f"y_mean_{key}", torch.zeros((views - seen) * dim))
+            self.register_buffer(f"weights_{key}", torch.zeros(seen * dim, (views - seen) * dim))
+
+    def load_fits(
+        self, fits: dict[tuple[bool, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Install ``(x_mean, y_mean, W)`` for every pattern (a ridge fit of each)."""
+        missing = [pattern_key(m) for m in self.patterns if m not in fits]
+        if missing:
+            raise ConfigError(f"regression prior: no fit for the patterns {missing}")
+        for mask in self.patterns:
+            key = pattern_key(mask)
+            for name, tensor in zip(("x_mean", "y_mean", "weights"), fits[mask], strict=True):
+                buffer = getattr(self, f"{name}_{key}")
+                if tuple(tensor.shape) != tuple(buffer.shape):
+                    raise ConfigError(
+                        f"regression prior {name} of pattern {key}: shape "
+                        f"{list(tensor.shape)}, expected {list(buffer.shape)}"
+                    )
+                buffer.copy_(tensor.to(buffer))
+
+    def forward(self, x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """``[B, V, D]``: observed views as given, missing ones estimated; 0 (the mean) where
+        nothing is observed."""
+        estimate = torch.zeros_like(x)
+        for mask in self.patterns:
+            key = pattern_key(mask)
+            seen = torch.tensor(mask, device=x.device)
+            weights = getattr(self, f"weights_{key}").to(x.dtype)
+            inputs = x[:, seen].flatten(1) - getattr(self, f"x_mean_{key}").to(x.dtype)
+            guess = inputs @ weights + getattr(self, f"y_mean_{key}").to(x.dtype)
+            filled = torch.zeros_like(x)
+            filled[:, ~seen] = guess.reshape(len(x), -1, self.dim)
+            match = (observed == seen).all(1)[:, None, None]
+            estimate = torch.where(match, filled, estimate)
+        return torch.where(observed[..., None], x, estimate)
+
+
 class ConvScoreNet(nn.Module):
     """A convolutional U-Net over the stacked latent grids of all views."""
 
@@ -245,6 +334,10 @@ class ConvScoreNet(nn.Module):
             self.memory_embed = nn.Linear(2 * views, time_dim)
             zero_init(self.memory_input)
             zero_init(self.memory_embed)
+        self.prior = RegressionPrior(views, config.latent_dim) if config.prior_sde else None
+        if self.prior is not None:  # the estimate's planes; zero: starts as the shifted net
+            self.prior_input = nn.Conv2d(views * channels, widths[0], 3, padding=1)
+            zero_init(self.prior_input)
         self.down = nn.ModuleList(
             ConvLevel(ConvResBlock(w, w, time_dim, groups) for _ in range(config.blocks))
             for w in widths
@@ -288,9 +381,17 @@ class ConvScoreNet(nn.Module):
         batch, views, dim = x.shape  # [B, V, D]
         channels, height, width = self.config.latent_shape
         emb = self.time_embed(tau.to(x.dtype))  # [B, time_dim]
+        estimate = None
+        if self.prior is not None:
+            observed = tau == 0
+            estimate = self.prior(x, observed)
+            shift = self._alpha(tau).to(x.dtype)[..., None] * estimate
+            x = torch.where(observed[..., None], x, x - shift)
         grid = x.reshape(batch, views * channels, height, width)
         times = tau.to(x.dtype)[:, :, None, None].expand(batch, views, height, width)
         h = self.input(torch.cat([grid, times], dim=1))
+        if estimate is not None:
+            h = h + self.prior_input(estimate.reshape(batch, views * channels, height, width))
         if self.config.memory:
             h, emb = self._add_memory(h, emb, x, memory, memory_age)
         skips = []
@@ -308,6 +409,12 @@ class ConvScoreNet(nn.Module):
                 h = self.upsample[level](h)
         out = self.output(nn.functional.silu(self.out_norm(h)))
         return out.reshape(batch, views, dim)
+
+    def _alpha(self, tau: torch.Tensor) -> torch.Tensor:
+        """alpha(tau) of the VP SDE in ``prior_sde`` (the mean coefficient of p_t(z | z0))."""
+        beta_min, beta_max = self.config.prior_sde
+        t = tau.float()
+        return torch.exp(-0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min)
 
     def _add_memory(
         self,

@@ -200,3 +200,76 @@ def test_grid_attention_starts_as_identity_so_a_trained_net_can_be_warm_started(
     assert not torch.allclose(with_attention(x, tau), plain(x, tau), atol=1e-4)
     with pytest.raises(ConfigError, match="attention_heads"):
         ScoreNetConfig(**{**base.__dict__, "attention_heads": 5})
+
+
+def _prior_config(**overrides: object) -> ScoreNetConfig:
+    base = dict(
+        num_views=3,
+        latent_dim=64,
+        widths=(16, 32),
+        time_dim=16,
+        kind="conv",
+        latent_shape=(1, 8, 8),
+        blocks=1,
+    )
+    return ScoreNetConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def test_regression_prior_reproduces_the_ridge_baseline_for_every_pattern() -> None:
+    """The prior inside the score network is the ridge baseline: same estimates, observed
+    views untouched, the mean (0) where no view is observed."""
+    from mvld.model.score_net import make_score_net
+    from mvld.train.baselines import RidgeRegressor
+
+    torch.manual_seed(0)
+    train = torch.randn(500, 3, 64)
+    train[:, 2] = 0.7 * train[:, 0] - 0.3 * train[:, 1] + 0.1 * train[:, 2]
+    ridge = RidgeRegressor(train)
+    net = make_score_net(_prior_config(prior_sde=(0.1, 20.0)))
+    assert net.prior is not None and len(net.prior.patterns) == 6
+    net.prior.load_fits({m: ridge.fit(m) for m in net.prior.patterns})
+    x = torch.randn(8, 3, 64)
+    present = torch.tensor(
+        [[True, False, False], [False, True, False], [False, False, True]] * 2
+        + [[True, True, False], [False, False, False]]
+    )
+    estimate = net.prior(x, present)
+    expected = ridge(x, present).float()
+    rows = present.any(1)
+    assert torch.allclose(estimate[rows], expected[rows], atol=1e-4)
+    assert torch.equal(estimate[present], x[present])
+    assert torch.count_nonzero(estimate[~rows]) == 0
+    with pytest.raises(ConfigError, match="no fit"):
+        net.prior.load_fits({})
+
+
+def test_a_prior_net_with_an_empty_prior_is_the_plain_net_and_uses_a_fitted_one() -> None:
+    """Warm start: a prior net loaded with a plain net's weights computes the same eps until
+    its prior is fitted; then it denoises the residual, so its output changes."""
+    from mvld.model.score_net import make_score_net
+
+    torch.manual_seed(0)
+    plain = make_score_net(_prior_config())
+    torch.nn.init.normal_(plain.output.weight, std=0.1)
+    shifted = make_score_net(_prior_config(prior_sde=(0.1, 20.0)))
+    missing, unexpected = shifted.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(n.startswith("prior") for n in missing)
+    x, tau = torch.randn(4, 3, 64), torch.rand(4, 3)
+    tau[:, 0] = 0  # view 0 observed
+    with torch.no_grad():
+        assert torch.allclose(shifted(x, tau), plain(x, tau), atol=1e-6)
+        eye = torch.eye(64)
+        fits = {
+            m: (
+                torch.zeros(64 * sum(m)),
+                torch.ones(64 * (3 - sum(m))),
+                torch.zeros(64 * sum(m), 64 * (3 - sum(m))),
+            )
+            for m in shifted.prior.patterns
+        }
+        fits[(True, False, False)] = (torch.zeros(64), torch.zeros(128), torch.cat([eye, eye], 1))
+        shifted.prior.load_fits(fits)
+        assert not torch.allclose(shifted(x, tau), plain(x, tau), atol=1e-4)
+    with pytest.raises(ConfigError, match="prior_sde"):
+        _prior_config(prior_sde=(20.0, 0.1))
+    assert ScoreNetConfig.from_dict(shifted.config.to_dict()) == shifted.config

@@ -334,6 +334,35 @@ def test_spatial_latent_trains_a_conv_score_network_end_to_end(rig: Path, tmp_pa
     assert torch.isfinite(imputed.latents).all()
 
 
+def test_prior_training_stores_the_ridge_fit_of_its_training_latents(
+    rig: Path, tmp_path: Path
+) -> None:
+    """``--prior``: the checkpoint carries the ridge fit of the standardised latents of its
+    complete training frame sets (not of the validation tail), and the receiver samples it."""
+    from safetensors.torch import load_file
+
+    from mvld.receiver.imputation import Imputer
+    from mvld.train.baselines import RidgeRegressor
+    from mvld.train.frames import split_train_val
+
+    ae = train_autoencoder(tiny_ae_config(rig, tmp_path / "ae", latent_channels=2, steps=10), CPU)
+    config = tiny_score_config(
+        rig, ae, tmp_path / "prior", widths=(8, 16), blocks=1, attention_heads=0, prior=True
+    )
+    model = load_mvld_model(train_score(config, CPU))
+    assert model.score_net.prior is not None and model.score_net.config.prior_sde == (0.1, 20.0)
+    cache = load_file(str(tmp_path / "prior" / "latents.safetensors"))
+    latents, present = cache["latents"], cache["present"].bool()
+    train_rows, _ = split_train_val(len(latents), config.val_fraction)
+    rows = [i for i in train_rows if present[i].all()]
+    z = model.latent_stats.standardise(latents[rows])
+    _, _, expected = RidgeRegressor(z, config.prior_alpha).fit((True, False, True))
+    assert torch.allclose(model.score_net.prior.weights_101, expected.float(), atol=1e-4)
+    observed = torch.tensor([[True, False, True]] * 2)
+    imputed = Imputer.from_model(model, steps=8)(torch.randn(2, 3, 128), observed)
+    assert torch.isfinite(imputed.latents).all()
+
+
 def test_warm_start_adds_attention_to_a_trained_conv_net_without_changing_it(
     rig: Path, tmp_path: Path
 ) -> None:

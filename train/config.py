@@ -212,6 +212,17 @@ class ScoreTrainConfig(CommonTrainConfig):
             metavar="S",
         ),
     )
+    prior: bool = field(
+        default=False,
+        metadata=option(
+            "residual diffusion: fit a ridge regression of the missing views on the observed "
+            "ones (per presence pattern) on the training latents, store it in the score network "
+            "and denoise what it misses (docs/MODEL.md, 'Regression prior'); conv networks only"
+        ),
+    )
+    prior_alpha: float = field(
+        default=1.0, metadata=option("with --prior: the ridge penalty", metavar="A")
+    )
     cond_prob: float = field(
         default=0.5,
         metadata=option(

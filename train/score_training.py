@@ -25,6 +25,7 @@ from mvld.model.checkpoint import (
 )
 from mvld.model.score_net import ScoreNetConfig, make_score_net
 from mvld.model.sde import VPSDE
+from mvld.train.baselines import RidgeRegressor
 from mvld.train.config import SCORE_WIDTHS, ScoreTrainConfig, config_to_dict
 from mvld.train.distributed import DistributedContext
 from mvld.train.ema import ExponentialMovingAverage
@@ -105,6 +106,7 @@ def score_net_config_for(
         blocks=config.blocks,
         attention_heads=config.attention_heads if kind == "conv" else 0,
         memory=config.memory,
+        prior_sde=(config.beta_min, config.beta_max) if config.prior else (),
     )
 
 
@@ -156,6 +158,11 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext) -> Prepa
     if config.init:
         _warm_start(config.init, shell)
     z = shell.latent_stats.standardise(latents)
+    prior = getattr(shell.score_net, "prior", None)
+    if prior is not None:
+        fit = RidgeRegressor(z[torch.as_tensor(train_idx)], config.prior_alpha)
+        prior.load_fits({mask: fit.fit(mask) for mask in prior.patterns})
+        log.info("score: regression prior fitted on %d frame sets", len(train_idx))
     memory = None
     if config.memory:
         scenes = read_scenes(config.data, arrays.stems)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from mvld.common.errors import ConfigError
 from mvld.model.checkpoint import LatentStats, MVLDModel, checkpoint_paths
+from mvld.model.score_net import pattern_key
 from mvld.receiver.imputation import Imputation, provenance_of
 
 RIDGE_FILE = "ridge.safetensors"
@@ -35,10 +36,6 @@ def ridge_path(checkpoint: str | Path) -> Path:
     return checkpoint_paths(checkpoint)[0].parent / RIDGE_FILE
 
 
-def _key(mask: Pattern) -> str:
-    return "".join("1" if p else "0" for p in mask)
-
-
 def save_ridge_weights(
     path: str | Path, fits: dict[Pattern, Fit], fingerprint: str, alpha: float
 ) -> Path:
@@ -46,10 +43,10 @@ def save_ridge_weights(
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     for mask, (x_mean, y_mean, weights) in fits.items():
-        key = _key(mask)
+        key = pattern_key(mask)
         tensors |= {f"{key}.x_mean": x_mean, f"{key}.y_mean": y_mean, f"{key}.weights": weights}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"fingerprint": fingerprint, "alpha": alpha, "patterns": sorted(map(_key, fits))}
+    meta = {"fingerprint": fingerprint, "alpha": alpha, "patterns": sorted(map(pattern_key, fits))}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"mvld_ridge": json.dumps(meta)})
     tmp.replace(path)
@@ -127,7 +124,9 @@ class RidgeImputer:
             if all(mask):
                 continue
             if mask not in self.fits:
-                raise ConfigError(f"the ridge weights have no fit for the pattern {_key(mask)}")
+                raise ConfigError(
+                    f"the ridge weights have no fit for the pattern {pattern_key(mask)}"
+                )
             rows = (present.cpu() == torch.tensor(mask)).all(1).nonzero().squeeze(1)
             observed = torch.tensor(mask, device=self.device)
             x_mean, y_mean, weights = self.fits[mask]

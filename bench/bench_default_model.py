@@ -234,10 +234,11 @@ def impute_one_missing(
 def other_imputers(
     model: MVLDModel, model_path: str | None, compare: list[str], sampler: str, steps: int
 ) -> dict[str, Imputer | RidgeImputer]:
-    """The ridge imputer beside the model (if fitted) and the ``--compare`` score networks."""
+    """The model's ridge imputer (a file beside it or its score network's regression prior),
+    if it has one, and the ``--compare`` score networks."""
     found: dict[str, Imputer | RidgeImputer] = {}
     checkpoint = model_path or str(DEFAULT_MODEL)
-    if ridge_path(checkpoint).is_file():
+    if ridge_path(checkpoint).is_file() or getattr(model.score_net, "prior", None) is not None:
         found["ridge"] = RidgeImputer.beside(checkpoint, model)
     for path in compare:
         other = load_mvld_model(path)

@@ -300,6 +300,18 @@ class RegressionPrior(nn.Module):
                     )
                 buffer.copy_(tensor.to(buffer))
 
+    def fits(self) -> dict[tuple[bool, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The installed ``(x_mean, y_mean, W)`` of every pattern (what :meth:`load_fits` took)."""
+        found = {}
+        for mask in self.patterns:
+            key = pattern_key(mask)
+            found[mask] = (
+                getattr(self, f"x_mean_{key}").detach(),
+                getattr(self, f"y_mean_{key}").detach(),
+                getattr(self, f"weights_{key}").detach(),
+            )
+        return found
+
     def forward(self, x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """``[B, V, D]``: observed views as given, missing ones estimated; 0 (the mean) where
         nothing is observed."""

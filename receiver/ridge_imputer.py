@@ -4,10 +4,11 @@ On some data (little of it, or a short training budget) the diffusion imputer lo
 linear regression of the missing latents on the observed ones, and ``mvld-train all`` says so
 in its verdict. This imputer serves that regression: one linear map per presence pattern, in
 the model's standardised latent space, fitted on the complete training frame sets by training
-(``mvld.train.pipeline``) and saved beside the checkpoint as :data:`RIDGE_FILE`. The receiver
-never fits anything and imports no training code: it reads the weights, checks they belong to
-the model's encoder and applies them. Frame sets with no observed view get the training mean
-and are flagged ``unconditioned``, like the diffusion imputer's.
+(``mvld.train.pipeline``) and saved beside the checkpoint as :data:`RIDGE_FILE`, or carried
+by a score network trained with a regression prior (``--prior``), which is the same fit. The
+receiver never fits anything and imports no training code: it reads the weights, checks they
+belong to the model's encoder and applies them. Frame sets with no observed view get the
+training mean and are flagged ``unconditioned``, like the diffusion imputer's.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def load_ridge_weights(path: str | Path) -> tuple[dict[Pattern, Fit], dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"--imputer ridge: {path} does not exist (mvld-train all writes it "
-            "beside the checkpoint)"
+            f"--imputer ridge: {path} does not exist and the model's score network has no "
+            "regression prior (mvld-train all writes the file beside the checkpoint)"
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -93,8 +94,21 @@ class RidgeImputer:
 
     @classmethod
     def beside(cls, checkpoint: str | Path, model: MVLDModel) -> RidgeImputer:
-        """The ridge imputer saved beside ``checkpoint``, checked against ``model``'s encoder."""
+        """The ridge imputer saved beside ``checkpoint``, checked against ``model``'s encoder;
+        without that file, the regression prior the score network carries (the same fit,
+        stored once: the shipped model has no separate ridge file)."""
         path = ridge_path(checkpoint)
+        device = next(model.score_net.parameters()).device
+        prior = getattr(model.score_net, "prior", None)
+        if not path.is_file() and prior is not None:
+            views, dim = prior.views, prior.dim
+            fits = dict(prior.fits())  # nothing observed: the training mean (0, standardised)
+            fits[(False,) * views] = (
+                torch.zeros(0),
+                torch.zeros(views * dim),
+                torch.zeros(0, views * dim),
+            )
+            return cls(fits, model.latent_stats, device)
         fits, meta = load_ridge_weights(path)
         if meta["fingerprint"] != model.fingerprint:
             raise ConfigError(
@@ -102,7 +116,6 @@ class RidgeImputer:
                 f"({meta['fingerprint'][:12]}, the model's is "
                 f"{model.fingerprint[:12]})"
             )
-        device = next(model.score_net.parameters()).device
         return cls(fits, model.latent_stats, device)
 
     def __call__(

@@ -121,9 +121,10 @@ def get_sampler(name: str) -> Sampler:
 
 SPACINGS = ("uniform", "logsnr", "karras")
 # Step floors (docs/SAMPLERS.md, "Step floors"; bench/bench_sampler_floor.py on the shipped
-# 128x128 model): dpmpp_2m_sde and dpmpp_2m collapse at 6 steps (15.0 / 17.9 dB imputed PSNR,
-# mean-latent quality is 14.2) and are within 0.5 dB of 20 steps at 8; heun collapses at 6
-# (15.3 dB) and holds at 10 (8 not measured). Euler-Maruyama never collapsed in the sweep.
+# 128x128 model): dpmpp_2m_sde is 1.4 dB short at 6 steps and within 0.5 dB of 20 steps at 8
+# (dpmpp_2m already at 6; the two share the stricter floor); both collapse below 6 (mean-latent
+# quality is 13.8 dB); heun collapses at 6 (18.5 dB) and holds at 10 (8 not measured).
+# Euler-Maruyama never collapsed in the sweep.
 DPMPP_MIN_STEPS = 8
 HEUN_MIN_STEPS = 10
 STEP_FACTOR_RANGE = (0.2, 5.0)  # adaptive sampler: bounds of the step-size change per attempt

@@ -74,7 +74,7 @@ def evaluation(assets: dict[str, Path]):
         out=str(assets["root"] / "out"),
         model=str(assets["model"]),
         classifier=str(assets["classifier"]),
-        samplers=parse_samplers("dpmpp_2m:8,euler_maruyama:8"),
+        samplers=parse_samplers("dpmpp_2m:8,euler_maruyama:8,dpmpp_2m:8:mean3"),
         fid_samples=0,
         frames=8,
         grid_rows=2,
@@ -98,7 +98,10 @@ def test_sampler_specs_are_validated():
     assert [s.label for s in parse_samplers("heun:10, dpmpp_2m:20")] == ["heun:10", "dpmpp_2m:20"]
     with pytest.raises(ConfigError, match=r"valid: .*dpmpp_2m"):
         parse_samplers("ddim:10")
-    for bad in ("heun", "heun:1", "heun:x", "", "heun:5,heun:5"):
+    means = parse_samplers("heun:10,dpmpp_2m_sde:20:mean8")
+    assert [(s.label, s.mean_of) for s in means] == [("heun:10", 1), ("dpmpp_2m_sde:20:mean8", 8)]
+    bad_specs = ("heun", "heun:1", "heun:x", "", "heun:5,heun:5", "heun:10,heun:10:mean1")
+    for bad in (*bad_specs, "heun:10,heun:10:avg8", "heun:10:mean4"):
         with pytest.raises(ConfigError):
             parse_samplers(bad)
 
@@ -192,6 +195,7 @@ def test_summary_has_every_method_and_pattern(evaluation):
         "reconstructed",
         "dpmpp_2m:8",
         "euler_maruyama:8",
+        "dpmpp_2m:8:mean3",
         "mean_latent",
         "nearest_neighbour",
         "ridge_regressor",
@@ -205,6 +209,7 @@ def test_summary_has_every_method_and_pattern(evaluation):
     assert present == {(m, g) for m in methods for g in groups}
     cost = {m["label"]: m for m in summary["methods"]}
     assert cost["dpmpp_2m:8"]["nfe"] == 8 and cost["euler_maruyama:8"]["nfe"] == 8
+    assert cost["dpmpp_2m:8:mean3"]["nfe"] == 24  # three samples of 8 evaluations each
     assert cost["mean_latent"]["nfe"] == 0
     assert all(r["fid"] is None for r in summary["rows"])  # --fid-samples 0
     names = {t["name"] for t in summary["targets"]}

@@ -243,6 +243,58 @@ def test_regression_prior_reproduces_the_ridge_baseline_for_every_pattern() -> N
         net.prior.load_fits({})
 
 
+def test_the_receivers_ridge_imputer_serves_a_prior_nets_fit_without_a_ridge_file(
+    tmp_path,
+) -> None:
+    """One fit, stored once: a checkpoint whose score network carries a regression prior needs
+    no ridge file for ``--imputer ridge``, and a saved, reloaded model imputes what the ridge
+    baseline computes (in raw latents: the model's statistics are undone)."""
+    from mvld.model.checkpoint import (
+        LatentStats,
+        MVLDModel,
+        encoder_fingerprint,
+        load_mvld_model,
+        save_mvld_model,
+    )
+    from mvld.model.score_net import make_score_net
+    from mvld.model.sde import VPSDE
+    from mvld.receiver.ridge_imputer import RidgeImputer, ridge_path
+    from mvld.train.baselines import RidgeRegressor
+
+    torch.manual_seed(0)
+    autoencoder = Autoencoder(
+        AutoencoderConfig(image_size=32, latent_dim=64, channels=(8, 16), latent_channels=1)
+    ).eval()
+    train = torch.randn(500, 3, 64)
+    train[:, 1] = 0.5 * train[:, 0] + 0.2 * train[:, 1]
+    net = make_score_net(_prior_config(prior_sde=(0.1, 20.0))).eval()
+    ridge = RidgeRegressor(train)
+    net.prior.load_fits({m: ridge.fit(m) for m in net.prior.patterns})
+    stats = LatentStats(torch.full((3, 64), 0.5), torch.full((3, 64), 2.0))
+    model = MVLDModel(
+        PreprocessConfig(height=32, width=32),
+        autoencoder,
+        net,
+        VPSDE(),
+        stats,
+        encoder_fingerprint(autoencoder.encoder),
+    )
+    checkpoint = save_mvld_model(tmp_path / "model", model)
+    assert not ridge_path(checkpoint).exists()
+    loaded = load_mvld_model(checkpoint)
+    imputer = RidgeImputer.beside(checkpoint, loaded)
+    z = torch.randn(4, 3, 64)
+    present = torch.tensor(
+        [[True, False, False], [True, True, False], [False, True, True], [False, False, False]]
+    )
+    raw = stats.destandardise(z)
+    result = imputer(raw, present)
+    expected = ridge(z, present).float()
+    expected[3] = 0.0  # nothing observed: the training mean
+    assert torch.allclose(result.latents, stats.destandardise(expected), atol=1e-4)
+    assert torch.equal(result.latents[present], raw[present])
+
+
 def test_a_prior_net_with_an_empty_prior_is_the_plain_net_and_uses_a_fitted_one() -> None:
     """Warm start: a prior net loaded with a plain net's weights computes the same eps until
     its prior is fitted; then it denoises the residual, so its output changes."""

@@ -76,7 +76,8 @@ def test_complete_frame_sets_with_imputed_view_reach_the_hook(model) -> None:
         Provenance.OBSERVED,
     ]
     assert [v.status for v in result.views] == ["ok", "failed", "ok"]
-    decode = LatentDecoder.from_model(model)
+    # The service's decoder, in the precision it chose for this CPU (bf16 where it is fast).
+    decode = LatentDecoder.from_model(model, precision=ReceiverConfig().precision)
     latents = np.stack([v.latent for v in result.views])
     assert np.array_equal(
         np.stack([v.image for v in result.views]), decode(torch.from_numpy(latents))

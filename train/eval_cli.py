@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--samplers",
         default=None,
         metavar="NAME:STEPS,...",
-        help=f"comma-separated name:steps; the first is the fast sampler the "
-        f"baselines and the trade-off use (default: {_default_samplers()})",
+        help=f"comma-separated name:steps, or name:steps:meanK for the posterior mean of K "
+        f"samples (the receiver's --samples K --posterior-mean); the first, one sample, is "
+        f"the sampler the trade-off and grids use (default: {_default_samplers()})",
     )
     parser.add_argument(
         "--fid-samples",

@@ -64,30 +64,47 @@ SCHEMA = "mvld-eval/1"
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One sampler at a number of steps, written ``name:steps`` on the command line."""
+    """One sampler at a number of steps, written ``name:steps`` on the command line, or
+    ``name:steps:meanK`` for the posterior mean of K samples (the receiver's
+    ``--samples K --posterior-mean``)."""
 
     name: str
     steps: int
+    mean_of: int = 1
 
     @property
     def label(self) -> str:
-        """The method name used in tables: ``name:steps``."""
-        return f"{self.name}:{self.steps}"
+        """The method name used in tables: ``name:steps`` or ``name:steps:meanK``."""
+        tail = f":mean{self.mean_of}" if self.mean_of > 1 else ""
+        return f"{self.name}:{self.steps}{tail}"
 
 
 def parse_samplers(text: str) -> tuple[SamplerSpec, ...]:
-    """``"dpmpp_2m:20,heun:10"`` -> specs; unknown names list the registered samplers."""
+    """``"dpmpp_2m:20,heun:10,dpmpp_2m_sde:20:mean8"`` -> specs; unknown names list the
+    registered samplers."""
     specs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, steps = item.partition(":")
-        if not steps.isdigit():
-            raise ConfigError(f"sampler {item!r}: write name:steps, e.g. dpmpp_2m_sde:20")
+        name, _, rest = item.partition(":")
+        steps, _, mean = rest.partition(":")
+        count = mean.removeprefix("mean")
+        if not steps.isdigit() or (mean and (not mean.startswith("mean") or not count.isdigit())):
+            raise ConfigError(
+                f"sampler {item!r}: write name:steps or name:steps:meanK, e.g. dpmpp_2m_sde:20 "
+                "or dpmpp_2m_sde:20:mean8"
+            )
+        if mean and int(count) < 2:
+            raise ConfigError(f"sampler {item!r}: a posterior mean needs K >= 2 samples")
         sampler_info(name).check_steps(int(steps))
-        specs.append(SamplerSpec(name, int(steps)))
+        specs.append(SamplerSpec(name, int(steps), int(count) if mean else 1))
     if not specs:
         raise ConfigError("--samplers names no sampler")
     if len({s.label for s in specs}) != len(specs):
         raise ConfigError(f"--samplers repeats a sampler: {text}")
+    if specs[0].mean_of > 1:
+        raise ConfigError(
+            "--samplers: the first sampler (the one the trade-off and grids use) must draw one "
+            f"sample, not {specs[0].label}"
+        )
     return tuple(specs)
 
 
@@ -370,14 +387,15 @@ def run_sampler(
     count = len(inputs.latents)
     present = torch.cat([_masks(mask, count) for mask in patterns])  # [P * N, V]
     log.info("%s: imputing %d patterns x %d frame sets", spec.label, len(patterns), count)
-    result = imputer(inputs.latents.repeat(len(patterns), 1, 1), present, seed=seed)
-    parts = result.latents.split(count)
+    latents = inputs.latents.repeat(len(patterns), 1, 1)
+    result = imputer(latents, present, samples=spec.mean_of, seed=seed)
+    parts = (result.posterior_mean() if spec.mean_of > 1 else result.latents).split(count)
     log.info("%s: %d NFE, %.2f s", spec.label, result.nfe, result.seconds)
     return MethodRun(
         spec.label,
         "sampler",
         dict(zip(patterns, parts, strict=True)),
-        result.nfe,
+        result.nfe * spec.mean_of,  # per frame set: K samples, each result.nfe evaluations
         result.seconds / len(present),
     )
 

@@ -89,6 +89,7 @@ SIGNATURE_SIZE = (80, 60)  # width, height of the coarse picture used for view m
 BLOCKS = (8, 6)  # columns, rows of the signature's matching blocks (10x10 px, 2x2 cells)
 BLOCK = 10  # signature pixels per block side
 MAX_SHIFT = 3  # signature pixels searched per frame: 3.75% of the width, 5% of the height
+TRACK_DEADBAND = 0.25  # signature pixels (2 px at 640 wide): smaller shifts move nothing
 CELLS_PER_BLOCK = 2  # cells per block side
 CELL = SIGNATURE_SIZE[0] // GRID[0]  # signature pixels per cell side
 MIN_BLOCKS = 4  # fewer structured blocks than this: the view cannot be matched
@@ -651,6 +652,19 @@ def shift_picture(
     )
 
 
+def settled(shift: tuple[float, float]) -> tuple[float, float]:
+    """A displacement measured against the reference, or none below :data:`TRACK_DEADBAND`.
+
+    The sub-pixel estimate has a small bias while the exposure changes; a still camera's
+    offset that took it every frame drifted by a whole cell in a minute, after which its cells
+    described the neighbouring content and were reported ``dirty``. Measured against an
+    offset that did not move, a real motion grows past the deadband within a frame or two and
+    is then followed in full. (Frame-to-frame dead reckoning adds increments, which a slow pan
+    keeps below the deadband: it is not filtered.)
+    """
+    return (0.0, 0.0) if math.hypot(*shift) < TRACK_DEADBAND else shift
+
+
 class HealthMonitor:
     """Health of one camera, frame by frame, with hysteresis and a reference that moves along."""
 
@@ -944,7 +958,7 @@ class HealthMonitor:
                     reference.offset = reference.offset + np.asarray(previous.shift, float)
                     self._tracked_at = timestamp
         elif matched:
-            self._track_reference(features, match.shift)
+            self._track_reference(features, settled(match.shift))
         self._matched_last = matched
         # Dirt: cells that kept only part of their texture and changed colour, in the
         # short-term average (dirt stays put, passers-by move on).
@@ -1058,7 +1072,7 @@ class HealthMonitor:
             else self.config.redirect_max_similarity
         )
         if match.similarity is not None and match.similarity >= needed:
-            self._track_reference(features, match.shift)
+            self._track_reference(features, settled(match.shift))
         self._blend_signature(features, max(self.config.structure_rate, warm), None)
         self._blend_cells(
             cell_maps(features, reference.cell_offset), max(self.config.cell_rate, warm)

@@ -185,21 +185,19 @@ def test_health_specs_from_toml_per_camera_and_clear_errors(tmp_path: Path) -> N
         resolve_health_specs([str(tmp_path / "none.toml")], cameras)
 
 
-def test_one_degraded_cell_of_a_bare_view_is_not_dirt() -> None:
-    # The rig's table tops hold 6-8 textured cells: in this auto-exposure stream (the long
-    # healthy bench, round 1) one of them loses texture under an exposure step at frame 1588,
-    # 1/7 of the textured cells, above dirty_min_fraction on its own.
-    camera = MovingCamera(rig_canvas(7919 + 1), "exposure", seed=100_000 + 1000 + 5)
-    one_cell, default = HealthMonitor(HealthConfig(dirty_min_cells=1)), HealthMonitor(CONFIG)
-    alarms: dict[str, tuple[int, str | None]] = {}
-    for index in range(1700):
-        frame = camera.read()
-        for name, monitor in (("one cell", one_cell), ("default", default)):
-            health = monitor.update(frame, index / FPS)
-            if health.state != OK:
-                alarms.setdefault(name, (index, health.reason))
-    # At the exposure step: frame 1588 on a CPU without AVX-512, 1587 with it (the rendered
-    # and filtered pixels differ in their last bits between instruction sets).
-    index, reason = alarms["one cell"]
-    assert reason == "dirty" and 1580 <= index <= 1600, alarms
-    assert "default" not in alarms
+def test_a_static_camera_under_auto_exposure_keeps_its_reference_in_place() -> None:
+    # The long healthy bench's auto-exposure stream of round 3 on the rig canvas: the view
+    # never moves, but the sub-pixel match's small bias, followed frame after frame, moved
+    # the reference by a whole cell in 48 s; from frame 2873 its cells described the
+    # neighbouring content and the camera was reported dirty every few seconds.
+    camera = MovingCamera(rig_canvas(7919 * 3 + 1), "exposure", seed=100_000 * 3 + 1000 + 5)
+    monitor = HealthMonitor(CONFIG)
+    farthest, alarms = 0.0, []
+    for index in range(2950):
+        health = monitor.update(camera.read(), index / FPS)
+        if health.state != OK:
+            alarms.append((index, health.reason))
+        assert monitor.reference is not None
+        farthest = max(farthest, float(np.abs(monitor.reference.offset).max()))
+    assert not alarms, alarms[:3]
+    assert farthest < 1.0  # signature pixels; a cell is 5

@@ -84,6 +84,23 @@ def test_a_stop_during_an_import_is_held_until_the_import_is_done(
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
 
 
+# ``mvld-eval`` in a child that prints "main" once the command's stop handlers are installed
+# (inside ``command``'s guard), so a signal sent on reading it never meets the default action.
+CHILD_ANNOUNCING_MAIN = """
+import contextlib, sys
+import mvld.common.exits as exits
+installing = exits.stop_signals_raise
+@contextlib.contextmanager
+def announced():
+    with installing():
+        print("main", flush=True)
+        yield
+exits.stop_signals_raise = announced
+from mvld.train.eval_cli import main
+sys.exit(main())
+"""
+
+
 @pytest.mark.slow  # a dozen interpreters importing torch
 @pytest.mark.parametrize(
     ("signum", "status"), [(signal.SIGTERM, EXIT_SIGTERM), (signal.SIGINT, EXIT_SIGINT)]
@@ -99,8 +116,7 @@ def test_a_stop_while_torch_imports_ends_in_one_line_never_an_abort(
             [
                 sys.executable,
                 "-c",
-                "import sys; from mvld.train.eval_cli import main; "
-                "print('main', flush=True); sys.exit(main())",
+                CHILD_ANNOUNCING_MAIN,
                 "--model",
                 str(DEFAULT_MODEL),
                 "--data",

@@ -45,7 +45,7 @@ from mvld.model.checkpoint import MVLDModel, load_autoencoder, load_mvld_model
 from mvld.model.classifier import ViewClassifier, accuracy, load_classifier
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import DEFAULT_SAMPLER, DEFAULT_STEPS, Imputer
-from mvld.receiver.ridge_imputer import RidgeImputer, ridge_path
+from mvld.receiver.ridge_imputer import RidgeImputer, has_ridge
 from mvld.train.baselines import NearestNeighbour
 from mvld.train.frames import NO_LABEL, evenly_spaced, load_frame_arrays, split_train_val
 from mvld.train.image_quality import psnr, ssim
@@ -238,7 +238,7 @@ def other_imputers(
     if it has one, and the ``--compare`` score networks."""
     found: dict[str, Imputer | RidgeImputer] = {}
     checkpoint = model_path or str(DEFAULT_MODEL)
-    if ridge_path(checkpoint).is_file() or getattr(model.score_net, "prior", None) is not None:
+    if has_ridge(checkpoint, model):
         found["ridge"] = RidgeImputer.beside(checkpoint, model)
     for path in compare:
         other = load_mvld_model(path)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from mvld.common.errors import ConfigError
 from mvld.model.checkpoint import LatentStats, MVLDModel, checkpoint_paths
-from mvld.model.score_net import pattern_key
+from mvld.model.score_net import RegressionPrior, pattern_key
 from mvld.receiver.imputation import Imputation, provenance_of
 
 RIDGE_FILE = "ridge.safetensors"
@@ -59,8 +59,8 @@ def load_ridge_weights(path: str | Path) -> tuple[dict[Pattern, Fit], dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"--imputer ridge: {path} does not exist and the model's score network has no "
-            "regression prior (mvld-train all writes the file beside the checkpoint)"
+            f"--imputer ridge: {path} does not exist (mvld-train all writes it "
+            "beside the checkpoint)"
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -73,6 +73,13 @@ def load_ridge_weights(path: str | Path) -> tuple[dict[Pattern, Fit], dict]:
     except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--imputer ridge: {path} is unreadable: {exc}") from exc
     return fits, meta
+
+
+def has_ridge(checkpoint: str | Path, model: MVLDModel) -> bool:
+    """Whether ``--imputer ridge`` can serve ``model``: a ridge file beside ``checkpoint`` or
+    a regression prior in its score network."""
+    prior = getattr(model.score_net, "prior", None)
+    return ridge_path(checkpoint).is_file() or prior is not None
 
 
 class RidgeImputer:
@@ -99,8 +106,14 @@ class RidgeImputer:
         stored once: the shipped model has no separate ridge file)."""
         path = ridge_path(checkpoint)
         device = next(model.score_net.parameters()).device
-        prior = getattr(model.score_net, "prior", None)
-        if not path.is_file() and prior is not None:
+        if not has_ridge(checkpoint, model):
+            raise ConfigError(
+                f"--imputer ridge: {path} does not exist and the model's score network has no "
+                "regression prior (mvld-train all writes the file beside the checkpoint)"
+            )
+        if not path.is_file():
+            prior = model.score_net.prior
+            assert isinstance(prior, RegressionPrior)  # has_ridge: a prior when no file
             views, dim = prior.views, prior.dim
             fits = dict(prior.fits())  # nothing observed: the training mean (0, standardised)
             fits[(False,) * views] = (

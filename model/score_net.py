@@ -20,6 +20,8 @@ Linear -> GELU -> Linear, added in every block; no separate mask input is needed
   ``z - prior`` (its input is shifted by ``alpha(tau) * prior``; the noise and so the eps
   contract are unchanged) and sees the estimate as input planes, so it starts from the
   regression's answer instead of the mean and only has to learn what a linear map misses.
+  With both, a :class:`~mvld.model.memory_prior.MemoryPrior` corrects the estimate of each
+  failed camera with its own last good latent before the network sees it.
 
 :func:`make_score_net` builds either from its config.
 """
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from mvld.common.errors import ConfigError
+from mvld.model.memory_prior import MemoryPrior
 
 SCORE_NET_KINDS = ("mlp", "conv")
 
@@ -350,6 +353,11 @@ class ConvScoreNet(nn.Module):
         if self.prior is not None:  # the estimate's planes; zero: starts as the shifted net
             self.prior_input = nn.Conv2d(views * channels, widths[0], 3, padding=1)
             zero_init(self.prior_input)
+        self.memory_prior = (  # the estimate corrected by each failed camera's own past
+            MemoryPrior(views, config.latent_shape)
+            if self.prior is not None and config.memory
+            else None
+        )
         self.down = nn.ModuleList(
             ConvLevel(ConvResBlock(w, w, time_dim, groups) for _ in range(config.blocks))
             for w in widths
@@ -397,6 +405,8 @@ class ConvScoreNet(nn.Module):
         if self.prior is not None:
             observed = tau == 0
             estimate = self.prior(x, observed)
+            if self.memory_prior is not None and memory is not None and memory_age is not None:
+                estimate = self.memory_prior(estimate, observed, memory, memory_age)
             shift = self._alpha(tau).to(x.dtype)[..., None] * estimate
             x = torch.where(observed[..., None], x, x - shift)
         grid = x.reshape(batch, views * channels, height, width)

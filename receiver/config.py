@@ -132,6 +132,15 @@ class ReceiverConfig:
             "and its age (docs/RECEIVER.md, Camera memory); models without memory ignore it"
         ),
     )
+    memory_guard_frames: int = field(
+        default=10,
+        metadata=option(
+            "camera memory: observed frames of a camera passed over when it fails for a "
+            "picture fault (cover, dirt, black, noise, ...), since the edge sent them while it "
+            "confirmed the fault; set it to the edge's confirm_obstructed_frames",
+            metavar="N",
+        ),
+    )
     max_batch: int = field(
         default=64, metadata=option("frame sets per imputation call at most", metavar="N")
     )
@@ -264,6 +273,8 @@ class ReceiverConfig:
         for flag, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{flag} must be > 0, got {value}")
+        if self.memory_guard_frames < 0:
+            raise ConfigError(f"--memory-guard-frames must be >= 0, got {self.memory_guard_frames}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if not self.clock_window_s > 0:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from mvld.common.errors import ConfigError
 from mvld.model.checkpoint import LatentStats, MVLDModel, checkpoint_paths
+from mvld.model.memory_prior import MemoryPrior
 from mvld.model.score_net import RegressionPrior, pattern_key
 from mvld.receiver.imputation import Imputation, provenance_of
 
@@ -92,12 +93,22 @@ class RidgeImputer:
         fits: dict[Pattern, Fit],
         latent_stats: LatentStats,
         device: torch.device | str = "cpu",
+        memory_prior: MemoryPrior | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.fits = {m: tuple(t.to(self.device) for t in fit) for m, fit in fits.items()}
+        self.fits = {
+            m: tuple(t.to(self.device, torch.float32) for t in fit) for m, fit in fits.items()
+        }
         self.stats = LatentStats(
             latent_stats.mean.to(self.device), latent_stats.std.to(self.device)
         )
+        self.memory_prior = memory_prior.to(self.device) if memory_prior is not None else None
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether failed cameras' estimates are corrected by their memories (a video-aware
+        model's fitted :class:`~mvld.model.memory_prior.MemoryPrior`)."""
+        return self.memory_prior is not None
 
     @classmethod
     def beside(cls, checkpoint: str | Path, model: MVLDModel) -> RidgeImputer:
@@ -106,6 +117,9 @@ class RidgeImputer:
         stored once: the shipped model has no separate ridge file)."""
         path = ridge_path(checkpoint)
         device = next(model.score_net.parameters()).device
+        memory_prior = getattr(model.score_net, "memory_prior", None)
+        if memory_prior is not None and not memory_prior.fitted:
+            memory_prior = None
         if not has_ridge(checkpoint, model):
             raise ConfigError(
                 f"--imputer ridge: {path} does not exist and the model's score network has no "
@@ -121,7 +135,7 @@ class RidgeImputer:
                 torch.zeros(views * dim),
                 torch.zeros(0, views * dim),
             )
-            return cls(fits, model.latent_stats, device)
+            return cls(fits, model.latent_stats, device, memory_prior)
         fits, meta = load_ridge_weights(path)
         if meta["fingerprint"] != model.fingerprint:
             raise ConfigError(
@@ -129,7 +143,7 @@ class RidgeImputer:
                 f"({meta['fingerprint'][:12]}, the model's is "
                 f"{model.fingerprint[:12]})"
             )
-        return cls(fits, model.latent_stats, device)
+        return cls(fits, model.latent_stats, device, memory_prior)
 
     def __call__(
         self,
@@ -138,8 +152,13 @@ class RidgeImputer:
         *,
         samples: int = 1,
         seed: int | Sequence[int] = 0,
+        memory: torch.Tensor | None = None,
+        memory_age: torch.Tensor | None = None,
     ) -> Imputation:
-        """Fill the views with ``present == False``; ``seed`` is ignored (nothing is drawn)."""
+        """Fill the views with ``present == False``; ``seed`` is ignored (nothing is drawn).
+
+        ``memory [B, V, D]`` (raw latents) and ``memory_age [B, V]`` (seconds, inf = none)
+        correct the estimates of failed cameras when the model has a memory prior."""
         if samples != 1:
             raise ConfigError("the ridge imputer is deterministic: use --samples 1")
         start = time.perf_counter()
@@ -161,6 +180,14 @@ class RidgeImputer:
             filled = out[rows]
             filled[:, ~observed] = y.reshape(len(rows), -1, dim)
             out[rows] = filled
+        if self.memory_prior is not None and memory is not None and memory_age is not None:
+            with torch.no_grad():
+                out = self.memory_prior(
+                    out,
+                    present.to(self.device),
+                    self.stats.standardise(memory.to(self.device, torch.float32)),
+                    memory_age.to(self.device, torch.float32),
+                )
         raw = self.stats.destandardise(out).to(latents.device, latents.dtype)
         raw = torch.where(present[..., None].to(latents.device), latents, raw)
         provenance = [[provenance_of(bool(p), bool(row.any())) for p in row] for row in present]

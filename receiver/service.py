@@ -261,6 +261,8 @@ class ReceiverService:
                 text += f", {config.samples} samples" + (
                     ", posterior mean" if config.posterior_mean else ""
                 )
+        if getattr(self.stage.imputer, "uses_memory", False):
+            text += "; camera memory " + ("on" if config.camera_memory else "off")
         if not config.deliver_unconditioned:
             text += "; frame sets with no observed view withheld"
         return text

@@ -73,7 +73,10 @@ class ImputeStage:
         self.hooks = build_hooks(config.tasks, metrics, extra_hooks)
         self._unconditioned_hooks = self._hooks_taking_unconditioned()
         self.memory = CameraMemory(
-            model.num_views, self.layout.latent_dim, max_nodes=config.max_nodes
+            model.num_views,
+            self.layout.latent_dim,
+            max_nodes=config.max_nodes,
+            guard_frames=config.memory_guard_frames,
         )
         self.batches = 0
         self.recent_latency: deque[float] = deque(maxlen=2048)  # for the status line

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from mvld.common.dataset import FrameSetWriter
+from mvld.model.score_net import ConvScoreNet, ScoreNetConfig
 from mvld.train.config import AETrainConfig, ScoreTrainConfig
 
 CAMERAS = ["cam0", "cam1", "cam2"]
@@ -72,3 +73,26 @@ def tiny_score_config(data: Path, ae: Path, out: Path, **overrides) -> ScoreTrai
         lr_schedule="constant",
     )  # as in tiny_ae_config
     return ScoreTrainConfig(**(values | overrides))
+
+
+TINY_GRID = (2, 4, 4)  # latent (C, h, w) of tiny_conv_net: 32 values per view
+
+
+def tiny_conv_net(memory: bool = False, prior: bool = False, seed: int = 0) -> ConvScoreNet:
+    """An untrained 3-view conv score network over ``TINY_GRID`` latents, seeded."""
+    import torch
+
+    torch.manual_seed(seed)
+    return ConvScoreNet(
+        ScoreNetConfig(
+            num_views=3,
+            latent_dim=TINY_GRID[0] * TINY_GRID[1] * TINY_GRID[2],
+            widths=(16, 16),
+            time_dim=16,
+            kind="conv",
+            latent_shape=TINY_GRID,
+            blocks=1,
+            memory=memory,
+            prior_sde=(0.1, 20.0) if prior else (),
+        )
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_fixtures import tiny_conv_net
 
 from mvld.common.dataset import Scenes, read_scenes
 from mvld.common.errors import ConfigError, DatasetError
@@ -27,19 +28,7 @@ DIM = 32
 
 
 def _net(memory: bool, seed: int = 0) -> ConvScoreNet:
-    torch.manual_seed(seed)
-    return ConvScoreNet(
-        ScoreNetConfig(
-            num_views=3,
-            latent_dim=DIM,
-            widths=(16, 16),
-            time_dim=16,
-            kind="conv",
-            latent_shape=SHAPE,
-            blocks=1,
-            memory=memory,
-        )
-    )
+    return tiny_conv_net(memory=memory, seed=seed)
 
 
 # ---------------------------------------------------------------- scenes of a dataset
@@ -153,12 +142,20 @@ def test_memory_needs_the_conv_network() -> None:
 # ---------------------------------------------------------------- the receiver's memory
 
 
-def _pending(node: str, seq: int, t: float, present: list[bool], value: float) -> PendingFrameSet:
+def _pending(
+    node: str,
+    seq: int,
+    t: float,
+    present: list[bool],
+    value: float,
+    missing: tuple[str, str] = ("failed", "disconnected"),
+) -> PendingFrameSet:
+    """A frame set whose missing views have the status and reason ``missing``."""
     records = tuple(
         ViewRecord(
             f"cam{v}",
-            "ok" if p else "failed",
-            "none" if p else "black",
+            "ok" if p else missing[0],
+            "none" if p else missing[1],
             t - 0.01 if p else None,
             np.full(DIM, value, np.float32) if p else None,
         )
@@ -188,6 +185,34 @@ def test_camera_memory_recalls_the_last_observed_latent_with_its_age() -> None:
     memory.recall([_pending("c", 0, t0, [True] * 3, 1.0)])
     assert len(memory) == 2, "bounded: the least recently seen node is forgotten"
     assert np.isinf(memory.recall([_pending("a", 5, t0 + 9, [False] * 3, 0)]).age).all()
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "recalled"),
+    [
+        ("obstructed", "occluded", 4.0),  # sent while the cover was being confirmed: passed over
+        ("failed", "black", 4.0),
+        ("failed", "disconnected", 14.0),  # the source stopped: its last frames were good
+        ("withheld", "policy", 14.0),
+    ],
+)
+def test_a_picture_fault_recalls_the_view_from_before_its_confirmation(
+    status: str, reason: str, recalled: float
+) -> None:
+    memory = CameraMemory(3, DIM, guard_frames=10)
+    t0 = time.time()
+    for seq in range(15):  # camera 1 observed with latents 0..14
+        memory.recall([_pending("a", seq, t0 + seq, [True] * 3, float(seq))])
+    fault = _pending("a", 15, t0 + 15, [True, False, True], 15.0, (status, reason))
+    recall = memory.recall([fault])
+    assert recall.latents[0, 1, 0] == recalled
+    assert recall.age[0, 1] == pytest.approx(15 - recalled + 0.01)
+    assert recall.latents[0, 0, 0] == 14.0, "an observed camera's memory is its newest frame"
+    short = CameraMemory(3, DIM, guard_frames=10)
+    for seq in range(5):
+        short.recall([_pending("b", seq, t0 + seq, [True] * 3, float(seq))])
+    early = short.recall([_pending("b", 5, t0 + 5, [True, False, True], 5.0, (status, reason))])
+    assert np.isinf(early.age[0, 1]) == (recalled == 4.0), "too few frames before a fault"
 
 
 def test_the_imputer_uses_memory_only_with_a_video_aware_network() -> None:

@@ -28,20 +28,24 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
         json.dumps({"sequence": {"fps": 4, "scene_starts": ["000000", "000040"]}})
     )
     ae = train_autoencoder(tiny_ae_config(data, root / "ae", latent_channels=2, latent_dim=32), CPU)
-    score = train_score(
-        tiny_score_config(
-            data,
-            ae,
-            root / "score",
-            kind="conv",
-            widths=(16, 16),
-            attention_heads=0,
-            memory=True,
-            memory_max_age_s=5.0,
-        ),
-        CPU,
+    return data, train_score(_video_net(data, ae, root / "score"), CPU)
+
+
+def _video_net(data: Path, ae: Path, out: Path, **overrides):
+    """A tiny video-aware conv score network's training run on a sequence dataset."""
+    values = dict(kind="conv", widths=(16, 16), attention_heads=0, memory=True)
+    return tiny_score_config(data, ae, out, memory_max_age_s=5.0, **(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def trained_with_prior(tmp_path_factory, trained) -> Path:
+    """A video-aware network with a regression prior (so also a memory prior), on the same data."""
+    data, _ = trained
+    root = tmp_path_factory.mktemp("outages_prior")
+    ae = train_autoencoder(
+        tiny_ae_config(data, root / "ae", latent_channels=2, latent_dim=32, steps=2), CPU
     )
-    return data, score
+    return train_score(_video_net(data, ae, root / "score", prior=True, steps=4), CPU)
 
 
 def test_a_video_aware_network_trains_on_scenes(trained) -> None:
@@ -127,9 +131,14 @@ def test_outages_need_a_video_aware_model(tmp_path: Path, trained) -> None:
     assert code == 2, "--outages without --model is a usage error"
 
 
-def test_the_receiver_imputes_a_failed_camera_from_its_memory(trained) -> None:
-    """Real ZeroMQ: frame set 0 is seen whole, in frame set 1 cam1 fails; the receiver imputes
-    it with cam1's memory (its latent of frame set 0, 0.5 s old), not from the others alone."""
+@pytest.mark.parametrize("imputer", ["diffusion", "ridge"])
+def test_the_receiver_imputes_a_failed_camera_from_its_memory(
+    request: pytest.FixtureRequest, imputer: str
+) -> None:
+    """Real ZeroMQ: frame set 0 is seen whole, in frame set 1 cam1 disconnects; the receiver imputes
+    it with cam1's memory (its latent of frame set 0, 0.5 s old), not from the others alone:
+    the diffusion imputer of a video-aware network, and the ridge imputer through the memory
+    prior of a video-aware prior network."""
     import time
 
     import numpy as np
@@ -141,7 +150,9 @@ def test_the_receiver_imputes_a_failed_camera_from_its_memory(trained) -> None:
     from mvld.receiver.service import ReceiverConfig, ReceiverService
     from mvld.receiver.stage import node_seed
 
-    data, score = trained
+    data, score = request.getfixturevalue("trained")
+    if imputer == "ridge":
+        score = request.getfixturevalue("trained_with_prior")
     model = load_mvld_model(score)
     folder = FrameSetFolder(data)
     images = np.stack([np.stack(folder[i].views) for i in (10, 11)])  # [2, V, H, W, 3]
@@ -158,7 +169,7 @@ def test_the_receiver_imputes_a_failed_camera_from_its_memory(trained) -> None:
 
     def message(seq: int, failed: tuple[int, ...]) -> bytes:
         views = tuple(
-            ViewRecord(f"cam{v}", "failed", "black", t0 + 0.5 * seq, None)
+            ViewRecord(f"cam{v}", "failed", "disconnected", None, None)
             if v in failed
             else ViewRecord(f"cam{v}", "ok", "none", t0 + 0.5 * seq, z[seq, v])
             for v in range(3)
@@ -169,7 +180,12 @@ def test_the_receiver_imputes_a_failed_camera_from_its_memory(trained) -> None:
 
     collected: list = []
     config = ReceiverConfig(
-        bind=("tcp://127.0.0.1:0",), gpu=-1, model=str(score), steps=8, max_age_ms=60_000.0
+        bind=("tcp://127.0.0.1:0",),
+        gpu=-1,
+        model=str(score),
+        steps=8,
+        max_age_ms=60_000.0,
+        imputer=imputer,
     )
     with (
         ReceiverService(config, extra_hooks=[("collect", collected.append)]) as service,
@@ -195,3 +211,63 @@ def test_the_receiver_imputes_a_failed_camera_from_its_memory(trained) -> None:
     near, far = (delivered - with_memory).abs().max(), (delivered - without).abs().max()
     assert near < 0.1 * far, f"imputed with cam1's memory: {near:.2e} vs {far:.2e}"
     assert service.stage.memory.restarts == 0 and len(service.stage.memory) == 1
+
+
+def test_a_video_aware_prior_network_fits_its_memory_prior_and_is_scored_with_it(
+    tmp_path: Path, trained, trained_with_prior
+) -> None:
+    """--memory --prior: the memory prior is fitted on the scenes before training and kept in
+    the checkpoint; the outage evaluation adds the deterministic imputer with and without it."""
+    data, _ = trained
+    model = load_mvld_model(trained_with_prior)
+    assert model.score_net.memory_prior is not None and model.score_net.memory_prior.fitted
+    out = tmp_path / "eval"
+    args = ["--data", str(data), "--model", str(trained_with_prior)]
+    args += ["--reference", str(trained_with_prior), "--outages", "1", "--window", "2"]
+    args += ["--starts-per-scene", "1", "--fid-samples", "0", "--samplers", "dpmpp_2m_sde:8"]
+    assert eval_main([*args, "--out", str(out)]) == 0
+    methods = json.loads((out / "summary.json").read_text())["outages"][0]["methods"]
+    assert {"ridge + memory prior", "ridge (memoryless)"} <= set(methods)
+    assert methods["ridge + memory prior"]["psnr"] != methods["ridge (memoryless)"]["psnr"]
+
+
+def test_mvld_train_memory_makes_a_prior_network_video_aware(tmp_path: Path, trained) -> None:
+    """`mvld-train memory`: the memory prior is fitted onto a trained prior network; without
+    memories the new model imputes exactly as the old one, with them it differs."""
+    from mvld.receiver.imputation import Imputer
+    from mvld.train.cli import main as train_main
+
+    data, _ = trained
+    ae = train_autoencoder(
+        tiny_ae_config(data, tmp_path / "ae", latent_channels=2, latent_dim=32, steps=2), CPU
+    )
+    plain = train_score(
+        tiny_score_config(
+            data, ae, tmp_path / "plain", kind="conv", widths=(16, 16), prior=True, steps=4
+        ),
+        CPU,
+    )
+    out = tmp_path / "memory"
+    args = ["memory", "--data", str(data), "--model", str(plain), "--out", str(out)]
+    assert train_main([*args, "--max-age-s", "5", "--no-progress"]) == 0
+    aware = load_mvld_model(out / "last")
+    assert aware.score_net.config.memory and aware.score_net.memory_prior.fitted
+    assert "memory_prior" in json.loads((out / "last.json").read_text())["training"]
+    old = load_mvld_model(plain)
+    dim = old.score_net.config.latent_dim
+    latents = torch.randn(4, 3, dim)
+    present = torch.tensor([[True, False, True]] * 4)
+    before = Imputer.from_model(old, sampler="dpmpp_2m_sde", steps=8)(latents, present, seed=1)
+    after = Imputer.from_model(aware, sampler="dpmpp_2m_sde", steps=8)
+    assert torch.allclose(after(latents, present, seed=1).latents, before.latents, atol=1e-5)
+    memory, age = torch.randn(4, 3, dim), torch.full((4, 3), 0.5)
+    remembered = after(latents, present, seed=1, memory=memory, memory_age=age).latents
+    assert not torch.allclose(remembered, before.latents, atol=1e-3)
+
+
+def test_mvld_train_memory_refuses_a_network_without_prior(tmp_path: Path, trained) -> None:
+    from mvld.train.cli import main as train_main
+
+    data, score = trained  # a memory network without a regression prior
+    args = ["memory", "--data", str(data), "--model", str(score), "--out", str(tmp_path / "m")]
+    assert train_main(args) == 2

@@ -363,6 +363,30 @@ def test_prior_training_stores_the_ridge_fit_of_its_training_latents(
     assert torch.isfinite(imputed.latents).all()
 
 
+def test_a_warm_start_keeps_its_prior_fit_unless_asked_to_refit(rig: Path, tmp_path: Path) -> None:
+    """``--init`` from a prior network keeps the regression fit its residuals were learned
+    around, even on other data; ``--refit-prior`` fits it again on the new data."""
+    ae = train_autoencoder(tiny_ae_config(rig, tmp_path / "ae", latent_channels=2, steps=10), CPU)
+    shape = dict(widths=(8, 16), blocks=1, attention_heads=0, prior=True, steps=4)
+    first = train_score(tiny_score_config(rig, ae, tmp_path / "first", **shape), CPU)
+    other = write_tiny_rig(tmp_path / "other", count=48, seed=5)
+    kept = train_score(
+        tiny_score_config(other, ae, tmp_path / "kept", init=str(first), **shape), CPU
+    )
+    refit = train_score(
+        tiny_score_config(
+            other, ae, tmp_path / "refit", init=str(first), refit_prior=True, **shape
+        ),
+        CPU,
+    )
+    weights = {
+        name: load_mvld_model(path).score_net.prior.weights_101
+        for name, path in (("first", first), ("kept", kept), ("refit", refit))
+    }
+    assert torch.equal(weights["kept"], weights["first"])
+    assert not torch.allclose(weights["refit"], weights["first"], atol=1e-3)
+
+
 def test_warm_start_adds_attention_to_a_trained_conv_net_without_changing_it(
     rig: Path, tmp_path: Path
 ) -> None:

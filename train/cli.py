@@ -1,6 +1,7 @@
 """``mvld-train``: train the autoencoder (``ae``), then the score model (``score``).
 
-``classifier`` trains the downstream label classifier used to judge imputed views. ``all``
+``classifier`` trains the downstream label classifier used to judge imputed views; ``memory``
+makes a trained model video-aware (:mod:`mvld.train.memory_prior`). ``all``
 runs every stage, the ONNX export and a verdict against the baselines in one resumable
 command (:mod:`mvld.train.pipeline`, docs/TRAINING.md).
 
@@ -27,6 +28,7 @@ from mvld.train.config import (
     AETrainConfig,
     ClassifierTrainConfig,
     CommonTrainConfig,
+    MemoryPriorConfig,
     ScoreTrainConfig,
     TrainAllConfig,
     add_config_flags,
@@ -40,12 +42,19 @@ from mvld.train.config import (
 if TYPE_CHECKING:
     from mvld.train.distributed import DistributedContext
 
-STAGES: dict[str, tuple[type[CommonTrainConfig] | type[TrainAllConfig], str]] = {
+STAGES: dict[
+    str, tuple[type[CommonTrainConfig] | type[TrainAllConfig] | type[MemoryPriorConfig], str]
+] = {
     "ae": (AETrainConfig, "train the shared autoencoder on every view of a dataset folder"),
     "score": (ScoreTrainConfig, "train the score network on the latents of a trained autoencoder"),
     "classifier": (
         ClassifierTrainConfig,
         "train the downstream label classifier on single real views",
+    ),
+    "memory": (
+        MemoryPriorConfig,
+        "make a trained model video-aware: fit a memory prior (each failed camera's estimate "
+        "corrected by its own last good view) on a sequence dataset; minutes, no gradient steps",
     ),
     "all": (
         TrainAllConfig,
@@ -74,11 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(
-    config: CommonTrainConfig | TrainAllConfig, ctx: DistributedContext, config_file: str | None
+    config: CommonTrainConfig | TrainAllConfig | MemoryPriorConfig,
+    ctx: DistributedContext,
+    config_file: str | None,
 ) -> Path:
     """Run the stage ``config`` belongs to (its class names it, as in ``STAGES``)."""
     from mvld.train.pipeline import run_pipeline, train_stage
 
+    if isinstance(config, MemoryPriorConfig):
+        from mvld.train.memory_prior import fit_memory_stage
+
+        return fit_memory_stage(config)
     if isinstance(config, TrainAllConfig):
         result = run_pipeline(config, ctx, stage_tables(config_file))
         print(result.report)

@@ -223,6 +223,13 @@ class ScoreTrainConfig(CommonTrainConfig):
     prior_alpha: float = field(
         default=1.0, metadata=option("with --prior: the ridge penalty", metavar="A")
     )
+    refit_prior: bool = field(
+        default=False,
+        metadata=option(
+            "with --prior and --init: fit the regression prior again on this data instead of "
+            "keeping the warm-started network's (whose residuals it learned)"
+        ),
+    )
     cond_prob: float = field(
         default=0.5,
         metadata=option(
@@ -287,6 +294,58 @@ class ClassifierTrainConfig(CommonTrainConfig):
 
 
 EXPORTERS = ("dynamo", "torchscript")
+
+
+@dataclass
+class MemoryPriorConfig:
+    """``mvld-train memory``: fit a memory prior onto a trained model (no gradient steps)."""
+
+    data: str = field(
+        default="",
+        metadata=option(
+            "sequence dataset folder (frame order and scene cuts known, docs/DATASETS.md)",
+            required=True,
+            metavar="DIR",
+        ),
+    )
+    model: str = field(
+        default="",
+        metadata=option(
+            "the model to make video-aware; its score network needs a regression prior "
+            "(`mvld-train score --prior`)",
+            metavar="CKPT",
+            default_text="the packaged model",
+        ),
+    )
+    out: str = field(
+        default="runs/memory",
+        metadata=option(
+            "run folder: the video-aware checkpoint (last), latent cache", metavar="DIR"
+        ),
+    )
+    device: str = field(
+        default="cpu",
+        metadata=option(
+            "torch device: cpu, cuda or cuda:N (--gpu N is the same as cuda:N)", metavar="DEVICE"
+        ),
+    )
+    seed: int = field(default=0, metadata=option("random seed of the memory draws", metavar="N"))
+    val_fraction: float = field(
+        default=0.1,
+        metadata=option("held-out tail: the fit's validation errors", metavar="F"),
+    )
+    max_age_s: float = field(
+        default=30.0,
+        metadata=option("oldest memory drawn, in seconds of the dataset's frame rate", metavar="S"),
+    )
+    alpha: float = field(default=1.0, metadata=option("the fit's ridge penalty", metavar="A"))
+    threads: int = field(
+        default=0, metadata=option("torch intra-op threads (0: torch's default)", metavar="N")
+    )
+    skip_bad: bool = field(
+        default=False, metadata=option("skip unreadable files instead of failing")
+    )
+    progress: bool = field(default=True, metadata=option("show tqdm progress bars"))
 
 
 @dataclass
@@ -377,9 +436,18 @@ def parse_budget(text: str) -> float:
     return seconds
 
 
-def _validate(config: CommonTrainConfig | TrainAllConfig) -> None:
+def _validate(config: CommonTrainConfig | TrainAllConfig | MemoryPriorConfig) -> None:
     if isinstance(config, TrainAllConfig):
         _validate_all(config)
+        return
+    if isinstance(config, MemoryPriorConfig):
+        if not config.data:
+            raise ConfigError("--data DIR is required (a sequence dataset folder)")
+        if not 0 < config.val_fraction < 1 or not config.max_age_s > 0 or config.alpha < 0:
+            raise ConfigError(
+                f"need 0 < val_fraction < 1, max_age_s > 0 and alpha >= 0; got "
+                f"{config.val_fraction}, {config.max_age_s}, {config.alpha}"
+            )
         return
     if not config.data:
         raise ConfigError("--data DIR is required (a dataset folder)")
@@ -428,26 +496,30 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"invalid value {value!r} for {name}") from exc
 
 
-def config_options(cls: type[CommonTrainConfig] | type[TrainAllConfig]) -> ConfigOptions:
+def config_options(
+    cls: type[CommonTrainConfig] | type[TrainAllConfig] | type[MemoryPriorConfig],
+) -> ConfigOptions:
     """The command-line options of one stage: its config fields (help in their metadata)."""
     return ConfigOptions([Section(cls)])
 
 
 def add_config_flags(
-    parser: argparse.ArgumentParser, cls: type[CommonTrainConfig] | type[TrainAllConfig]
+    parser: argparse.ArgumentParser,
+    cls: type[CommonTrainConfig] | type[TrainAllConfig] | type[MemoryPriorConfig],
 ) -> None:
     """``--config``, ``--print-config`` and one ``--flag`` per config field."""
     config_options(cls).add_to(parser)
 
 
 def flags_given(
-    cls: type[CommonTrainConfig] | type[TrainAllConfig], args: argparse.Namespace
+    cls: type[CommonTrainConfig] | type[TrainAllConfig] | type[MemoryPriorConfig],
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """The config fields set by flags (the others come from the file or the defaults)."""
     return config_options(cls).given(args)[cls]
 
 
-ConfigT = TypeVar("ConfigT", bound=CommonTrainConfig | TrainAllConfig)
+ConfigT = TypeVar("ConfigT", bound=CommonTrainConfig | TrainAllConfig | MemoryPriorConfig)
 
 
 def load_config(
@@ -489,7 +561,9 @@ def stage_tables(config_file: str | None) -> dict[str, dict[str, Any]]:
     }
 
 
-def config_to_dict(config: CommonTrainConfig | TrainAllConfig) -> dict[str, Any]:
+def config_to_dict(
+    config: CommonTrainConfig | TrainAllConfig | MemoryPriorConfig,
+) -> dict[str, Any]:
     """JSON-ready form, saved beside every checkpoint."""
     values = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

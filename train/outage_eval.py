@@ -33,6 +33,7 @@ from mvld.model.checkpoint import MVLDModel, load_mvld_model
 from mvld.model.classifier import load_classifier
 from mvld.receiver.decoder import LatentDecoder
 from mvld.receiver.imputation import Imputer
+from mvld.receiver.ridge_imputer import RidgeImputer, has_ridge
 from mvld.train.evaluation import Judge, SamplerSpec
 from mvld.train.metrics_fid import InceptionFeatures, frechet_distance
 
@@ -184,13 +185,20 @@ def evaluate_outages(config: OutageConfig) -> tuple[dict, dict[float, np.ndarray
     decode = LatentDecoder.from_model(model)
     cache = _FrameCache(folder, model)
     spec = config.sampler
-    imputers = {
-        "memory": Imputer.from_model(model, sampler=spec.name, steps=spec.steps),
-        "same model, no memory": Imputer.from_model(model, sampler=spec.name, steps=spec.steps),
-        "reference (memoryless)": Imputer.from_model(
-            reference, sampler=spec.name, steps=spec.steps
+    diffusion = Imputer.from_model(model, sampler=spec.name, steps=spec.steps)
+    imputers: dict[str, tuple[Imputer | RidgeImputer, bool]] = {  # name: (imputer, memories)
+        "memory": (diffusion, True),
+        "same model, no memory": (diffusion, False),
+        "reference (memoryless)": (
+            Imputer.from_model(reference, sampler=spec.name, steps=spec.steps),
+            False,
         ),
     }
+    if has_ridge(config.model, model):  # the deterministic imputer, with and without memory
+        ridge = RidgeImputer.beside(config.model, model)
+        if ridge.uses_memory:
+            imputers["ridge + memory prior"] = (ridge, True)
+        imputers["ridge (memoryless)"] = (ridge, False)
     summary: dict = {
         "data": config.data,
         "model": config.model,
@@ -233,8 +241,7 @@ def evaluate_outages(config: OutageConfig) -> tuple[dict, dict[float, np.ndarray
             "hold last": torch.where(missing[..., None], memory, latents),
         }
         seeded = [config.seed * 1_000_003 + s for s in seeds]
-        for name, imputer in imputers.items():
-            remembers = name == "memory"
+        for name, (imputer, remembers) in imputers.items():
             outputs[name] = imputer(
                 latents,
                 present,
@@ -243,7 +250,7 @@ def evaluate_outages(config: OutageConfig) -> tuple[dict, dict[float, np.ndarray
                 memory_age=age if remembers else None,
             ).latents
         fresh = list(range(len(rows)))  # every frame its own noise: what seeding by node avoids
-        outputs["memory, new noise every frame"] = imputers["memory"](
+        outputs["memory, new noise every frame"] = diffusion(
             latents, present, seed=fresh, memory=memory, memory_age=age
         ).latents
         first = int(missing[0].sum())  # failed cameras of the first case

@@ -23,7 +23,7 @@ from mvld.model.checkpoint import (
     load_mvld_model,
     save_mvld_model,
 )
-from mvld.model.score_net import ScoreNetConfig, make_score_net
+from mvld.model.score_net import RegressionPrior, ScoreNetConfig, make_score_net
 from mvld.model.sde import VPSDE
 from mvld.train.baselines import RidgeRegressor
 from mvld.train.config import SCORE_WIDTHS, ScoreTrainConfig, config_to_dict
@@ -44,6 +44,7 @@ from mvld.train.loop import (
     step_generator,
 )
 from mvld.train.memory import MemoryDraw, SceneMemory
+from mvld.train.memory_prior import fit_memory_prior, memory_prior_errors
 from mvld.train.state import (
     TrainingState,
     load_training_state,
@@ -159,7 +160,9 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext) -> Prepa
         _warm_start(config.init, shell)
     z = shell.latent_stats.standardise(latents)
     prior = getattr(shell.score_net, "prior", None)
-    if prior is not None:
+    if prior is not None and _keeps_prior(config, prior):
+        log.info("score: keeping the regression prior of %s", config.init)
+    elif prior is not None:
         fit = RidgeRegressor(z[torch.as_tensor(train_idx)], config.prior_alpha)
         prior.load_fits({mask: fit.fit(mask) for mask in prior.patterns})
         log.info("score: regression prior fitted on %d frame sets", len(train_idx))
@@ -181,8 +184,36 @@ def _prepare_latents(config: ScoreTrainConfig, ctx: DistributedContext) -> Prepa
             scenes.fps,
             config.memory_max_age_s,
         )
+        memory_prior = getattr(shell.score_net, "memory_prior", None)
+        if memory_prior is not None and prior is not None:
+            every_view = SceneMemory(
+                z, present, scenes, drop=0.0, max_age_s=config.memory_max_age_s
+            )
+            fit_memory_prior(
+                memory_prior,
+                prior,
+                z,
+                torch.as_tensor(train_idx),
+                every_view,
+                seed=config.seed,
+                progress=config.progress,
+            )
+            errors = memory_prior_errors(
+                memory_prior, prior, z, torch.as_tensor(val_idx), every_view
+            )
+            log.info(
+                "score: memory prior, validation latent MSE of failed views: %s",
+                ", ".join(f"{name} {value:.4f}" for name, value in errors.items()),
+            )
     train_rows, val_rows = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
     return PreparedLatents(shell, z[train_rows], z[val_rows], train_rows, val_rows, memory)
+
+
+def _keeps_prior(config: ScoreTrainConfig, prior: RegressionPrior) -> bool:
+    """Whether the prior warm-started from ``--init`` is kept: it was fitted there (its
+    network learned the residuals around it) and ``--refit-prior`` was not asked for."""
+    fitted = any(bool(w.abs().sum()) for _, _, w in prior.fits().values())
+    return bool(config.init) and not config.refit_prior and fitted
 
 
 def _warm_start(path: str, shell: MVLDModel) -> None:
